@@ -1,0 +1,33 @@
+"""`fwl <command>`: the one console entry point."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fwl_scale.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fwl", description="Fast Weight Layer language models at scale")
+    sub = parser.add_subparsers(dest="command", required=True)
+    # Each area registers its own subcommands; heavy imports happen inside the command functions.
+    from fwl_scale.data import cli as data_cli
+    from fwl_scale.train import cli as train_cli
+
+    train_cli.register(sub)
+    data_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"fwl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

