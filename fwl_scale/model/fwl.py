@@ -1,0 +1,243 @@
+"""The Fast Weight Layer block (DESIGN §1), between the transformer body and the unembedding.
+
+Slow pass with weights θ, the per-token LM-loss gradient at θ written by hand as differentiable ops,
+then the fast pass where position i uses θ_i = θ - η ⊙ k Σ_{j<i} ∇_F CE_j. Because each gradient of a
+dense layer is rank one, the fast dense layers are causal linear attention (fast_weights.py); nothing
+is detached, so the outer loss reaches θ, the step sizes and the body through both passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from fwl_scale import IGNORE_INDEX
+from fwl_scale.model.fast_weights import _ChunkLayout, causal_cumsum, causal_linear_attention
+
+# Order of the learned step sizes in FastWeightLayer.step_sizes (one per fast tensor).
+FAST_TENSORS = ("w1", "b1", "w2", "b2", "alpha", "beta")
+
+
+@dataclass
+class FWLState:
+    """Running sums of earlier positions of the current document, per batch row (float32 or wider).
+
+    `pending_x` holds the body output of a last position whose label was not known when its segment
+    was processed (generation, streaming); it is folded in once the next segment supplies the label."""
+
+    w1: Tensor  # [B, d, 4s]  Σ x_j gh1_jᵀ
+    b1: Tensor  # [B, 4s]     Σ gh1_j
+    w2: Tensor  # [B, 4s, s]  Σ a_j gh2_jᵀ
+    b2: Tensor  # [B, s]      Σ gh2_j
+    alpha: Tensor  # [B, s]   Σ gu_j ⊙ xhat_j
+    beta: Tensor  # [B, s]    Σ gu_j
+    doc_id: Tensor  # [B] int64: the document these sums belong to
+    pending_x: Tensor | None = None  # [B, d]
+
+    def detach(self) -> "FWLState":
+        """Truncates backpropagation at this state (training with carried state)."""
+        pend = self.pending_x.detach() if self.pending_x is not None else None
+        return replace(self, w1=self.w1.detach(), b1=self.b1.detach(), w2=self.w2.detach(),
+                       b2=self.b2.detach(), alpha=self.alpha.detach(), beta=self.beta.detach(),
+                       pending_x=pend)
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {name: getattr(self, name) for name in FAST_TENSORS + ("doc_id",)}
+        if self.pending_x is not None:
+            out["pending_x"] = self.pending_x
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, Tensor]) -> "FWLState":
+        return cls(**{name: t[name] for name in FAST_TENSORS + ("doc_id",)}, pending_x=t.get("pending_x"))
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _unembedding_input_grad_chunk(u: Tensor, labels: Tensor, scale: Tensor, weight: Tensor,
+                                  bias: Tensor | None, vocab_size: int) -> Tensor:
+    """scale·Uᵀ(softmax(U u + c) - onehot(y)) for a chunk of tokens, never forming a one-hot."""
+    U = weight[:vocab_size]
+    z = u @ U.t()
+    if bias is not None:
+        z = z + bias[:vocab_size]
+    p = torch.softmax(_at_least_fp32(z), dim=-1).to(u.dtype)
+    g = p @ U - U[labels.clamp(min=0)]
+    return g * scale.unsqueeze(-1)
+
+
+def _cross_entropy_chunk(u: Tensor, labels: Tensor, weight: Tensor, bias: Tensor | None,
+                         vocab_size: int) -> Tensor:
+    z = u @ weight[:vocab_size].t()
+    if bias is not None:
+        z = z + bias[:vocab_size]
+    return F.cross_entropy(_at_least_fp32(z), labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def _over_token_chunks(fn, chunk: int, per_token: tuple[Tensor, ...], shared: tuple) -> Tensor:
+    """Applies a vocabulary-sized function to token chunks, recomputing each chunk in backward so at
+    most one [chunk, V] tensor is alive at a time."""
+    outs = []
+    for s in range(0, per_token[0].shape[0], chunk):
+        args = [t[s:s + chunk] for t in per_token]
+        if torch.is_grad_enabled():
+            outs.append(checkpoint(fn, *args, *shared, use_reentrant=False))
+        else:
+            outs.append(fn(*args, *shared))
+    return torch.cat(outs)
+
+
+def unembedding_input_grad(u_btd: Tensor, weight: Tensor, bias: Tensor | None, labels_bt: Tensor,
+                           scale_bt: Tensor, vocab_size: int, chunk: int) -> Tensor:
+    B, T, D = u_btd.shape
+    per_token = (u_btd.reshape(B * T, D), labels_bt.reshape(-1), scale_bt.reshape(-1))
+    g = _over_token_chunks(_unembedding_input_grad_chunk, chunk, per_token, (weight, bias, vocab_size))
+    return g.reshape(B, T, D)
+
+
+def token_cross_entropy(u_btd: Tensor, weight: Tensor, bias: Tensor | None, labels_bt: Tensor,
+                        vocab_size: int, chunk: int) -> Tensor:
+    """Per-token cross-entropy [B, T] (0 at ignored positions), in token chunks."""
+    B, T, D = u_btd.shape
+    per_token = (u_btd.reshape(B * T, D), labels_bt.reshape(-1))
+    loss = _over_token_chunks(_cross_entropy_chunk, chunk, per_token, (weight, bias, vocab_size))
+    return loss.reshape(B, T)
+
+
+def layer_norm_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    mean = h.mean(dim=-1, keepdim=True)
+    var = (h - mean).pow(2).mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    return (h - mean) * rstd, rstd
+
+
+class FastWeightLayer(nn.Module):
+    def __init__(self, d_model: int, width: int, hidden_mult: int, vocab_size: int, padded_vocab_size: int,
+                 step_size_init: float, grad_scale: float, eps: float, chunk_size: int, vocab_chunk: int,
+                 init_std: float, device: torch.device | str | None = None):
+        super().__init__()
+        hidden = hidden_mult * width
+        self.vocab_size = vocab_size
+        self.grad_scale = grad_scale
+        self.eps = eps
+        self.chunk_size = chunk_size
+        self.vocab_chunk = vocab_chunk
+        self.init_std = init_std
+        self.w1 = nn.Parameter(torch.empty(hidden, d_model, device=device))
+        self.b1 = nn.Parameter(torch.empty(hidden, device=device))
+        self.w2 = nn.Parameter(torch.empty(width, hidden, device=device))
+        self.b2 = nn.Parameter(torch.empty(width, device=device))
+        self.alpha = nn.Parameter(torch.empty(width, device=device))
+        self.beta = nn.Parameter(torch.empty(width, device=device))
+        # The unembedding's bias c (slow only); the unembedding matrix U is passed in (tied embedding).
+        self.out_bias = nn.Parameter(torch.empty(padded_vocab_size, device=device))
+        # One vector, not six scalars: 0-dim parameters break DeepSpeed's initial broadcast on CPU.
+        self.step_sizes = nn.Parameter(torch.empty(len(FAST_TENSORS), device=device))
+        self._step_size_init = step_size_init
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.normal_(self.w1, std=self.init_std)
+            nn.init.normal_(self.w2, std=self.init_std)
+            for p in (self.b1, self.b2, self.beta, self.out_bias):
+                p.zero_()
+            self.alpha.fill_(1.0)
+            self.step_sizes.fill_(self._step_size_init)
+
+    def step_size_dict(self) -> dict[str, float]:
+        return {name: float(v) for name, v in zip(FAST_TENSORS, self.step_sizes.detach().float().cpu())}
+
+    def slow_pass(self, x: Tensor) -> dict[str, Tensor]:
+        h1 = F.linear(x, self.w1, self.b1)
+        r = F.relu(h1)
+        a = r * r
+        h2 = F.linear(a, self.w2, self.b2)
+        xhat, rstd = layer_norm_stats(h2, self.eps)
+        return {"x": x, "r": r, "a": a, "xhat": xhat, "rstd": rstd, "h1": h1,
+                "u": self.alpha * xhat + self.beta}
+
+    def slow_gradients(self, slow: dict[str, Tensor], unembed: Tensor, labels: Tensor,
+                       loss_weight: Tensor) -> dict[str, Tensor]:
+        """Per-token gradients of k·w_t·CE_t at θ (hand-written backward, differentiable ops)."""
+        gu = unembedding_input_grad(slow["u"], unembed, self.out_bias, labels, loss_weight * self.grad_scale,
+                                    self.vocab_size, self.vocab_chunk)
+        gxh = self.alpha * gu
+        xhat = slow["xhat"]
+        gh2 = (gxh - gxh.mean(-1, keepdim=True) - xhat * (gxh * xhat).mean(-1, keepdim=True)) * slow["rstd"]
+        ga = gh2 @ self.w2
+        gh1 = ga * 2 * slow["r"]
+        return {"gu": gu, "gh2": gh2, "gh1": gh1}
+
+    def forward(self, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor, doc_ids_bt: Tensor | None = None,
+                state: FWLState | None = None, pending_labels_b: Tensor | None = None,
+                last_label_pending: bool = False, return_state: bool = False) -> tuple[Tensor, FWLState | None]:
+        """Returns the fast-pass output u' [B, T, s] (logits = U u' + c) and, if asked, the state after
+        the last position.
+
+        `labels_bt` are the next-token labels (IGNORE_INDEX where no loss). `state` carries the sums of
+        the previous segment of the same documents; if it holds a pending position, `pending_labels_b`
+        (the previous segment's missing labels, i.e. this segment's first tokens) must be given.
+        `last_label_pending`: the label of the last position is not known yet; its gradient is held back
+        as pending in the returned state."""
+        B, T, _ = x_btd.shape
+        if doc_ids_bt is None:
+            doc_ids_bt = torch.zeros(B, T, dtype=torch.long, device=x_btd.device)
+        labels = labels_bt
+        if last_label_pending:
+            labels = labels.clone()
+            labels[:, -1] = IGNORE_INDEX
+        x, docs = x_btd, doc_ids_bt
+        n_pending = 0
+        if state is not None and state.pending_x is not None:
+            if pending_labels_b is None:
+                raise ValueError("FWL state holds a pending position: pending_labels_b must be given")
+            # The pending position is processed as an extra first token of this segment (a key, not a query).
+            same_doc = doc_ids_bt[:, 0] == state.doc_id
+            pend_label = torch.where(same_doc, pending_labels_b, torch.full_like(pending_labels_b, IGNORE_INDEX))
+            x = torch.cat([state.pending_x.to(x_btd.dtype).unsqueeze(1), x_btd], dim=1)
+            labels = torch.cat([pend_label.unsqueeze(1), labels], dim=1)
+            docs = torch.cat([state.doc_id.unsqueeze(1), doc_ids_bt], dim=1)
+            n_pending = 1
+        reset = torch.ones_like(docs, dtype=torch.bool)
+        reset[:, 1:] = docs[:, 1:] != docs[:, :-1]
+        if state is not None:
+            reset[:, 0] = docs[:, 0] != state.doc_id
+        loss_weight = (labels != IGNORE_INDEX).to(x.dtype)
+
+        slow = self.slow_pass(x)
+        grads = self.slow_gradients(slow, unembed, labels, loss_weight)
+        layout = _ChunkLayout(reset, self.chunk_size)
+        eta = self.step_sizes.to(x.dtype)
+        st = state
+
+        def lin_attn(q, k, v, s):
+            return causal_linear_attention(q, k, v, reset, s, layout=layout)
+
+        def cumsum(v, s):
+            return causal_cumsum(v, reset, s, layout=layout)
+
+        dw1, s_w1 = lin_attn(x, x, grads["gh1"], st.w1 if st else None)
+        db1, s_b1 = cumsum(grads["gh1"], st.b1 if st else None)
+        h1_fast = slow["h1"] - eta[0] * dw1.to(x.dtype) - eta[1] * db1.to(x.dtype)
+        a_fast = F.relu(h1_fast).pow(2)
+        dw2, s_w2 = lin_attn(a_fast, slow["a"], grads["gh2"], st.w2 if st else None)
+        db2, s_b2 = cumsum(grads["gh2"], st.b2 if st else None)
+        h2_fast = F.linear(a_fast, self.w2, self.b2) - eta[2] * dw2.to(x.dtype) - eta[3] * db2.to(x.dtype)
+        xhat_fast, _ = layer_norm_stats(h2_fast, self.eps)
+        d_alpha, s_alpha = cumsum(grads["gu"] * slow["xhat"], st.alpha if st else None)
+        d_beta, s_beta = cumsum(grads["gu"], st.beta if st else None)
+        u_fast = (self.alpha - eta[4] * d_alpha.to(x.dtype)) * xhat_fast + (self.beta - eta[5] * d_beta.to(x.dtype))
+        u_fast = u_fast[:, n_pending:]
+
+        new_state = None
+        if return_state:
+            new_state = FWLState(w1=s_w1, b1=s_b1, w2=s_w2, b2=s_b2, alpha=s_alpha, beta=s_beta,
+                                 doc_id=doc_ids_bt[:, -1].clone(),
+                                 pending_x=x_btd[:, -1] if last_label_pending else None)
+        return u_fast, new_state

@@ -1,0 +1,206 @@
+"""A GPT-style decoder whose head is either a Fast Weight Layer or a plain unembedding (the baseline).
+
+Pre-norm blocks, rotary positions, causal attention through scaled_dot_product_attention (flash on CUDA
+when no document mask is needed), optional document-masked attention with positions restarting at each
+document. The body and its initialisation are the same for both heads, so FWL vs baseline is fair.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from fwl_scale import IGNORE_INDEX
+from fwl_scale.config import ModelConfig
+from fwl_scale.model.fwl import FastWeightLayer, FWLState, token_cross_entropy
+
+
+@dataclass
+class ModelOutput:
+    loss: Tensor  # mean cross-entropy over labels != IGNORE_INDEX (0 if there are none)
+    token_loss: Tensor  # [B, T], 0 at ignored positions
+    n_valid: Tensor  # number of labels used
+    logits: Tensor | None = None  # [B, T, V] only when asked for
+    fwl_state: FWLState | None = None
+
+
+def document_positions(doc_ids_bt: Tensor) -> Tensor:
+    """Position of each token inside its document (restarting at every document change)."""
+    B, T = doc_ids_bt.shape
+    idx = torch.arange(T, device=doc_ids_bt.device).expand(B, T)
+    starts = torch.ones_like(doc_ids_bt, dtype=torch.bool)
+    starts[:, 1:] = doc_ids_bt[:, 1:] != doc_ids_bt[:, :-1]
+    start_idx = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - start_idx
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, q: Tensor, k: Tensor, positions_bt: Tensor) -> tuple[Tensor, Tensor]:
+        angles = positions_bt.to(torch.float32)[..., None] * self.inv_freq.to(positions_bt.device)  # [B, T, hd/2]
+        cos = angles.cos()[:, None].to(q.dtype)
+        sin = angles.sin()[:, None].to(q.dtype)
+
+        def rotate(t: Tensor) -> Tensor:
+            t1, t2 = t[..., ::2], t[..., 1::2]
+            return torch.stack([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1).flatten(-2)
+
+        return rotate(q), rotate(k)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, device=device)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, device=device)
+        self.rotary = Rotary(self.head_dim, cfg.rope_theta)
+
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.rotary(q, k, positions)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_mult * cfg.d_model, device=device)
+        self.proj = nn.Linear(cfg.mlp_mult * cfg.d_model, cfg.d_model, device=device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, device=device)
+        self.attn = Attention(cfg, device)
+        self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, device=device)
+        self.mlp = MLP(cfg, device)
+
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.norm1(x), positions, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.cfg = cfg
+        V = cfg.padded_vocab_size
+        self.embed = nn.Embedding(V, cfg.d_model, device=device)
+        self.blocks = nn.ModuleList([Block(cfg, device) for _ in range(cfg.n_layers)])
+        self.norm_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, device=device)
+        head_width = cfg.fwl_width if cfg.fwl.enabled else cfg.d_model
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(head_width, V, bias=False, device=device)
+        self.fwl = None
+        if cfg.fwl.enabled:
+            f = cfg.fwl
+            self.fwl = FastWeightLayer(
+                cfg.d_model, cfg.fwl_width, f.hidden_mult, cfg.vocab_size, V, f.step_size_init,
+                cfg.fwl_grad_scale, f.eps, f.chunk_size, f.vocab_chunk, cfg.init_std, device=device)
+        self.activation_checkpointing = False
+        if device is None or torch.device(device).type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        # GPT-2 style: residual projections scaled by depth.
+        proj_std = std / math.sqrt(2 * self.cfg.n_layers)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("fwl."):
+                    continue
+                if p.ndim >= 2:
+                    nn.init.normal_(p, std=proj_std if name.endswith("proj.weight") else std)
+                elif name.endswith(".weight"):  # norms
+                    p.fill_(1.0)
+                else:
+                    p.zero_()
+            if self.fwl is not None:
+                self.fwl.reset_parameters()
+
+    @property
+    def unembedding(self) -> Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.activation_checkpointing = enabled
+
+    def param_counts(self) -> dict[str, int]:
+        counts = {"body": 0, "fwl": 0, "embeddings": 0}
+        for name, p in self.named_parameters():
+            if name.startswith("fwl."):
+                counts["fwl"] += p.numel()
+            elif name.startswith(("embed.", "lm_head.")):
+                counts["embeddings"] += p.numel()
+            else:
+                counts["body"] += p.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def body(self, input_ids: Tensor, doc_ids: Tensor | None) -> Tensor:
+        B, T = input_ids.shape
+        mask = None
+        if doc_ids is not None and self.cfg.document_mask:
+            positions = document_positions(doc_ids)
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            mask = (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+        else:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, positions, mask, use_reentrant=False)
+            else:
+                x = block(x, positions, mask)
+        return self.norm_f(x)
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, doc_ids: Tensor | None = None,
+                fwl_state: FWLState | None = None, last_label_pending: bool = False,
+                return_logits: bool = False, return_state: bool = False) -> ModelOutput:
+        """`labels` [B, T]: next-token ids, IGNORE_INDEX where no loss. The FWL needs labels (its fast
+        weights adapt to every earlier labelled token); without them the model is only a language
+        model when the FWL is disabled, or with `last_label_pending` for a one-position segment."""
+        h = self.body(input_ids, doc_ids)
+        if labels is None:
+            labels = torch.full_like(input_ids, IGNORE_INDEX)
+        state = None
+        bias = None
+        if self.fwl is not None:
+            pending_labels = input_ids[:, 0] if fwl_state is not None and fwl_state.pending_x is not None else None
+            h, state = self.fwl(h, self.unembedding, labels, doc_ids, state=fwl_state,
+                                pending_labels_b=pending_labels, last_label_pending=last_label_pending,
+                                return_state=return_state)
+            bias = self.fwl.out_bias
+        token_loss = token_cross_entropy(h, self.unembedding, bias, labels, self.cfg.vocab_size,
+                                         self.cfg.fwl.vocab_chunk)
+        n_valid = (labels != IGNORE_INDEX).sum()
+        loss = token_loss.sum() / n_valid.clamp(min=1)
+        logits = None
+        if return_logits:
+            V = self.cfg.vocab_size
+            logits = h @ self.unembedding[:V].t()
+            if bias is not None:
+                logits = logits + bias[:V]
+        return ModelOutput(loss=loss, token_loss=token_loss, n_valid=n_valid, logits=logits, fwl_state=state)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> GPT:
+    return GPT(cfg, device=device)

@@ -1,0 +1,73 @@
+"""References for tests: the FWL contract evaluated literally, and the state operator as a loop.
+
+`naive_fwl_logits` builds θ_i = θ - η ⊙ k Σ_{j<i} ∇_F CE_j(θ) explicitly with autograd for every
+position i (create_graph=True, so the result is differentiable in θ, η, the unembedding and the input)
+and evaluates the slow network with θ_i. It is O(T²) autograd calls: for tiny shapes only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fwl_scale import IGNORE_INDEX
+from fwl_scale.model.fast_weights import _accum_dtype
+from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer
+
+
+def _slow_logits(layer: FastWeightLayer, x: Tensor, unembed: Tensor, p: dict[str, Tensor]) -> Tensor:
+    h1 = x @ p["w1"].t() + p["b1"]
+    a = F.relu(h1) ** 2
+    h2 = a @ p["w2"].t() + p["b2"]
+    xhat = (h2 - h2.mean(-1, keepdim=True)) / torch.sqrt(h2.var(-1, unbiased=False, keepdim=True) + layer.eps)
+    u = p["alpha"] * xhat + p["beta"]
+    V = layer.vocab_size
+    return u @ unembed[:V].t() + layer.out_bias[:V]
+
+
+def naive_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor,
+                     doc_ids_bt: Tensor | None = None) -> Tensor:
+    """Logits [B, T, V] of the slow network at θ_i, position by position."""
+    B, T, _ = x_btd.shape
+    if doc_ids_bt is None:
+        doc_ids_bt = torch.zeros(B, T, dtype=torch.long)
+    theta = {name: getattr(layer, name) for name in FAST_TENSORS}
+    eta = dict(zip(FAST_TENSORS, layer.step_sizes))
+    rows_b = []
+    for b in range(B):
+        x = x_btd[b]
+        ce = F.cross_entropy(_slow_logits(layer, x, unembed, theta), labels_bt[b], ignore_index=IGNORE_INDEX,
+                             reduction="none") * layer.grad_scale
+        rows = []
+        for i in range(T):
+            start = i
+            while start > 0 and doc_ids_bt[b, start - 1] == doc_ids_bt[b, i]:
+                start -= 1
+            theta_i = theta
+            if start < i:
+                grads = torch.autograd.grad(ce[start:i].sum(), list(theta.values()), create_graph=True)
+                theta_i = {name: theta[name] - eta[name] * g for name, g in zip(FAST_TENSORS, grads)}
+            rows.append(_slow_logits(layer, x[i:i + 1], unembed, theta_i)[0])
+        rows_b.append(torch.stack(rows))
+    return torch.stack(rows_b)
+
+
+def naive_causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_bt: Tensor,
+                                  state_bkv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Reference: explicit position-by-position loop over the definition (tests only)."""
+    B, T, _ = q_btk.shape
+    dtype = _accum_dtype(q_btk, k_btk, v_btv)
+    outs = []
+    state_out = []
+    for b in range(B):
+        S = state_bkv[b].to(dtype) if state_bkv is not None else torch.zeros(
+            k_btk.shape[-1], v_btv.shape[-1], dtype=dtype)
+        rows = []
+        for i in range(T):
+            if reset_bt[b, i]:
+                S = torch.zeros_like(S)
+            rows.append(q_btk[b, i].to(dtype) @ S)
+            S = S + torch.outer(k_btk[b, i].to(dtype), v_btv[b, i].to(dtype))
+        outs.append(torch.stack(rows))
+        state_out.append(S)
+    return torch.stack(outs), torch.stack(state_out)
