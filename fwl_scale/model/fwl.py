@@ -119,13 +119,14 @@ def layer_norm_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 class FastWeightLayer(nn.Module):
     def __init__(self, d_model: int, width: int, hidden_mult: int, vocab_size: int, padded_vocab_size: int,
                  step_size_init: float, grad_scale: float, eps: float, chunk_size: int, vocab_chunk: int,
-                 init_std: float, device: torch.device | str | None = None):
+                 init_std: float, form: str = "chunked", device: torch.device | str | None = None):
         super().__init__()
         hidden = hidden_mult * width
         self.vocab_size = vocab_size
         self.grad_scale = grad_scale
         self.eps = eps
         self.chunk_size = chunk_size
+        self.form = form
         self.vocab_chunk = vocab_chunk
         self.init_std = init_std
         self.w1 = nn.Parameter(torch.empty(hidden, d_model, device=device))
@@ -149,6 +150,19 @@ class FastWeightLayer(nn.Module):
                 p.zero_()
             self.alpha.fill_(1.0)
             self.step_sizes.fill_(self._step_size_init)
+
+    def chunk_for(self, T: int) -> int:
+        """Token chunk of the fast pass for a sequence of T tokens (T = the quadratic form).
+
+        Per token, the quadratic form costs ~T(dk+dv) and the mixed-chunk form ~C(dk+dv) + 2dk·dv for
+        each fast dense layer, so `auto` stays quadratic up to T = C + 2dk·dv/(dk+dv) of the larger
+        layer (W1: dk = d, dv = 4s) and chunks beyond; bench/bench_fwl_op.py measures the crossover."""
+        if self.form == "quadratic":
+            return T
+        if self.form == "chunked":
+            return self.chunk_size
+        dk, dv = self.w1.shape[1], self.w1.shape[0]
+        return T if T <= self.chunk_size + 2 * dk * dv / (dk + dv) else self.chunk_size
 
     def step_size_dict(self) -> dict[str, float]:
         return {name: float(v) for name, v in zip(FAST_TENSORS, self.step_sizes.detach().float().cpu())}
@@ -212,7 +226,7 @@ class FastWeightLayer(nn.Module):
 
         slow = self.slow_pass(x)
         grads = self.slow_gradients(slow, unembed, labels, loss_weight)
-        layout = _ChunkLayout(reset, self.chunk_size)
+        layout = _ChunkLayout(reset, self.chunk_for(x.shape[1]))
         eta = self.step_sizes.to(x.dtype)
         st = state
 

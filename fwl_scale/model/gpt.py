@@ -114,7 +114,8 @@ class GPT(nn.Module):
             f = cfg.fwl
             self.fwl = FastWeightLayer(
                 cfg.d_model, cfg.fwl_width, f.hidden_mult, cfg.vocab_size, V, f.step_size_init,
-                cfg.fwl_grad_scale, f.eps, f.chunk_size, f.vocab_chunk, cfg.init_std, device=device)
+                cfg.fwl_grad_scale, f.eps, f.chunk_size, f.vocab_chunk, cfg.init_std, form=f.form,
+                device=device)
         self.activation_checkpointing = False
         if device is None or torch.device(device).type != "meta":
             self.reset_parameters()

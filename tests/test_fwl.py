@@ -1,0 +1,195 @@
+"""The fast FWL against its references, in float64.
+
+Tolerance: 1e-10 absolute on values and gradients whose magnitudes are O(1..10) — float64 round-off of
+a few hundred operations, far below any real discrepancy (a wrong mask or a detached term shows up at
+1e-3 or more).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fwl_scale import IGNORE_INDEX
+from fwl_scale.model.fast_weights import causal_cumsum, causal_linear_attention
+from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer, FWLState
+from fwl_scale.model.naive import naive_causal_linear_attention, naive_fwl_logits
+
+TOL = 1e-10
+D, S, V, VPAD = 6, 6, 13, 16
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    torch.manual_seed(0)
+    yield
+
+
+def make_layer(chunk: int, T: int) -> FastWeightLayer:
+    layer = FastWeightLayer(D, S, 4, V, VPAD, 0.01, 1.0 / T, 1e-5, chunk, 5, 0.5).double()
+    with torch.no_grad():
+        # Large, distinct step sizes so that every fast term matters numerically.
+        layer.step_sizes.copy_(torch.tensor([0.9, 0.7, 0.8, 0.6, 0.5, 0.4]))
+        for p in (layer.b1, layer.b2, layer.beta, layer.out_bias):
+            p.normal_(std=0.3)
+        layer.alpha.add_(torch.randn_like(layer.alpha) * 0.3)
+    return layer
+
+
+def make_inputs(B: int, T: int):
+    x = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
+    U = torch.nn.Parameter(torch.randn(VPAD, S, dtype=torch.float64))
+    labels = torch.randint(0, V, (B, T))
+    labels[0, 2] = IGNORE_INDEX
+    labels[1, T - 1] = IGNORE_INDEX
+    docs = torch.zeros(B, T, dtype=torch.long)
+    docs[0, 5:] = 1  # a document starts inside the sequence
+    docs[0, T - 3:] = 2  # and another one near the end
+    return x, U, labels, docs
+
+
+def fast_logits(layer, x, U, labels, docs):
+    u, _ = layer(x, U, labels, docs)
+    return u @ U[:V].t() + layer.out_bias[:V]
+
+
+def grads_of(fn, layer, x, U):
+    """Gradients of a fixed random outer loss of the logits w.r.t. every input that can carry one."""
+    torch.manual_seed(1)
+    logits = fn()
+    weights = torch.randn_like(logits)
+    loss = (logits * weights).sum() + (logits ** 2).sum() * 0.01
+    params = [x, U] + [getattr(layer, n) for n in FAST_TENSORS] + [layer.out_bias, layer.step_sizes]
+    return logits, torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 11, 64])
+def test_linear_attention_matches_loop(chunk):
+    B, T, dk, dv = 2, 11, 3, 4
+    q = torch.randn(B, T, dk, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, T, dk, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, T, dv, dtype=torch.float64, requires_grad=True)
+    s0 = torch.randn(B, dk, dv, dtype=torch.float64, requires_grad=True)
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[0, 4] = reset[0, 5] = reset[1, 9] = True
+    out, st = causal_linear_attention(q, k, v, reset, s0, chunk_size=chunk)
+    ref, ref_st = naive_causal_linear_attention(q, k, v, reset, s0)
+    assert (out - ref).abs().max() < TOL and (st - ref_st).abs().max() < TOL
+    w = torch.randn_like(out)
+    g = torch.autograd.grad((out * w).sum() + st.sum(), [q, k, v, s0])
+    g_ref = torch.autograd.grad((ref * w).sum() + ref_st.sum(), [q, k, v, s0])
+    for a, b in zip(g, g_ref):
+        assert (a - b).abs().max() < TOL
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_cumsum_matches_loop(chunk):
+    B, T, dv = 2, 10, 5
+    v = torch.randn(B, T, dv, dtype=torch.float64, requires_grad=True)
+    s0 = torch.randn(B, dv, dtype=torch.float64)
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[1, 0] = reset[1, 3] = reset[0, 7] = True
+    out, st = causal_cumsum(v, reset, s0, chunk_size=chunk)
+    ones = torch.ones(B, T, 1, dtype=torch.float64)
+    ref, ref_st = naive_causal_linear_attention(ones, ones, v, reset, s0.unsqueeze(1))
+    assert (out - ref).abs().max() < TOL and (st - ref_st[:, 0]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 16])
+def test_fast_fwl_equals_naive_values_and_gradients(chunk):
+    B, T = 2, 12
+    layer = make_layer(chunk, T)
+    x, U, labels, docs = make_inputs(B, T)
+    fast, g_fast = grads_of(lambda: fast_logits(layer, x, U, labels, docs), layer, x, U)
+    naive, g_naive = grads_of(lambda: naive_fwl_logits(layer, x, U, labels, docs), layer, x, U)
+    assert (fast - naive).abs().max() < TOL
+    names = ["x", "U"] + list(FAST_TENSORS) + ["out_bias", "step_sizes"]
+    for name, a, b in zip(names, g_fast, g_naive):
+        assert (a - b).abs().max() < TOL * max(1.0, b.abs().max().item()), name
+    # The fast weights really adapt: positions late in a document differ from the slow network.
+    slow_layer = make_layer(chunk, T)
+    slow_layer.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        slow_layer.step_sizes.zero_()
+    slow = fast_logits(slow_layer, x, U, labels, docs)
+    assert (slow - fast)[1, 1:].abs().max() > 1e-3
+    # ... and never at a document's first position (nothing earlier in that document).
+    assert (slow - fast)[0, [0, 5, T - 3]].abs().max() < TOL
+
+
+def test_detached_second_order_path_is_caught(monkeypatch):
+    """The gradient check above must fail if the slow-pass gradients were detached."""
+    B, T = 2, 8
+    layer = make_layer(4, T)
+    x, U, labels, docs = make_inputs(B, T)
+    _, g_naive = grads_of(lambda: naive_fwl_logits(layer, x, U, labels, docs), layer, x, U)
+    original = FastWeightLayer.slow_gradients
+
+    def detached(self, *args, **kwargs):
+        return {k: v.detach() for k, v in original(self, *args, **kwargs).items()}
+
+    monkeypatch.setattr(FastWeightLayer, "slow_gradients", detached)
+    fast, g_fast = grads_of(lambda: fast_logits(layer, x, U, labels, docs), layer, x, U)
+    worst = max((a - b).abs().max().item() for a, b in zip(g_fast, g_naive))
+    assert worst > 1e-4
+
+
+def test_outputs_do_not_depend_on_batch_mates():
+    T = 10
+    layer = make_layer(4, T)
+    x, U, labels, docs = make_inputs(3, T)
+    together = fast_logits(layer, x, U, labels, docs)
+    alone = fast_logits(layer, x[1:2], U, labels[1:2], docs[1:2])
+    assert (together[1:2] - alone).abs().max() < TOL
+
+
+def run_segments(layer, x, U, labels, docs, cuts, pending: bool):
+    """Processes [0:c1], [c1:c2], ... carrying the state; with `pending`, each segment's last label is
+    withheld and supplied by the next segment (as in generation)."""
+    outs, state = [], None
+    bounds = [0] + cuts + [x.shape[1]]
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        last = i == len(bounds) - 2
+        kwargs = {}
+        if state is not None and state.pending_x is not None:
+            kwargs["pending_labels_b"] = labels[:, a - 1]
+        u, state = layer(x[:, a:b], U, labels[:, a:b], docs[:, a:b], state=state,
+                         last_label_pending=pending and not last, return_state=True, **kwargs)
+        outs.append(u)
+    return torch.cat(outs, dim=1), state
+
+
+@pytest.mark.parametrize("pending", [False, True])
+@pytest.mark.parametrize("chunk", [2, 16])
+def test_segments_with_carried_state_equal_whole_pass(pending, chunk):
+    B, T = 2, 14
+    layer = make_layer(chunk, T)
+    x, U, labels, docs = make_inputs(B, T)
+    labels[:, :] = torch.randint(0, V, (B, T))  # pending labels are real tokens
+    whole, whole_state = layer(x, U, labels, docs, return_state=True)
+    cuts = [3, 5, 9]  # a document boundary (5) falls on a cut, another (11) inside a segment
+    seg, seg_state = run_segments(layer, x, U, labels, docs, cuts, pending)
+    assert (whole - seg).abs().max() < TOL
+    for name in FAST_TENSORS:
+        assert (getattr(whole_state, name) - getattr(seg_state, name)).abs().max() < TOL, name
+    w = torch.randn_like(whole)
+    g_whole = torch.autograd.grad((whole * w).sum(), [x, layer.w1, layer.step_sizes])
+    g_seg = torch.autograd.grad((seg * w).sum(), [x, layer.w1, layer.step_sizes])
+    for a, b in zip(g_whole, g_seg):
+        assert (a - b).abs().max() < TOL
+
+
+def test_pending_position_needs_its_label():
+    layer = make_layer(4, 8)
+    x, U, labels, docs = make_inputs(2, 8)
+    _, state = layer(x[:, :4], U, labels[:, :4], docs[:, :4], last_label_pending=True, return_state=True)
+    assert state.pending_x is not None
+    with pytest.raises(ValueError, match="pending"):
+        layer(x[:, 4:], U, labels[:, 4:], docs[:, 4:], state=state)
+
+
+def test_state_round_trips_through_tensors():
+    layer = make_layer(4, 8)
+    x, U, labels, docs = make_inputs(2, 8)
+    _, state = layer(x, U, labels, docs, last_label_pending=True, return_state=True)
+    again = FWLState.from_tensors(state.detach().tensors())
+    assert again.pending_x is not None and torch.equal(again.w1, state.w1)
