@@ -94,12 +94,17 @@ class DataConfig:
     root: str = "data/tiny"
     tokenizer: str | None = None  # an existing sentencepiece model; None: train one into `root`
     tokenizer_type: str = "bpe"  # bpe | unigram
-    shard_bytes: int = 64 * 1024 * 1024
-    workers: int = 2
-    seed: int = 1234
+    shard_bytes: int = 64 * 1024 * 1024  # target size of one webdataset tar shard
+    workers: int = 2  # tokenization worker processes (and sentencepiece training threads)
+    # Characters of training text sampled (whole documents, deterministically) to train the tokenizer.
+    tokenizer_sample_chars: int = 200_000_000
+    seed: int = 1234  # the global training order (shards and documents); not the validation split
     # packed | contiguous (document-contiguous streams per batch slot, for carried FWL state)
     mode: str = "packed"
     text_field: str = "text"
+    # Loader prefetch processes (0: in the training process). They only read ahead; the order is fixed.
+    loader_workers: int = 1
+    prefetch: int = 4  # batches each loader worker keeps ready
 
 
 @dataclass
@@ -191,6 +196,10 @@ class Config:
         need(d.tokenizer_type in ("bpe", "unigram"), "data.tokenizer_type", "must be bpe or unigram")
         need(0 <= d.valid_fraction < 1, "data.valid_fraction", "must be in [0, 1)")
         need(len(d.train) > 0, "data.train", "needs at least one source")
+        for fld, v in [("data.shard_bytes", d.shard_bytes), ("data.workers", d.workers),
+                       ("data.tokenizer_sample_chars", d.tokenizer_sample_chars), ("data.prefetch", d.prefetch)]:
+            need(v > 0, fld, f"must be > 0, got {v}")
+        need(d.loader_workers >= 0, "data.loader_workers", f"must be >= 0, got {d.loader_workers}")
         t = self.train
         need(t.steps > 0, "train.steps", "must be > 0")
         need(t.lr > 0, "train.lr", "must be > 0")
