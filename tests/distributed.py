@@ -1,0 +1,47 @@
+"""Spawning gloo process groups for tests: one spawn per world size, many checks inside it.
+
+`run_distributed(world, fn, *args)` starts `world` CPU processes, initialises gloo and calls
+`fn(rank, world, *args)` in each; a failure in any rank fails the test with that rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(world: int, fn, *args) -> None:
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.start_processes(_entry, args=(world, free_port(), fn, args, errors), nprocs=world,
+                           start_method="spawn")
+    except Exception as e:
+        msgs = []
+        while not errors.empty():
+            msgs.append(errors.get())
+        raise AssertionError("\n".join(msgs) or str(e)) from None
