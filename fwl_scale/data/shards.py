@@ -1,0 +1,433 @@
+"""Tokenized webdataset shards: writing (parallel tokenization, resumable) and verified reading.
+
+Layout of one split directory (e.g. `<data.root>/train/`):
+
+    shard-000000.tar    webdataset tar: one sample per document, key = the document's index in the split,
+                        `ids.u16` (or `ids.u32`: little-endian token ids, the document-end token last)
+                        and `json` ({"doc", "id", "source", "tokens"})
+    shard-000000.json   sidecar, written after the tar is complete (sha256, sizes, what it was built from)
+    manifest.json       written last: every shard with its documents, tokens, bytes, sha256 and the
+                        tokenizer checksum; the loader reads nothing that the manifest does not list
+
+A shard is written under a temporary name, fsynced and renamed; its sidecar follows. An interrupted run
+therefore leaves at most a `.tmp` file (removed on the next run) or a tar without sidecar (rewritten):
+nothing that looks complete. A re-run keeps every shard whose sidecar and checksum agree and tokenizes
+only the documents after them. A build that finds a finished manifest made from other inputs stops with
+an error instead of overwriting it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from fwl_scale.data.common import DataError, atomic_write_json, fingerprint, read_json, sha256_bytes, sha256_file
+from fwl_scale.data.sources import Document, ReadStats
+from fwl_scale.data.tokenizer import Tokenizer, token_dtype
+
+SHARD_FORMAT = "fwl_scale.shards/1"
+MANIFEST = "manifest.json"
+IDS_EXT = {"uint16": "ids.u16", "uint32": "ids.u32"}
+NP_DTYPE = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+TAR_BLOCK = 512
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ShardEntry:
+    name: str
+    documents: int
+    first_doc: int  # index (within the split) of the shard's first document
+    tokens: int
+    bytes: int
+    sha256: str
+    tokenizer_checksum: str
+
+
+@dataclass
+class Manifest:
+    path: Path
+    split: str
+    dtype: str
+    vocab_size: int
+    tokenizer_checksum: str
+    documents: int
+    tokens: int
+    shards: list[ShardEntry]
+    request: dict[str, Any] = field(default_factory=dict)
+    replaced_invalid_utf8: dict[str, int] = field(default_factory=dict)
+    empty_documents_skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+    def shard_path(self, entry: ShardEntry) -> Path:
+        return self.dir / entry.name
+
+    @property
+    def dataset_id(self) -> str:
+        """Identifies the exact token content (what a loader position refers to)."""
+        return fingerprint([[s.name, s.sha256] for s in self.shards])
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("path")
+        return {"format": SHARD_FORMAT, **d}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        path = Path(path)
+        d = read_json(path, "shard manifest")
+        if not isinstance(d, dict) or d.get("format") != SHARD_FORMAT:
+            raise DataError(f"{path}: not a {SHARD_FORMAT} manifest (format {d.get('format') if isinstance(d, dict) else None!r})")
+        try:
+            shards = [ShardEntry(**s) for s in d["shards"]]
+            m = cls(path=path, split=d["split"], dtype=d["dtype"], vocab_size=int(d["vocab_size"]),
+                    tokenizer_checksum=d["tokenizer_checksum"], documents=int(d["documents"]),
+                    tokens=int(d["tokens"]), shards=shards, request=d.get("request", {}),
+                    replaced_invalid_utf8=d.get("replaced_invalid_utf8", {}),
+                    empty_documents_skipped=d.get("empty_documents_skipped", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path}: malformed shard manifest ({type(e).__name__}: {e})") from None
+        if m.dtype not in NP_DTYPE:
+            raise DataError(f"{path}: unknown token dtype {m.dtype!r}")
+        if not m.shards:
+            raise DataError(f"{path}: lists no shards")
+        return m
+
+    def check_files(self) -> None:
+        """Cheap check that every listed shard is there with its recorded size (catches truncation)."""
+        for s in self.shards:
+            p = self.shard_path(s)
+            try:
+                size = p.stat().st_size
+            except FileNotFoundError:
+                raise DataError(f"shard {p}: missing (listed in {self.path})") from None
+            if size != s.bytes:
+                raise DataError(f"shard {p}: {size} bytes but {self.path} records {s.bytes}: "
+                                f"truncated or replaced since it was written")
+
+    def check_tokenizer(self, tokenizer_checksum: str, tokenizer_name: str, vocab_size: int) -> None:
+        for s in self.shards:
+            if s.tokenizer_checksum != tokenizer_checksum:
+                raise DataError(
+                    f"shard {self.shard_path(s)}: tokenized with tokenizer {s.tokenizer_checksum[:16]}, but the "
+                    f"model's tokenizer {tokenizer_name} is {tokenizer_checksum[:16]}; rebuild the shards "
+                    f"(fwl data shards) or use the matching tokenizer")
+        if self.vocab_size > vocab_size:
+            raise DataError(f"{self.path}: shards use a vocabulary of {self.vocab_size}, larger than the "
+                            f"model's model.vocab_size = {vocab_size}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class ShardDoc:
+    index: int  # the document's index within its split
+    key: str
+    tokens: np.ndarray  # 1-D uint16/uint32, the document-end token last
+
+
+def read_shard(manifest: Manifest, entry: ShardEntry, vocab_size: int, verify_checksum: bool = True) -> list[ShardDoc]:
+    """Reads and checks one whole shard (webdataset tar iteration): size and sha256 against the manifest,
+    one well-formed sample per document in index order, every token id < vocab_size."""
+    import webdataset as wds  # the import is heavy; only readers need it
+
+    path = manifest.shard_path(entry)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DataError(f"shard {path}: missing (listed in {manifest.path})") from None
+    except OSError as e:
+        raise DataError(f"shard {path}: cannot read ({e})") from None
+    if len(data) != entry.bytes:
+        raise DataError(f"shard {path}: {len(data)} bytes but {manifest.path} records {entry.bytes}: "
+                        f"truncated or replaced since it was written")
+    if verify_checksum:
+        digest = sha256_bytes(data)
+        if digest != entry.sha256:
+            raise DataError(f"shard {path}: corrupt: sha256 {digest[:16]}... differs from {entry.sha256[:16]}... "
+                            f"recorded in {manifest.path}")
+    ids_ext = IDS_EXT[manifest.dtype]
+    dtype = NP_DTYPE[manifest.dtype]
+    docs: list[ShardDoc] = []
+    try:
+        files = wds.tariterators.tar_file_expander([{"url": str(path), "stream": io.BytesIO(data)}])
+        for sample in wds.tariterators.group_by_keys(files):
+            key = sample["__key__"]
+            if ids_ext not in sample or "json" not in sample:
+                raise DataError(f"shard {path}: sample {key!r} lacks {ids_ext} or json "
+                                f"(has {', '.join(k for k in sample if not k.startswith('__'))})")
+            meta = json.loads(sample["json"])
+            raw = sample[ids_ext]
+            if len(raw) % dtype.itemsize:
+                raise DataError(f"shard {path}: sample {key!r}: {len(raw)} bytes is not a whole number of {manifest.dtype}")
+            ids = np.frombuffer(raw, dtype=dtype)
+            want_index = entry.first_doc + len(docs)
+            if meta.get("doc") != want_index or meta.get("tokens") != len(ids):
+                raise DataError(f"shard {path}: sample {key!r} is document {meta.get('doc')} with "
+                                f"{len(ids)} tokens (metadata says {meta.get('tokens')}); expected document {want_index}")
+            if len(ids) == 0:
+                raise DataError(f"shard {path}: document {meta.get('id')!r} has no tokens")
+            top = int(ids.max())
+            if top >= vocab_size:
+                raise DataError(f"shard {path}: document {meta.get('id')!r} (sample {key}) has token id {top} "
+                                f">= vocabulary size {vocab_size}")
+            docs.append(ShardDoc(want_index, str(meta.get("id")), ids))
+    except DataError:
+        raise
+    except Exception as e:  # tarfile.ReadError, ValueError from webdataset, JSON errors
+        raise DataError(f"shard {path}: corrupt tar or sample ({type(e).__name__}: {e.args[0] if e.args else e})") from None
+    if len(docs) != entry.documents:
+        raise DataError(f"shard {path}: holds {len(docs)} documents, {manifest.path} records {entry.documents}")
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _worker_init(model_path: str) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = Tokenizer.load(model_path)
+
+
+def _encode_job(texts: list[str]) -> list[bytes]:
+    tok = _WORKER_TOKENIZER
+    assert tok is not None
+    dtype = NP_DTYPE[token_dtype(tok.vocab_size)]
+    out = []
+    for ids in tok.encode_batch(texts):
+        arr = np.empty(len(ids) + 1, dtype=dtype)
+        arr[:-1] = ids
+        arr[-1] = tok.eos_id
+        out.append(arr.tobytes())
+    return out
+
+
+def _tar_member_bytes(n: int) -> int:
+    return TAR_BLOCK + (n + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
+
+
+class _HashingFile:
+    """A write-only file wrapper that hashes and counts what passes through (tarfile stream mode only
+    calls write)."""
+
+    def __init__(self, path: Path):
+        import hashlib
+        self.f = open(path, "wb")
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def write(self, b: bytes) -> int:
+        self.h.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def close_synced(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+def _sidecar(out_dir: Path, i: int) -> Path:
+    return out_dir / f"shard-{i:06d}.json"
+
+
+def _finished_prefix(out_dir: Path, request: dict[str, Any], log: Log) -> list[ShardEntry]:
+    """The shards an earlier (interrupted) run of the same build completed: a sidecar that matches the
+    request and a tar whose size and sha256 match it, counted from shard 0 until the first gap."""
+    done: list[ShardEntry] = []
+    next_doc = 0
+    while True:
+        side = _sidecar(out_dir, len(done))
+        if not side.is_file():
+            break
+        d = read_json(side, "shard sidecar")
+        if d.get("request") != request:
+            raise DataError(f"{side}: belongs to a shard build from other inputs or settings; refusing to mix "
+                            f"them. Use another data.root or remove {out_dir}")
+        entry = ShardEntry(**d["shard"])
+        tar = out_dir / entry.name
+        if (entry.first_doc != next_doc or not tar.is_file() or tar.stat().st_size != entry.bytes
+                or sha256_file(tar) != entry.sha256):
+            log(f"{tar}: incomplete or damaged, rewriting it and the shards after it")
+            break
+        done.append(entry)
+        next_doc += entry.documents
+    return done
+
+
+def build_shards(docs: Iterable[Document], out_dir: str | Path, split: str, tokenizer: Tokenizer,
+                 shard_bytes: int, workers: int, request: dict[str, Any], stats: ReadStats | None = None,
+                 log: Log = print) -> Manifest:
+    """Tokenizes `docs` (in order) into webdataset shards under `out_dir` and writes the manifest.
+
+    `request` describes what the build is made from (inputs, tokenizer, settings); it is stored in every
+    sidecar and the manifest, and decides whether existing files may be reused. Idempotent: a finished
+    build with the same request returns at once; an interrupted one continues after its last complete
+    shard. The order of documents, and so every shard, does not depend on `workers`."""
+    out_dir = Path(out_dir)
+    request = {**request, "tokenizer_checksum": tokenizer.checksum, "shard_bytes": shard_bytes,
+               "format": SHARD_FORMAT}
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.is_file():
+        m = Manifest.load(manifest_path)
+        if m.request != request:
+            differ = sorted(k for k in set(m.request) | set(request) if m.request.get(k) != request.get(k))
+            raise DataError(f"{manifest_path}: already holds shards built from other inputs or settings "
+                            f"(differs in: {', '.join(differ)}); nothing was changed. Use another data.root "
+                            f"or remove {out_dir}")
+        m.check_files()
+        return m
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in out_dir.glob("shard-*.tar.tmp*"):  # left by an interrupted run of ours
+        tmp.unlink()
+    done = _finished_prefix(out_dir, request, log)
+    skip_docs = sum(e.documents for e in done)
+    if done:
+        log(f"{split}: keeping {len(done)} finished shards ({skip_docs} documents) from an earlier run")
+
+    dtype_name = token_dtype(tokenizer.vocab_size)
+    ids_ext = IDS_EXT[dtype_name]
+    entries = list(done)
+    writer = None
+    cur: dict[str, Any] = {}
+    t0 = time.time()
+
+    def open_shard() -> None:
+        nonlocal writer
+        import webdataset as wds
+        i = len(entries)
+        tmp = out_dir / (shard_name(i) + f".tmp{os.getpid()}")
+        hf = _HashingFile(tmp)
+        writer = wds.TarWriter(hf, encoder=False, mtime=0.0, user="fwl", group="fwl")
+        cur.update(i=i, tmp=tmp, hf=hf, docs=0, tokens=0, est=2 * TAR_BLOCK, first=None)
+
+    def close_shard() -> None:
+        nonlocal writer
+        assert writer is not None
+        writer.close()
+        hf: _HashingFile = cur["hf"]
+        hf.close_synced()
+        entry = ShardEntry(name=shard_name(cur["i"]), documents=cur["docs"], first_doc=cur["first"],
+                           tokens=cur["tokens"], bytes=hf.n, sha256=hf.h.hexdigest(),
+                           tokenizer_checksum=tokenizer.checksum)
+        os.replace(cur["tmp"], out_dir / entry.name)
+        # The sidecar is what marks the shard complete; it is written only after the tar is in place.
+        atomic_write_json(_sidecar(out_dir, cur["i"]), {"format": SHARD_FORMAT, "request": request,
+                                                         "shard": asdict(entry)})
+        entries.append(entry)
+        writer = None
+        log(f"{split}: {entry.name}: {entry.documents} documents, {entry.tokens:,} tokens, "
+            f"{entry.bytes / 2**20:.1f} MiB ({time.time() - t0:.0f}s)")
+
+    def add(doc_index: int, doc: Document, ids_bytes: bytes) -> None:
+        n_tokens = len(ids_bytes) // NP_DTYPE[dtype_name].itemsize
+        meta = json.dumps({"doc": doc_index, "id": doc.key, "source": doc.source, "tokens": n_tokens}).encode()
+        size = _tar_member_bytes(len(ids_bytes)) + _tar_member_bytes(len(meta))
+        if writer is not None and cur["docs"] > 0 and cur["est"] + size > shard_bytes:
+            close_shard()
+        if writer is None:
+            open_shard()
+        writer.write({"__key__": f"{doc_index:010d}", ids_ext: ids_bytes, "json": meta})
+        if cur["first"] is None:
+            cur["first"] = doc_index
+        cur["docs"] += 1
+        cur["tokens"] += n_tokens
+        cur["est"] += size
+
+    def jobs() -> Iterator[list[tuple[int, Document]]]:
+        """Batches of documents for the tokenizer workers (about 1 MB of text each), skipping the
+        documents already in finished shards."""
+        batch: list[tuple[int, Document]] = []
+        chars = 0
+        for i, doc in enumerate(docs):
+            if i < skip_docs:
+                continue
+            batch.append((i, doc))
+            chars += len(doc.text)
+            if chars >= 1 << 20 or len(batch) >= 256:
+                yield batch
+                batch, chars = [], 0
+        if batch:
+            yield batch
+
+    n_seen = skip_docs
+    if workers <= 1 or tokenizer.path is None:
+        global _WORKER_TOKENIZER
+        _WORKER_TOKENIZER = tokenizer
+        for batch in jobs():
+            for (i, doc), ids in zip(batch, _encode_job([d.text for _, d in batch])):
+                add(i, doc, ids)
+                n_seen = i + 1
+    else:
+        # Ordered results with a bounded number of batches in flight: memory stays flat however large
+        # the corpus is, and the output is the same as with one worker.
+        ctx = mp.get_context("spawn")  # no fork of a process that may hold threads (torch, tokenizers)
+        with ctx.Pool(workers, initializer=_worker_init, initargs=(str(tokenizer.path),)) as pool:
+            pending: deque = deque()
+            for batch in jobs():
+                pending.append((batch, pool.apply_async(_encode_job, ([d.text for _, d in batch],))))
+                while len(pending) > 2 * workers:
+                    b, res = pending.popleft()
+                    for (i, doc), ids in zip(b, res.get()):
+                        add(i, doc, ids)
+                        n_seen = i + 1
+            while pending:
+                b, res = pending.popleft()
+                for (i, doc), ids in zip(b, res.get()):
+                    add(i, doc, ids)
+                    n_seen = i + 1
+    if writer is not None:
+        close_shard()
+    if not entries:
+        raise DataError(f"{split}: no documents to write")
+    if n_seen < skip_docs:
+        raise DataError(f"{out_dir}: the inputs now hold {n_seen} documents, fewer than the {skip_docs} "
+                        f"in finished shards of an earlier run; remove {out_dir} to rebuild")
+    m = Manifest(path=manifest_path, split=split, dtype=dtype_name, vocab_size=tokenizer.vocab_size,
+                 tokenizer_checksum=tokenizer.checksum, documents=sum(e.documents for e in entries),
+                 tokens=sum(e.tokens for e in entries), shards=entries, request=request,
+                 replaced_invalid_utf8=dict(stats.replaced) if stats else {},
+                 empty_documents_skipped=dict(stats.empty) if stats else {})
+    atomic_write_json(manifest_path, m.to_json())
+    return m
+
+
+def verify_manifest(manifest: Manifest, tokenizer: Tokenizer | None, vocab_size: int, log: Log = print) -> None:
+    """Full check of a split: every shard's size, sha256, samples, token range and tokenizer checksum."""
+    manifest.check_files()
+    if tokenizer is not None:
+        manifest.check_tokenizer(tokenizer.checksum, str(tokenizer.path), vocab_size)
+    docs = tokens = 0
+    for entry in manifest.shards:
+        shard_docs = read_shard(manifest, entry, vocab_size)
+        n = sum(len(d.tokens) for d in shard_docs)
+        if n != entry.tokens:
+            raise DataError(f"shard {manifest.shard_path(entry)}: {n} tokens, manifest records {entry.tokens}")
+        docs += len(shard_docs)
+        tokens += n
+    if docs != manifest.documents or tokens != manifest.tokens:
+        raise DataError(f"{manifest.path}: totals {manifest.documents} documents / {manifest.tokens} tokens "
+                        f"but the shards hold {docs} / {tokens}")
+    log(f"{manifest.path}: OK, {len(manifest.shards)} shards, {docs} documents, {tokens:,} tokens")
