@@ -1,8 +1,118 @@
-"""`fwl train`, `fwl eval`, `fwl params`."""
+"""`fwl train`, `fwl eval`, `fwl params`.
+
+    fwl train [CONFIG] [key.sub=value ...] [--no-resume | --resume-from CKPT]
+    fwl eval CONFIG CKPT [key.sub=value ...] [--batches N] [--long-docs N] [--max-windows W] [--json FILE]
+    fwl params CONFIG [key.sub=value ...]
+
+Exit status of `fwl train`: 0 done; 75 (EXIT_REQUEUE) stopped on SIGUSR1/SIGTERM/stop file after saving a
+checkpoint (requeue me); 2 bad input (config, checkpoint, data); 3 training failed (e.g. loss not finite).
+"""
 from __future__ import annotations
 
 import argparse
+import sys
+
+from fwl_scale.config import Config, ConfigError, load_config
+
+EXIT_TRAINING_FAILED = 3
+
+
+def _split(args: list[str], need_config: bool) -> tuple[str | None, list[str]]:
+    """The first argument without '=' is the config file; the rest are dotted overrides."""
+    config, overrides = None, []
+    for a in args:
+        if "=" not in a and config is None and not overrides:
+            config = a
+        elif "=" in a:
+            overrides.append(a)
+        else:
+            raise ConfigError(f"unexpected argument {a!r}: overrides look like key.sub=value")
+    if need_config and config is None:
+        raise ConfigError("a config file is needed (e.g. configs/tiny.yaml)")
+    return config, overrides
+
+
+def _load(args: list[str], need_config: bool) -> Config:
+    config, overrides = _split(args, need_config)
+    return load_config(config, overrides)
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from fwl_scale.train.loop import TrainingError, train
+
+    cfg = _load(ns.args, need_config=False)
+    try:
+        code = train(cfg, resume=not ns.no_resume, resume_from=ns.resume_from)
+    except TrainingError as e:
+        print(f"fwl train: error: {e}", file=sys.stderr)
+        code = EXIT_TRAINING_FAILED
+    _shutdown()
+    return code
+
+
+def _shutdown() -> None:
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from fwl_scale.eval.run import run_eval
+
+    cfg = _load([ns.config] + ns.overrides, need_config=True)
+    run_eval(cfg, ns.checkpoint, batches=ns.batches, long_docs=ns.long_docs, max_windows=ns.max_windows,
+             json_out=ns.json)
+    return 0
+
+
+def _fmt(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def cmd_params(ns: argparse.Namespace) -> int:
+    from fwl_scale.model import build_model
+    from fwl_scale.train.flops import train_flops_per_token
+
+    cfg = _load(ns.args, need_config=True)
+    # The meta device: shapes without memory, so the 13B config counts in a second.
+    model = build_model(cfg.model, device="meta")
+    counts = model.param_counts()
+    flops = train_flops_per_token(cfg.model)
+    print(f"{cfg.name}: parameters")
+    for key in ("body", "fwl", "embeddings", "total"):
+        print(f"  {key:<11}{counts[key]:>16,}  ({_fmt(counts[key])})")
+    print(f"  training FLOPs per token: {flops.total:.4g} (body {flops.body:.4g}, "
+          f"{'FWL' if cfg.model.fwl.enabled else 'unembedding'} {flops.head:.4g})")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser("train", help="train a model (DeepSpeed; resumes from out_dir automatically)",
+                       description="Train with DeepSpeed, one process or many (torchrun/srun set RANK etc.). "
+                                   "Exit 75 after a stop request (SIGUSR1/SIGTERM) with a checkpoint saved.")
+    p.add_argument("args", nargs="*", metavar="CONFIG_OR_OVERRIDE",
+                   help="a YAML config (default: the built-in tiny config), then key.sub=value overrides")
+    p.add_argument("--no-resume", action="store_true",
+                   help="do not resume from out_dir's latest checkpoint (refused if out_dir has checkpoints)")
+    p.add_argument("--resume-from", metavar="CKPT", default=None,
+                   help="start from this checkpoint (run dir, its checkpoints/ dir or a step_* dir)")
+    p.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="validation perplexity and loss by position of a checkpoint")
+    e.add_argument("config")
+    e.add_argument("checkpoint", help="a run dir, its checkpoints/ dir or a step_* dir")
+    e.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    e.add_argument("--batches", type=int, default=None, help="validation batches (default train.eval_batches)")
+    e.add_argument("--long-docs", type=int, default=0, metavar="N",
+                   help="also evaluate N whole validation documents in consecutive windows of model.seq_len")
+    e.add_argument("--max-windows", type=int, default=None, help="windows per document at most")
+    e.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    q = sub.add_parser("params", help="parameter count (body, FWL, embeddings, total) on the meta device")
+    q.add_argument("args", nargs="+", metavar="CONFIG_OR_OVERRIDE")
+    q.set_defaults(func=cmd_params)

@@ -1,0 +1,75 @@
+"""`fwl eval CONFIG CKPT`: validation perplexity and loss by position of a checkpoint, in one process,
+optionally on whole long documents in consecutive windows."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fwl_scale.config import Config
+from fwl_scale.eval.perplexity import (LongDocResult, evaluate_batches, evaluate_documents, format_eval,
+                                       format_long_docs)
+
+
+def load_for_eval(cfg: Config, checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The model of `cfg` with the weights of `checkpoint` (refused if it belongs to another model)."""
+    from fwl_scale.model import build_model
+    from fwl_scale.train.checkpoint import CheckpointError, check_compatible, load_model_weights, resolve_checkpoint
+
+    ref = resolve_checkpoint(checkpoint)
+    check_compatible(ref, cfg)
+    state = load_model_weights(ref)
+    model = build_model(cfg.model, device="meta")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))[:3]
+        extra = sorted(set(got) - set(expected))[:3]
+        shape = [k for k in expected if k in got and expected[k] != got[k]][:3]
+        raise CheckpointError(f"checkpoint {ref.path} does not fit model {cfg.name}: missing {missing}, "
+                              f"unexpected {extra}, other shapes {shape}")
+    model = build_model(cfg.model, device="cpu")
+    model.load_state_dict(state, strict=True)
+    model.to(device)
+    if device.type == "cuda" and cfg.train.bf16:
+        model.to(torch.bfloat16)
+    model.eval()
+    return model, ref
+
+
+def run_eval(cfg: Config, checkpoint: str | Path, batches: int | None = None, long_docs: int = 0,
+             max_windows: int | None = None, json_out: str | None = None) -> dict[str, Any]:
+    from fwl_scale.data import eval_documents, prepare_data, valid_batches
+    from fwl_scale.train.engine import resolve_device
+
+    device = resolve_device(cfg)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's checkpoint converter may be imported
+    model, ref = load_for_eval(cfg, checkpoint, device)
+    paths = prepare_data(cfg)
+    n_batches = batches if batches is not None else cfg.train.eval_batches
+    vb = valid_batches(cfg, paths, n_batches, 0, 1)
+    result = evaluate_batches(model, vb, cfg.train.position_buckets, device)
+    print(f"checkpoint {ref.path} (step {ref.step})")
+    print(format_eval(result))
+    report: dict[str, Any] = {"checkpoint": str(ref.path), "step": ref.step, "valid": result.as_dict()}
+    if long_docs > 0:
+        modes = [False, True] if cfg.model.fwl.enabled else [False]
+        results: list[LongDocResult] = []
+        for carry in modes:
+            docs = eval_documents(cfg, paths, long_docs)
+            results.append(evaluate_documents(model, docs, cfg.model.seq_len, device, carry_state=carry,
+                                              max_windows=max_windows))
+        print(format_long_docs(results))
+        report["long_documents"] = [{"carry_state": r.carry_state, "documents": r.documents, "loss": r.loss,
+                                     "window": r.window, "window_loss": r.window_loss,
+                                     "window_tokens": r.window_tokens} for r in results]
+    if json_out:
+        path = Path(json_out)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        os.replace(tmp, path)
+    return report

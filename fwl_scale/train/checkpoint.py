@@ -1,0 +1,281 @@
+"""Atomic checkpoints through DeepSpeed's engine, keep-last-k, resume, and loading weights for evaluation.
+
+Layout under <out_dir>/checkpoints/:
+
+    step_00000200/            one DeepSpeed tag directory (engine.save_checkpoint, all ranks)
+        mp_rank_00_model_states.pt, [zero / bf16 optimizer shards], COMPLETE.json
+    latest_complete           our pointer: the tag of the newest complete checkpoint
+
+A save writes the tag directory, waits for every rank, then rank 0 writes COMPLETE.json (what was saved:
+step, model config, layout) and only then replaces `latest_complete` atomically (temporary name +
+os.replace). A crash in the middle of a save therefore leaves a directory without COMPLETE.json, which
+is never resumed from and is removed by the next successful save. DeepSpeed's own `latest` file is not
+written (save_latest=False) and never trusted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fwl_scale import __version__
+from fwl_scale.config import Config, ConfigError, config_to_nested
+
+CHECKPOINT_DIR = "checkpoints"
+POINTER = "latest_complete"
+MARKER = "COMPLETE.json"
+TAG_RE = re.compile(r"^step_(\d{8,})$")
+FORMAT = 1
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used (missing, incomplete, corrupt, or from another model); the
+    message names it. A ConfigError so that `fwl` reports it cleanly with a non-zero exit."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@dataclass
+class CheckpointRef:
+    root: Path  # the checkpoints directory (DeepSpeed's save_dir)
+    tag: str
+    meta: dict[str, Any]  # COMPLETE.json
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.tag
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def read_marker(tag_dir: Path) -> dict[str, Any] | None:
+    """COMPLETE.json of a tag directory, or None when it has none (an interrupted save)."""
+    marker = tag_dir / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        meta = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {tag_dir}: {MARKER} is corrupt ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "step" not in meta or "model" not in meta:
+        raise CheckpointError(f"checkpoint {tag_dir}: {MARKER} is not a fwl_scale checkpoint marker "
+                              f"(format {FORMAT} expected)")
+    return meta
+
+
+def _complete_tags(root: Path) -> list[tuple[int, str]]:
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            m = TAG_RE.match(child.name)
+            if m and child.is_dir() and (child / MARKER).is_file():
+                found.append((int(m.group(1)), child.name))
+    return sorted(found)
+
+
+def find_latest(root: Path) -> CheckpointRef | None:
+    """The newest complete checkpoint under `root` (a checkpoints directory), by our pointer; None if
+    there is none. A pointer naming a missing or incomplete directory is an error (never silently
+    train from scratch over a run that had checkpoints)."""
+    pointer = root / POINTER
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        tag_dir = root / tag
+        if not TAG_RE.match(tag) or not tag_dir.is_dir():
+            raise CheckpointError(f"checkpoint pointer {pointer} names {tag!r}, but {tag_dir} does not exist; "
+                                  "restore it or remove the pointer to choose another checkpoint")
+        meta = read_marker(tag_dir)
+        if meta is None:
+            raise CheckpointError(f"checkpoint pointer {pointer} names {tag_dir}, which has no {MARKER} "
+                                  "(an incomplete save)")
+        return CheckpointRef(root, tag, meta)
+    # No pointer: a crash between the first marker and the first pointer write; complete directories
+    # are still safe to use.
+    tags = _complete_tags(root)
+    if not tags:
+        return None
+    tag = tags[-1][1]
+    return CheckpointRef(root, tag, read_marker(root / tag) or {})
+
+
+def resolve_checkpoint(path: str | Path) -> CheckpointRef:
+    """A user-given checkpoint: a run's out_dir, its checkpoints directory, or one tag directory."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p}: no such file or directory")
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint {p}: not a directory (give a run directory, its "
+                              f"{CHECKPOINT_DIR}/ directory or a step_* directory)")
+    if (p / MARKER).exists() or TAG_RE.match(p.name):
+        meta = read_marker(p)
+        if meta is None:
+            raise CheckpointError(f"checkpoint {p}: no {MARKER}; the save did not complete or this is not "
+                                  "a fwl_scale checkpoint")
+        return CheckpointRef(p.parent, p.name, meta)
+    for root in (p / CHECKPOINT_DIR, p):
+        if root.is_dir() and ((root / POINTER).exists() or _complete_tags(root)):
+            ref = find_latest(root)
+            if ref is not None:
+                return ref
+    raise CheckpointError(f"checkpoint {p}: no complete fwl_scale checkpoint found there")
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}.{k}")
+        return out
+    return [] if a == b else [f"{prefix}: {a!r} in the checkpoint, {b!r} in the config"]
+
+
+# Model fields that only change how the same function is computed, not the parameters.
+_COMPUTE_ONLY = {"fwl.chunk_size", "fwl.form", "fwl.vocab_chunk"}
+
+
+def check_compatible(ref: CheckpointRef, cfg: Config, dp: int | None = None) -> None:
+    """Raises CheckpointError if the checkpoint was written for another model (shape or function) or
+    a layout it cannot be loaded into."""
+    saved = dict(ref.meta.get("model", {}))
+    current = config_to_nested(cfg)["model"]
+    diffs = [d for d in _diff(saved, current, "model")
+             if d.split(":")[0].removeprefix("model.") not in _COMPUTE_ONLY]
+    if diffs:
+        raise CheckpointError(f"checkpoint {ref.path} belongs to another model: " + "; ".join(diffs[:6]))
+    if dp is not None:
+        saved_dp, saved_zero = ref.meta.get("dp"), ref.meta.get("zero_stage")
+        if saved_zero is not None and saved_zero != cfg.parallel.zero_stage:
+            raise CheckpointError(f"checkpoint {ref.path} was saved with parallel.zero_stage={saved_zero}, the "
+                                  f"config has {cfg.parallel.zero_stage}; resume with the same ZeRO stage")
+        if saved_zero and saved_dp != dp:
+            raise CheckpointError(f"checkpoint {ref.path} holds ZeRO-{saved_zero} optimizer shards for dp={saved_dp}; "
+                                  f"resuming with dp={dp} needs a universal-checkpoint conversion, which is not "
+                                  "implemented yet (resume with the same data-parallel size)")
+        if ref.meta.get("bf16") is not None and ref.meta["bf16"] != cfg.train.bf16:
+            raise CheckpointError(f"checkpoint {ref.path} was saved with train.bf16={ref.meta['bf16']}, the "
+                                  f"config has {cfg.train.bf16}; the optimizer state differs between the two")
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class CheckpointManager:
+    """Saves and restores training checkpoints of one run directory (all ranks call save/load)."""
+
+    def __init__(self, out_dir: Path, keep_last: int, rank: int):
+        self.root = Path(out_dir) / CHECKPOINT_DIR
+        self.keep_last = keep_last
+        self.rank = rank
+
+    def latest(self) -> CheckpointRef | None:
+        return find_latest(self.root)
+
+    def save(self, engine, step: int, client_state: dict[str, Any], cfg: Config, dp: int) -> CheckpointRef:
+        tag = tag_for(step)
+        tag_dir = self.root / tag
+        existing = read_marker(tag_dir) if tag_dir.is_dir() else None
+        if existing is not None:
+            # Already saved at this step (never overwrite a complete checkpoint).
+            return CheckpointRef(self.root, tag, existing)
+        _barrier()
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tag_dir.exists():  # left by an interrupted save of the same step
+                shutil.rmtree(tag_dir)
+        _barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        _barrier()  # every rank's shards are written
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "tag": tag,
+            "time": time.time(),
+            "fwl_scale": __version__,
+            "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+            "dp": dp,
+            "zero_stage": cfg.parallel.zero_stage,
+            "bf16": cfg.train.bf16,
+            "config_name": cfg.name,
+            "model": config_to_nested(cfg)["model"],
+        }
+        if self.rank == 0:
+            _atomic_write_text(tag_dir / MARKER, json.dumps(meta, indent=1) + "\n")
+            _atomic_write_text(self.root / POINTER, tag + "\n")
+            self._prune(tag)
+        _barrier()
+        return CheckpointRef(self.root, tag, meta)
+
+    def _prune(self, newest: str) -> None:
+        """Keeps the newest `keep_last` complete checkpoints; removes older ones and the leftovers of
+        interrupted saves (directories without a marker)."""
+        complete = [t for _, t in _complete_tags(self.root)]
+        keep = set(complete[-self.keep_last:]) | {newest}
+        for child in self.root.iterdir():
+            if not TAG_RE.match(child.name) or not child.is_dir() or child.name in keep:
+                continue
+            shutil.rmtree(child, ignore_errors=True)
+
+    def load(self, engine, ref: CheckpointRef) -> dict[str, Any]:
+        """Restores model, optimizer, scheduler into the engine; returns our client state."""
+        try:
+            load_path, client_state = engine.load_checkpoint(str(ref.root), tag=ref.tag, load_module_strict=True)
+        except (RuntimeError, OSError, KeyError, ValueError, AssertionError, EOFError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {ref.path} cannot be loaded (corrupt or from another model): "
+                                  f"{type(e).__name__}: {str(e)[:400]}") from None
+        if load_path is None or client_state is None:
+            raise CheckpointError(f"checkpoint {ref.path}: DeepSpeed found no loadable state in it")
+        if "fwl_step" not in client_state:
+            raise CheckpointError(f"checkpoint {ref.path}: no fwl_scale training state in it")
+        return client_state
+
+
+def load_model_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """The model's weights (fp32 where the optimizer kept fp32 masters) from a checkpoint, in one
+    process without DeepSpeed's engine: for evaluation and export."""
+    saved_zero = int(ref.meta.get("zero_stage") or 0)
+    bf16 = bool(ref.meta.get("bf16"))
+    try:
+        if saved_zero > 0 or bf16:
+            # Master weights live in the optimizer shards; DeepSpeed's converter reassembles them.
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
+        else:
+            files = sorted(ref.path.glob("mp_rank_*_model_states.pt"))
+            if not files:
+                raise FileNotFoundError(f"no mp_rank_*_model_states.pt in {ref.path}")
+            state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    except (RuntimeError, OSError, KeyError, ValueError, AssertionError, EOFError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {ref.path} cannot be read (corrupt or incomplete): "
+                              f"{type(e).__name__}: {str(e)[:400]}") from None
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -1,0 +1,198 @@
+"""The DeepSpeed engine: process-group set-up, our config translated into DeepSpeed's, optimizer
+parameter groups, the learning-rate schedule.
+
+One trainer for every scale (DESIGN §3): even a single CPU process goes through `deepspeed.initialize`,
+so there is one training loop and one checkpoint format. DeepSpeed owns the optimizer (AdamW through
+its optimizer config with `torch_adam`, so no C++ op is compiled for it), ZeRO, bf16, clipping and
+gradient accumulation.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fwl_scale.config import Config, ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    dp: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but torch sees no CUDA device "
+                          f"(torch {torch.__version__}); use train.device=cpu or auto")
+    return torch.device(want)
+
+
+def check_layout_implemented(cfg: Config) -> None:
+    """Only data parallelism is implemented in this trainer yet; other layouts fail before any work."""
+    p = cfg.parallel
+    for name, value in (("tp", p.tp), ("cp", p.cp), ("pp", p.pp)):
+        if value != 1:
+            raise ConfigError(f"parallel.{name}: {name}={value} is not implemented yet (this trainer runs "
+                              f"data parallelism only: tp=cp=pp=1, dp any); the distributed-engine issue adds it")
+    if p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel: not implemented yet (needs tensor parallelism)")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment: {name}={raw!r} is not an integer") from None
+
+
+def prepare_environment(device: torch.device) -> tuple[int, int, int]:
+    """Fills in what torch.distributed's env:// rendezvous needs for a single process, and checks what a
+    launcher (torchrun, our Slurm scripts exporting SLURM_* as RANK etc.) provides. Without RANK and
+    WORLD_SIZE DeepSpeed would try MPI discovery and fail (DESIGN §3). Returns (rank, world, local_rank)."""
+    world = _env_int("WORLD_SIZE")
+    rank = _env_int("RANK")
+    if world is None and rank is None:
+        world, rank = 1, 0
+        os.environ["WORLD_SIZE"], os.environ["RANK"] = "1", "0"
+    elif world is None or rank is None:
+        missing = "WORLD_SIZE" if world is None else "RANK"
+        raise ConfigError(f"environment: RANK and WORLD_SIZE go together, {missing} is missing")
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"environment: RANK={rank} is outside WORLD_SIZE={world}")
+    local_rank = _env_int("LOCAL_RANK")
+    if local_rank is None:
+        n_local = torch.cuda.device_count() if device.type == "cuda" else 1
+        local_rank = rank % max(1, n_local) if world > 1 else 0
+        os.environ["LOCAL_RANK"] = str(local_rank)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if not os.environ.get("MASTER_PORT"):
+        if world > 1:
+            raise ConfigError(f"environment: MASTER_PORT must be set when WORLD_SIZE={world} > 1 "
+                              "(every rank has to meet at the same address and port)")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    # DeepSpeed compiles its CPU shared-memory communication op on first use; keep the build inside the
+    # repository's ignored .cache/ unless the user chose a place.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    # DeepSpeed picks its accelerator once, at first use; on a machine without CUDA say CPU explicitly.
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return rank, world, local_rank
+
+
+def init_distributed(cfg: Config) -> DistInfo:
+    """Starts (or joins an already started) process group: gloo on CPU, nccl on CUDA."""
+    check_layout_implemented(cfg)
+    device = resolve_device(cfg)
+    rank, world, local_rank = prepare_environment(device)
+    dp = cfg.check_world(world)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    import deepspeed  # after the environment is set: the accelerator is chosen on first use
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    else:
+        # Already up (several trainings in one process, e.g. tests): DeepSpeed only wraps it.
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   dist_init_required=False)
+        if torch.distributed.get_world_size() != world:
+            raise ConfigError(f"environment: WORLD_SIZE={world} but the running process group has "
+                              f"{torch.distributed.get_world_size()} ranks")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, dp=dp, device=device, backend=backend)
+
+
+def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
+    """Our config in DeepSpeed's terms."""
+    t, p = cfg.train, cfg.parallel
+    return {
+        "train_micro_batch_size_per_gpu": p.micro_batch,
+        "gradient_accumulation_steps": p.grad_accum,
+        "train_batch_size": p.micro_batch * p.grad_accum * dp,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.adam_eps,
+                       "weight_decay": t.weight_decay, "torch_adam": True},
+        },
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": t.bf16},
+        # Our own progress bar and metrics replace DeepSpeed's periodic prints.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and the FWL step sizes: every parameter with fewer than two
+    dimensions. Everything else (matrices, embeddings) decays."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(update: int, cfg: Config) -> float:
+    """Multiplier of train.lr for optimizer update number `update` (0-based): linear warmup over
+    train.warmup_steps, then cosine from 1 down to train.min_lr_ratio at train.steps."""
+    t = cfg.train
+    if t.warmup_steps > 0 and update < t.warmup_steps:
+        return (update + 1) / t.warmup_steps
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (update - t.warmup_steps) / span)
+    return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_engine(cfg: Config, model: nn.Module, dist: DistInfo):
+    """`deepspeed.initialize` with our config; returns (engine, lr_scheduler). The scheduler steps once
+    per applied optimizer update (DeepSpeed does not step it on a skipped update) and is saved in
+    DeepSpeed's checkpoints."""
+    import deepspeed
+
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u, cfg))
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+        config=deepspeed_config(cfg, dist.dp), lr_scheduler=schedule, dist_init_required=False)
+    return engine, scheduler
+
+
+def zero_stage_discards_nonfinite(engine) -> bool:
+    """Whether DeepSpeed's own optimizer wrapper throws away a step whose gradients are not finite
+    (ZeRO 1-3, and the bf16 optimizer). The plain torch optimizer of ZeRO 0 in fp32 does not."""
+    return bool(engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled())

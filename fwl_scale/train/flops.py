@@ -1,0 +1,83 @@
+"""Analytic training FLOPs per token (forward + backward), for throughput, TFLOP/s and MFU.
+
+Counting rules (model FLOPs, not hardware FLOPs: recomputation by activation checkpointing or by the
+token-chunked vocabulary work is *not* counted, as in the usual MFU definition):
+
+* A matmul of an m-vector by an m x n matrix costs 2mn forward; its backward costs twice that (the
+  gradient with respect to the input and to the weight), so training costs 3x the forward.
+* Body (DESIGN §2 GPT): per layer the matmul weights are qkv (d x 3d), the attention output (d x d) and
+  the MLP (d x md, md x d): N_layer = (4 + 2m) d². Attention scores and the weighted sum cost 2Td each
+  forward per token, counted over the full window T (PaLM's convention: no saving for the causal mask).
+  Training: 6 L N_layer + 12 L T d per token. Biases, norms and elementwise work are left out.
+* Baseline head: the unembedding s x V (V = model.vocab_size; padded rows are never multiplied):
+  6 d V per token.
+* FWL head (DESIGN §1, d -> h = hidden_mult * s -> s -> V), forward per token:
+    slow pass      W1 x (2dh), W2 a (2hs), slow logits U u (2sV)
+    slow backward  Uᵀ gz (2sV), W2ᵀ gh2 (2hs)      (gh1 and the LayerNorm backward are elementwise)
+    fast pass      W2 a' (2hs), fast logits U u' (2sV), and two causal linear attentions,
+                   W1's (key/query width d, value width h) and W2's (key/query h, value s);
+                   h1' reuses the slow W1 x, so W1 costs nothing more than its attention.
+  A causal linear attention with key width k and value width v in mixed-chunk form with chunk C
+  (C = T in the quadratic form) costs per token 2C(k + v) inside the chunk (scores and weighted sum
+  over the full chunk, the same convention as the body's attention), plus 4kv for the state
+  (reading q·S and adding kᵀv) when the window spans more than one chunk.
+  Training is 3x this forward: the backward through the slow backward is the second-order path, and
+  each of its ops is an ordinary differentiable op whose backward costs twice its forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fwl_scale.config import ModelConfig
+
+
+@dataclass
+class FlopCount:
+    """Training FLOPs per token, split by part."""
+
+    body: float  # transformer blocks: 6 N + attention
+    head: float  # baseline unembedding, or the whole FWL block (it contains the unembedding)
+
+    @property
+    def total(self) -> float:
+        return self.body + self.head
+
+
+def linear_attention_fwd(key: int, value: int, chunk: int, seq_len: int) -> float:
+    """Forward FLOPs per token of causal linear attention in mixed-chunk form (see module docstring)."""
+    c = min(chunk, seq_len)
+    flops = 2.0 * c * (key + value)
+    if seq_len > c:
+        flops += 4.0 * key * value
+    return flops
+
+
+def fast_chunk(cfg: ModelConfig) -> int:
+    """The token chunk the FWL's fast pass uses at model.seq_len: the rule of
+    `FastWeightLayer.chunk_for` (quadratic = one chunk of T; auto stays quadratic up to
+    T = C + 2 dk dv / (dk + dv) of W1's attention, dk = d, dv = h)."""
+    T, C = cfg.seq_len, cfg.fwl.chunk_size
+    if cfg.fwl.form == "quadratic":
+        return T
+    if cfg.fwl.form == "chunked":
+        return C
+    dk, dv = cfg.d_model, cfg.fwl.hidden_mult * cfg.fwl_width
+    return T if T <= C + 2 * dk * dv / (dk + dv) else C
+
+
+def fwl_fwd_per_token(cfg: ModelConfig) -> float:
+    d, s, V, T = cfg.d_model, cfg.fwl_width, cfg.vocab_size, cfg.seq_len
+    h = cfg.fwl.hidden_mult * s
+    chunk = fast_chunk(cfg)
+    slow = 2 * d * h + 2 * h * s + 2 * s * V
+    slow_backward = 2 * s * V + 2 * h * s
+    fast = 2 * h * s + 2 * s * V + linear_attention_fwd(d, h, chunk, T) + linear_attention_fwd(h, s, chunk, T)
+    return float(slow + slow_backward + fast)
+
+
+def train_flops_per_token(cfg: ModelConfig) -> FlopCount:
+    d, L, T, V = cfg.d_model, cfg.n_layers, cfg.seq_len, cfg.vocab_size
+    n_layer = (4 + 2 * cfg.mlp_mult) * d * d
+    body = 6.0 * L * n_layer + 12.0 * L * T * d
+    head = 3.0 * fwl_fwd_per_token(cfg) if cfg.fwl.enabled else 6.0 * d * V
+    return FlopCount(body=body, head=head)

@@ -1,0 +1,419 @@
+"""The training loop: one DeepSpeed engine for one process or many (data parallel), validation,
+metrics, atomic checkpoints with exact resume, non-finite-loss skipping, and stop-on-signal.
+
+    trainer = Trainer(cfg)          # process group, data, model, engine, resume
+    code = trainer.run()            # 0 when done, EXIT_REQUEUE when stopped on request (checkpoint saved)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fwl_scale.config import Config, ConfigError, dump_config
+from fwl_scale.eval.perplexity import EvalResult, evaluate_batches
+from fwl_scale.train.checkpoint import (CheckpointError, CheckpointManager, CheckpointRef, check_compatible,
+                                        resolve_checkpoint)
+from fwl_scale.train.engine import (DistInfo, build_engine, init_distributed, zero_stage_discards_nonfinite)
+from fwl_scale.train.flops import train_flops_per_token
+from fwl_scale.train.metrics import MetricsLog, Throughput, device_name, efficiency, peak_tflops
+from fwl_scale.train.signals import EXIT_REQUEUE, STOP_FILE_NAME, StopRequest
+
+log = logging.getLogger("fwl_scale.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says why and what to do."""
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean over micro-batches and data-parallel ranks; nan when skipped
+    skipped: bool
+    grad_norm: float | None
+    lr: float
+    stop: bool  # some rank was asked to stop (all-reduced)
+
+
+@dataclass
+class TrainState:
+    """What the loop itself carries across a checkpoint (the engine holds model/optimizer/scheduler)."""
+
+    step: int = 0  # completed training steps (including skipped ones)
+    tokens: int = 0  # tokens consumed
+    skipped_total: int = 0
+    nonfinite_in_row: int = 0
+    last_eval: dict[str, Any] = field(default_factory=dict)
+
+
+def _quiet_deepspeed() -> None:
+    if os.environ.get("FWL_DEBUG"):
+        return
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Builds everything for `cfg` and trains. `resume`: continue from the latest complete checkpoint
+    in train.out_dir if there is one. `resume_from`: a specific checkpoint (a run dir, its checkpoints/
+    dir or a step_* dir) to start from, allowed only into an out_dir without checkpoints of its own.
+    `after_step(trainer, stats)`: called on every rank after each step (tests, embedding apps)."""
+
+    def __init__(self, cfg: Config, resume: bool = True, resume_from: str | Path | None = None,
+                 after_step: Callable[["Trainer", StepStats], None] | None = None):
+        self.cfg = cfg
+        self.after_step = after_step
+        self.dist: DistInfo = init_distributed(cfg)
+        _quiet_deepspeed()
+        self.device = self.dist.device
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt = CheckpointManager(self.out_dir, cfg.train.keep_last, self.dist.rank)
+        # Decide what to resume from, and refuse bad checkpoints, before anything is written.
+        self.resume_ref = self._choose_checkpoint(resume, resume_from)
+        self.stop = StopRequest(stop_file=self.out_dir / STOP_FILE_NAME).install()
+        try:
+            self._build()
+        except BaseException:
+            self.stop.uninstall()
+            raise
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _choose_checkpoint(self, resume: bool, resume_from: str | Path | None) -> CheckpointRef | None:
+        own = self.ckpt.latest()
+        if resume_from is not None:
+            ref = resolve_checkpoint(resume_from)
+            if own is not None and own.path.resolve() != ref.path.resolve():
+                raise CheckpointError(f"train.out_dir {self.out_dir} already holds checkpoints (latest {own.path}); "
+                                      f"resuming it from {ref.path} would mix two runs; choose another out_dir")
+        elif resume:
+            ref = own
+        else:
+            if own is not None:
+                raise CheckpointError(f"train.out_dir {self.out_dir} already holds checkpoints (latest {own.path}) "
+                                      "and resuming is disabled; choose another train.out_dir or remove them")
+            ref = None
+        if ref is not None:
+            check_compatible(ref, self.cfg, dp=self.dist.dp)
+        return ref
+
+    def _build(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        from fwl_scale.data import TrainLoader, prepare_data, valid_batches
+        from fwl_scale.model import build_model
+
+        # Tokenizer and shards: rank 0 builds them (idempotent), the others wait and then only find them.
+        if dist.is_main:
+            self.paths = prepare_data(cfg)
+        _barrier()
+        if not dist.is_main:
+            self.paths = prepare_data(cfg)
+
+        _seed_everything(cfg.train.seed)  # the same initial weights on every rank (DeepSpeed broadcasts too)
+        model = build_model(cfg.model)
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+        self.param_counts = model.param_counts()
+        self.engine, self.scheduler = build_engine(cfg, model, dist)
+        self.discard_via_overflow = zero_stage_discards_nonfinite(self.engine)
+
+        dp_rank = dist.rank  # tp = cp = pp = 1: every rank is its own data-parallel rank
+        self.loader = TrainLoader(cfg, self.paths, dp_rank, dist.dp)
+        self.state = TrainState()
+        client: dict[str, Any] = {}
+        if self.resume_ref is not None:
+            client = self.ckpt.load(self.engine, self.resume_ref)
+            self._restore(client)
+        self.metrics = MetricsLog(cfg, self.out_dir, dist.is_main, run_id=client.get("wandb_run_id"))
+        self.valid = valid_batches(cfg, self.paths, cfg.train.eval_batches, dp_rank, dist.dp)
+
+        self.flops = train_flops_per_token(cfg.model)
+        self.peak = peak_tflops(self.device, cfg.train.peak_tflops)
+        p = cfg.parallel
+        self.tokens_per_step = p.micro_batch * p.grad_accum * dist.dp * cfg.model.seq_len
+        if dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.out_dir / f".config.yaml.tmp{os.getpid()}"
+            tmp.write_text(dump_config(cfg))
+            os.replace(tmp, self.out_dir / "config.yaml")
+
+    def _restore(self, client: dict[str, Any]) -> None:
+        ref = self.resume_ref
+        assert ref is not None
+        s = client["fwl_step"]
+        self.state = TrainState(step=int(s["step"]), tokens=int(s["tokens"]), skipped_total=int(s["skipped_total"]),
+                                nonfinite_in_row=int(s["nonfinite_in_row"]), last_eval=s.get("last_eval", {}))
+        try:
+            self.loader.load_state_dict(client["data"])
+        except ConfigError:
+            raise
+        except Exception as e:  # the loader names what does not fit; say which checkpoint it came from
+            raise CheckpointError(f"checkpoint {ref.path}: its data-loader state does not fit this data "
+                                  f"({type(e).__name__}: {e})") from None
+        rng = client.get("rng") or []
+        if len(rng) == self.dist.world_size:
+            _set_rng_state(rng[self.dist.rank])
+        else:  # another world size: fresh, deterministic streams per rank
+            _seed_everything(self.cfg.train.seed + 1_000_003 * self.state.step + self.dist.rank)
+
+    # ------------------------------------------------------------------------------------ a step
+    def _forward(self, batch: dict[str, torch.Tensor]):
+        ids, labels, docs = (batch[k].to(self.device, non_blocking=True) for k in ("input_ids", "labels", "doc_ids"))
+        return self.engine(ids, labels, docs)
+
+    def _grad_norm_fp32(self) -> float:
+        """Global gradient norm when DeepSpeed does not report one (ZeRO 0, fp32: plain torch optimizer);
+        gradients are already averaged over data-parallel ranks after the boundary backward."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                total += p.grad.detach().double().pow(2).sum()
+        return float(total.sqrt())
+
+    def train_step(self) -> StepStats:
+        """One optimizer step over grad_accum micro-batches. A non-finite loss on any rank (decided
+        with an all-reduced flag before its backward) skips the whole step on every rank: the
+        gradients already accumulated are thrown away, the rest of the step's data is consumed so the
+        data order stays that of an uninterrupted run."""
+        gas = self.cfg.parallel.grad_accum
+        engine = self.engine
+        lr = float(engine.get_lr()[0])
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        bad_at: int | None = None
+        for i in range(gas):
+            batch = self.loader.next_batch()
+            if bad_at is not None:
+                continue
+            engine.set_gradient_accumulation_boundary(i == gas - 1)
+            out = self._forward(batch)
+            loss = out.loss
+            nonfinite = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+            if float(_all_reduce_sum(nonfinite).item()) > 0:
+                bad_at = i
+                self._discard_step(i, loss)
+                continue
+            engine.backward(loss)
+            loss_sum += loss.detach().double()
+        grad_norm = None
+        if bad_at is None:
+            if not self.discard_via_overflow:
+                grad_norm = self._grad_norm_fp32()
+            engine.step()
+            reported = engine.get_global_grad_norm()
+            if reported is not None:
+                grad_norm = float(reported)
+        # One all-reduce carries the step's loss and everyone's stop request to the step boundary.
+        stop_local = 1.0 if self.stop.local() else 0.0
+        packed = torch.tensor([float(loss_sum), stop_local], dtype=torch.float64, device=self.device)
+        packed = _all_reduce_sum(packed)
+        loss_mean = float(packed[0]) / (gas * self.dist.world_size) if bad_at is None else float("nan")
+        return StepStats(loss=loss_mean, skipped=bad_at is not None, grad_norm=grad_norm, lr=lr,
+                         stop=bool(packed[1] > 0))
+
+    def _discard_step(self, micro: int, bad_loss: torch.Tensor) -> None:
+        """Throws away the gradients of a step in which micro-batch `micro` had a non-finite loss (on
+        some rank). Before any backward there is nothing to discard. Later, ZeRO and the bf16 optimizer
+        already hold (partly reduced) gradients in their own buffers: we end the step with a backward of
+        loss·NaN, which makes every gradient NaN on every rank, and DeepSpeed's overflow check discards
+        the step as a whole. ZeRO 0 in fp32 keeps gradients in .grad only; they are cleared."""
+        if micro == 0:
+            return
+        engine = self.engine
+        if not self.discard_via_overflow:
+            engine.zero_grad()
+            return
+        engine.set_gradient_accumulation_boundary(True)
+        engine.backward(bad_loss * float("nan"))
+        engine.step()
+        if engine.was_step_applied():
+            raise TrainingError("DeepSpeed applied an optimizer step with non-finite gradients; refusing to go on")
+
+    # ------------------------------------------------------------------------------ validation
+    def evaluate(self) -> EvalResult:
+        module = self.engine.module
+        module.eval()
+        try:
+            result = evaluate_batches(lambda i, l, d: self.engine(i, l, d), self.valid,
+                                      self.cfg.train.position_buckets, self.device)
+        finally:
+            module.train()
+        return result
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save(self) -> CheckpointRef:
+        ranks_rng = [None] * self.dist.world_size
+        if torch.distributed.is_initialized() and self.dist.world_size > 1:
+            torch.distributed.all_gather_object(ranks_rng, _rng_state())
+        else:
+            ranks_rng = [_rng_state()]
+        s = self.state
+        client = {
+            "fwl_step": {"step": s.step, "tokens": s.tokens, "skipped_total": s.skipped_total,
+                         "nonfinite_in_row": s.nonfinite_in_row, "last_eval": s.last_eval},
+            "data": self.loader.state_dict(),
+            "rng": ranks_rng,
+            "wandb_run_id": self.metrics.run_id,
+            "config": self.cfg.to_dict(),
+        }
+        return self.ckpt.save(self.engine, s.step, client, self.cfg, self.dist.dp)
+
+    # ------------------------------------------------------------------------------------ loop
+    def run(self) -> int:
+        """Trains to train.steps. Returns 0 when done, EXIT_REQUEUE after a stop request (a checkpoint
+        of the step reached is saved first). Raises TrainingError when the loss stays non-finite."""
+        try:
+            return self._run()
+        finally:
+            self.stop.uninstall()
+            close = getattr(self.loader, "close", None)
+            if callable(close):
+                close()
+            self.metrics.close()
+
+    def _progress(self):
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.train.steps, initial=self.state.step, disable=not self.dist.is_main,
+                    desc=self.cfg.name, dynamic_ncols=True, unit="step")
+
+    def _eval_and_log(self) -> None:
+        result = self.evaluate()
+        self.state.last_eval = result.as_dict()
+        self.metrics.log("valid", self.state.step, result.as_dict())
+        if self.dist.is_main:
+            buckets = " ".join(f"{x:.3f}" for x in result.bucket_loss)
+            print(f"[step {self.state.step}] validation loss {result.loss:.4f} perplexity {result.perplexity:.3f} "
+                  f"| loss by position bucket: {buckets}", flush=True)
+
+    def _run(self) -> int:
+        cfg, t = self.cfg, self.cfg.train
+        st = self.state
+        if self.dist.is_main:
+            pc = self.param_counts
+            mfu_note = "" if self.peak else " (MFU n/a: no peak for this device; set train.peak_tflops)"
+            print(f"fwl train {cfg.name}: {pc['total'] / 1e6:.2f}M parameters (body {pc['body'] / 1e6:.2f}M, FWL "
+                  f"{pc['fwl'] / 1e6:.2f}M, embeddings {pc['embeddings'] / 1e6:.2f}M) | {self.dist.world_size} rank(s) "
+                  f"on {device_name(self.device)} | ZeRO {cfg.parallel.zero_stage}{' bf16' if t.bf16 else ''} | "
+                  f"{self.flops.total / 1e6:.2f} MFLOP/token{mfu_note}"
+                  + (f" | resumed from {self.resume_ref.path} (step {st.step})" if self.resume_ref else ""),
+                  flush=True)
+        self.metrics.log("start", st.step, {"resumed_from": str(self.resume_ref.path) if self.resume_ref else None,
+                                            "params": self.param_counts, "world_size": self.dist.world_size,
+                                            "flops_per_token": self.flops.total, "device": device_name(self.device)})
+        # A stop request that arrived during set-up counts at the first boundary.
+        if st.step < t.steps and self.stop.should_stop(self.device):
+            return self._stop_and_save()
+        bar = self._progress()
+        meter = Throughput()
+        window_losses: list[float] = []
+        last_saved = self.resume_ref.step if self.resume_ref else -1
+        try:
+            while st.step < t.steps:
+                stats = self.train_step()
+                st.step += 1
+                st.tokens += self.tokens_per_step
+                meter.add(self.tokens_per_step)
+                if stats.skipped:
+                    st.skipped_total += 1
+                    st.nonfinite_in_row += 1
+                    if self.dist.is_main:
+                        bar.write(f"[step {st.step}] non-finite loss: step skipped "
+                                  f"({st.nonfinite_in_row} in a row, {st.skipped_total} in total)")
+                    self.metrics.log("skip", st.step, {"nonfinite_in_row": st.nonfinite_in_row,
+                                                       "skipped_total": st.skipped_total})
+                    if st.nonfinite_in_row >= t.max_nonfinite_in_row:
+                        raise TrainingError(
+                            f"the loss was not finite in {st.nonfinite_in_row} steps in a row (up to step "
+                            f"{st.step}, train.max_nonfinite_in_row={t.max_nonfinite_in_row}); stopping. The last "
+                            f"checkpoint is in {self.ckpt.root}; lower train.lr, check the data, or try bf16=false")
+                else:
+                    st.nonfinite_in_row = 0
+                    window_losses.append(stats.loss)
+                if self.after_step is not None:
+                    self.after_step(self, stats)
+                bar.update(1)
+                if not stats.skipped:
+                    bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+                if st.step % t.log_every == 0 or st.step == t.steps:
+                    tps, step_s = meter.report()
+                    tflops, mfu = efficiency(tps, self.flops.total, self.dist.world_size, self.peak)
+                    record = {"loss": stats.loss, "loss_avg": float(np.mean(window_losses)) if window_losses else None,
+                              "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens_per_s": tps,
+                              "step_time_s": step_s, "tflops_per_device": tflops, "mfu": mfu,
+                              "tokens": st.tokens, "skipped_total": st.skipped_total}
+                    self.metrics.log("train", st.step, record)
+                    window_losses = []
+                    bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tps:,.0f}",
+                                    mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%")
+                if stats.stop and st.step < t.steps:  # at the last step: just finish
+                    bar.close()
+                    return self._stop_and_save()
+                busy = False
+                if st.step % t.eval_every == 0 or st.step == t.steps:
+                    self._eval_and_log()
+                    busy = True
+                if st.step % t.save_every == 0 or st.step == t.steps:
+                    self.save()
+                    last_saved = st.step
+                    busy = True
+                if busy:
+                    meter.restart()
+        finally:
+            bar.close()
+        if last_saved != st.step:
+            self.save()
+        return 0
+
+    def _stop_and_save(self) -> int:
+        reason = self.stop.local_reason or "another rank"
+        ref = self.save()
+        if self.dist.is_main:
+            self.stop.clear_stop_file()
+            print(f"stop requested ({reason}): checkpoint {ref.path} saved at step {self.state.step}; "
+                  f"exiting with {EXIT_REQUEUE} so the job is requeued", flush=True)
+        self.metrics.log("stop", self.state.step, {"reason": reason, "checkpoint": str(ref.path)})
+        return EXIT_REQUEUE
+
+
+def train(cfg: Config, resume: bool = True, resume_from: str | Path | None = None) -> int:
+    """`fwl train`: builds a Trainer and runs it; returns the process exit status."""
+    trainer = Trainer(cfg, resume=resume, resume_from=resume_from)
+    return trainer.run()
