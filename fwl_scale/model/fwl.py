@@ -16,6 +16,10 @@ from torch.utils.checkpoint import checkpoint
 
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.model.fast_weights import _ChunkLayout, causal_cumsum, causal_linear_attention
+from fwl_scale.parallel.layers import (init_normal_, set_replicated, set_sharded, tp_rank, tp_size,
+                                       vocab_parallel_cross_entropy, vocab_parallel_softmax_input_grad)
+from fwl_scale.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp, reduce_from_tp
+from fwl_scale.parallel.state import TPContext
 
 # Order of the learned step sizes in FastWeightLayer.step_sizes (one per fast tensor).
 FAST_TENSORS = ("w1", "b1", "w2", "b2", "alpha", "beta")
@@ -81,7 +85,8 @@ def _cross_entropy_chunk(u: Tensor, labels: Tensor, weight: Tensor, bias: Tensor
 
 def _over_token_chunks(fn, chunk: int, per_token: tuple[Tensor, ...], shared: tuple) -> Tensor:
     """Applies a vocabulary-sized function to token chunks, recomputing each chunk in backward so at
-    most one [chunk, V] tensor is alive at a time."""
+    most one [chunk, V] tensor is alive at a time. (Under tensor parallelism the chunk's collectives run
+    again in the recomputation, in the same order on every rank.)"""
     outs = []
     for s in range(0, per_token[0].shape[0], chunk):
         args = [t[s:s + chunk] for t in per_token]
@@ -93,19 +98,32 @@ def _over_token_chunks(fn, chunk: int, per_token: tuple[Tensor, ...], shared: tu
 
 
 def unembedding_input_grad(u_btd: Tensor, weight: Tensor, bias: Tensor | None, labels_bt: Tensor,
-                           scale_bt: Tensor, vocab_size: int, chunk: int) -> Tensor:
+                           scale_bt: Tensor, vocab_size: int, chunk: int, tp: TPContext | None = None) -> Tensor:
+    """scale·Uᵀ(softmax(U u + c) - onehot(y)) per token. Under tensor parallelism `weight`/`bias` are
+    this rank's vocabulary rows, `u_btd` is replicated and the result is replicated."""
     B, T, D = u_btd.shape
-    per_token = (u_btd.reshape(B * T, D), labels_bt.reshape(-1), scale_bt.reshape(-1))
-    g = _over_token_chunks(_unembedding_input_grad_chunk, chunk, per_token, (weight, bias, vocab_size))
+    if tp_size(tp) > 1:
+        per_token = (copy_to_tp(u_btd, tp).reshape(B * T, D), labels_bt.reshape(-1), scale_bt.reshape(-1))
+        g = _over_token_chunks(vocab_parallel_softmax_input_grad, chunk, per_token, (weight, bias, vocab_size, tp))
+    else:
+        per_token = (u_btd.reshape(B * T, D), labels_bt.reshape(-1), scale_bt.reshape(-1))
+        g = _over_token_chunks(_unembedding_input_grad_chunk, chunk, per_token, (weight, bias, vocab_size))
     return g.reshape(B, T, D)
 
 
 def token_cross_entropy(u_btd: Tensor, weight: Tensor, bias: Tensor | None, labels_bt: Tensor,
-                        vocab_size: int, chunk: int) -> Tensor:
-    """Per-token cross-entropy [B, T] (0 at ignored positions), in token chunks."""
+                        vocab_size: int, chunk: int, tp: TPContext | None = None) -> Tensor:
+    """Per-token cross-entropy [B, T] (0 at ignored positions), in token chunks.
+
+    Under tensor parallelism (vocabulary-parallel `weight`/`bias`) `u_btd` must already be inside the
+    tensor-parallel region (copy_to_tp of a replicated tensor, or gather_from_sequence of sequence
+    chunks); the result is replicated."""
     B, T, D = u_btd.shape
     per_token = (u_btd.reshape(B * T, D), labels_bt.reshape(-1))
-    loss = _over_token_chunks(_cross_entropy_chunk, chunk, per_token, (weight, bias, vocab_size))
+    if tp_size(tp) > 1:
+        loss = _over_token_chunks(vocab_parallel_cross_entropy, chunk, per_token, (weight, bias, vocab_size, tp))
+    else:
+        loss = _over_token_chunks(_cross_entropy_chunk, chunk, per_token, (weight, bias, vocab_size))
     return loss.reshape(B, T)
 
 
@@ -117,11 +135,37 @@ def layer_norm_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 class FastWeightLayer(nn.Module):
+    """The FWL block. With a TPContext it is tensor-parallel by the rules of DESIGN §3:
+
+    * W1 (and b1) column-parallel over the hidden width 4s, W2 row-parallel; b2, alpha, beta, the step
+      sizes replicated; the unembedding U and its bias c vocabulary-parallel.
+    * Every use of a replicated tensor by a sharded computation enters through copy_to_tp (backward
+      all-reduce): x as W1's input, key and query; gh2 as W2's fast value and as the input of W2ᵀgh2; u
+      as the input of the inner softmax; the step sizes of W1, b1 and W2 (their gradients are sums of
+      per-rank parts, so they are all-reduced inside autograd, where ZeRO-2/3 expect them).
+    * The partial dot products a_j·a'_i of each rank sum exactly, so one all-reduce serves W2's slow
+      product and its fast update together; b2 and η_b2·Σgh2 are added once, after it.
+    * The inner softmax's max and sum-exp are all-reduced (the sum-exp differentiably both ways), Uᵀgz
+      is all-reduced.
+    * Under sequence parallelism the input x arrives as this rank's sequence chunk and is all-gathered
+      like any column-parallel input. Everything after W2 (LayerNorm, alpha, beta, the running sums of
+      width s) is replicated over the full sequence; the output u' is replicated [B, T, s].
+
+    The state is sharded like the weights: w1 [B, d, 4s/tp], b1 [B, 4s/tp], w2 [B, 4s/tp, s]; b2, alpha,
+    beta and pending_x are replicated.
+    """
+
     def __init__(self, d_model: int, width: int, hidden_mult: int, vocab_size: int, padded_vocab_size: int,
                  step_size_init: float, grad_scale: float, eps: float, chunk_size: int, vocab_chunk: int,
-                 init_std: float, form: str = "chunked", device: torch.device | str | None = None):
+                 init_std: float, form: str = "chunked", device: torch.device | str | None = None,
+                 tp: TPContext | None = None):
         super().__init__()
         hidden = hidden_mult * width
+        n = tp_size(tp)
+        if hidden % n or padded_vocab_size % n:
+            raise ValueError(f"FWL hidden width {hidden} and padded vocabulary {padded_vocab_size} must be "
+                             f"divisible by the tensor-parallel size {n}")
+        self.tp = tp if n > 1 else None
         self.vocab_size = vocab_size
         self.grad_scale = grad_scale
         self.eps = eps
@@ -129,23 +173,31 @@ class FastWeightLayer(nn.Module):
         self.form = form
         self.vocab_chunk = vocab_chunk
         self.init_std = init_std
-        self.w1 = nn.Parameter(torch.empty(hidden, d_model, device=device))
-        self.b1 = nn.Parameter(torch.empty(hidden, device=device))
-        self.w2 = nn.Parameter(torch.empty(width, hidden, device=device))
+        self.w1 = nn.Parameter(torch.empty(hidden // n, d_model, device=device))
+        self.b1 = nn.Parameter(torch.empty(hidden // n, device=device))
+        self.w2 = nn.Parameter(torch.empty(width, hidden // n, device=device))
         self.b2 = nn.Parameter(torch.empty(width, device=device))
         self.alpha = nn.Parameter(torch.empty(width, device=device))
         self.beta = nn.Parameter(torch.empty(width, device=device))
         # The unembedding's bias c (slow only); the unembedding matrix U is passed in (tied embedding).
-        self.out_bias = nn.Parameter(torch.empty(padded_vocab_size, device=device))
+        self.out_bias = nn.Parameter(torch.empty(padded_vocab_size // n, device=device))
         # One vector, not six scalars: 0-dim parameters break DeepSpeed's initial broadcast on CPU.
         self.step_sizes = nn.Parameter(torch.empty(len(FAST_TENSORS), device=device))
+        for p, dim in ((self.w1, 0), (self.b1, 0), (self.w2, 1), (self.out_bias, 0)):
+            set_sharded(p, self.tp, dim)
+        for p in (self.b2, self.alpha, self.beta, self.step_sizes):
+            set_replicated(p)
+        for p in self.parameters():
+            p.tp_rank = tp_rank(self.tp)
         self._step_size_init = step_size_init
-        self.reset_parameters()
+        if torch.device(device if device is not None else "cpu").type != "meta":
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            nn.init.normal_(self.w1, std=self.init_std)
-            nn.init.normal_(self.w2, std=self.init_std)
+            # Whole tensors drawn, this rank's slice kept: the same seed gives the same FWL at every tp.
+            init_normal_(self.w1, self.init_std)
+            init_normal_(self.w2, self.init_std)
             for p in (self.b1, self.b2, self.beta, self.out_bias):
                 p.zero_()
             self.alpha.fill_(1.0)
@@ -156,7 +208,8 @@ class FastWeightLayer(nn.Module):
 
         Per token, the quadratic form costs ~T(dk+dv) and the mixed-chunk form ~C(dk+dv) + 2dk·dv for
         each fast dense layer, so `auto` stays quadratic up to T = C + 2dk·dv/(dk+dv) of the larger
-        layer (W1: dk = d, dv = 4s) and chunks beyond; bench/bench_fwl_op.py measures the crossover."""
+        layer (W1: dk = d, dv = 4s, this rank's share under tp) and chunks beyond; bench/bench_fwl_op.py
+        measures the crossover."""
         if self.form == "quadratic":
             return T
         if self.form == "chunked":
@@ -167,26 +220,37 @@ class FastWeightLayer(nn.Module):
     def step_size_dict(self) -> dict[str, float]:
         return {name: float(v) for name, v in zip(FAST_TENSORS, self.step_sizes.detach().float().cpu())}
 
+    def step_sizes_for_shards(self) -> Tensor:
+        """The step sizes as used by sharded computations (η_W1, η_b1 scale this rank's slice of 4s,
+        η_W2 this rank's partial product): their gradient is a per-rank part, all-reduced here."""
+        return copy_to_tp(self.step_sizes, self.tp)
+
     def slow_pass(self, x: Tensor) -> dict[str, Tensor]:
+        """`x` [B, T, d]: inside the tensor-parallel region (replicated values)."""
         h1 = F.linear(x, self.w1, self.b1)
         r = F.relu(h1)
         a = r * r
-        h2 = F.linear(a, self.w2, self.b2)
+        if self.tp is None:
+            h2 = F.linear(a, self.w2, self.b2)
+        else:
+            h2 = reduce_from_tp(F.linear(a, self.w2), self.tp) + self.b2
         xhat, rstd = layer_norm_stats(h2, self.eps)
         return {"x": x, "r": r, "a": a, "xhat": xhat, "rstd": rstd, "h1": h1,
                 "u": self.alpha * xhat + self.beta}
 
     def slow_gradients(self, slow: dict[str, Tensor], unembed: Tensor, labels: Tensor,
                        loss_weight: Tensor) -> dict[str, Tensor]:
-        """Per-token gradients of k·w_t·CE_t at θ (hand-written backward, differentiable ops)."""
+        """Per-token gradients of k·w_t·CE_t at θ (hand-written backward, differentiable ops).
+        gu, gh2 are replicated; gh2_tp is gh2 entering the tensor-parallel region; gh1 is sharded."""
         gu = unembedding_input_grad(slow["u"], unembed, self.out_bias, labels, loss_weight * self.grad_scale,
-                                    self.vocab_size, self.vocab_chunk)
+                                    self.vocab_size, self.vocab_chunk, self.tp)
         gxh = self.alpha * gu
         xhat = slow["xhat"]
         gh2 = (gxh - gxh.mean(-1, keepdim=True) - xhat * (gxh * xhat).mean(-1, keepdim=True)) * slow["rstd"]
-        ga = gh2 @ self.w2
+        gh2_tp = copy_to_tp(gh2, self.tp)
+        ga = gh2_tp @ self.w2
         gh1 = ga * 2 * slow["r"]
-        return {"gu": gu, "gh2": gh2, "gh1": gh1}
+        return {"gu": gu, "gh2": gh2, "gh2_tp": gh2_tp, "gh1": gh1}
 
     def forward(self, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor, doc_ids_bt: Tensor | None = None,
                 state: FWLState | None = None, pending_labels_b: Tensor | None = None,
@@ -198,15 +262,26 @@ class FastWeightLayer(nn.Module):
         the previous segment of the same documents; if it holds a pending position, `pending_labels_b`
         (the previous segment's missing labels, i.e. this segment's first tokens) must be given.
         `last_label_pending`: the label of the last position is not known yet; its gradient is held back
-        as pending in the returned state."""
-        B, T, _ = x_btd.shape
+        as pending in the returned state.
+
+        Tensor parallel: `x_btd` is replicated, or this rank's sequence chunk [B, T/tp, d] under
+        sequence parallelism; `unembed` is this rank's vocabulary rows; labels and document ids are the
+        whole sequence on every rank; u' is replicated."""
+        tp = self.tp
+        seq_par = tp is not None and tp.sequence_parallel
+        # x enters the tensor-parallel region once for its three uses (W1's input, key and query).
+        x = gather_from_sequence(x_btd, tp) if seq_par else copy_to_tp(x_btd, tp)
+        B, T, _ = x.shape
         if doc_ids_bt is None:
             doc_ids_bt = torch.zeros(B, T, dtype=torch.long, device=x_btd.device)
+        if labels_bt.shape != (B, T) or doc_ids_bt.shape != (B, T):
+            raise ValueError(f"FWL: labels {tuple(labels_bt.shape)} and document ids {tuple(doc_ids_bt.shape)} "
+                             f"must be [B, T] = {(B, T)} (the whole sequence, also under sequence parallelism)")
         labels = labels_bt
         if last_label_pending:
             labels = labels.clone()
             labels[:, -1] = IGNORE_INDEX
-        x, docs = x_btd, doc_ids_bt
+        docs = doc_ids_bt
         n_pending = 0
         if state is not None and state.pending_x is not None:
             if pending_labels_b is None:
@@ -214,7 +289,8 @@ class FastWeightLayer(nn.Module):
             # The pending position is processed as an extra first token of this segment (a key, not a query).
             same_doc = doc_ids_bt[:, 0] == state.doc_id
             pend_label = torch.where(same_doc, pending_labels_b, torch.full_like(pending_labels_b, IGNORE_INDEX))
-            x = torch.cat([state.pending_x.to(x_btd.dtype).unsqueeze(1), x_btd], dim=1)
+            pend_x = copy_to_tp(state.pending_x.to(x.dtype), tp)
+            x = torch.cat([pend_x.unsqueeze(1), x], dim=1)
             labels = torch.cat([pend_label.unsqueeze(1), labels], dim=1)
             docs = torch.cat([state.doc_id.unsqueeze(1), doc_ids_bt], dim=1)
             n_pending = 1
@@ -227,7 +303,8 @@ class FastWeightLayer(nn.Module):
         slow = self.slow_pass(x)
         grads = self.slow_gradients(slow, unembed, labels, loss_weight)
         layout = _ChunkLayout(reset, self.chunk_for(x.shape[1]))
-        eta = self.step_sizes.to(x.dtype)
+        eta = self.step_sizes.to(x.dtype)  # η_b2, η_alpha, η_beta: used by replicated computations
+        eta_tp = self.step_sizes_for_shards().to(x.dtype)  # η_W1, η_b1, η_W2
         st = state
 
         def lin_attn(q, k, v, s):
@@ -238,11 +315,17 @@ class FastWeightLayer(nn.Module):
 
         dw1, s_w1 = lin_attn(x, x, grads["gh1"], st.w1 if st else None)
         db1, s_b1 = cumsum(grads["gh1"], st.b1 if st else None)
-        h1_fast = slow["h1"] - eta[0] * dw1.to(x.dtype) - eta[1] * db1.to(x.dtype)
+        h1_fast = slow["h1"] - eta_tp[0] * dw1.to(x.dtype) - eta_tp[1] * db1.to(x.dtype)
         a_fast = F.relu(h1_fast).pow(2)
-        dw2, s_w2 = lin_attn(a_fast, slow["a"], grads["gh2"], st.w2 if st else None)
+        # Under tp, a_j·a'_i is this rank's partial dot product: the partial fast update and the partial
+        # slow product are summed by one all-reduce.
+        dw2, s_w2 = lin_attn(a_fast, slow["a"], grads["gh2_tp"], st.w2 if st else None)
         db2, s_b2 = cumsum(grads["gh2"], st.b2 if st else None)
-        h2_fast = F.linear(a_fast, self.w2, self.b2) - eta[2] * dw2.to(x.dtype) - eta[3] * db2.to(x.dtype)
+        if tp is None:
+            h2_fast = F.linear(a_fast, self.w2, self.b2) - eta[2] * dw2.to(x.dtype) - eta[3] * db2.to(x.dtype)
+        else:
+            h2_part = F.linear(a_fast, self.w2) - eta_tp[2] * dw2.to(x.dtype)
+            h2_fast = reduce_from_tp(h2_part, tp) + self.b2 - eta[3] * db2.to(x.dtype)
         xhat_fast, _ = layer_norm_stats(h2_fast, self.eps)
         d_alpha, s_alpha = cumsum(grads["gu"] * slow["xhat"], st.alpha if st else None)
         d_beta, s_beta = cumsum(grads["gu"], st.beta if st else None)
@@ -251,7 +334,11 @@ class FastWeightLayer(nn.Module):
 
         new_state = None
         if return_state:
+            pending_x = None
+            if last_label_pending:
+                # Replicated (its own gradient convention): under sequence parallelism the last token
+                # lives on the last rank, so gather it with a backward that keeps this rank's part.
+                pending_x = (gather_from_tp(x_btd, tp, dim=1) if seq_par else x_btd)[:, -1]
             new_state = FWLState(w1=s_w1, b1=s_b1, w2=s_w2, b2=s_b2, alpha=s_alpha, beta=s_beta,
-                                 doc_id=doc_ids_bt[:, -1].clone(),
-                                 pending_x=x_btd[:, -1] if last_label_pending else None)
+                                 doc_id=doc_ids_bt[:, -1].clone(), pending_x=pending_x)
         return u_fast, new_state

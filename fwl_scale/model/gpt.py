@@ -3,6 +3,14 @@
 Pre-norm blocks, rotary positions, causal attention through scaled_dot_product_attention (flash on CUDA
 when no document mask is needed), optional document-masked attention with positions restarting at each
 document. The body and its initialisation are the same for both heads, so FWL vs baseline is fair.
+
+Tensor parallelism (Megatron's, DESIGN §3; `build_model(cfg, tp_group=ParallelState)`): attention split
+by heads (q|k|v column-parallel, output projection row-parallel), the MLP column/row-parallel, the tied
+embedding/unembedding vocabulary-parallel over the padded vocabulary (padding masked in every softmax),
+the FWL block by its own rules (fwl.py). With sequence parallelism the residual stream and the norms hold
+this rank's chunk of the sequence. Every rank is given the whole batch (input ids, labels, document ids);
+the loss and the returned token losses and logits are replicated. At tp = 1 every layer runs the ops of
+its torch.nn counterpart under the same parameter names.
 """
 from __future__ import annotations
 
@@ -17,6 +25,10 @@ from torch.utils.checkpoint import checkpoint
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import ModelConfig
 from fwl_scale.model.fwl import FastWeightLayer, FWLState, token_cross_entropy
+from fwl_scale.parallel.layers import (ColumnParallelLinear, LayerNorm, RowParallelLinear, VocabParallelEmbedding,
+                                       full_shape, init_normal_, is_sharded, tp_size)
+from fwl_scale.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp
+from fwl_scale.parallel.state import ParallelState, TPContext
 
 
 @dataclass
@@ -57,70 +69,94 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None):
+    def __init__(self, cfg: ModelConfig, device=None, tp: TPContext | None = None):
         super().__init__()
-        self.n_heads = cfg.n_heads
+        if cfg.n_heads % tp_size(tp):
+            raise ValueError(f"model.n_heads ({cfg.n_heads}) is not divisible by the tensor-parallel size {tp_size(tp)}")
+        self.n_heads = cfg.n_heads // tp_size(tp)  # this rank's heads
         self.head_dim = cfg.d_model // cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, device=device)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, device=device)
+        # The fused q|k|v rows: each of the three blocks split by heads (stride 3).
+        self.qkv = ColumnParallelLinear(cfg.d_model, 3 * cfg.d_model, tp=tp, stride=3, device=device)
+        self.proj = RowParallelLinear(cfg.d_model, cfg.d_model, tp=tp, device=device)
         self.rotary = Rotary(self.head_dim, cfg.rope_theta)
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)  # [B, T, 3·local width]: the whole sequence even under sequence parallelism
+        B, T = qkv.shape[:2]
+        q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.rotary(q, k, positions)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None):
+    def __init__(self, cfg: ModelConfig, device=None, tp: TPContext | None = None):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.mlp_mult * cfg.d_model, device=device)
-        self.proj = nn.Linear(cfg.mlp_mult * cfg.d_model, cfg.d_model, device=device)
+        self.fc = ColumnParallelLinear(cfg.d_model, cfg.mlp_mult * cfg.d_model, tp=tp, device=device)
+        self.proj = RowParallelLinear(cfg.mlp_mult * cfg.d_model, cfg.d_model, tp=tp, device=device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None):
+    def __init__(self, cfg: ModelConfig, device=None, tp: TPContext | None = None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, device=device)
-        self.attn = Attention(cfg, device)
-        self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, device=device)
-        self.mlp = MLP(cfg, device)
+        self.norm1 = LayerNorm(cfg.d_model, eps=cfg.norm_eps, tp=tp, device=device)
+        self.attn = Attention(cfg, device, tp)
+        self.norm2 = LayerNorm(cfg.d_model, eps=cfg.norm_eps, tp=tp, device=device)
+        self.mlp = MLP(cfg, device, tp)
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
         x = x + self.attn(self.norm1(x), positions, mask)
         return x + self.mlp(self.norm2(x))
 
 
+def _tp_context(tp_group) -> TPContext | None:
+    """None at tp = 1; accepts a ParallelState, a TPContext or a bare process group (no sequence
+    parallelism)."""
+    if tp_group is None:
+        return None
+    if isinstance(tp_group, ParallelState):
+        return tp_group.tp_context()
+    if isinstance(tp_group, TPContext):
+        return tp_group if tp_group.size > 1 else None
+    import torch.distributed as dist
+
+    size = dist.get_world_size(tp_group)
+    return TPContext(tp_group, size, dist.get_rank(tp_group), False) if size > 1 else None
+
+
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None):
+    def __init__(self, cfg: ModelConfig, device=None, tp: TPContext | None = None):
         super().__init__()
         self.cfg = cfg
+        self.tp = tp if tp_size(tp) > 1 else None
+        tp = self.tp
         V = cfg.padded_vocab_size
-        self.embed = nn.Embedding(V, cfg.d_model, device=device)
-        self.blocks = nn.ModuleList([Block(cfg, device) for _ in range(cfg.n_layers)])
-        self.norm_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, device=device)
+        self.embed = VocabParallelEmbedding(V, cfg.d_model, tp=tp, device=device)
+        self.blocks = nn.ModuleList([Block(cfg, device, tp) for _ in range(cfg.n_layers)])
+        self.norm_f = LayerNorm(cfg.d_model, eps=cfg.norm_eps, tp=tp, device=device)
         head_width = cfg.fwl_width if cfg.fwl.enabled else cfg.d_model
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(head_width, V, bias=False, device=device)
+        self.lm_head = None if cfg.tie_embeddings else ColumnParallelLinear(head_width, V, bias=False, tp=tp,
+                                                                            device=device)
         self.fwl = None
         if cfg.fwl.enabled:
             f = cfg.fwl
             self.fwl = FastWeightLayer(
                 cfg.d_model, cfg.fwl_width, f.hidden_mult, cfg.vocab_size, V, f.step_size_init,
                 cfg.fwl_grad_scale, f.eps, f.chunk_size, f.vocab_chunk, cfg.init_std, form=f.form,
-                device=device)
+                device=device, tp=tp)
         self.activation_checkpointing = False
         if device is None or torch.device(device).type != "meta":
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Seeded by the global generator. Each matrix is drawn whole, in the same order at every tp, and
+        this rank keeps its slice, so the model does not depend on the layout."""
         std = self.cfg.init_std
         # GPT-2 style: residual projections scaled by depth.
         proj_std = std / math.sqrt(2 * self.cfg.n_layers)
@@ -129,7 +165,7 @@ class GPT(nn.Module):
                 if name.startswith("fwl."):
                     continue
                 if p.ndim >= 2:
-                    nn.init.normal_(p, std=proj_std if name.endswith("proj.weight") else std)
+                    init_normal_(p, proj_std if name.endswith("proj.weight") else std)
                 elif name.endswith(".weight"):  # norms
                     p.fill_(1.0)
                 else:
@@ -139,25 +175,37 @@ class GPT(nn.Module):
 
     @property
     def unembedding(self) -> Tensor:
+        """U [V_padded, s] (under tp: this rank's rows)."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.tp is not None and self.tp.sequence_parallel
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.activation_checkpointing = enabled
 
-    def param_counts(self) -> dict[str, int]:
+    def param_counts(self, local: bool = False) -> dict[str, int]:
+        """Parameters of the whole model (every shard counted once), or with `local` this rank's."""
         counts = {"body": 0, "fwl": 0, "embeddings": 0}
         for name, p in self.named_parameters():
+            n = p.numel() if local or not is_sharded(p) else full_shape(p).numel()
             if name.startswith("fwl."):
-                counts["fwl"] += p.numel()
+                counts["fwl"] += n
             elif name.startswith(("embed.", "lm_head.")):
-                counts["embeddings"] += p.numel()
+                counts["embeddings"] += n
             else:
-                counts["body"] += p.numel()
+                counts["body"] += n
         counts["total"] = sum(counts.values())
         return counts
 
     def body(self, input_ids: Tensor, doc_ids: Tensor | None) -> Tensor:
+        """The final-normed body output [B, T, d] (under sequence parallelism this rank's chunk
+        [B, T/tp, d])."""
         B, T = input_ids.shape
+        if self.sequence_parallel and T % self.tp.size:
+            raise ValueError(f"sequence parallelism over {self.tp.size} ranks needs a sequence length divisible "
+                             f"by {self.tp.size}, got {T}")
         mask = None
         if doc_ids is not None and self.cfg.document_mask:
             positions = document_positions(doc_ids)
@@ -178,7 +226,10 @@ class GPT(nn.Module):
                 return_logits: bool = False, return_state: bool = False) -> ModelOutput:
         """`labels` [B, T]: next-token ids, IGNORE_INDEX where no loss. The FWL needs labels (its fast
         weights adapt to every earlier labelled token); without them the model is only a language
-        model when the FWL is disabled, or with `last_label_pending` for a one-position segment."""
+        model when the FWL is disabled, or with `last_label_pending` for a one-position segment.
+        Under tensor parallelism every rank passes the same whole batch and gets the same outputs (the
+        FWL state is sharded like the FWL's weights)."""
+        tp = self.tp
         h = self.body(input_ids, doc_ids)
         if labels is None:
             labels = torch.full_like(input_ids, IGNORE_INDEX)
@@ -190,18 +241,31 @@ class GPT(nn.Module):
                                 pending_labels_b=pending_labels, last_label_pending=last_label_pending,
                                 return_state=return_state)
             bias = self.fwl.out_bias
-        token_loss = token_cross_entropy(h, self.unembedding, bias, labels, self.cfg.vocab_size,
-                                         self.cfg.fwl.vocab_chunk)
+            h_tp = copy_to_tp(h, tp)  # replicated u' into the vocabulary-parallel unembedding
+        else:
+            h_tp = gather_from_sequence(h, tp) if self.sequence_parallel else copy_to_tp(h, tp)
+        token_loss = token_cross_entropy(h_tp if tp is not None else h, self.unembedding, bias, labels,
+                                         self.cfg.vocab_size, self.cfg.fwl.vocab_chunk, tp)
         n_valid = (labels != IGNORE_INDEX).sum()
         loss = token_loss.sum() / n_valid.clamp(min=1)
         logits = None
         if return_logits:
             V = self.cfg.vocab_size
-            logits = h @ self.unembedding[:V].t()
-            if bias is not None:
-                logits = logits + bias[:V]
+            if tp is None:
+                logits = h @ self.unembedding[:V].t()
+                if bias is not None:
+                    logits = logits + bias[:V]
+            else:
+                local = h_tp @ self.unembedding.t()
+                if bias is not None:
+                    local = local + bias
+                logits = gather_from_tp(local, tp, dim=-1)[..., :V]
         return ModelOutput(loss=loss, token_loss=token_loss, n_valid=n_valid, logits=logits, fwl_state=state)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> GPT:
-    return GPT(cfg, device=device)
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None,
+                tp_group: ParallelState | TPContext | object | None = None) -> GPT:
+    """The model for `cfg`; with `tp_group` (a ParallelState from fwl_scale.parallel, or a TPContext)
+    this rank's tensor-parallel part of it. Seed the global generator identically on every rank first:
+    each rank draws the whole tensors and keeps its slices, so every layout gives the same model."""
+    return GPT(cfg, device=device, tp=_tp_context(tp_group))

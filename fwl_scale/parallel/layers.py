@@ -1,0 +1,311 @@
+"""Tensor-parallel layers on plain nn.Parameters (so ZeRO can shard them), and shard bookkeeping.
+
+Every parameter carries Megatron's attributes: `tensor_model_parallel` (True for a shard),
+`partition_dim`, `partition_stride` and `model_parallel` (what DeepSpeed's gradient-norm code looks
+at: `deepspeed.runtime.utils.is_model_parallel_parameter`). A shard with stride k is rank r's slice of
+each of k equal blocks of the full tensor along `partition_dim` (the fused q|k|v projection: k = 3, so
+each rank holds the q, k and v rows of its own heads).
+
+A shard is always the matching slice of the full (tp = 1) tensor: `take_shard` / `merge_shards` convert,
+`init_normal_` draws the full tensor and keeps the slice (so a layout change never changes the model),
+`full_state_dict` / `load_full_state_dict` convert whole models.
+
+At tp = 1 (tp=None) each layer runs exactly the ops of its torch.nn counterpart and has the same
+parameter names, so a state dict saved at tp = 1 loads unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fwl_scale import IGNORE_INDEX
+from fwl_scale.parallel.mappings import (all_reduce_max_, all_reduce_tp, copy_to_tp, gather_from_sequence,
+                                         reduce_from_tp, reduce_scatter_to_sequence)
+from fwl_scale.parallel.state import TPContext
+
+
+def tp_size(tp: TPContext | None) -> int:
+    return 1 if tp is None else tp.size
+
+
+def tp_rank(tp: TPContext | None) -> int:
+    return 0 if tp is None else tp.rank
+
+
+def divide(n: int, tp: TPContext | None, what: str) -> int:
+    size = tp_size(tp)
+    if n % size:
+        raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size {size}")
+    return n // size
+
+
+# --- shard attributes and conversions ---------------------------------------------------------------
+
+def set_sharded(p: nn.Parameter, tp: TPContext | None, dim: int, stride: int = 1) -> nn.Parameter:
+    """Marks `p` as rank tp.rank's shard along `dim` (a no-op marking when tp = 1: replicated)."""
+    sharded = tp_size(tp) > 1
+    p.tensor_model_parallel = sharded
+    p.model_parallel = sharded
+    p.partition_dim = dim if sharded else -1
+    p.partition_stride = stride if sharded else 1
+    p.tp_size = tp_size(tp)
+    return p
+
+
+def set_replicated(p: nn.Parameter, tp: TPContext | None = None) -> nn.Parameter:
+    return set_sharded(p, None, -1)
+
+
+def is_sharded(p: Tensor) -> bool:
+    return bool(getattr(p, "tensor_model_parallel", False))
+
+
+def full_shape(p: Tensor) -> torch.Size:
+    """The shape of the whole tensor this parameter is a shard of."""
+    if not is_sharded(p):
+        return p.shape
+    shape = list(p.shape)
+    shape[p.partition_dim] *= p.tp_size
+    return torch.Size(shape)
+
+
+def take_shard(full: Tensor, dim: int, rank: int, size: int, stride: int = 1) -> Tensor:
+    """Rank `rank`'s slice of `full` along `dim` (of each of `stride` blocks)."""
+    dim = dim % full.dim()
+    n = full.shape[dim]
+    if n % (stride * size):
+        raise ValueError(f"dim {dim} of a tensor of shape {tuple(full.shape)} does not split into {stride} "
+                         f"blocks over {size} ranks")
+    blocks = full.unflatten(dim, (stride, n // stride))
+    part = n // stride // size
+    return blocks.narrow(dim + 1, rank * part, part).flatten(dim, dim + 1)
+
+
+def merge_shards(shards: list[Tensor], dim: int, stride: int = 1) -> Tensor:
+    """Inverse of take_shard: the whole tensor from every rank's shard (in rank order)."""
+    dim = dim % shards[0].dim()
+    n = shards[0].shape[dim]
+    pieces = [s.unflatten(dim, (stride, n // stride)) for s in shards]
+    return torch.cat(pieces, dim=dim + 1).flatten(dim, dim + 1)
+
+
+def shard_of(p: Tensor, full: Tensor) -> Tensor:
+    """The slice of a whole tensor that parameter `p` (a shard or replicated) holds on its rank."""
+    if not is_sharded(p):
+        return full
+    return take_shard(full, p.partition_dim, p.tp_rank, p.tp_size, p.partition_stride)
+
+
+@torch.no_grad()
+def init_normal_(p: nn.Parameter, std: float) -> None:
+    """Draws the whole tensor from the global generator and keeps this rank's slice: the same seed gives
+    the same model at every tp (the RNG advances by the full size on every rank)."""
+    full = torch.empty(full_shape(p), device=p.device, dtype=p.dtype).normal_(mean=0.0, std=std)
+    p.copy_(shard_of(p, full))
+
+
+def _tag_rank(p: nn.Parameter, tp: TPContext | None) -> None:
+    p.tp_rank = tp_rank(tp)
+
+
+def full_state_dict(model: nn.Module, tp: TPContext | None) -> dict[str, Tensor]:
+    """Every parameter (and persistent buffer) as the whole tensor, on every tp rank (all-gather)."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, t in model.state_dict().items():
+        p = params.get(name)
+        if p is not None and is_sharded(p) and tp_size(tp) > 1:
+            t = t.contiguous()
+            shards = [torch.empty_like(t) for _ in range(tp.size)]
+            dist.all_gather(shards, t, group=tp.group)
+            t = merge_shards(shards, p.partition_dim, p.partition_stride)
+        out[name] = t.detach().clone()
+    return out
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Loads whole (tp = 1) tensors into a model of any tp: each rank keeps its slices."""
+    params = dict(model.named_parameters())
+    local = {}
+    for name, t in state.items():
+        p = params.get(name)
+        local[name] = shard_of(p, t) if p is not None else t
+    model.load_state_dict(local)
+
+
+# --- layers ------------------------------------------------------------------------------------------
+
+class ColumnParallelLinear(nn.Module):
+    """y_r = x W_rᵀ + b_r: the output features split over tp (stride > 1: a fused projection whose
+    `stride` blocks are each split). The input is replicated (enters through copy_to_tp) or, under
+    sequence parallelism, a sequence chunk (gathered; the backward reduce-scatters)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, tp: TPContext | None = None,
+                 stride: int = 1, device=None, dtype=None):
+        super().__init__()
+        self.tp = tp
+        if out_features % (stride * tp_size(tp)):
+            raise ValueError(f"output width {out_features} does not split into {stride} blocks over "
+                             f"{tp_size(tp)} tensor-parallel ranks")
+        local = out_features // tp_size(tp)
+        self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
+        set_sharded(self.weight, tp, 0, stride)
+        _tag_rank(self.weight, tp)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype))
+            set_sharded(self.bias, tp, 0, stride)
+            _tag_rank(self.bias, tp)
+
+    def enter(self, x: Tensor) -> Tensor:
+        if self.tp is not None and self.tp.sequence_parallel:
+            return gather_from_sequence(x, self.tp)
+        return copy_to_tp(x, self.tp)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.enter(x), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = Σ_r x_r W_rᵀ + b: the input features split over tp, the partial products summed (all-reduce,
+    or reduce-scatter to sequence chunks under sequence parallelism), the bias added once after."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, tp: TPContext | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.tp = tp
+        local = divide(in_features, tp, "row-parallel input width")
+        self.weight = nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
+        set_sharded(self.weight, tp, 1)
+        _tag_rank(self.weight, tp)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+            set_replicated(self.bias)
+            _tag_rank(self.bias, tp)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if tp_size(self.tp) == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight)
+        if self.tp.sequence_parallel:
+            y = reduce_scatter_to_sequence(y, self.tp)
+            # The bias meets only this rank's tokens: its gradient is a per-rank part, summed in autograd.
+            return y + copy_to_tp(self.bias, self.tp) if self.bias is not None else y
+        y = reduce_from_tp(y, self.tp)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows of the (padded) vocabulary split over tp; each rank looks up the ids it holds, zeros for the
+    rest, and the partial embeddings are summed (all-reduce, or reduce-scatter to sequence chunks)."""
+
+    def __init__(self, num_embeddings: int, dim: int, tp: TPContext | None = None, device=None, dtype=None):
+        super().__init__()
+        self.tp = tp
+        self.num_embeddings = num_embeddings
+        local = divide(num_embeddings, tp, "padded vocabulary")
+        self.vocab_start = tp_rank(tp) * local
+        self.weight = nn.Parameter(torch.empty(local, dim, device=device, dtype=dtype))
+        set_sharded(self.weight, tp, 0)
+        _tag_rank(self.weight, tp)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if tp_size(self.tp) == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.tp.sequence_parallel:
+            return reduce_scatter_to_sequence(out, self.tp)
+        return reduce_from_tp(out, self.tp)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose parameters, under sequence parallelism, see only this rank's tokens: their
+    gradients are per-rank parts and are all-reduced over tp inside autograd (ZeRO-2/3 consume .grad
+    during backward, so nothing may be summed afterwards)."""
+
+    def __init__(self, dim: int, eps: float, tp: TPContext | None = None, device=None, dtype=None):
+        super().__init__(dim, eps=eps, device=device, dtype=dtype)
+        self.tp = tp
+        for p in self.parameters():
+            set_replicated(p)
+            _tag_rank(p, tp)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.weight, self.bias
+        if self.tp is not None and self.tp.sequence_parallel:
+            w, b = copy_to_tp(w, self.tp), copy_to_tp(b, self.tp)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+# --- vocabulary-parallel softmax functions ----------------------------------------------------------
+# `u` [N, s] below is already inside the tensor-parallel region (through copy_to_tp or
+# gather_from_sequence), labels [N], scale [N]; `weight` [V/tp, s] and `bias` [V/tp] are this rank's rows of the padded vocabulary. Columns of the
+# padding (global index >= vocab_size) are -inf in every softmax, so tp = 1 and tp > 1 are one function.
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def vocab_parallel_logits(u: Tensor, weight: Tensor, bias: Tensor | None, vocab_size: int,
+                          tp: TPContext | None) -> Tensor:
+    """This rank's logits [N, V/tp] (fp32 or wider), padded columns -inf."""
+    z = u @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = _at_least_fp32(z)
+    start = tp_rank(tp) * weight.shape[0]
+    n_real = max(0, min(weight.shape[0], vocab_size - start))
+    if n_real < weight.shape[0]:
+        pad = torch.arange(weight.shape[0], device=z.device) >= n_real
+        z = z.masked_fill(pad, float("-inf"))
+    return z
+
+
+def _label_in_shard(labels: Tensor, weight: Tensor, tp: TPContext | None) -> tuple[Tensor, Tensor]:
+    start = tp_rank(tp) * weight.shape[0]
+    local = labels - start
+    inside = (local >= 0) & (local < weight.shape[0])
+    return local.clamp(0, weight.shape[0] - 1), inside
+
+
+def _softmax_stats(z: Tensor, tp: TPContext | None) -> Tensor:
+    """The global max over the vocabulary, detached: softmax and log-sum-exp do not depend on the shift."""
+    m = z.detach().amax(dim=-1)
+    return all_reduce_max_(m, tp)
+
+
+def vocab_parallel_cross_entropy(u: Tensor, labels: Tensor, weight: Tensor, bias: Tensor | None,
+                                 vocab_size: int, tp: TPContext) -> Tensor:
+    """Per-token cross-entropy [N] (0 where labels == IGNORE_INDEX), replicated over tp."""
+    z = vocab_parallel_logits(u, weight, bias, vocab_size, tp)
+    m = _softmax_stats(z, tp)
+    # The sum-exp and the label's logit only feed replicated values (the loss): reduce_from suffices.
+    sum_exp = reduce_from_tp(torch.exp(z - m.unsqueeze(-1)).sum(dim=-1), tp)
+    local, inside = _label_in_shard(labels, weight, tp)
+    z_label = z.gather(-1, local.unsqueeze(-1)).squeeze(-1)
+    z_label = reduce_from_tp(torch.where(inside, z_label, torch.zeros_like(z_label)), tp)
+    loss = torch.log(sum_exp) + m - z_label
+    return torch.where(labels == IGNORE_INDEX, torch.zeros_like(loss), loss)
+
+
+def vocab_parallel_softmax_input_grad(u: Tensor, labels: Tensor, scale: Tensor, weight: Tensor,
+                                      bias: Tensor | None, vocab_size: int, tp: TPContext) -> Tensor:
+    """scale·Uᵀ(softmax(U u + c) - onehot(y)) [N, s], replicated over tp, as differentiable ops (the
+    FWL's slow gradient is differentiated again by the outer loss). The sum-exp is consumed by this
+    rank's probabilities only, so its all-reduce is differentiable both ways (all_reduce_tp); Uᵀgz is a
+    sum of per-rank parts (reduce_from_tp)."""
+    z = vocab_parallel_logits(u, weight, bias, vocab_size, tp)
+    m = _softmax_stats(z, tp)
+    e = torch.exp(z - m.unsqueeze(-1))
+    p = (e / all_reduce_tp(e.sum(dim=-1, keepdim=True), tp)).to(u.dtype)
+    local, inside = _label_in_shard(labels, weight, tp)
+    label_rows = weight[local] * inside.unsqueeze(-1).to(u.dtype)
+    g = reduce_from_tp(p @ weight - label_rows, tp)
+    return g * scale.unsqueeze(-1)
