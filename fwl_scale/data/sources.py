@@ -322,5 +322,5 @@ class Corpus:
             if stats is not None and n_empty:
                 stats.empty[label] = stats.empty.get(label, 0) + n_empty
             if n_file == 0:
-                what = f"all {n_empty} of its documents are empty" if n_empty else "it is empty"
+                what = f"all {n_empty} of its documents are empty" if n_empty > 1 else "it holds no text"
                 raise DataError(f"{self.field_name}: {label}: no documents ({what})")

@@ -1,0 +1,136 @@
+"""`fwl data tokenizer|shards|verify` through the real entry point: outputs, bad input with a non-zero
+exit and a clear message, nothing overwritten, and a build killed with SIGKILL that resumes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fwl_scale.cli import main
+from fwl_scale.data import Manifest
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "corpus"
+
+
+def corpus_records(n: int, cut: int | None = None) -> list[dict]:
+    path = CORPUS / "train.jsonl.xz"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (tests use ../shared/corpus)")
+    out = []
+    with lzma.open(path, "rt") as f:
+        for i, line in enumerate(f):
+            if i >= n:
+                break
+            r = json.loads(line)
+            out.append({**r, "text": r["text"][:cut] if cut else r["text"]})
+    return out
+
+
+def fwl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "fwl_scale.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    src = tmp / "slice.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in corpus_records(8, cut=6000)))
+    cfg = tmp / "c.yaml"
+    cfg.write_text(f"model:\n  vocab_size: 400\ndata:\n  train: [{src}]\n  root: {tmp / 'root'}\n"
+                   f"  workers: 1\n  shard_bytes: 8192\n  valid_fraction: 0.25\n")
+    return tmp, src, cfg
+
+
+def test_tokenizer_command_standalone_and_no_overwrite(small):
+    tmp, src, cfg = small
+    out = tmp / "tok.model"
+    r = fwl("data", "tokenizer", "model.vocab_size=420", "data.tokenizer_type=unigram", "--input", str(src),
+            "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert f"sha256 {digest}" in r.stdout and "420 pieces (model embedding padded to 512)" in r.stdout
+    assert json.loads(out.with_suffix(".json").read_text())["checksum"] == digest
+    r2 = fwl("data", "tokenizer", "--input", str(src), "--out", str(out))
+    assert r2.returncode == 2 and f"--out: {out} already exists; not overwriting" in r2.stderr
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+
+
+def test_shards_and_verify_commands(small, capsys):
+    tmp, src, cfg = small
+    assert main(["data", "tokenizer", str(cfg)]) == 0
+    assert "400 pieces" in capsys.readouterr().out
+    assert main(["data", "shards", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "train: " in out and "valid: 2 shards, 2 documents" in out
+    assert main(["data", "verify", str(cfg)]) == 0
+    assert out.count("OK") == 0 and capsys.readouterr().out.count(": OK, ") == 2
+    # Damage a shard (same size): verify fails with the shard's name and a non-zero exit.
+    shard = tmp / "root" / "train" / "shard-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:1100] + bytes(b ^ 0xFF for b in data[1100:1140]) + data[1140:])
+    assert main(["data", "verify", str(cfg)]) == 2
+    assert f"shard {shard}: corrupt: sha256" in capsys.readouterr().err
+    shard.write_bytes(data)
+
+
+def test_bad_input_exits_non_zero_with_a_clear_message(small, tmp_path):
+    tmp, src, cfg = small
+    r = fwl("data", "shards", str(cfg), f"data.root={tmp_path / 'r'}", f"data.train=[{tmp_path / 'missing.jsonl'}]")
+    assert r.returncode == 2 and f"data.train[0]: no such file or directory: {tmp_path / 'missing.jsonl'}" in r.stderr
+    assert not (tmp_path / "r").exists()
+    r = fwl("data", "shards", str(cfg), "data.shardbytes=5")
+    assert r.returncode == 2 and "unknown key data.shardbytes" in r.stderr
+    r = fwl("data", "shards", str(cfg), "data.shard_bytes=0")
+    assert r.returncode == 2 and "data.shard_bytes: must be > 0" in r.stderr
+    (tmp_path / "bin.txt").write_bytes(b"")
+    r = fwl("data", "tokenizer", "--input", str(tmp_path / "bin.txt"), "--out", str(tmp_path / "t.model"))
+    assert r.returncode == 2 and "bin.txt: no documents (it holds no text)" in r.stderr
+    assert not (tmp_path / "t.model").exists()
+
+
+def test_build_killed_with_sigkill_resumes_to_identical_shards(tmp_path):
+    # Several MB of real text in small shards, so that the kill lands in the middle of the build.
+    src = tmp_path / "big.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in corpus_records(12)))
+    common = [f"data.train=[{src}]", "model.vocab_size=1024", "data.workers=1", "data.shard_bytes=131072",
+              "data.valid_fraction=0.1"]
+    assert main(["data", "tokenizer", f"data.root={tmp_path / 'clean'}", *common]) == 0
+    tok = tmp_path / "clean" / "tokenizer" / "spm.model"
+    common.append(f"data.tokenizer={tok}")
+    assert main(["data", "shards", f"data.root={tmp_path / 'clean'}", *common]) == 0
+    clean = Manifest.load(tmp_path / "clean" / "train" / "manifest.json")
+    assert len(clean.shards) > 8
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    root = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "fwl_scale.cli", "data", "shards", f"data.root={root}", *common],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    third = root / "train" / "shard-000002.json"
+    t0 = time.time()
+    while not third.exists() and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    train = root / "train"
+    assert not (train / "manifest.json").exists(), "killed too late to test anything"
+    # Every tar that has a sidecar is complete and matches it; nothing else looks complete.
+    for side in train.glob("shard-*.json"):
+        entry = json.loads(side.read_text())["shard"]
+        assert hashlib.sha256((train / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
+    r = fwl("data", "shards", f"data.root={root}", *common)
+    assert r.returncode == 0, r.stderr
+    assert "keeping" in r.stdout and "finished shards" in r.stdout
+    resumed = Manifest.load(train / "manifest.json")
+    assert [e.sha256 for e in resumed.shards] == [e.sha256 for e in clean.shards]
+    assert not list(train.glob("*.tmp*"))
