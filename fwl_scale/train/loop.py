@@ -315,6 +315,12 @@ class Trainer:
                     desc=self.cfg.name, dynamic_ncols=True, unit="step")
 
     def _eval_and_log(self) -> None:
+        if not self.valid:
+            if self.dist.is_main and not getattr(self, "_warned_no_valid", False):
+                print("no validation data (data.valid empty and data.valid_fraction = 0): validation skipped",
+                      flush=True)
+            self._warned_no_valid = True
+            return
         result = self.evaluate()
         self.state.last_eval = result.as_dict()
         self.metrics.log("valid", self.state.step, result.as_dict())

@@ -1,0 +1,76 @@
+"""Shared pieces of the trainer and evaluation tests: a tiny config on real text, the prepared data
+(cached under .cache/tests so that it is built once), reading losses back, running `fwl` as a process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fwl_scale.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "corpus"
+# Tokenizer and shards for the tests; prepare_data is idempotent, so later runs only check them.
+DATA_ROOT = REPO / ".cache" / "tests" / "train_data_v512"
+
+
+def need_corpus() -> None:
+    if not (CORPUS / "train.jsonl.xz").is_file():
+        pytest.skip(f"{CORPUS} not found (the trainer tests train on ../shared/corpus)")
+
+
+def tiny_overrides(out_dir: Path | str, *extra: str) -> list[str]:
+    """A model small enough for seconds per run on 2 shared CPU cores, on real text."""
+    return [
+        "model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.seq_len=32", "model.vocab_size=512",
+        "model.fwl.chunk_size=16",  # two chunks per window: the mixed-chunk form, state included
+        f"data.train=[{CORPUS / 'train.jsonl.xz'}]", f"data.valid=[{CORPUS / 'valid.jsonl.xz'}]",
+        f"data.root={DATA_ROOT}", "data.tokenizer_sample_chars=2000000", "data.loader_workers=0",
+        "parallel.micro_batch=4", "train.steps=8", "train.warmup_steps=2", "train.lr=0.003",
+        "train.log_every=1", "train.eval_every=1000", "train.save_every=1000", "train.eval_batches=2",
+        "train.wandb.enabled=false", f"train.out_dir={out_dir}", *extra,
+    ]
+
+
+def tiny_config(out_dir: Path | str, *extra: str) -> Config:
+    need_corpus()
+    return load_config(None, tiny_overrides(out_dir, *extra))
+
+
+def records(out_dir: Path | str, kind: str) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == kind:
+            out.append(r)
+    return out
+
+
+def step_losses(out_dir: Path | str) -> dict[int, float]:
+    """Training loss by step (a step logged twice, by a crashed and a resumed attempt, keeps the last)."""
+    return {r["step"]: r["loss"] for r in records(out_dir, "train")}
+
+
+def fwl_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
+def fwl_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fwl_scale.cli", *args]
+
+
+def run_fwl(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(fwl_command(*args), cwd=REPO, env=fwl_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
