@@ -163,7 +163,10 @@ class Trainer:
             client = self.ckpt.load(self.engine, self.resume_ref)
             self._restore(client)
         self.metrics = MetricsLog(cfg, self.out_dir, dist.is_main, run_id=client.get("wandb_run_id"))
-        self.valid = valid_batches(cfg, self.paths, cfg.train.eval_batches, dp_rank, dist.dp)
+        # train.eval_batches micro-batches of validation rows in all, shared by the data-parallel ranks
+        # (rounded up to a multiple of dp), so the validation set does not grow with dp.
+        per_rank = -(-cfg.train.eval_batches // dist.dp)
+        self.valid = valid_batches(cfg, self.paths, per_rank, dp_rank, dist.dp)
 
         self.flops = train_flops_per_token(cfg.model)
         self.peak = peak_tflops(self.device, cfg.train.peak_tflops)
