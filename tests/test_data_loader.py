@@ -273,6 +273,40 @@ def test_valid_batches_and_eval_documents(data):
     assert len(list(eval_documents(cfg, paths, max_docs=1))) == 1
 
 
+def test_shards_are_standard_webdataset_and_both_readers_agree(data):
+    import webdataset as wds
+
+    cfg, paths = data
+    m = Manifest.load(paths.train_manifest)
+    urls = [str(m.shard_path(e)) for e in m.shards]
+    # A stock webdataset pipeline reads the shards: one sample per document, in index order.
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in samples] == [f"{i:010d}" for i in range(m.documents)]
+    assert all(set(s) >= {"ids.u16", "json"} for s in samples)
+    fast = [d for e in m.shards for d in read_shard(m, e, VOCAB, reader="fast")]
+    slow = [d for e in m.shards for d in read_shard(m, e, VOCAB, reader="webdataset")]
+    assert [(d.index, d.key, d.tokens.tolist()) for d in fast] == [(d.index, d.key, d.tokens.tolist()) for d in slow]
+    assert [d.tokens.tolist() for d in fast] == [np.frombuffer(s["ids.u16"], "<u2").tolist() for s in samples]
+
+
+def test_tars_with_pax_headers_are_read_through_webdataset(copy):
+    import webdataset as wds
+
+    cfg, paths = copy
+    m = Manifest.load(paths.train_manifest)
+    before = read_shard(m, m.shards[1], VOCAB)
+    shard = m.shard_path(m.shards[1])
+    samples = list(wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False))
+    with open(shard, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.5) as w:  # float mtime: PAX headers
+        for s in samples:
+            w.write({k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")})
+    assert b"PaxHeader" in shard.read_bytes()
+    rewrite_manifest_entry(paths, shard)
+    m2 = Manifest.load(paths.train_manifest)
+    after = read_shard(m2, m2.shards[1], VOCAB, reader="fast")
+    assert [d.tokens.tolist() for d in after] == [d.tokens.tolist() for d in before]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Damaged and foreign shards
 

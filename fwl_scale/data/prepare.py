@@ -12,6 +12,7 @@ never overwritten. Call it on one rank (the trainer: rank 0, then a barrier).
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,12 +191,31 @@ def _ready(cfg: Config, plan: _Plan, tok: Tokenizer) -> bool:
     return True
 
 
+def _distributed_rank() -> int:
+    """This process's rank when torch.distributed is running (without importing torch), else 0."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return 0
+
+
 def prepare_data(cfg: Config, log: Log = print) -> DataPaths:
-    """Ensures tokenizer and shards under cfg.data.root and returns their paths (see module docstring)."""
+    """Ensures tokenizer and shards under cfg.data.root and returns their paths (see module docstring).
+
+    Under torch.distributed only rank 0 builds; another rank only finds a finished root (or raises),
+    so that two ranks never write the same files."""
     root = Path(cfg.data.root)
+    rank = _distributed_rank()
     plan = _Plan(cfg, log)
+    tokenizer_ready = bool(cfg.data.tokenizer) or (root / "tokenizer" / "tokenizer.json").is_file()
+    if rank != 0 and not tokenizer_ready:
+        raise DataError(f"rank {rank}: {root} holds no tokenizer yet; rank 0 prepares the data "
+                        f"(call prepare_data on rank 0 first, then a barrier)")
     tok = ensure_tokenizer(cfg, plan, log)
     if not _ready(cfg, plan, tok):
+        if rank != 0:
+            raise DataError(f"rank {rank}: the shards under {root} are missing or do not match the config; "
+                            f"rank 0 prepares the data (call prepare_data on rank 0 first, then a barrier)")
         root.mkdir(parents=True, exist_ok=True)
         plan.scan()
         for split, req, docs in (("train", plan.train_request, plan.train_docs),

@@ -1,0 +1,99 @@
+"""Loader throughput next to what training consumes at the fwl_125m shape.
+
+    python bench/bench_loader.py                       # built-in corpus, configs/fwl_125m.yaml shapes
+    python bench/bench_loader.py --train 'corpus/*.jsonl' --dp 1 8 64 --workers 0 1 2
+
+Builds (once, under --root) a tokenizer with the config's vocabulary and shards of the chosen corpus,
+then times TrainLoader.next_batch for one data-parallel rank at several dp sizes and prefetch-worker
+counts. Every rank follows the whole global stream and builds only its own rows, so at dp = D one rank
+reads D times the tokens it delivers; the table shows both.
+
+Training consumption is analytic, not measured: tokens/s per GPU = peak bf16 FLOP/s x MFU / training
+FLOPs per token, with the FLOP count of fwl_scale.train.flops (body + FWL head) at the config's shape.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "configs" / "fwl_125m.yaml"))
+    ap.add_argument("--train", nargs="+", default=["builtin"], help="data.train sources (default: builtin)")
+    ap.add_argument("--root", default=str(REPO / ".cache" / "bench_loader"), help="where data is built")
+    ap.add_argument("--shard-mib", type=float, default=1.0, help="target shard size (MiB)")
+    ap.add_argument("--dp", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seconds", type=float, default=4.0, help="timing window per row")
+    ap.add_argument("--mode", default="packed", choices=["packed", "contiguous"])
+    ap.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU bf16 peak (H100 SXM: 989)")
+    args = ap.parse_args()
+
+    import torch
+
+    from fwl_scale.config import load_config
+    from fwl_scale.data import Manifest, TrainLoader, prepare_data
+    from fwl_scale.train.flops import train_flops_per_token
+
+    train = "[" + ",".join(args.train) + "]"
+    name = f"{Path(args.config).stem}_{abs(hash(tuple(args.train))) % 10**8}"
+    cfg = load_config(args.config, [f"data.train={train}", "data.valid=[]", f"data.root={Path(args.root) / name}",
+                                    f"data.shard_bytes={int(args.shard_mib * 2**20)}", f"data.workers={os.cpu_count() or 1}",
+                                    f"data.mode={args.mode}"])
+    t0 = time.time()
+    paths = prepare_data(cfg, log=lambda s: print("  " + s))
+    m = Manifest.load(paths.train_manifest)
+    T, mb = cfg.model.seq_len, cfg.parallel.micro_batch
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"data: {', '.join(args.train)} -> {len(m.shards)} shards, {m.documents} documents, {m.tokens:,} tokens "
+          f"({m.dtype}), vocabulary {paths.vocab_size} (ready in {time.time() - t0:.1f}s)")
+    print(f"shape: {cfg.name}: seq_len {T}, micro_batch {mb} -> {T * mb:,} tokens per rank per call, mode {args.mode}")
+    print()
+
+    flops = train_flops_per_token(cfg.model)
+    need = args.peak_tflops * 1e12 * args.mfu / flops.total
+    print(f"training consumption (analytic): {flops.total / 1e9:.2f} GFLOP/token (body {flops.body / 1e9:.2f}, "
+          f"{'FWL' if cfg.model.fwl.enabled else 'baseline'} head {flops.head / 1e9:.2f}); at {args.peak_tflops:.0f} "
+          f"TFLOP/s x MFU {args.mfu:.0%} one GPU consumes {need:,.0f} tokens/s")
+    print()
+    print(f"{'dp':>4} {'workers':>7} {'calls':>6} {'tokens/s to this rank':>22} {'stream tokens/s read':>21} "
+          f"{'vs one GPU':>11}")
+    for dp in args.dp:
+        for w in args.workers:
+            c = load_config(args.config, [f"data.train={train}", "data.valid=[]", f"data.root={paths.root}",
+                                          f"data.shard_bytes={int(args.shard_mib * 2**20)}",
+                                          f"data.loader_workers={w}", "data.prefetch=4", f"data.mode={args.mode}"])
+            loader = TrainLoader(c, paths, dp_rank=dp - 1, dp_size=dp)
+            loader.next_batch()  # start-up (worker processes, first shard) is not part of the rate
+            n, t1 = 0, time.perf_counter()
+            while time.perf_counter() - t1 < args.seconds:
+                b = loader.next_batch()
+                n += 1
+            dt = time.perf_counter() - t1
+            loader.close()
+            rate = n * b["input_ids"].numel() / dt
+            print(f"{dp:>4} {w:>7} {n:>6} {rate:>22,.0f} {rate * dp:>21,.0f} {rate / need:>10.1f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
