@@ -59,7 +59,8 @@ class Layout:
         return rank
 
     def group_ranks(self, axes: tuple[str, ...]) -> list[list[int]]:
-        """Every group that varies along `axes` with the other coordinates fixed, ranks ascending."""
+        """Every group that varies along `axes` with the other coordinates fixed (ranks ascending; groups
+        ordered by their first rank, the order in which every rank creates them)."""
         unknown = set(axes) - set(AXES)
         if unknown:
             raise ValueError(f"unknown axes {sorted(unknown)}; known: {AXES}")
@@ -71,7 +72,7 @@ class Layout:
             for v in itertools.product(*(range(getattr(self, a)) for a in axes)):
                 ranks.append(self.rank_of(**base, **dict(zip(axes, v))))
             groups.append(sorted(ranks))
-        return groups
+        return sorted(groups)
 
 
 def plan_layout(cfg: Config, world_size: int, source: str = "config") -> Layout:
