@@ -1,0 +1,115 @@
+"""Training-step time of FWL vs baseline (model.fwl.enabled=false) through the real DeepSpeed engine, for
+`tiny` and a 125M-shaped model, next to the analytic FLOP ratio (fwl_scale/train/flops.py), measured in
+one run on one device.
+
+    python bench/bench_train_step.py                     # CPU: 125M at a short window so it takes minutes
+    python bench/bench_train_step.py --seq-125m 2048 --micro-125m 8 --bf16   # a GPU
+
+A step = forward, backward and optimizer step of one micro-batch (AdamW, ZeRO 0, clipping), on random
+token ids (the cost does not depend on the text). Each row: median over the timed steps after warmup.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fwl_scale.config import Config, load_config  # noqa: E402
+from fwl_scale.train.engine import DistInfo, build_engine, init_distributed  # noqa: E402
+from fwl_scale.train.flops import train_flops_per_token  # noqa: E402
+from fwl_scale.train.metrics import device_name  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(cfg: Config, dist: DistInfo, warmup: int, steps: int) -> tuple[float, int]:
+    from fwl_scale.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    n_params = sum(p.numel() for p in model.parameters())
+    engine, _ = build_engine(cfg, model, dist)
+    B, T, V = cfg.parallel.micro_batch, cfg.model.seq_len, cfg.model.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (B, T + 1), generator=g).to(dist.device)
+    inputs, labels, docs = ids[:, :-1], ids[:, 1:], torch.zeros(B, T, dtype=torch.long, device=dist.device)
+    times = []
+    for i in range(warmup + steps):
+        sync(dist.device)
+        t0 = time.perf_counter()
+        out = engine(inputs, labels, docs)
+        engine.backward(out.loss)
+        engine.step()
+        sync(dist.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    del engine, model
+    return statistics.median(times), n_params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq-125m", type=int, default=64, help="window of the 125M-shaped model")
+    ap.add_argument("--micro-125m", type=int, default=1, help="micro-batch of the 125M-shaped model")
+    ap.add_argument("--micro-tiny", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--bf16", action="store_true")
+    args = ap.parse_args()
+
+    common = ["train.wandb.enabled=false", "parallel.zero_stage=0", f"train.bf16={str(args.bf16).lower()}"]
+    pairs = [
+        ("tiny", "configs/tiny.yaml", "configs/base_tiny.yaml", [f"parallel.micro_batch={args.micro_tiny}"]),
+        ("125M", "configs/fwl_125m.yaml", "configs/base_125m.yaml",
+         [f"model.seq_len={args.seq_125m}", f"parallel.micro_batch={args.micro_125m}", "parallel.grad_accum=1",
+          "train.activation_checkpointing=false"]),
+    ]
+    first = load_config(REPO / pairs[0][1], common)
+    dist = init_distributed(first)
+    from deepspeed.utils import logger as ds_logger
+    import logging
+
+    ds_logger.setLevel(logging.WARNING)
+    print(f"machine: {device_name(dist.device)}, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}, "
+          f"{'bf16' if args.bf16 else 'fp32'}; median of {args.steps} steps after {args.warmup} warmup")
+    header = (f"{'model':<6} {'head':<9} {'T':>5} {'micro':>5} {'params':>9} {'GFLOP/tok':>10} "
+              f"{'s/step':>9} {'tok/s':>9} {'GFLOP/s':>8}")
+    print(header)
+    print("-" * len(header))
+    summary = []
+    for name, fwl_path, base_path, extra in pairs:
+        result = {}
+        for head, path in (("FWL", fwl_path), ("baseline", base_path)):
+            cfg = load_config(REPO / path, common + extra)
+            sec, n_params = time_steps(cfg, dist, args.warmup, args.steps)
+            flops = train_flops_per_token(cfg.model).total
+            tokens = cfg.parallel.micro_batch * cfg.model.seq_len
+            result[head] = (sec, flops)
+            print(f"{name:<6} {head:<9} {cfg.model.seq_len:>5} {cfg.parallel.micro_batch:>5} {n_params / 1e6:>8.2f}M "
+                  f"{flops / 1e9:>10.4f} {sec:>9.4f} {tokens / sec:>9.0f} {flops * tokens / sec / 1e9:>8.2f}",
+                  flush=True)
+        measured = result["FWL"][0] / result["baseline"][0]
+        analytic = result["FWL"][1] / result["baseline"][1]
+        summary.append((name, measured, analytic))
+    print()
+    for name, measured, analytic in summary:
+        print(f"{name}: FWL / baseline step time {measured:.2f}x measured, {analytic:.2f}x analytic FLOPs")
+
+
+if __name__ == "__main__":
+    main()
