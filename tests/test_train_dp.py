@@ -105,3 +105,12 @@ def test_signal_to_one_rank_stops_both_at_the_same_step_and_resumes(tmp_path):
     assert sorted(resumed) == list(range(1, 41))
     for s in range(stopped_at + 1, 41):
         assert abs(resumed[s] - ref_losses[s]) < 5 * TOL, (s, resumed[s], ref_losses[s])
+
+
+def test_bad_data_on_rank_0_stops_every_rank(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    procs = launch_dp2(tmp_path / "run", *DP2, f"data.train=[{empty}]", f"data.root={tmp_path / 'data'}")
+    results = wait_all(procs, timeout=120)  # no rank may wait for rank 0 forever
+    assert results[0][0] == 2 and "empty.jsonl" in results[0][1], results[0][1][-2000:]
+    assert results[1][0] == 2 and "data preparation failed on rank 0" in results[1][1], results[1][1][-2000:]

@@ -67,11 +67,6 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -142,9 +137,18 @@ class Trainer:
         from fwl_scale.model import build_model
 
         # Tokenizer and shards: rank 0 builds them (idempotent), the others wait and then only find them.
+        # A failure on rank 0 is shared, so the other ranks stop too instead of waiting for it forever.
+        failure: Exception | None = None
         if dist.is_main:
-            self.paths = prepare_data(cfg)
-        _barrier()
+            try:
+                self.paths = prepare_data(cfg)
+            except Exception as e:
+                failure = e
+        failed = _all_reduce_sum(torch.tensor([1.0 if failure else 0.0], device=self.device))
+        if failure is not None:
+            raise failure
+        if float(failed.item()) > 0:
+            raise ConfigError(f"rank {dist.rank}: data preparation failed on rank 0 (its error says why)")
         if not dist.is_main:
             self.paths = prepare_data(cfg)
 
