@@ -11,7 +11,6 @@ token ids (the cost does not depend on the text). Each row: median over the time
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-import time
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -321,11 +321,18 @@ class Trainer:
         return tqdm(total=self.cfg.train.steps, initial=self.state.step, disable=not self.dist.is_main,
                     desc=self.cfg.name, dynamic_ncols=True, unit="step")
 
+    def _say(self, message: str) -> None:
+        """A line on the main rank's stdout that does not break the progress bar."""
+        if self.dist.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stdout)
+            sys.stdout.flush()
+
     def _eval_and_log(self) -> None:
         if not self.valid:
             if self.dist.is_main and not getattr(self, "_warned_no_valid", False):
-                print("no validation data (data.valid empty and data.valid_fraction = 0): validation skipped",
-                      flush=True)
+                self._say("no validation data (data.valid empty and data.valid_fraction = 0): validation skipped")
             self._warned_no_valid = True
             return
         result = self.evaluate()
@@ -333,8 +340,8 @@ class Trainer:
         self.metrics.log("valid", self.state.step, result.as_dict())
         if self.dist.is_main:
             buckets = " ".join(f"{x:.3f}" for x in result.bucket_loss)
-            print(f"[step {self.state.step}] validation loss {result.loss:.4f} perplexity {result.perplexity:.3f} "
-                  f"| loss by position bucket: {buckets}", flush=True)
+            self._say(f"[step {self.state.step}] validation loss {result.loss:.4f} perplexity "
+                      f"{result.perplexity:.3f} | loss by position bucket: {buckets}")
 
     def _run(self) -> int:
         cfg, t = self.cfg, self.cfg.train
@@ -367,9 +374,8 @@ class Trainer:
                 if stats.skipped:
                     st.skipped_total += 1
                     st.nonfinite_in_row += 1
-                    if self.dist.is_main:
-                        bar.write(f"[step {st.step}] non-finite loss: step skipped "
-                                  f"({st.nonfinite_in_row} in a row, {st.skipped_total} in total)")
+                    self._say(f"[step {st.step}] non-finite loss: step skipped "
+                              f"({st.nonfinite_in_row} in a row, {st.skipped_total} in total)")
                     self.metrics.log("skip", st.step, {"nonfinite_in_row": st.nonfinite_in_row,
                                                        "skipped_total": st.skipped_total})
                     if st.nonfinite_in_row >= t.max_nonfinite_in_row:
