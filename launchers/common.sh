@@ -52,6 +52,8 @@ fwl_setup_env() {
     export PYTHONPATH="$FWL_HOME${PYTHONPATH:+:$PYTHONPATH}"
     # One thread pool per rank sized to its CPUs, not to the whole node.
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+    # A job log is not a terminal: a progress-bar line every 30 s rather than every step.
+    export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}
 }
 
 # Sets FWL_NODES, FWL_TASKS_PER_NODE, FWL_WORLD and FWL_LAYOUT (overrides that pin dp and grad_accum),
@@ -83,8 +85,12 @@ fwl_rendezvous() {
 }
 
 fwl_forward_signal() {  # $1: the signal this shell received
-    fwl_log "batch shell got SIG$1: asking every rank to checkpoint and stop (SIGUSR1 via srun)"
-    [[ -n "$FWL_SRUN_PID" ]] && kill -USR1 "$FWL_SRUN_PID" 2>/dev/null
+    if [[ -n "$FWL_SRUN_PID" ]]; then
+        fwl_log "batch shell got SIG$1: asking every rank to checkpoint and stop (SIGUSR1 via srun)"
+        kill -USR1 "$FWL_SRUN_PID" 2>/dev/null
+    else
+        fwl_log "batch shell got SIG$1 while no training runs"
+    fi
     return 0
 }
 
@@ -93,14 +99,18 @@ fwl_train() {
     local prefix=()
     # shellcheck disable=SC2206
     [[ -n "${FWL_LAUNCH_PREFIX:-}" ]] && prefix=($FWL_LAUNCH_PREFIX)
+    # --kill-on-bad-exit=0: a rank that exits first (75, after the checkpoint) must not take down the
+    # others while they finish; --wait bounds how long a crashed rank can leave the rest hanging.
     local srun_args=(--ntasks="$FWL_WORLD" --ntasks-per-node="$FWL_TASKS_PER_NODE" --kill-on-bad-exit=0
-                     --wait="${FWL_SRUN_WAIT:-600}" --cpu-bind=none)
+                     --wait="${FWL_SRUN_WAIT:-600}")
     # shellcheck disable=SC2206
     [[ -n "${FWL_SRUN_ARGS:-}" ]] && srun_args+=($FWL_SRUN_ARGS)
-    # Each task maps Slurm's ids to the variables torch.distributed reads, then becomes the trainer
-    # (exec), so signals reach Python directly.
+    # Each task maps Slurm's ids to the variables torch.distributed reads, says where it runs, then
+    # becomes the trainer (exec), so signals reach Python directly.
     srun "${srun_args[@]}" bash -c \
-        'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' fwl-rank \
+        'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
+         echo "[fwl-launcher] rank $RANK/$WORLD_SIZE on $SLURMD_NODENAME (local rank $LOCAL_RANK)"
+         exec "$@"' fwl-rank \
         "${prefix[@]}" "$FWL_PYTHON" -m fwl_scale.cli train "$FWL_CONFIG" \
         "${FWL_OVERRIDES[@]}" "${FWL_LAYOUT[@]}" &
     FWL_SRUN_PID=$!
@@ -115,11 +125,24 @@ fwl_train() {
     return "$rc"
 }
 
+fwl_job_field() {  # fwl_job_field NAME: one field of `scontrol show job` for this job
+    scontrol show job -o "$SLURM_JOB_ID" | tr ' ' '\n' | sed -n "s/^$1=//p"
+}
+
 fwl_chain_successor() {
     # The batch script Slurm runs is a copy of the launcher; submitting it again keeps its #SBATCH block.
-    local script="$0" succ
-    succ=$(sbatch --parsable --dependency="afterany:$SLURM_JOB_ID" --job-name="$SLURM_JOB_NAME" \
-        "$script" "$@") || return 1
+    # What may have been given on the sbatch command line is carried over explicitly; the successor
+    # appends to this job's log, so one file tells the whole chain.
+    local script="$0" succ args=()
+    args+=(--dependency="afterany:$SLURM_JOB_ID" --job-name="$SLURM_JOB_NAME" --nodes="$FWL_NODES"
+           --ntasks-per-node="$FWL_TASKS_PER_NODE" --open-mode=append)
+    [[ -n "${SLURM_JOB_PARTITION:-}" ]] && args+=(--partition="$SLURM_JOB_PARTITION")
+    [[ -n "${SLURM_JOB_ACCOUNT:-}" ]] && args+=(--account="$SLURM_JOB_ACCOUNT")
+    local field
+    field=$(fwl_job_field StdOut); [[ -n "$field" ]] && args+=(--output="$field")
+    field=$(fwl_job_field StdErr); [[ -n "$field" ]] && args+=(--error="$field")
+    field=$(fwl_job_field TimeLimit); [[ -n "$field" && "$field" != UNLIMITED ]] && args+=(--time="$field")
+    succ=$(sbatch --parsable "${args[@]}" "$script" "$@") || return 1
     fwl_log "submitted successor job $succ (starts after $SLURM_JOB_ID ends, resumes from the checkpoint)"
 }
 
@@ -155,6 +178,15 @@ fwl_main() {
             exit 0 ;;
         "$FWL_EXIT_REQUEUE")
             fwl_log "training stopped early after a checkpoint (exit $rc)"
+            # `scancel` (and the end of the time limit) also sends SIGTERM, and the ranks may well save
+            # and exit 75 before Slurm's SIGKILL; but `scontrol requeue` would happily revive a
+            # cancelled job. Only a job still RUNNING was asked to stop and come back.
+            local state
+            state=$(fwl_job_field JobState)
+            if [[ "$state" != RUNNING ]]; then
+                fwl_log "job is $state (cancelled or ended by Slurm): not requeueing; resubmit to resume"
+                exit "$rc"
+            fi
             if (( ${SLURM_RESTART_COUNT:-0} >= ${FWL_MAX_RESTARTS:-100} )); then
                 fwl_log "already restarted ${SLURM_RESTART_COUNT} times (FWL_MAX_RESTARTS); not requeueing"
                 exit "$rc"
