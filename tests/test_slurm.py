@@ -8,20 +8,28 @@
   periodic checkpoint when resubmitted;
 - a job that may not requeue (`--no-requeue`), signalled through its batch shell only
   (`scancel --batch --signal=USR1`), chains a successor (`afterany`) that finishes the run;
+- a plain `scancel` stops a job for good (it is not requeued even if the ranks managed to save);
 - a launcher whose layout cannot fit its allocation fails before training with a clear message.
 
-The cluster is started here (root, Debian packages installed on demand). The tests skip only when it
-cannot be installed or started for lack of root or a package mirror; FWL_REQUIRE_SLURM=1 (CI) turns
-that into a failure.
+The scenarios run at the same time (one thread each drives its job: waits for a step, signals, kills,
+resubmits), started by one fixture; each test then checks its scenario's outcome. The cluster is
+started here (root; Debian packages installed on demand). The tests skip only when Slurm cannot be
+installed (no root, no apt, no package mirror); FWL_REQUIRE_SLURM=1 (CI) turns that into a failure.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +43,8 @@ LAUNCHER = "launchers/tiny.slurm"
 STEPS = 100
 SAVE_EVERY = 20
 EXIT_REQUEUE = 75
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
+JOB_TIMEOUT = 420  # seconds; generous: up to five jobs share two CPU cores with whatever else runs
 
 
 def _unavailable(reason: str) -> None:
@@ -43,8 +53,13 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def _overrides(out_dir: Path, *extra: str) -> list[str]:
+    return tiny_overrides(out_dir, f"train.steps={STEPS}", f"train.save_every={SAVE_EVERY}",
+                          "train.eval_every=1000", *extra)
+
+
 @pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory) -> dict[str, str]:
+def slurm_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     """Starts the local cluster (idempotent) and returns the environment for sbatch/squeue/scancel."""
     need_corpus()
     state_dir = os.environ.get("FWL_SLURM_DIR", "/tmp/fwl-slurm")
@@ -53,28 +68,46 @@ def slurm_env(tmp_path_factory) -> dict[str, str]:
         _unavailable("Slurm is not installed and installing it needs root")
     if not installed and not shutil.which("apt-get"):
         _unavailable("Slurm is not installed and there is no apt-get to install it")
-    env = dict(os.environ, FWL_SLURM_DIR=state_dir)
+    # Four CPUs per node: up to four of the 1-CPU-per-node test jobs run at once.
+    env = dict(os.environ, FWL_SLURM_DIR=state_dir, FWL_SLURM_CPUS="4")
+    # A cluster someone already runs is left running; one started here is stopped at the end.
+    was_running = installed and subprocess.run([str(CLUSTER), "status"], env=env, capture_output=True,
+                                               timeout=60).returncode == 0
     proc = subprocess.run([str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         message = proc.stderr.strip()[-2000:]
         if "apt-get" in message and not installed:  # no package mirror: the one acceptable reason to skip
             _unavailable(f"cannot install Slurm: {message}")
         pytest.fail(f"tools/slurm_cluster.sh start failed:\n{message}")
-    env["SLURM_CONF"] = f"{state_dir}/slurm.conf"
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(OMP_NUM_THREADS="1", FWL_PYTHON=shutil.which("python3") or "python3")
-    # Tokenizer and shards once, before any job: two jobs must not build them at the same time.
-    prep = subprocess.run(["python3", "-m", "fwl_scale.cli", "data", "shards", "configs/tiny.yaml",
-                           *_overrides(tmp_path_factory.mktemp("prep"))], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert prep.returncode == 0, prep.stderr[-3000:]
-    return env
+    try:
+        env["SLURM_CONF"] = f"{state_dir}/slurm.conf"
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
+        env.update(OMP_NUM_THREADS="1", FWL_PYTHON=sys.executable)
+        # Tokenizer and shards once, before any job: two jobs must not build them at the same time.
+        prep = subprocess.run([sys.executable, "-m", "fwl_scale.cli", "data", "shards", "configs/tiny.yaml",
+                               *_overrides(tmp_path_factory.mktemp("prep"))], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert prep.returncode == 0, prep.stderr[-3000:]
+        yield env
+    finally:
+        if not was_running:
+            subprocess.run([str(CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
 
 
-def _overrides(out_dir: Path, *extra: str) -> list[str]:
-    return tiny_overrides(out_dir, f"train.steps={STEPS}", f"train.save_every={SAVE_EVERY}",
-                          "train.eval_every=1000", *extra)
+def logged_steps(out_dir: Path) -> list[int]:
+    """Training steps in metrics.jsonl, read while the run may be appending (a torn last line is skipped)."""
+    path = out_dir / "metrics.jsonl"
+    steps = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("kind") == "train":
+                steps.append(r["step"])
+    return steps
 
 
 class Job:
@@ -93,36 +126,36 @@ class Job:
         out = subprocess.run(["scontrol", "show", "job", "-o", job_id or self.id], env=self.env,
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
-        fields = {}
+        fields: dict[str, str] = {}
         for item in out.stdout.split():
             if "=" in item:
                 k, v = item.split("=", 1)
                 fields.setdefault(k, v)
         return fields
 
-    def wait_done(self, timeout: float = 240, job_id: str | None = None) -> dict[str, str]:
+    def wait_done(self, job_id: str | None = None, timeout: float = JOB_TIMEOUT) -> dict[str, str]:
         """Waits until the job has ended for good (not pending, running or being requeued)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.info(job_id)
-            if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            if info["JobState"] in ENDED:
                 return info
             time.sleep(1)
-        self.cancel()
+        subprocess.run(["scancel", job_id or self.id], env=self.env, capture_output=True, timeout=30)
         pytest.fail(f"job {job_id or self.id} did not end in {timeout}s; log:\n{self.text()[-4000:]}")
 
-    def wait_step(self, out_dir: Path, step: int, timeout: float = 180) -> int:
+    def wait_step(self, out_dir: Path, step: int, timeout: float = JOB_TIMEOUT) -> int:
         """Waits until the run logged a training step >= `step`; returns the newest step."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            steps = [r["step"] for r in records(out_dir, "train")]
+            steps = logged_steps(out_dir)
             if steps and max(steps) >= step:
                 return max(steps)
             state = self.info()["JobState"]
-            assert state in ("PENDING", "RUNNING", "CONFIGURING"), \
+            assert state in ("PENDING", "CONFIGURING", "RUNNING"), \
                 f"job {self.id} is {state} before step {step}; log:\n{self.text()[-4000:]}"
             time.sleep(0.2)
-        self.cancel()
+        subprocess.run(["scancel", self.id], env=self.env, capture_output=True, timeout=30)
         pytest.fail(f"job {self.id} did not reach step {step} in {timeout}s; log:\n{self.text()[-4000:]}")
 
     def scancel(self, *args: str) -> None:
@@ -145,32 +178,123 @@ class Job:
             except ProcessLookupError:
                 pass
 
-    def cancel(self) -> None:
-        subprocess.run(["scancel", self.id], env=self.env, capture_output=True, timeout=30)
-
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
 
 
-def train_steps(out_dir: Path) -> list[int]:
-    return [r["step"] for r in records(out_dir, "train")]
+@dataclass
+class Outcome:
+    """What a scenario saw; the test asserts on it."""
+    job: Job
+    out_dir: Path
+    info: dict[str, str] = field(default_factory=dict)
+    seen: dict[str, Any] = field(default_factory=dict)
 
 
-def assert_same_losses(out_dir: Path, reference: dict[int, float], steps: range) -> None:
+class Scenario(threading.Thread):
+    """Drives one job in the background; `outcome()` re-raises in the test whatever went wrong."""
+
+    def __init__(self, fn: Callable[..., Outcome], *args: Any):
+        super().__init__(daemon=True, name=fn.__name__)
+        self.fn, self.args = fn, args
+        self.result: Outcome | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as e:  # pytest.fail raises an OutcomeException (a BaseException)
+            self.error = e
+
+    def outcome(self) -> Outcome:
+        self.join(timeout=3 * JOB_TIMEOUT)
+        if self.is_alive():
+            pytest.fail(f"scenario {self.name} still running after {3 * JOB_TIMEOUT}s")
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def run_reference(env: dict[str, str], work: Path) -> Outcome:
+    job = Job(env, work / "job.out", _overrides(work / "run"))
+    return Outcome(job, work / "run", job.wait_done())
+
+
+def run_signalled(env: dict[str, str], work: Path) -> Outcome:
+    # wandb on (offline): the requeued job must continue the same wandb run.
+    job = Job(env, work / "job.out", _overrides(work / "run", "train.wandb.enabled=true",
+                                                "train.wandb.mode=offline"))
+    seen = job.wait_step(work / "run", 15)
+    # Exactly what `#SBATCH --signal=USR1@lead` does before the time limit: SIGUSR1 to the job's steps.
+    job.scancel("--signal=USR1")
+    return Outcome(job, work / "run", job.wait_done(), {"step": seen})
+
+
+def run_killed(env: dict[str, str], work: Path) -> Outcome:
+    out_dir = work / "run"
+    job = Job(env, work / "job.out", _overrides(out_dir))
+    seen = job.wait_step(out_dir, 2 * SAVE_EVERY + 5)
+    # No warning: SIGKILL to every process of the job, batch shell included, as a crashing node or the
+    # OOM killer would. (`scancel --signal=KILL` is no such test: Slurm turns it into a cancel, which
+    # sends SIGTERM first.) Nothing can save or requeue.
+    job.kill_processes()
+    killed = job.wait_done(timeout=120)
+    latest = (out_dir / "checkpoints" / "latest_complete").read_text().strip()
+    killed_at = max(logged_steps(out_dir))
+    again = Job(env, work / "job.out", _overrides(out_dir))  # the user resubmits the same launcher
+    return Outcome(again, out_dir, again.wait_done(),
+                   {"step": seen, "killed": killed, "killed_at": killed_at, "latest": latest, "first": job})
+
+
+def run_chained(env: dict[str, str], work: Path) -> Outcome:
+    job = Job(env, work / "job.out", _overrides(work / "run"), sbatch_args=("--no-requeue",))
+    seen = job.wait_step(work / "run", 15)
+    # The signal reaches the batch shell only; its trap forwards it to every rank through srun.
+    job.scancel("--batch", "--signal=USR1")
+    first = job.wait_done()
+    text = job.text()
+    lines = [line for line in text.splitlines() if "submitted successor job" in line]
+    assert lines, f"no successor was submitted; log:\n{text[-4000:]}"
+    successor = lines[0].split("submitted successor job ")[1].split()[0]
+    return Outcome(job, work / "run", job.wait_done(successor), {"step": seen, "first": first,
+                                                                  "successor": successor})
+
+
+def run_cancelled(env: dict[str, str], work: Path) -> Outcome:
+    job = Job(env, work / "job.out", _overrides(work / "run"))
+    seen = job.wait_step(work / "run", 15)
+    job.scancel()
+    info = job.wait_done()
+    time.sleep(15)  # longer than a requeued job's hold (cred_expire) plus a scheduling pass
+    return Outcome(job, work / "run", info, {"step": seen, "later": job.info()})
+
+
+@pytest.fixture(scope="module")
+def scenarios(slurm_env, tmp_path_factory) -> dict[str, Scenario]:
+    """All training scenarios, started together so that their start-up and requeue waits overlap."""
+    fns = {"reference": run_reference, "signalled": run_signalled, "killed": run_killed,
+           "chained": run_chained, "cancelled": run_cancelled}
+    return {name: Scenario(fn, slurm_env, tmp_path_factory.mktemp(name)) for name, fn in fns.items()}
+
+
+def reference_losses(scenarios: dict[str, Scenario]) -> dict[int, float]:
+    ref = scenarios["reference"].outcome()
+    assert ref.info["JobState"] == "COMPLETED", ref.job.text()[-4000:]
+    return step_losses(ref.out_dir)
+
+
+def assert_same_losses(out_dir: Path, reference: dict[int, float]) -> None:
     losses = step_losses(out_dir)
-    for step in steps:
+    for step in range(1, STEPS + 1):
         assert step in losses, f"step {step} missing from {out_dir}/metrics.jsonl"
         assert losses[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), \
             f"step {step}: loss {losses[step]} differs from the uninterrupted run's {reference[step]}"
 
 
-@pytest.fixture(scope="module")
-def reference(slurm_env, tmp_path_factory) -> tuple[Path, Job]:
-    """The uninterrupted run, submitted once; the tests below compare their losses with it."""
-    work = tmp_path_factory.mktemp("ref")
-    out_dir = work / "run"
-    job = Job(slurm_env, work / "job.out", _overrides(out_dir))
-    return out_dir, job
+def train_steps(out_dir: Path) -> list[int]:
+    return [r["step"] for r in records(out_dir, "train")]
 
 
 @pytest.mark.parametrize("settings,extra,message", [
@@ -179,11 +303,10 @@ def reference(slurm_env, tmp_path_factory) -> tuple[Path, Job]:
     ({"FWL_GLOBAL_BATCH": "12"}, [],
      "global batch 12 is not a multiple of micro_batch * dp = 4 * 2 = 8 (2 node(s) x 1 task(s)"),
 ], ids=["tp-exceeds-ranks", "global-batch"])
-def test_layout_that_cannot_fit_fails_before_training(slurm_env, reference, tmp_path, settings, extra, message):
-    # (`reference` only so that the reference run is already training meanwhile)
+def test_layout_that_cannot_fit_fails_before_training(slurm_env, tmp_path, settings, extra, message):
     out_dir = tmp_path / "run"
     job = Job(slurm_env, tmp_path / "job.out", _overrides(out_dir, *extra), extra_env=settings)
-    info = job.wait_done(timeout=60)
+    info = job.wait_done()
     text = job.text()
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", info
     assert f"fwl launcher: layout does not fit the allocation: {message}" in text, text
@@ -193,109 +316,89 @@ def test_layout_that_cannot_fit_fails_before_training(slurm_env, reference, tmp_
     assert not out_dir.exists()
 
 
-def test_two_node_job_trains_and_finishes(reference):
-    out_dir, job = reference
-    info = job.wait_done()
-    text = job.text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
-    assert info["NumNodes"] == "2" and info["NodeList"] == "node[1-2]", info
+def test_two_node_job_trains_and_finishes(scenarios):
+    ref = scenarios["reference"].outcome()
+    text = ref.job.text()
+    assert ref.info["JobState"] == "COMPLETED" and ref.info["ExitCode"] == "0:0", text[-4000:]
+    assert ref.info["NumNodes"] == "2" and ref.info["NodeList"] == "node[1-2]", ref.info
     assert "rank 0/2 on node1" in text and "rank 1/2 on node2" in text, text[-4000:]
     assert "training finished" in text
-    start = records(out_dir, "start")
+    start = records(ref.out_dir, "start")
     assert len(start) == 1 and start[0]["world_size"] == 2 and start[0]["resumed_from"] is None
-    assert train_steps(out_dir) == list(range(1, STEPS + 1))
-    complete = (out_dir / "checkpoints" / "latest_complete").read_text().strip()
+    assert train_steps(ref.out_dir) == list(range(1, STEPS + 1))
+    complete = (ref.out_dir / "checkpoints" / "latest_complete").read_text().strip()
     assert complete == f"step_{STEPS:08d}"
 
 
-def test_signalled_job_checkpoints_requeues_and_resumes_exactly(slurm_env, reference, tmp_path):
-    ref_dir, ref_job = reference
-    out_dir = tmp_path / "run"
-    # wandb on (offline): the requeued job must continue the same wandb run.
-    job = Job(slurm_env, tmp_path / "job.out", _overrides(out_dir, "train.wandb.enabled=true",
-                                                           "train.wandb.mode=offline"))
-    seen = job.wait_step(out_dir, 15)
-    assert seen < STEPS - 10, f"the run was too fast to be signalled mid-run (step {seen})"
-    # Exactly what `#SBATCH --signal=USR1@lead` does before the time limit: SIGUSR1 to the job steps.
-    job.scancel("--signal=USR1")
-    info = job.wait_done()
-    text = job.text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
-    assert info["Restarts"] == "1", info
-    assert f"requeued job {job.id}" in text and "restart 1," in text, text[-4000:]
+def test_signalled_job_checkpoints_requeues_and_resumes_exactly(scenarios):
+    run = scenarios["signalled"].outcome()
+    text = run.job.text()
+    assert run.seen["step"] < STEPS - 10, f"the run was too fast to be signalled mid-run ({run.seen})"
+    assert run.info["JobState"] == "COMPLETED" and run.info["ExitCode"] == "0:0", text[-4000:]
+    assert run.info["Restarts"] == "1", run.info
+    assert f"requeued job {run.job.id}" in text and "start: restart 1," in text, text[-4000:]
 
-    stops = records(out_dir, "stop")
-    assert len(stops) == 1
+    stops = records(run.out_dir, "stop")
+    assert len(stops) == 1 and stops[0]["reason"] == "SIGUSR1", stops
     stop_step = stops[0]["step"]
-    assert seen <= stop_step < STEPS
-    starts = records(out_dir, "start")
+    assert run.seen["step"] <= stop_step < STEPS
+    starts = records(run.out_dir, "start")
     assert [s["step"] for s in starts] == [0, stop_step]
     assert starts[1]["resumed_from"].endswith(f"step_{stop_step:08d}")
     # No step lost or repeated: stopped right after a saved step, resumed at the next one.
-    assert train_steps(out_dir) == list(range(1, STEPS + 1))
-    ref_job.wait_done()
-    assert_same_losses(out_dir, step_losses(ref_dir), range(1, STEPS + 1))
+    assert train_steps(run.out_dir) == list(range(1, STEPS + 1))
+    assert_same_losses(run.out_dir, reference_losses(scenarios))
 
-    run_id = (out_dir / "wandb_run_id").read_text().strip()
-    wandb_runs = sorted(p.name for p in (out_dir / "wandb").glob("offline-run-*"))
+    run_id = (run.out_dir / "wandb_run_id").read_text().strip()
+    wandb_runs = sorted(p.name for p in (run.out_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(name.endswith(f"-{run_id}") for name in wandb_runs), wandb_runs
 
 
-def test_job_killed_without_warning_resumes_from_periodic_checkpoint(slurm_env, reference, tmp_path):
-    ref_dir, ref_job = reference
-    out_dir = tmp_path / "run"
-    log = tmp_path / "job.out"
-    job = Job(slurm_env, log, _overrides(out_dir))
-    seen = job.wait_step(out_dir, 2 * SAVE_EVERY + 5)
-    assert seen < STEPS, f"the run was too fast to be killed mid-run (step {seen})"
-    # No warning: SIGKILL to every process of the job, batch shell included, as a crashing node or the
-    # OOM killer would. (`scancel --signal=KILL` is no such test: Slurm turns it into a cancel, which
-    # sends SIGTERM first.) Nothing can save or requeue.
-    job.kill_processes()
-    info = job.wait_done(timeout=60)
-    assert info["JobState"] != "COMPLETED" and info["Restarts"] == "0", info
-    killed_at = max(train_steps(out_dir))
-    assert killed_at < STEPS and not records(out_dir, "stop")
-    latest = (out_dir / "checkpoints" / "latest_complete").read_text().strip()
+def test_job_killed_without_warning_resumes_from_periodic_checkpoint(scenarios):
+    run = scenarios["killed"].outcome()
+    killed, killed_at, latest = run.seen["killed"], run.seen["killed_at"], run.seen["latest"]
+    assert killed["JobState"] == "FAILED" and killed["Restarts"] == "0", killed
+    assert killed_at < STEPS, f"the run was too fast to be killed mid-run (step {killed_at})"
+    assert not records(run.out_dir, "stop")  # no warning: the trainer never got to save on its own
     resume_step = int(latest.removeprefix("step_"))
-    assert resume_step % SAVE_EVERY == 0 and SAVE_EVERY * 2 <= resume_step <= killed_at
+    assert resume_step % SAVE_EVERY == 0 and 2 * SAVE_EVERY <= resume_step <= killed_at
 
-    again = Job(slurm_env, log, _overrides(out_dir))  # the user resubmits the same launcher
-    info = again.wait_done()
-    assert info["JobState"] == "COMPLETED", again.text()[-4000:]
-    starts = records(out_dir, "start")
+    assert run.info["JobState"] == "COMPLETED", run.job.text()[-4000:]
+    starts = records(run.out_dir, "start")
     assert [s["step"] for s in starts] == [0, resume_step]
     assert starts[1]["resumed_from"].endswith(latest)
-    # The steps after the checkpoint ran twice (killed, then resumed) and the last attempt counts.
-    assert train_steps(out_dir) == list(range(1, killed_at + 1)) + list(range(resume_step + 1, STEPS + 1))
-    ref_job.wait_done()
-    assert_same_losses(out_dir, step_losses(ref_dir), range(1, STEPS + 1))
-    redone = [r for r in records(out_dir, "train") if resume_step < r["step"] <= killed_at]
-    first, second = redone[: killed_at - resume_step], redone[killed_at - resume_step:]
-    assert [r["loss"] for r in first] == pytest.approx([r["loss"] for r in second], rel=1e-6)
+    # The steps after the checkpoint ran twice (killed, then resumed): the same losses both times.
+    assert train_steps(run.out_dir) == list(range(1, killed_at + 1)) + list(range(resume_step + 1, STEPS + 1))
+    redone = [r["loss"] for r in records(run.out_dir, "train") if resume_step < r["step"] <= killed_at]
+    n = killed_at - resume_step
+    assert redone[:n] == pytest.approx(redone[n:], rel=1e-6)
+    assert_same_losses(run.out_dir, reference_losses(scenarios))
 
 
-def test_job_that_cannot_requeue_chains_a_successor(slurm_env, reference, tmp_path):
-    ref_dir, ref_job = reference
-    out_dir = tmp_path / "run"
-    job = Job(slurm_env, tmp_path / "job.out", _overrides(out_dir), sbatch_args=("--no-requeue",))
-    job.wait_step(out_dir, 15)
-    # The signal reaches the batch shell only; its trap forwards it to every rank through srun.
-    job.scancel("--batch", "--signal=USR1")
-    info = job.wait_done()
-    text = job.text()
-    assert info["ExitCode"] == f"{EXIT_REQUEUE}:0" and info["Restarts"] == "0", text[-4000:]
+def test_job_that_cannot_requeue_chains_a_successor(scenarios):
+    run = scenarios["chained"].outcome()
+    first, successor = run.seen["first"], run.seen["successor"]
+    text = run.job.text()
+    assert first["ExitCode"] == f"{EXIT_REQUEUE}:0" and first["Restarts"] == "0", text[-4000:]
     assert "batch shell got SIGUSR1: asking every rank to checkpoint" in text
     assert "scontrol requeue refused" in text
-    successor = next(line.split("submitted successor job ")[1].split()[0]
-                     for line in text.splitlines() if "submitted successor job" in line)
-    succ_info = job.wait_done(job_id=successor)
-    assert succ_info["JobState"] == "COMPLETED", job.text()[-4000:]
-    assert succ_info["StartTime"] >= info["EndTime"], (succ_info, info)  # afterany: only once it ended
-    stop_step = records(out_dir, "stop")[0]["step"]
-    assert [s["step"] for s in records(out_dir, "start")] == [0, stop_step]
-    assert train_steps(out_dir) == list(range(1, STEPS + 1))
-    ref_job.wait_done()
-    assert_same_losses(out_dir, step_losses(ref_dir), range(1, STEPS + 1))
-    # The successor appended to the same log.
-    assert f"job {successor}] training finished" in job.text()
+    assert run.info["JobState"] == "COMPLETED", text[-4000:]
+    assert run.info["StartTime"] >= first["EndTime"], (run.info, first)  # afterany: once the first ended
+    assert f"job {successor}] training finished" in text  # the successor appended to the same log
+    stop_step = records(run.out_dir, "stop")[0]["step"]
+    assert [s["step"] for s in records(run.out_dir, "start")] == [0, stop_step]
+    assert train_steps(run.out_dir) == list(range(1, STEPS + 1))
+    assert_same_losses(run.out_dir, reference_losses(scenarios))
+
+
+def test_scancel_stops_the_job_for_good(scenarios):
+    run = scenarios["cancelled"].outcome()
+    text = run.job.text()
+    assert run.info["JobState"] == "CANCELLED" and run.info["Restarts"] == "0", text[-4000:]
+    # Still cancelled well after a requeued job would have started again.
+    assert run.seen["later"]["JobState"] == "CANCELLED" and run.seen["later"]["Restarts"] == "0"
+    assert len(records(run.out_dir, "start")) == 1
+    assert max(train_steps(run.out_dir)) < STEPS
+    assert f"requeued job {run.job.id}" not in text
+    if "exiting with 75" in text:  # the ranks saved on the SIGTERM before Slurm's SIGKILL: still no requeue
+        assert "not requeueing" in text, text[-4000:]

@@ -18,7 +18,9 @@ set -euo pipefail
 
 STATE_DIR=${FWL_SLURM_DIR:-/tmp/fwl-slurm}
 NODES=(node1 node2)
-CPUS_PER_NODE=${FWL_SLURM_CPUS:-2}
+# CPUs each node offers to jobs. Both nodes share this machine's cores; more CPUs than cores is fine
+# (SlurmdParameters=config_overrides) and lets several small test jobs run at once.
+CPUS_PER_NODE=${FWL_SLURM_CPUS:-4}
 CTLD_PORT=${FWL_SLURM_PORT:-16817}          # node i listens on CTLD_PORT + i
 HOSTS_MARK="# fwl-slurm local cluster"
 CONF="$STATE_DIR/slurm.conf"
@@ -42,11 +44,22 @@ install_packages() {
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
     [[ $(id -u) -eq 0 ]] || die "missing ${missing[*]}; run as root to install them"
     log "installing ${missing[*]} (apt-get)"
-    # policy-rc.d-style guard: Debian's postinst would otherwise try to start the system services.
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq || die "apt-get update failed (no network to the package mirror?)"
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-        || die "apt-get install ${missing[*]} failed"
+    # Debian's postinst scripts would start the system's munged/slurmd/slurmctld (with a config that
+    # does not exist yet); a policy-rc.d that answers 101 ("action forbidden") stops that, as in Docker.
+    local policy=/usr/sbin/policy-rc.d own_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\n# temporary, from tools/slurm_cluster.sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        own_policy=1
+    fi
+    local ok=1
+    apt-get update -qq || { ok=0; log "apt-get update failed (no network to the package mirror?)"; }
+    if ((ok)); then
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || ok=0
+    fi
+    ((own_policy)) && rm -f "$policy"
+    ((ok)) || die "apt-get install ${missing[*]} failed"
 }
 
 write_config() {
@@ -100,7 +113,16 @@ EOF
         i=$((i + 1))
     done
     echo "PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP" >>"$tmp"
+    if [[ -f "$CONF" ]] && cmp -s "$tmp" "$CONF"; then
+        rm -f "$tmp"
+        return 0
+    fi
     mv "$tmp" "$CONF"
+    # Running daemons read the old file: restart them (munged keeps running, jobs are cancelled).
+    if alive "$STATE_DIR/run/slurmctld.own.pid"; then
+        log "configuration changed: restarting slurmctld and the slurmds"
+        stop_slurm
+    fi
 }
 
 ensure_hosts() {
@@ -194,7 +216,7 @@ stop_pid() {  # stop_pid PIDFILE: TERM, wait, then KILL the one process it names
     rm -f "$pidfile"
 }
 
-cmd_stop() {
+stop_slurm() {
     if alive "$STATE_DIR/run/slurmctld.own.pid"; then
         local jobs
         jobs=$(squeue -h -o %i 2>/dev/null || true)
@@ -208,6 +230,10 @@ cmd_stop() {
     local node
     for node in "${NODES[@]}"; do stop_pid "$STATE_DIR/run/slurmd-$node.own.pid"; done
     stop_pid "$STATE_DIR/run/slurmctld.own.pid"
+}
+
+cmd_stop() {
+    stop_slurm
     stop_pid "$STATE_DIR/run/munged.pid"
     remove_hosts
     log "stopped"
