@@ -17,10 +17,11 @@ from fwl_scale.train.signals import EXIT_REQUEUE
 from tests.distributed import free_port
 from tests.train_support import REPO, fwl_command, fwl_env, records, step_losses, tiny_config, tiny_overrides
 
-# dp=1 accumulates 2 micro-batches of 4 rows; dp=2 gives each rank one of them: the same global batch
-# (the loader hands rank d rows [4d, 4d+4) of each global micro-batch).
-DP1 = ("parallel.micro_batch=4", "parallel.grad_accum=2")
-DP2 = ("parallel.micro_batch=4", "parallel.grad_accum=1")
+# The same global batch of 8 rows: dp=1 accumulates 4 micro-batches of 2 rows; with dp=2 each rank
+# accumulates 2 micro-batches of 2 rows (the loader hands rank d rows [2d, 2d+2) of each global
+# micro-batch of 4 rows), so accumulation and the all-reduce are both exercised.
+DP1 = ("parallel.micro_batch=2", "parallel.grad_accum=4")
+DP2 = ("parallel.micro_batch=2", "parallel.grad_accum=2")
 # Different reduction order (all-reduce average vs accumulation) changes the last bits of the
 # gradients; over a few Adam steps the losses stay this close.
 TOL = 2e-4
@@ -67,12 +68,12 @@ def test_dp2_matches_dp1_with_the_same_global_batch(tmp_path):
 
 
 def test_signal_to_one_rank_stops_both_at_the_same_step_and_resumes(tmp_path):
-    steps = ("train.steps=40", "train.eval_every=20")
+    steps = ("train.steps=24", "train.eval_every=12")
     reference = tmp_path / "reference"
     for code, out in wait_all(launch_dp2(reference, *DP2, *steps)):
         assert code == 0, out[-3000:]
     ref_losses = step_losses(reference)
-    assert sorted(ref_losses) == list(range(1, 41))
+    assert sorted(ref_losses) == list(range(1, 25))
 
     run = tmp_path / "run"
     procs = launch_dp2(run, *DP2, *steps)
@@ -87,7 +88,7 @@ def test_signal_to_one_rank_stops_both_at_the_same_step_and_resumes(tmp_path):
     assert [code for code, _ in results] == [EXIT_REQUEUE, EXIT_REQUEUE], [out[-2000:] for _, out in results]
     stop = records(run, "stop")[-1]
     stopped_at = stop["step"]
-    assert 2 <= stopped_at < 40
+    assert 2 <= stopped_at < 24
     assert stop["reason"] == "another rank"  # rank 0 got no signal: it stopped on rank 1's request
     assert find_latest(run / "checkpoints").step == stopped_at
     assert max(step_losses(run)) == stopped_at  # no rank went on past the agreed step
@@ -102,8 +103,8 @@ def test_signal_to_one_rank_stops_both_at_the_same_step_and_resumes(tmp_path):
     # with the rows not yet consumed, the losses follow within the dp tolerance.
     assert Trainer(tiny_config(run_dp1, *DP1, *steps)).run() == 0
     resumed = step_losses(run_dp1)
-    assert sorted(resumed) == list(range(1, 41))
-    for s in range(stopped_at + 1, 41):
+    assert sorted(resumed) == list(range(1, 25))
+    for s in range(stopped_at + 1, 25):
         assert abs(resumed[s] - ref_losses[s]) < 5 * TOL, (s, resumed[s], ref_losses[s])
 
 
