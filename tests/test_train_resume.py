@@ -128,3 +128,24 @@ def test_wandb_run_id_survives_a_requeue(tmp_path):
     assert (out / "wandb_run_id").read_text().strip() == run_id
     offline_runs = list((out / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline_runs) >= 1
+
+
+def test_latest_is_the_newest_complete_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+
+    def make(step: int, complete: bool) -> None:
+        d = root / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        if complete:
+            (d / MARKER).write_text(json.dumps({"format": 1, "step": step, "model": {}}))
+
+    assert find_latest(root) is None
+    make(3, True)
+    make(6, True)
+    make(9, False)  # died while saving
+    assert find_latest(root).step == 6  # no pointer yet (crash before the first pointer write)
+    (root / POINTER).write_text("step_00000003\n")
+    # Crash after step 6's marker, before the pointer moved: 6 is complete and is the latest.
+    assert find_latest(root).step == 6
+    (root / "step_00000006" / MARKER).unlink()
+    assert find_latest(root).step == 3

@@ -116,6 +116,10 @@ def find_latest(root: Path) -> CheckpointRef | None:
         if meta is None:
             raise CheckpointError(f"checkpoint pointer {pointer} names {tag_dir}, which has no {MARKER} "
                                   "(an incomplete save)")
+        # A crash between a marker and the pointer update leaves a newer complete checkpoint behind.
+        newer = [t for s, t in _complete_tags(root) if s > int(meta["step"])]
+        if newer:
+            return CheckpointRef(root, newer[-1], read_marker(root / newer[-1]) or {})
         return CheckpointRef(root, tag, meta)
     # No pointer: a crash between the first marker and the first pointer write; complete directories
     # are still safe to use.
@@ -205,7 +209,11 @@ class CheckpointManager:
         tag_dir = self.root / tag
         existing = read_marker(tag_dir) if tag_dir.is_dir() else None
         if existing is not None:
-            # Already saved at this step (never overwrite a complete checkpoint).
+            # Already saved at this step (never overwrite a complete checkpoint); make it the latest.
+            _barrier()
+            if self.rank == 0:
+                _atomic_write_text(self.root / POINTER, tag + "\n")
+            _barrier()
             return CheckpointRef(self.root, tag, existing)
         _barrier()
         if self.rank == 0:
