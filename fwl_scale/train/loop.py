@@ -24,7 +24,7 @@ from fwl_scale.train.checkpoint import (CheckpointError, CheckpointManager, Chec
 from fwl_scale.train.engine import (DistInfo, build_engine, init_distributed, zero_stage_discards_nonfinite)
 from fwl_scale.train.flops import train_flops_per_token
 from fwl_scale.train.metrics import MetricsLog, Throughput, device_name, efficiency, peak_tflops
-from fwl_scale.train.signals import EXIT_REQUEUE, STOP_FILE_NAME, StopRequest
+from fwl_scale.train.signals import EXIT_REQUEUE, StopRequest, stop_file_path
 
 log = logging.getLogger("fwl_scale.train")
 
@@ -105,7 +105,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.out_dir, cfg.train.keep_last, self.dist.rank)
         # Decide what to resume from, and refuse bad checkpoints, before anything is written.
         self.resume_ref = self._choose_checkpoint(resume, resume_from)
-        self.stop = StopRequest(stop_file=self.out_dir / STOP_FILE_NAME).install()
+        self.stop = StopRequest(stop_file=stop_file_path(self.out_dir)).install()
         try:
             self._build()
         except BaseException:

@@ -7,11 +7,12 @@ signal delivered to one rank only (or to different ranks at different moments) s
 after the same step. Slurm sends SIGUSR1 ahead of the time limit when asked (`--signal`) and SIGTERM on
 preemption or scancel; both lead to the same path. A stop file (`<out_dir>/STOP`) does the same for
 launch setups in which the signal reaches a wrapper script rather than the ranks (e.g. a batch-script
-trap that touches the file); the trainer removes it once the checkpoint is saved, so a requeued job
-does not stop again at once.
+trap that touches the file; the path can be set with $FWL_STOP_FILE); the trainer removes it once the
+checkpoint is saved, so a requeued job does not stop again at once.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -25,6 +26,13 @@ EXIT_REQUEUE = 75
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 STOP_FILE_NAME = "STOP"
+STOP_FILE_ENV = "FWL_STOP_FILE"
+
+
+def stop_file_path(out_dir: Path) -> Path:
+    """$FWL_STOP_FILE if set (a launcher that does not read our config), else <out_dir>/STOP."""
+    env = os.environ.get(STOP_FILE_ENV)
+    return Path(env) if env else Path(out_dir) / STOP_FILE_NAME
 
 
 class StopRequest:
