@@ -107,6 +107,7 @@ fwl_train() {
     [[ -n "${FWL_SRUN_ARGS:-}" ]] && srun_args+=($FWL_SRUN_ARGS)
     # Each task maps Slurm's ids to the variables torch.distributed reads, says where it runs, then
     # becomes the trainer (exec), so signals reach Python directly.
+    # shellcheck disable=SC2016  # expanded by each task's shell, not here
     srun "${srun_args[@]}" bash -c \
         'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
          echo "[fwl-launcher] rank $RANK/$WORLD_SIZE on $SLURMD_NODENAME (local rank $LOCAL_RANK)"

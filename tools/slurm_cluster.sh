@@ -154,8 +154,7 @@ start_munge() {
         --pid-file="$STATE_DIR/run/munged.pid" --log-file="$STATE_DIR/log/munged.log" \
         --seed-file="$STATE_DIR/munge/munged.seed" \
         || die "munged failed to start; see $STATE_DIR/log/munged.log"
-    local t
-    for t in $(seq 50); do
+    for _ in $(seq 50); do
         munge -S "$MUNGE_SOCKET" -n </dev/null | unmunge -S "$MUNGE_SOCKET" >/dev/null 2>&1 && return 0
         sleep 0.1
     done
@@ -205,12 +204,12 @@ cmd_start() {
 }
 
 stop_pid() {  # stop_pid PIDFILE: TERM, wait, then KILL the one process it names
-    local pidfile=$1 pid t
+    local pidfile=$1 pid
     [[ -s "$pidfile" ]] || return 0
     pid=$(cat "$pidfile")
     if kill -0 "$pid" 2>/dev/null; then
         kill "$pid" 2>/dev/null || true
-        for t in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
         kill -9 "$pid" 2>/dev/null || true
     fi
     rm -f "$pidfile"
@@ -223,8 +222,7 @@ stop_slurm() {
         if [[ -n "$jobs" ]]; then
             # shellcheck disable=SC2086
             scancel $jobs 2>/dev/null || true
-            local t
-            for t in $(seq 30); do [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break; sleep 1; done
+            for _ in $(seq 30); do [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break; sleep 1; done
         fi
     fi
     local node
@@ -240,14 +238,22 @@ cmd_stop() {
 }
 
 cmd_status() {
-    local name ok=0
-    for name in munged slurmctld.own "${NODES[@]/#/slurmd-}"; do
-        name=${name%.own}
-        local pidfile="$STATE_DIR/run/$name.own.pid"
+    local ok=0 name pidfile
+    for name in munged slurmctld "${NODES[@]/#/slurmd-}"; do
+        pidfile="$STATE_DIR/run/$name.own.pid"
         [[ $name == munged ]] && pidfile="$STATE_DIR/run/munged.pid"
-        if alive "$pidfile"; then echo "$name: running (pid $(cat "$pidfile"))"; else echo "$name: stopped"; ok=1; fi
+        if alive "$pidfile"; then
+            echo "$name: running (pid $(cat "$pidfile"))"
+        else
+            echo "$name: stopped"
+            ok=1
+        fi
     done
-    [[ $ok -eq 0 ]] && sinfo -N || true
+    if [[ $ok -eq 0 ]]; then
+        sinfo -N
+        # Up means every node answers and takes jobs.
+        [[ $(sinfo -h -N -t idle,mix,alloc -o %N | sort -u | wc -l) -eq ${#NODES[@]} ]] || ok=1
+    fi
     return $ok
 }
 
