@@ -115,6 +115,40 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class VocabLoss(nn.Module):
+    """Per-token cross-entropy (and, if asked, the logits) of the unembedding U u + c.
+
+    A module of its own, without parameters of its own, so that DeepSpeed ZeRO-3 can gather the tied
+    unembedding (and the FWL's output bias) for its forward *and* its backward: the losses are computed
+    in token chunks recomputed during backward, which under ZeRO-3 needs those parameters gathered
+    again (GPT registers them as this module's external parameters, see GPT._register_zero3_externals)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPContext | None):
+        super().__init__()
+        self.vocab_size = cfg.vocab_size
+        self.vocab_chunk = cfg.fwl.vocab_chunk
+        self.tp = tp
+
+    def forward(self, u: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                return_logits: bool = False) -> tuple[Tensor, Tensor | None]:
+        """`u` [B, T, s]: replicated, or under tensor parallelism inside the tensor-parallel region
+        (copy_to_tp / gather_from_sequence); `weight`/`bias` this rank's vocabulary rows."""
+        tp, V = self.tp, self.vocab_size
+        token_loss = token_cross_entropy(u, weight, bias, labels, V, self.vocab_chunk, tp)
+        logits = None
+        if return_logits:
+            if tp is None:
+                logits = u @ weight[:V].t()
+                if bias is not None:
+                    logits = logits + bias[:V]
+            else:
+                local = u @ weight.t()
+                if bias is not None:
+                    local = local + bias
+                logits = gather_from_tp(local, tp, dim=-1)[..., :V]
+        return token_loss, logits
+
+
 def _tp_context(tp_group) -> TPContext | None:
     """None at tp = 1; accepts a ParallelState, a TPContext or a bare process group (no sequence
     parallelism)."""
@@ -150,6 +184,8 @@ class GPT(nn.Module):
                 cfg.d_model, cfg.fwl_width, f.hidden_mult, cfg.vocab_size, V, f.step_size_init,
                 cfg.fwl_grad_scale, f.eps, f.chunk_size, f.vocab_chunk, cfg.init_std, form=f.form,
                 device=device, tp=tp)
+        self.vocab_loss = VocabLoss(cfg, tp)
+        self._zero3_externals_registered = False
         self.activation_checkpointing = False
         if device is None or torch.device(device).type != "meta":
             self.reset_parameters()
@@ -199,6 +235,26 @@ class GPT(nn.Module):
         counts["total"] = sum(counts.values())
         return counts
 
+    def zero3_external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where a module uses a parameter it does not own: the tied
+        unembedding in the FWL and in the loss, the FWL's output bias in the loss."""
+        pairs = [(self.vocab_loss, self.unembedding)]
+        if self.fwl is not None:
+            pairs += [(self.vocab_loss, self.fwl.out_bias), (self.fwl, self.unembedding)]
+        return pairs
+
+    def _register_zero3_externals(self) -> None:
+        """Under DeepSpeed ZeRO-3 (its partitioned parameters carry `ds_id`) registers the external
+        parameters once, so ZeRO-3 gathers them in those modules' forward and backward; without
+        DeepSpeed nothing happens and nothing is imported."""
+        if self._zero3_externals_registered or not hasattr(self.embed.weight, "ds_id"):
+            return
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        for module, param in self.zero3_external_parameters():
+            register_external_parameter(module, param)
+        self._zero3_externals_registered = True
+
     def body(self, input_ids: Tensor, doc_ids: Tensor | None) -> Tensor:
         """The final-normed body output [B, T, d] (under sequence parallelism this rank's chunk
         [B, T/tp, d])."""
@@ -230,6 +286,7 @@ class GPT(nn.Module):
         Under tensor parallelism every rank passes the same whole batch and gets the same outputs (the
         FWL state is sharded like the FWL's weights)."""
         tp = self.tp
+        self._register_zero3_externals()
         h = self.body(input_ids, doc_ids)
         if labels is None:
             labels = torch.full_like(input_ids, IGNORE_INDEX)
@@ -244,22 +301,10 @@ class GPT(nn.Module):
             h_tp = copy_to_tp(h, tp)  # replicated u' into the vocabulary-parallel unembedding
         else:
             h_tp = gather_from_sequence(h, tp) if self.sequence_parallel else copy_to_tp(h, tp)
-        token_loss = token_cross_entropy(h_tp if tp is not None else h, self.unembedding, bias, labels,
-                                         self.cfg.vocab_size, self.cfg.fwl.vocab_chunk, tp)
+        token_loss, logits = self.vocab_loss(h_tp if tp is not None else h, self.unembedding, bias, labels,
+                                             return_logits)
         n_valid = (labels != IGNORE_INDEX).sum()
         loss = token_loss.sum() / n_valid.clamp(min=1)
-        logits = None
-        if return_logits:
-            V = self.cfg.vocab_size
-            if tp is None:
-                logits = h @ self.unembedding[:V].t()
-                if bias is not None:
-                    logits = logits + bias[:V]
-            else:
-                local = h_tp @ self.unembedding.t()
-                if bias is not None:
-                    local = local + bias
-                logits = gather_from_tp(local, tp, dim=-1)[..., :V]
         return ModelOutput(loss=loss, token_loss=token_loss, n_valid=n_valid, logits=logits, fwl_state=state)
 
 
