@@ -95,19 +95,23 @@ def slurm_env(tmp_path_factory) -> Iterator[dict[str, str]]:
             subprocess.run([str(CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
 
 
-def logged_steps(out_dir: Path) -> list[int]:
-    """Training steps in metrics.jsonl, read while the run may be appending (a torn last line is skipped)."""
+def records_safe(out_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """Records of metrics.jsonl, read while the run may be appending (a torn last line is skipped)."""
     path = out_dir / "metrics.jsonl"
-    steps = []
+    found = []
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if r.get("kind") == "train":
-                steps.append(r["step"])
-    return steps
+            if r.get("kind") == kind:
+                found.append(r)
+    return found
+
+
+def logged_steps(out_dir: Path) -> list[int]:
+    return [r["step"] for r in records_safe(out_dir, "train")]
 
 
 class Job:
@@ -262,6 +266,27 @@ def run_chained(env: dict[str, str], work: Path) -> Outcome:
                                                                   "successor": successor})
 
 
+def run_time_limited(env: dict[str, str], work: Path) -> Outcome:
+    # A run far longer than its 3-minute limit. Slurm itself must warn it (SIGUSR1 60 s before the
+    # limit, "up to 60 seconds earlier" by sbatch(1): 60-120 s after the start, after start-up), and the
+    # job must checkpoint, requeue and resume on its own. Cancelled once the second run trains.
+    out_dir = work / "run"
+    job = Job(env, work / "job.out", _overrides(out_dir, "train.steps=100000", "train.save_every=100000"),
+              sbatch_args=("--time=3", "--signal=USR1@60"))
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not records_safe(out_dir, "start")[1:]:
+        info = job.info()
+        assert info["JobState"] in ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED"), \
+            f"job {job.id} is {info['JobState']}; log:\n{job.text()[-4000:]}"
+        assert time.monotonic() < deadline, f"job {job.id} was not requeued; log:\n{job.text()[-4000:]}"
+        time.sleep(1)
+    resumed_at = records_safe(out_dir, "start")[1]["step"]
+    job.wait_step(out_dir, resumed_at + 5)
+    info = job.info()
+    job.scancel()
+    return Outcome(job, out_dir, info, {"final": job.wait_done()})
+
+
 def run_cancelled(env: dict[str, str], work: Path) -> Outcome:
     job = Job(env, work / "job.out", _overrides(work / "run"))
     seen = job.wait_step(work / "run", 15)
@@ -275,7 +300,7 @@ def run_cancelled(env: dict[str, str], work: Path) -> Outcome:
 def scenarios(slurm_env, tmp_path_factory) -> dict[str, Scenario]:
     """All training scenarios, started together so that their start-up and requeue waits overlap."""
     fns = {"reference": run_reference, "signalled": run_signalled, "killed": run_killed,
-           "chained": run_chained, "cancelled": run_cancelled}
+           "chained": run_chained, "cancelled": run_cancelled, "time_limited": run_time_limited}
     return {name: Scenario(fn, slurm_env, tmp_path_factory.mktemp(name)) for name, fn in fns.items()}
 
 
@@ -404,3 +429,20 @@ def test_scancel_stops_the_job_for_good(scenarios):
     # that far, must still not requeue a cancelled job.
     if "training stopped early after a checkpoint" in text:
         assert "not requeueing" in text, text[-4000:]
+
+
+def test_time_limit_warning_checkpoints_and_requeues(scenarios):
+    run = scenarios["time_limited"].outcome()
+    text = run.job.text()
+    # Requeued by its own script after Slurm's warning, before the limit: never TIMEOUT.
+    assert run.info["JobState"] == "RUNNING" and run.info["Restarts"] == "1", run.info
+    assert f"requeued job {run.job.id}" in text and "start: restart 1," in text, text[-4000:]
+    stops = records(run.out_dir, "stop")  # (a second one: our final scancel, which it also survives)
+    assert stops and stops[0]["reason"] == "SIGUSR1", stops  # nobody but Slurm signalled it
+    starts = records(run.out_dir, "start")
+    assert [s["step"] for s in starts] == [0, stops[0]["step"]]
+    assert starts[1]["resumed_from"].endswith(f"step_{stops[0]['step']:08d}")
+    steps = train_steps(run.out_dir)
+    assert steps[: stops[0]["step"]] == list(range(1, stops[0]["step"] + 1))
+    assert steps[stops[0]["step"]] == stops[0]["step"] + 1  # resumed at the next step
+    assert run.seen["final"]["JobState"] == "CANCELLED"
