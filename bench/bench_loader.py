@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--mode", default="packed", choices=["packed", "contiguous"])
     ap.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU bf16 peak (H100 SXM: 989)")
+    ap.add_argument("--readers", nargs="+", default=["fast", "webdataset"], choices=["fast", "webdataset"],
+                    help="shard readers to time (webdataset: its own tar iteration; fast: direct ustar parse)")
     args = ap.parse_args()
 
     import torch
@@ -76,10 +78,18 @@ def main() -> None:
           f"{'FWL' if cfg.model.fwl.enabled else 'baseline'} head {flops.head / 1e9:.2f}); at {args.peak_tflops:.0f} "
           f"TFLOP/s x MFU {args.mfu:.0%} one GPU consumes {need:,.0f} tokens/s")
     print()
-    print(f"{'dp':>4} {'workers':>7} {'calls':>6} {'tokens/s to this rank':>22} {'stream tokens/s read':>21} "
-          f"{'vs one GPU':>11}")
-    for dp in args.dp:
-        for w in args.workers:
+    import functools
+
+    import fwl_scale.data.loader as loader_mod
+    from fwl_scale.data.shards import read_shard
+
+    print(f"{'reader':>10} {'dp':>4} {'workers':>7} {'calls':>6} {'tokens/s to this rank':>22} "
+          f"{'stream tokens/s read':>21} {'vs one GPU':>11}")
+    rows = [(r, dp, w) for r in args.readers for dp in args.dp for w in args.workers
+            if r == "fast" or w == 0]  # the reader comparison in-process only
+    for reader, dp, w in rows:
+        loader_mod.read_shard = functools.partial(read_shard, reader=reader)
+        if True:
             c = load_config(args.config, [f"data.train={train}", "data.valid=[]", f"data.root={paths.root}",
                                           f"data.shard_bytes={int(args.shard_mib * 2**20)}",
                                           f"data.loader_workers={w}", "data.prefetch=4", f"data.mode={args.mode}"])
@@ -92,7 +102,8 @@ def main() -> None:
             dt = time.perf_counter() - t1
             loader.close()
             rate = n * b["input_ids"].numel() / dt
-            print(f"{dp:>4} {w:>7} {n:>6} {rate:>22,.0f} {rate * dp:>21,.0f} {rate / need:>10.1f}x", flush=True)
+            print(f"{reader:>10} {dp:>4} {w:>7} {n:>6} {rate:>22,.0f} {rate * dp:>21,.0f} {rate / need:>10.1f}x",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_bad_input_exits_non_zero_with_a_clear_message(small, tmp_path):
 def test_build_killed_with_sigkill_resumes_to_identical_shards(tmp_path):
     # Several MB of real text in small shards, so that the kill lands in the middle of the build.
     src = tmp_path / "big.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in corpus_records(12)))
+    src.write_text("".join(json.dumps(r) + "\n" for r in corpus_records(12, cut=250_000)))
     common = [f"data.train=[{src}]", "model.vocab_size=1024", "data.workers=1", "data.shard_bytes=131072",
               "data.valid_fraction=0.1"]
     assert main(["data", "tokenizer", f"data.root={tmp_path / 'clean'}", *common]) == 0

@@ -191,6 +191,37 @@ def test_prefetch_workers_do_not_change_order_or_state(data):
     w2.close()
 
 
+def test_workers_survive_a_group_sigterm_and_never_block_exit(data):
+    """Slurm signals every process of a job step: the workers must keep serving while the trainer
+    finishes its step, and a loader nobody closed must not keep the process from exiting."""
+    import subprocess
+    import sys
+
+    cfg, paths = data
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from fwl_scale.config import load_config
+from fwl_scale.data import TrainLoader, prepare_data
+got = []
+signal.signal(signal.SIGTERM, lambda *a: got.append("TERM"))
+cfg = load_config(None, {[f"data.root={paths.root}", f"data.train=[{cfg.data.train[0]}]", f"model.vocab_size={VOCAB}",
+                          f"model.seq_len={T}", "data.workers=1", "data.shard_bytes=8192", "data.valid_fraction=0.2",
+                          "data.loader_workers=2"]!r})
+paths = prepare_data(cfg, log=lambda s: None)
+LEAKED = TrainLoader(cfg, paths)
+LEAKED.next_batch()
+os.killpg(0, signal.SIGTERM)
+for _ in range(6):
+    LEAKED.next_batch()
+print("served after SIGTERM", got)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       start_new_session=True)  # its own process group: the signal stays inside
+    assert r.returncode == 0, r.stderr
+    assert "served after SIGTERM ['TERM']" in r.stdout
+
+
 def slot_streams(cfg, paths, dp: int, steps: int, state=None, micro: int = M):
     """Per global slot, the concatenated rows of `steps` calls (all ranks), and the last state."""
     c = with_(cfg, **{"data.mode": "contiguous", "parallel.micro_batch": micro})

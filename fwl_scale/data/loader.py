@@ -29,7 +29,10 @@ global order again. Workers only read ahead; they never decide the order.
 """
 from __future__ import annotations
 
+import atexit
 import math
+import signal
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -250,9 +253,9 @@ class _Producer:
         m, T, d, D = sp.micro_batch, sp.seq_len, sp.dp_rank, sp.dp_size
         out = None
         if build:
-            ids = np.empty((m, T), dtype=np.int64)
-            labels = np.empty((m, T), dtype=np.int64)
-            doc_ids = np.empty((m, T), dtype=np.int64)
+            # One [3, m, T] block: a single shared-memory transfer from a loader worker instead of three.
+            block = np.empty((3, m, T), dtype=np.int64)
+            ids, labels, doc_ids = block[0], block[1], block[2]
         if sp.mode == "packed":
             self.stream.skip_rows(d * m)
             if build:
@@ -269,8 +272,7 @@ class _Producer:
         self.consumed += m * D
         self.steps += 1
         if build:
-            out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-                   "doc_ids": torch.from_numpy(doc_ids), "state": self.state()}
+            out = {"block": torch.from_numpy(block), "state": self.state()}
         return out
 
 
@@ -289,6 +291,31 @@ class _BatchStream(torch.utils.data.IterableDataset):
             if out is not None:
                 yield out
             j += 1
+
+
+# Prefetch workers leave stop signals to the training process: Slurm signals every process of a job
+# step, and a worker killed by SIGTERM would break the step the trainer is finishing before it saves a
+# checkpoint. The signals are blocked while the workers are forked (so none arrives before they ignore
+# it; the parent gets its own once unblocked) and ignored in the workers. A worker still exits when its
+# parent does (torch's watchdog), and close() kills what shutdown leaves.
+_WORKER_IGNORED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _worker_init(_: int) -> None:
+    for sig in _WORKER_IGNORED:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_IGNORED)
+
+
+_OPEN_LOADERS: "weakref.WeakSet[TrainLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    # Runs before multiprocessing's own exit handler (registered earlier), which would terminate and
+    # then join the workers: with SIGTERM ignored in them, that join would wait forever.
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
 
 
 def _tokenizer_checksum(paths: Any) -> tuple[str, str]:
@@ -352,21 +379,27 @@ class TrainLoader:
 
     def _start(self) -> None:
         ds = _BatchStream(self._spec())
+        _OPEN_LOADERS.add(self)
         if self.workers == 0:
             self._it = iter(ds)
         else:
             self._loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.workers,
-                                                       prefetch_factor=self.prefetch)
-            self._it = iter(self._loader)
+                                                       prefetch_factor=self.prefetch, worker_init_fn=_worker_init)
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_IGNORED)
+            try:
+                self._it = iter(self._loader)  # forks the workers
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """{"input_ids", "labels", "doc_ids"}: int64 [micro_batch, seq_len] for this rank."""
         if self._it is None:
             self._start()
         assert self._it is not None
-        batch = next(self._it)
-        self._state = batch.pop("state")
-        return batch
+        out = next(self._it)
+        self._state = out["state"]
+        block = out["block"]
+        return {"input_ids": block[0], "labels": block[1], "doc_ids": block[2]}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -400,11 +433,26 @@ class TrainLoader:
         self._state = dict(sd)
 
     def close(self) -> None:
-        self._it = None
-        self._loader = None  # the DataLoader's iterator shuts its workers down when collected
+        """Stops the prefetch workers now. They ignore SIGTERM (see _worker_init), so anything torch's
+        shutdown leaves alive is killed outright; an unclosed loader is closed at interpreter exit."""
+        it, self._it, self._loader = self._it, None, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is None:
+            return
+        workers = list(getattr(it, "_workers", []))
+        try:
+            shutdown()
+        finally:
+            for w in workers:
+                if w.is_alive():
+                    w.kill()
+                    w.join(timeout=5)
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def valid_batches(cfg: Config, paths: Any, max_batches: int | None, dp_rank: int = 0,
