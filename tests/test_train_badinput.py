@@ -30,20 +30,22 @@ def fwl_main(capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_malformed_yaml_and_unknown_key_as_processes(tmp_path):
+def test_malformed_yaml_and_unknown_keys(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  d_model: [32\n")
-    res = run_fwl("train", str(bad), timeout=120)
+    res = run_fwl("train", str(bad), timeout=120)  # as a process: the exit status and stderr
     assert res.returncode == 2
     assert f"{bad}: malformed YAML" in res.stderr
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("model:\n  d_modle: 32\n")
-    res = run_fwl("train", str(unknown), timeout=120)
-    assert res.returncode == 2 and "unknown key model.d_modle" in res.stderr
-    res = run_fwl("eval", str(unknown), str(tmp_path), timeout=120)
-    assert res.returncode == 2 and "unknown key model.d_modle" in res.stderr
-    res = run_fwl("params", "configs/tiny.yaml", "train.nonsense=1", timeout=120)
-    assert res.returncode == 2 and "unknown key train.nonsense" in res.stderr
+    code, err = fwl_main(capsys, "train", str(unknown))
+    assert code == 2 and f"{unknown}: unknown key model.d_modle" in err
+    code, err = fwl_main(capsys, "eval", str(unknown), str(tmp_path))
+    assert code == 2 and "unknown key model.d_modle" in err
+    code, err = fwl_main(capsys, "params", "configs/tiny.yaml", "train.nonsense=1")
+    assert code == 2 and "unknown key train.nonsense" in err
+    code, err = fwl_main(capsys, "train", "configs/tiny.yaml", "model.n_heads=3")
+    assert code == 2 and "model.n_heads: must divide model.d_model" in err
     assert not (Path.cwd() / "runs" / "unknown").exists()
 
 
