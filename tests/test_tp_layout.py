@@ -48,6 +48,12 @@ def test_deepspeed_topology_order_when_cp_is_one():
     for r in range(8):
         c = topo.get_coord(r)
         assert lay.coords(r) == {"tp": c.model, "cp": 0, "dp": c.data, "pp": c.pipe}
+    # With cp > 1 DeepSpeed's data axis is cp × dp, and every group coincides with ours.
+    lay = Layout(tp=2, cp=2, dp=2, pp=2)
+    topo = lay.deepspeed_topology()
+    assert sorted(topo.get_axis_comm_lists("model")) == lay.group_ranks(("tp",))
+    assert sorted(topo.get_axis_comm_lists("data")) == lay.group_ranks(("cp", "dp"))
+    assert sorted(topo.get_axis_comm_lists("pipe")) == lay.group_ranks(("pp",))
 
 
 def test_plan_layout_infers_dp_and_validates():

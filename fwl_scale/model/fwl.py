@@ -30,7 +30,10 @@ class FWLState:
     """Running sums of earlier positions of the current document, per batch row (float32 or wider).
 
     `pending_x` holds the body output of a last position whose label was not known when its segment
-    was processed (generation, streaming); it is folded in once the next segment supplies the label."""
+    was processed (generation, streaming); it is folded in once the next segment supplies the label.
+
+    Under tensor parallelism the state is sharded like the FWL's weights: w1 [B, d, 4s/tp], b1 [B, 4s/tp]
+    and w2 [B, 4s/tp, s] hold this rank's slice of the hidden width; the others are replicated."""
 
     w1: Tensor  # [B, d, 4s]  Σ x_j gh1_jᵀ
     b1: Tensor  # [B, 4s]     Σ gh1_j

@@ -75,6 +75,15 @@ class Layout:
         return sorted(groups)
 
 
+    def deepspeed_topology(self):
+        """DeepSpeed's PipeModelDataParallelTopology for this layout (for the pipeline engine, which
+        builds its groups from it and takes no mpu): model = tp, data = cp × dp (context-parallel
+        ranks reduce gradients with the data-parallel ones), pipe = pp — the same rank order as ours."""
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        return PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.cp * self.dp)
+
+
 def plan_layout(cfg: Config, world_size: int, source: str = "config") -> Layout:
     """Validates `cfg` (Config.validate, Config.check_world) and the rules only a layout can break;
     returns the layout. Errors name the field."""
