@@ -14,6 +14,7 @@ FLOPs per token, with the FLOP count of fwl_scale.train.flops (body + FWL head) 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import sys
@@ -57,7 +58,7 @@ def main() -> None:
     from fwl_scale.train.flops import train_flops_per_token
 
     train = "[" + ",".join(args.train) + "]"
-    name = f"{Path(args.config).stem}_{abs(hash(tuple(args.train))) % 10**8}"
+    name = f"{Path(args.config).stem}_{hashlib.sha256(repr(args.train).encode()).hexdigest()[:10]}"
     cfg = load_config(args.config, [f"data.train={train}", "data.valid=[]", f"data.root={Path(args.root) / name}",
                                     f"data.shard_bytes={int(args.shard_mib * 2**20)}", f"data.workers={os.cpu_count() or 1}",
                                     f"data.mode={args.mode}"])
