@@ -41,6 +41,12 @@ fwl_die() { fwl_log "ERROR: $*" >&2; exit 2; }
 
 fwl_setup_env() {
     if [[ -n "${FWL_MODULES:-}" ]]; then
+        # A batch script is no login shell: `module` may still have to be defined.
+        local init
+        for init in /etc/profile.d/lmod.sh /etc/profile.d/modules.sh; do
+            # shellcheck disable=SC1090
+            command -v module >/dev/null 2>&1 || { [[ -f $init ]] && source "$init"; }
+        done
         command -v module >/dev/null 2>&1 || fwl_die "FWL_MODULES is set but there is no 'module' command"
         # shellcheck disable=SC2086
         module load $FWL_MODULES || fwl_die "module load $FWL_MODULES failed"
