@@ -42,14 +42,10 @@ def plan(config: str, overrides: list[str], nodes: int, tasks_per_node: int, gpu
     cfg = load_config(config, overrides)
     p = cfg.parallel
     model_parallel = p.tp * p.cp * p.pp
-    if world % model_parallel != 0:
-        raise LayoutError(
-            f"{alloc} = {world} ranks is not a multiple of tp*cp*pp = {p.tp}*{p.cp}*{p.pp} = "
-            f"{model_parallel}; request a multiple of {model_parallel} ranks or change parallel.tp/cp/pp")
-    dp = world // model_parallel
-    if p.dp is not None and p.dp != dp:
-        raise LayoutError(f"parallel.dp = {p.dp} is set, but {alloc} = {world} ranks with tp*cp*pp = "
-                          f"{model_parallel} gives dp = {dp}; leave parallel.dp unset (null) for launchers")
+    try:  # world a multiple of tp*cp*pp, and a parallel.dp given in the config consistent with it
+        dp = cfg.check_world(world)
+    except ConfigError as e:
+        raise LayoutError(f"{alloc} = {world} ranks: {e}") from None
     if tasks_per_node % p.tp != 0 and p.tp < tasks_per_node:
         raise LayoutError(f"parallel.tp = {p.tp} does not divide the {tasks_per_node} ranks of a node, so "
                           f"tensor-parallel groups would straddle nodes; use a tp that divides {tasks_per_node}")

@@ -324,7 +324,7 @@ def train_steps(out_dir: Path) -> list[int]:
 
 @pytest.mark.parametrize("settings,extra,message", [
     ({"FWL_TP": "4"}, ["model.n_heads=4"],
-     "2 node(s) x 1 task(s) = 2 ranks is not a multiple of tp*cp*pp = 4*1*1 = 4"),
+     "2 node(s) x 1 task(s) = 2 ranks: parallel: world size 2 is not a multiple of tp*cp*pp = 4*1*1 = 4"),
     ({"FWL_GLOBAL_BATCH": "12"}, [],
      "global batch 12 is not a multiple of micro_batch * dp = 4 * 2 = 8 (2 node(s) x 1 task(s)"),
 ], ids=["tp-exceeds-ranks", "global-batch"])
