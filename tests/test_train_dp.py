@@ -81,6 +81,20 @@ def test_dp2_matches_dp1_with_the_same_global_batch(tmp_path, dp2_reference):
         assert torch.allclose(w1[k], w2[k], atol=1e-4, rtol=0), k
 
 
+def test_dp2_zero2_matches_zero0(tmp_path, dp2_reference):
+    """ZeRO-2 (gradients reduced into partitions during backward, optimizer state sharded) with
+    accumulation over an explicit boundary: the same training as ZeRO-0."""
+    _, ref_losses = dp2_reference
+    out = tmp_path / "zero2"
+    for code, log in wait_all(launch_dp2(out, *DP2, *STEPS, "parallel.zero_stage=2")):
+        assert code == 0, log[-3000:]
+    losses = step_losses(out)
+    assert sorted(losses) == sorted(ref_losses)
+    for s in losses:
+        assert abs(losses[s] - ref_losses[s]) < TOL, (s, losses[s], ref_losses[s])
+    assert find_latest(out / "checkpoints").meta["zero_stage"] == 2
+
+
 def test_signal_to_one_rank_stops_both_at_the_same_step_and_resumes(tmp_path, dp2_reference):
     _, ref_losses = dp2_reference
     run = tmp_path / "run"

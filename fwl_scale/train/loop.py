@@ -190,11 +190,9 @@ class Trainer:
                                 nonfinite_in_row=int(s["nonfinite_in_row"]), last_eval=s.get("last_eval", {}))
         try:
             self.loader.load_state_dict(client["data"])
-        except ConfigError:
-            raise
         except Exception as e:  # the loader names what does not fit; say which checkpoint it came from
-            raise CheckpointError(f"checkpoint {ref.path}: its data-loader state does not fit this data "
-                                  f"({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"checkpoint {ref.path}: its data-loader state does not fit this data: "
+                                  f"{e}") from None
         rng = client.get("rng") or []
         if len(rng) == self.dist.world_size:
             _set_rng_state(rng[self.dist.rank])
