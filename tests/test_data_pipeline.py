@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
-import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fwl_scale.config import load_config
