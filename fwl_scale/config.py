@@ -78,6 +78,10 @@ class ParallelConfig:
     dp: int | None = None
     pp: int = 1
     sequence_parallel: bool = False
+    # Context parallelism: how the FWL state crosses rank boundaries. state: one segmented scan of the
+    # running sums (dk·dv per rank, fp32); kv: all-gather the FWL keys and values (T/cp·(dk+dv) per rank)
+    # and attend to earlier ranks' tokens; auto: whichever sends fewer bytes (DESIGN §1).
+    cp_exchange: str = "auto"
     zero_stage: int = 0
     micro_batch: int = 8
     grad_accum: int = 1
@@ -180,6 +184,8 @@ class Config:
                        ("parallel.micro_batch", p.micro_batch), ("parallel.grad_accum", p.grad_accum)]:
             need(v >= 1, fld, f"must be >= 1, got {v}")
         need(p.dp is None or p.dp >= 1, "parallel.dp", f"must be >= 1, got {p.dp}")
+        need(p.cp_exchange in ("auto", "state", "kv"), "parallel.cp_exchange",
+             f"must be auto, state or kv, got {p.cp_exchange!r}")
         need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0..3, got {p.zero_stage}")
         need(not (p.pp > 1 and p.zero_stage >= 2), "parallel.zero_stage",
              "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use zero_stage <= 1 with pp > 1")
