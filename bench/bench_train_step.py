@@ -35,34 +35,37 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(cfg: Config, dist: DistInfo, warmup: int, steps: int) -> tuple[float, float, int]:
-    """Median seconds of (forward + backward, whole step incl. the optimizer) and the parameter count."""
-    from fwl_scale.model import build_model
+class StepTimer:
+    """One model in the DeepSpeed engine with a fixed random batch; `step()` times one training step."""
 
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-    n_params = sum(p.numel() for p in model.parameters())
-    engine, _ = build_engine(cfg, model, dist)
-    B, T, V = cfg.parallel.micro_batch, cfg.model.seq_len, cfg.model.vocab_size
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, V, (B, T + 1), generator=g).to(dist.device)
-    inputs, labels, docs = ids[:, :-1], ids[:, 1:], torch.zeros(B, T, dtype=torch.long, device=dist.device)
-    fwd_bwd, total = [], []
-    for i in range(warmup + steps):
-        sync(dist.device)
+    def __init__(self, cfg: Config, dist: DistInfo):
+        from fwl_scale.model import build_model
+
+        self.cfg, self.device = cfg, dist.device
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.engine, _ = build_engine(cfg, model, dist)
+        B, T, V = cfg.parallel.micro_batch, cfg.model.seq_len, cfg.model.vocab_size
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, V, (B, T + 1), generator=g).to(dist.device)
+        self.batch = (ids[:, :-1], ids[:, 1:], torch.zeros(B, T, dtype=torch.long, device=dist.device))
+        self.fwd_bwd: list[float] = []
+        self.total: list[float] = []
+
+    def step(self, record: bool) -> None:
+        sync(self.device)
         t0 = time.perf_counter()
-        out = engine(inputs, labels, docs)
-        engine.backward(out.loss)
-        sync(dist.device)
+        out = self.engine(*self.batch)
+        self.engine.backward(out.loss)
+        sync(self.device)
         t1 = time.perf_counter()
-        engine.step()
-        sync(dist.device)
-        if i >= warmup:
-            fwd_bwd.append(t1 - t0)
-            total.append(time.perf_counter() - t0)
-    del engine, model
-    return statistics.median(fwd_bwd), statistics.median(total), n_params
+        self.engine.step()
+        sync(self.device)
+        if record:
+            self.fwd_bwd.append(t1 - t0)
+            self.total.append(time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -71,7 +74,7 @@ def main() -> None:
     ap.add_argument("--micro-125m", type=int, default=1, help="micro-batch of the 125M-shaped model")
     ap.add_argument("--micro-tiny", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--bf16", action="store_true")
     args = ap.parse_args()
 
@@ -90,7 +93,8 @@ def main() -> None:
     ds_logger.setLevel(logging.WARNING)
     print(f"machine: {device_name(dist.device)}, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}, "
-          f"{'bf16' if args.bf16 else 'fp32'}; median of {args.steps} steps after {args.warmup} warmup")
+          f"{'bf16' if args.bf16 else 'fp32'}; median of {args.steps} steps after {args.warmup} warmup, "
+          "FWL and baseline steps alternating")
     header = (f"{'model':<6} {'head':<9} {'T':>5} {'micro':>5} {'params':>9} {'GFLOP/tok':>10} "
               f"{'fwd+bwd s':>10} {'step s':>9} {'tok/s':>9} {'GFLOP/s':>8}")
     print(header)
@@ -98,15 +102,23 @@ def main() -> None:
     summary = []
     for name, fwl_path, base_path, extra in pairs:
         result = {}
-        for head, path in (("FWL", fwl_path), ("baseline", base_path)):
-            cfg = load_config(REPO / path, common + extra)
-            fb, sec, n_params = time_steps(cfg, dist, args.warmup, args.steps)
+        # Both models side by side, their steps alternating, so that a change in machine load (a shared
+        # machine) affects both alike.
+        timers = {head: StepTimer(load_config(REPO / path, common + extra), dist)
+                  for head, path in (("FWL", fwl_path), ("baseline", base_path))}
+        for i in range(args.warmup + args.steps):
+            for timer in timers.values():
+                timer.step(record=i >= args.warmup)
+        for head, timer in timers.items():
+            cfg = timer.cfg
+            fb, sec = statistics.median(timer.fwd_bwd), statistics.median(timer.total)
             flops = train_flops_per_token(cfg.model).total
             tokens = cfg.parallel.micro_batch * cfg.model.seq_len
             result[head] = (fb, sec, flops)
-            print(f"{name:<6} {head:<9} {cfg.model.seq_len:>5} {cfg.parallel.micro_batch:>5} {n_params / 1e6:>8.2f}M "
-                  f"{flops / 1e9:>10.4f} {fb:>10.4f} {sec:>9.4f} {tokens / sec:>9.0f} "
+            print(f"{name:<6} {head:<9} {cfg.model.seq_len:>5} {cfg.parallel.micro_batch:>5} "
+                  f"{timer.n_params / 1e6:>8.2f}M {flops / 1e9:>10.4f} {fb:>10.4f} {sec:>9.4f} {tokens / sec:>9.0f} "
                   f"{flops * tokens / fb / 1e9:>8.2f}", flush=True)
+        del timers
         f, b = result["FWL"], result["baseline"]
         summary.append((name, f[0] / b[0], f[1] / b[1], f[2] / b[2]))
     print("(GFLOP/s: analytic FLOPs over the forward+backward time; the step adds the optimizer, whose cost\n"
