@@ -194,8 +194,9 @@ class Config:
              f"must divide the FWL hidden width ({m.fwl.hidden_mult * m.fwl_width})")
         need((m.mlp_mult * m.d_model) % p.tp == 0, "parallel.tp", "must divide the MLP width")
         need(m.n_layers % p.pp == 0, "parallel.pp", f"must divide model.n_layers ({m.n_layers})")
-        need(not p.sequence_parallel or m.seq_len % p.tp == 0, "parallel.sequence_parallel",
-             f"model.seq_len ({m.seq_len}) must be divisible by parallel.tp ({p.tp})")
+        need(not p.sequence_parallel or m.seq_len % (p.tp * p.cp) == 0, "parallel.sequence_parallel",
+             f"model.seq_len ({m.seq_len}) must be divisible by parallel.tp × parallel.cp ({p.tp} × {p.cp}): "
+             f"each context-parallel chunk is split over the tensor-parallel ranks")
         need(m.seq_len % p.cp == 0, "parallel.cp", f"must divide model.seq_len ({m.seq_len})")
         d = self.data
         need(d.mode in ("packed", "contiguous"), "data.mode", f"must be packed or contiguous, got {d.mode!r}")

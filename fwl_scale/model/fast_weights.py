@@ -12,6 +12,13 @@ chunk the matrix sums are a masked quadratic product and the vector sums a cumul
 sequence is the quadratic form. The same state crosses segment boundaries (streaming) and, later, rank
 boundaries (context parallelism).
 
+Each sum runs in two phases so that a state can be exchanged between them (context parallelism): the
+per-chunk totals need only keys and values (`linear_attention_totals`, `cumsum_totals`; they exist after
+the FWL's slow pass), `_ChunkLayout.final` folds them into the rank's contribution, and the outputs need
+the queries and the state that enters (`causal_linear_attention(..., totals=...)`). Between ranks, the
+alternative to a state is attending to the earlier ranks' keys and values directly
+(`cross_linear_attention`, the quadratic form across the rank boundary).
+
 `reset_bt[b, t]` is True where position t starts a new document: nothing before t reaches t or later.
 Sums are accumulated in at least float32.
 """
@@ -59,6 +66,20 @@ class _ChunkLayout:
         start = torch.where(reset, idx.expand_as(reset), torch.zeros_like(reset, dtype=torch.int64))
         self.segment_start = torch.cummax(start, dim=-1).values  # [B, N, C]
 
+    @property
+    def has_reset(self) -> Tensor:
+        """[B]: a document starts somewhere in this call (the flag of a context-parallel contribution)."""
+        return self.chunk_resets.any(dim=1)
+
+    def final(self, local_total: Tensor, state_in: Tensor | None) -> Tensor:
+        """The state after the last position only (a rank's contribution when state_in is None)."""
+        keep = (~self.chunk_resets).to(local_total.dtype)
+        shape = (local_total.shape[0],) + (1,) * (local_total.dim() - 2)
+        running = state_in if state_in is not None else torch.zeros_like(local_total[:, 0])
+        for n in range(self.n_chunks):
+            running = running * keep[:, n].reshape(shape) + local_total[:, n]
+        return running
+
     def scan(self, local_total: Tensor, state_in: Tensor | None) -> tuple[Tensor, Tensor]:
         """Segmented exclusive scan over chunks: the state entering each chunk, and the final state."""
         keep = (~self.chunk_resets).to(local_total.dtype)
@@ -71,13 +92,30 @@ class _ChunkLayout:
         return torch.stack(entering, dim=1), running
 
 
+def linear_attention_totals(k_btk: Tensor, v_btv: Tensor, layout: _ChunkLayout) -> Tensor:
+    """Per chunk, Σ k_j v_jᵀ over the chunk's last document segment: [B, N, dk, dv] (accumulation dtype)."""
+    dtype = _accum_dtype(k_btk, v_btv)
+    N, C = layout.n_chunks, layout.chunk
+    k = _pad_chunks(k_btk.to(dtype), N, C) * layout.in_last_segment.unsqueeze(-1).to(dtype)
+    return torch.einsum("bnck,bncv->bnkv", k, _pad_chunks(v_btv.to(dtype), N, C))
+
+
+def cumsum_totals(v_btd: Tensor, layout: _ChunkLayout) -> Tensor:
+    """Per chunk, Σ v_j over the chunk's last document segment: [B, N, D] (accumulation dtype)."""
+    dtype = _accum_dtype(v_btd)
+    v = _pad_chunks(v_btd.to(dtype), layout.n_chunks, layout.chunk)
+    return (v * layout.in_last_segment.unsqueeze(-1).to(dtype)).sum(dim=2)
+
+
 def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_bt: Tensor,
                             state_bkv: Tensor | None = None, chunk_size: int = 256,
-                            layout: _ChunkLayout | None = None) -> tuple[Tensor, Tensor]:
+                            layout: _ChunkLayout | None = None,
+                            totals: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """out_i = Σ_{j<i, same document} (q_i·k_j) v_j + [no reset in 0..i] q_i·S_in.
 
     Returns (out [B, T, dv], state_out [B, dk, dv]) where state_out = Σ k_j v_jᵀ over the last document
-    (plus S_in when no reset happened)."""
+    (plus S_in when no reset happened). `totals`: linear_attention_totals(k, v, layout), if computed
+    already."""
     layout = layout or _ChunkLayout(reset_bt, chunk_size)
     dtype = _accum_dtype(q_btk, k_btk, v_btv)
     N, C = layout.n_chunks, layout.chunk
@@ -86,8 +124,7 @@ def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_b
     v = _pad_chunks(v_btv.to(dtype), N, C)
     scores = torch.einsum("bnik,bnjk->bnij", q, k) * layout.intra_mask
     out = torch.einsum("bnij,bnjv->bniv", scores, v)
-    k_last = k * layout.in_last_segment.unsqueeze(-1).to(dtype)
-    local_total = torch.einsum("bnck,bncv->bnkv", k_last, v)
+    local_total = totals if totals is not None else linear_attention_totals(k_btk, v_btv, layout)
     state_in = state_bkv.to(dtype) if state_bkv is not None else None
     entering, state_out = layout.scan(local_total, state_in)
     q_seen = q * layout.sees_state.unsqueeze(-1).to(dtype)
@@ -96,7 +133,7 @@ def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_b
 
 
 def causal_cumsum(v_btd: Tensor, reset_bt: Tensor, state_bd: Tensor | None = None, chunk_size: int = 256,
-                  layout: _ChunkLayout | None = None) -> tuple[Tensor, Tensor]:
+                  layout: _ChunkLayout | None = None, totals: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """out_i = Σ_{j<i, same document} v_j + [no reset in 0..i] S_in; state_out = Σ over the last document."""
     layout = layout or _ChunkLayout(reset_bt, chunk_size)
     dtype = _accum_dtype(v_btd)
@@ -105,8 +142,27 @@ def causal_cumsum(v_btd: Tensor, reset_bt: Tensor, state_bd: Tensor | None = Non
     exclusive = torch.cumsum(v, dim=2) - v  # [B, N, C, D], chunk-local so it stays precise
     at_start = torch.gather(exclusive, 2, layout.segment_start.unsqueeze(-1).expand_as(exclusive))
     out = exclusive - at_start
-    local_total = (v * layout.in_last_segment.unsqueeze(-1).to(dtype)).sum(dim=2)  # [B, N, D]
+    local_total = totals if totals is not None else cumsum_totals(v_btd, layout)
     state_in = state_bd.to(dtype) if state_bd is not None else None
     entering, state_out = layout.scan(local_total, state_in)
     out = out + entering.unsqueeze(2) * layout.sees_state.unsqueeze(-1).to(dtype)
     return out.reshape(v.shape[0], N * C, -1)[:, : layout.T], state_out
+
+
+def cross_linear_attention(q_btk: Tensor, k_bsk: Tensor, v_bsv: Tensor, q_mask_bt: Tensor,
+                           k_mask_bs: Tensor) -> Tensor:
+    """out_i = [q_mask_i] Σ_j [k_mask_j] (q_i·k_j) v_j: queries attending to another block of keys
+    (earlier ranks' tokens, all of them earlier than every query), in the accumulation dtype."""
+    dtype = _accum_dtype(q_btk, k_bsk, v_bsv)
+    q = q_btk.to(dtype) * q_mask_bt.unsqueeze(-1).to(dtype)
+    k = k_bsk.to(dtype) * k_mask_bs.unsqueeze(-1).to(dtype)
+    return torch.einsum("bts,bsv->btv", torch.einsum("btk,bsk->bts", q, k), v_bsv.to(dtype))
+
+
+def masked_state(k_bsk: Tensor | None, v_bsv: Tensor, k_mask_bs: Tensor) -> Tensor:
+    """Σ_j [k_mask_j] k_j v_jᵀ (or Σ_j [k_mask_j] v_j when `k_bsk` is None), in the accumulation dtype."""
+    dtype = _accum_dtype(v_bsv) if k_bsk is None else _accum_dtype(k_bsk, v_bsv)
+    v = v_bsv.to(dtype) * k_mask_bs.unsqueeze(-1).to(dtype)
+    if k_bsk is None:
+        return v.sum(dim=1)
+    return torch.einsum("bsk,bsv->bkv", k_bsk.to(dtype), v)

@@ -15,7 +15,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fwl_scale import IGNORE_INDEX
-from fwl_scale.model.fast_weights import _ChunkLayout, causal_cumsum, causal_linear_attention
+from fwl_scale.model.fast_weights import (_ChunkLayout, causal_cumsum, causal_linear_attention,
+                                         cross_linear_attention, cumsum_totals, linear_attention_totals,
+                                         masked_state)
+from fwl_scale.parallel.context import (CPContext, broadcast_from_last, choose_exchange, exclusive_state_scan,
+                                        gather_sequence)
 from fwl_scale.parallel.layers import (init_normal_, set_replicated, set_sharded, tp_rank, tp_size,
                                        vocab_parallel_cross_entropy, vocab_parallel_softmax_input_grad)
 from fwl_scale.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp, reduce_from_tp
@@ -161,7 +165,7 @@ class FastWeightLayer(nn.Module):
     def __init__(self, d_model: int, width: int, hidden_mult: int, vocab_size: int, padded_vocab_size: int,
                  step_size_init: float, grad_scale: float, eps: float, chunk_size: int, vocab_chunk: int,
                  init_std: float, form: str = "chunked", device: torch.device | str | None = None,
-                 tp: TPContext | None = None):
+                 tp: TPContext | None = None, cp: CPContext | None = None):
         super().__init__()
         hidden = hidden_mult * width
         n = tp_size(tp)
@@ -169,6 +173,7 @@ class FastWeightLayer(nn.Module):
             raise ValueError(f"FWL hidden width {hidden} and padded vocabulary {padded_vocab_size} must be "
                              f"divisible by the tensor-parallel size {n}")
         self.tp = tp if n > 1 else None
+        self.cp = cp if cp is not None and cp.size > 1 else None
         self.vocab_size = vocab_size
         self.grad_scale = grad_scale
         self.eps = eps
@@ -255,6 +260,44 @@ class FastWeightLayer(nn.Module):
         gh1 = ga * 2 * slow["r"]
         return {"gu": gu, "gh2": gh2, "gh2_tp": gh2_tp, "gh1": gh1}
 
+    def exchange_for(self, tokens_per_rank: int, dtype: torch.dtype) -> str | None:
+        """How the state crosses context-parallel rank boundaries (None without cp): `state` or `kv`,
+        `auto` by the bytes each sends (parallel/context.py, choose_exchange)."""
+        if self.cp is None:
+            return None
+        state_dtype = torch.promote_types(dtype, torch.float32)
+        hidden = self.w1.shape[0] * tp_size(self.tp)
+        return choose_exchange(self.cp.exchange, self.w1.shape[1], self.w2.shape[0], hidden, tokens_per_rank,
+                               tp_size(self.tp), activation_bytes=torch.empty((), dtype=dtype).element_size(),
+                               state_bytes=torch.empty((), dtype=state_dtype).element_size())
+
+    def exchange_state(self, contributions: list[Tensor], has_reset_b: Tensor) -> list[Tensor]:
+        """The segmented exclusive scan of every rank's contributions over the context-parallel group
+        (one collective for the whole block; its backward is the reverse scan). A test replaces this
+        with a detached version to show that the gradient checks catch it."""
+        return exclusive_state_scan(contributions, has_reset_b, self.cp.group)
+
+    def _incoming_state(self, state: FWLState | None, pending_labels_b: Tensor | None, first_doc_b: Tensor,
+                        unembed: Tensor, dtype: torch.dtype) -> dict[str, Tensor] | None:
+        """The carried sums with a pending position folded in: its slow pass and gradient, now that its
+        label (the first token of this segment, if the document goes on) is known."""
+        if state is None:
+            return None
+        sums = {name: getattr(state, name) for name in FAST_TENSORS}
+        if state.pending_x is None:
+            return sums
+        if pending_labels_b is None:
+            raise ValueError("FWL state holds a pending position: pending_labels_b must be given")
+        same_doc = first_doc_b == state.doc_id
+        label = torch.where(same_doc, pending_labels_b, torch.full_like(pending_labels_b, IGNORE_INDEX))[:, None]
+        x = copy_to_tp(state.pending_x.to(dtype), self.tp).unsqueeze(1)  # [B, 1, d]
+        slow = self.slow_pass(x)
+        g = self.slow_gradients(slow, unembed, label, (label != IGNORE_INDEX).to(dtype))
+        add = {"w1": (x, g["gh1"]), "b1": (None, g["gh1"]), "w2": (slow["a"], g["gh2_tp"]), "b2": (None, g["gh2"]),
+               "alpha": (None, g["gu"] * slow["xhat"]), "beta": (None, g["gu"])}
+        ones = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return {name: sums[name] + masked_state(k, v, ones).to(sums[name].dtype) for name, (k, v) in add.items()}
+
     def forward(self, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor, doc_ids_bt: Tensor | None = None,
                 state: FWLState | None = None, pending_labels_b: Tensor | None = None,
                 last_label_pending: bool = False, return_state: bool = False) -> tuple[Tensor, FWLState | None]:
@@ -269,79 +312,163 @@ class FastWeightLayer(nn.Module):
 
         Tensor parallel: `x_btd` is replicated, or this rank's sequence chunk [B, T/tp, d] under
         sequence parallelism; `unembed` is this rank's vocabulary rows; labels and document ids are the
-        whole sequence on every rank; u' is replicated."""
-        tp = self.tp
+        whole sequence on every rank; u' is replicated.
+
+        Context parallel (cp ranks): `x_btd` is this rank's contiguous chunk of the sequence ([B, T/cp, d],
+        under sequence parallelism [B, T/(cp·tp), d]), labels and document ids the whole sequence [B, T];
+        u' is this rank's chunk [B, T/cp, s]. The state entering this rank comes from the earlier ranks
+        (exchange `state`: one segmented scan of the six running sums; `kv`: the earlier ranks' keys and
+        values, attended to directly). A carried state is replicated over the cp group (the returned one
+        is the last rank's, broadcast)."""
+        tp, cp = self.tp, self.cp
         seq_par = tp is not None and tp.sequence_parallel
         # x enters the tensor-parallel region once for its three uses (W1's input, key and query).
         x = gather_from_sequence(x_btd, tp) if seq_par else copy_to_tp(x_btd, tp)
-        B, T, _ = x.shape
+        B, T_loc, _ = x.shape
+        T = T_loc * (cp.size if cp is not None else 1)
         if doc_ids_bt is None:
             doc_ids_bt = torch.zeros(B, T, dtype=torch.long, device=x_btd.device)
         if labels_bt.shape != (B, T) or doc_ids_bt.shape != (B, T):
             raise ValueError(f"FWL: labels {tuple(labels_bt.shape)} and document ids {tuple(doc_ids_bt.shape)} "
-                             f"must be [B, T] = {(B, T)} (the whole sequence, also under sequence parallelism)")
+                             f"must be [B, T] = {(B, T)} (the whole sequence, also under sequence and context "
+                             f"parallelism)")
         labels = labels_bt
         if last_label_pending:
             labels = labels.clone()
             labels[:, -1] = IGNORE_INDEX
         docs = doc_ids_bt
-        n_pending = 0
-        if state is not None and state.pending_x is not None:
-            if pending_labels_b is None:
-                raise ValueError("FWL state holds a pending position: pending_labels_b must be given")
-            # The pending position is processed as an extra first token of this segment (a key, not a query).
-            same_doc = doc_ids_bt[:, 0] == state.doc_id
-            pend_label = torch.where(same_doc, pending_labels_b, torch.full_like(pending_labels_b, IGNORE_INDEX))
-            pend_x = copy_to_tp(state.pending_x.to(x.dtype), tp)
-            x = torch.cat([pend_x.unsqueeze(1), x], dim=1)
-            labels = torch.cat([pend_label.unsqueeze(1), labels], dim=1)
-            docs = torch.cat([state.doc_id.unsqueeze(1), doc_ids_bt], dim=1)
-            n_pending = 1
         reset = torch.ones_like(docs, dtype=torch.bool)
         reset[:, 1:] = docs[:, 1:] != docs[:, :-1]
         if state is not None:
             reset[:, 0] = docs[:, 0] != state.doc_id
-        loss_weight = (labels != IGNORE_INDEX).to(x.dtype)
+        s_in = self._incoming_state(state, pending_labels_b, docs[:, 0], unembed, x.dtype)
+        start = cp.rank * T_loc if cp is not None else 0
+        labels_loc, reset_loc = labels[:, start:start + T_loc], reset[:, start:start + T_loc]
+        loss_weight = (labels_loc != IGNORE_INDEX).to(x.dtype)
 
         slow = self.slow_pass(x)
-        grads = self.slow_gradients(slow, unembed, labels, loss_weight)
-        layout = _ChunkLayout(reset, self.chunk_for(x.shape[1]))
+        grads = self.slow_gradients(slow, unembed, labels_loc, loss_weight)
+        layout = _ChunkLayout(reset_loc, self.chunk_for(T_loc))
+        # Keys and values of the six running sums (None: a plain sum of the values). All exist now,
+        # before any fast computation: the slow-pass gradients are all taken at θ.
+        keys_values = {"w1": (x, grads["gh1"]), "b1": (None, grads["gh1"]), "w2": (slow["a"], grads["gh2_tp"]),
+                       "b2": (None, grads["gh2"]), "alpha": (None, grads["gu"] * slow["xhat"]),
+                       "beta": (None, grads["gu"])}
+        totals = {name: (linear_attention_totals(k, v, layout) if k is not None else cumsum_totals(v, layout))
+                  for name, (k, v) in keys_values.items()}
+        exchange = self.exchange_for(T_loc, x.dtype)
+        cross = None
+        if exchange == "state":
+            received = self._receive_state(s_in, totals, layout)
+        elif exchange == "kv":
+            received, cross = self._receive_keys_values(s_in, grads, slow, x, reset, layout, start)
+        else:
+            received = s_in
+        rc = received if received is not None else {}
+
+        def lin_attn(name, q, k, v):
+            return causal_linear_attention(q, k, v, reset_loc, rc.get(name), layout=layout, totals=totals[name])
+
+        def cumsum(name, v):
+            return causal_cumsum(v, reset_loc, rc.get(name), layout=layout, totals=totals[name])
+
         eta = self.step_sizes.to(x.dtype)  # η_b2, η_alpha, η_beta: used by replicated computations
         eta_tp = self.step_sizes_for_shards().to(x.dtype)  # η_W1, η_b1, η_W2
-        st = state
-
-        def lin_attn(q, k, v, s):
-            return causal_linear_attention(q, k, v, reset, s, layout=layout)
-
-        def cumsum(v, s):
-            return causal_cumsum(v, reset, s, layout=layout)
-
-        dw1, s_w1 = lin_attn(x, x, grads["gh1"], st.w1 if st else None)
-        db1, s_b1 = cumsum(grads["gh1"], st.b1 if st else None)
+        dw1, s_w1 = lin_attn("w1", x, x, grads["gh1"])
+        if cross is not None:
+            dw1 = dw1 + cross_linear_attention(x, *cross["w1"], cross["q_mask"], cross["k_mask"])
+        db1, s_b1 = cumsum("b1", grads["gh1"])
         h1_fast = slow["h1"] - eta_tp[0] * dw1.to(x.dtype) - eta_tp[1] * db1.to(x.dtype)
         a_fast = F.relu(h1_fast).pow(2)
         # Under tp, a_j·a'_i is this rank's partial dot product: the partial fast update and the partial
         # slow product are summed by one all-reduce.
-        dw2, s_w2 = lin_attn(a_fast, slow["a"], grads["gh2_tp"], st.w2 if st else None)
-        db2, s_b2 = cumsum(grads["gh2"], st.b2 if st else None)
+        dw2, s_w2 = lin_attn("w2", a_fast, slow["a"], grads["gh2_tp"])
+        if cross is not None:
+            dw2 = dw2 + cross_linear_attention(a_fast, *cross["w2"], cross["q_mask"], cross["k_mask"])
+        db2, s_b2 = cumsum("b2", grads["gh2"])
         if tp is None:
             h2_fast = F.linear(a_fast, self.w2, self.b2) - eta[2] * dw2.to(x.dtype) - eta[3] * db2.to(x.dtype)
         else:
             h2_part = F.linear(a_fast, self.w2) - eta_tp[2] * dw2.to(x.dtype)
             h2_fast = reduce_from_tp(h2_part, tp) + self.b2 - eta[3] * db2.to(x.dtype)
         xhat_fast, _ = layer_norm_stats(h2_fast, self.eps)
-        d_alpha, s_alpha = cumsum(grads["gu"] * slow["xhat"], st.alpha if st else None)
-        d_beta, s_beta = cumsum(grads["gu"], st.beta if st else None)
+        d_alpha, s_alpha = cumsum("alpha", keys_values["alpha"][1])
+        d_beta, s_beta = cumsum("beta", keys_values["beta"][1])
         u_fast = (self.alpha - eta[4] * d_alpha.to(x.dtype)) * xhat_fast + (self.beta - eta[5] * d_beta.to(x.dtype))
-        u_fast = u_fast[:, n_pending:]
 
         new_state = None
         if return_state:
+            sums = {"w1": s_w1, "b1": s_b1, "w2": s_w2, "b2": s_b2, "alpha": s_alpha, "beta": s_beta}
+            if cross is not None:
+                # kv exchange: the matrix sums of the earlier ranks were attended to, never summed.
+                no_reset = (~layout.has_reset).to(s_w1.dtype)[:, None, None]
+                for name in ("w1", "w2"):
+                    sums[name] = sums[name] + no_reset * masked_state(*cross[name], cross["k_mask"])
             pending_x = None
             if last_label_pending:
                 # Replicated (its own gradient convention): under sequence parallelism the last token
                 # lives on the last rank, so gather it with a backward that keeps this rank's part.
                 pending_x = (gather_from_tp(x_btd, tp, dim=1) if seq_par else x_btd)[:, -1]
-            new_state = FWLState(w1=s_w1, b1=s_b1, w2=s_w2, b2=s_b2, alpha=s_alpha, beta=s_beta,
-                                 doc_id=doc_ids_bt[:, -1].clone(), pending_x=pending_x)
+            if cp is not None:
+                sums, pending_x = self._replicate_last(sums, pending_x)
+            new_state = FWLState(**sums, doc_id=doc_ids_bt[:, -1].clone(), pending_x=pending_x)
         return u_fast, new_state
+
+    def _receive_state(self, s_in: dict[str, Tensor] | None, totals: dict[str, Tensor],
+                       layout: _ChunkLayout) -> dict[str, Tensor]:
+        """Exchange `state`: each rank's contribution is its sums after its last document start (the
+        first rank's include the carried state), flagged where a document starts on the rank; the
+        segmented exclusive scan gives the state entering each rank."""
+        # The carried state enters at the first rank (whose scan result is the empty sum, 0). Every rank
+        # runs the same ops (times 0 elsewhere) so that the autograd graphs, and with them the order of
+        # the collectives in backward, are the same on every rank.
+        carried = None
+        if s_in is not None:
+            keep = 1.0 if self.cp.rank == 0 else 0.0
+            carried = {name: keep * s_in[name].to(totals[name].dtype) for name in FAST_TENSORS}
+        contributions = [layout.final(totals[name], carried[name] if carried else None) for name in FAST_TENSORS]
+        scanned = dict(zip(FAST_TENSORS, self.exchange_state(contributions, layout.has_reset)))
+        if carried is None:
+            return scanned
+        return {name: scanned[name] + carried[name] for name in FAST_TENSORS}
+
+    def _receive_keys_values(self, s_in: dict[str, Tensor] | None, grads: dict[str, Tensor],
+                             slow: dict[str, Tensor], x: Tensor, reset_bt: Tensor, layout: _ChunkLayout,
+                             start: int) -> tuple[dict[str, Tensor] | None, dict[str, Tensor]]:
+        """Exchange `kv`: every rank's keys and values in one all-gather (backward: one all-reduce of
+        their gradients); this rank keeps the earlier ranks' tokens of the document it continues. The
+        vector sums become the entering state at once; the fast dense layers attend to those keys
+        (cross_linear_attention) instead of building dk·dv states."""
+        gu = grads["gu"]
+        pieces = [x, grads["gh1"], slow["a"], grads["gh2"], gu, gu * slow["xhat"]]
+        widths = [p.shape[-1] for p in pieces]
+        gathered = gather_sequence(torch.cat(pieces, dim=-1), self.cp.group)[:, :start]
+        xp, gh1p, ap, gh2p, gup, guxhp = gathered.split(widths, dim=-1)
+        # Global segment index (0: the carried state's document goes on); the earlier tokens that reach
+        # this rank are those of the segment this rank starts in.
+        seg = torch.cumsum(reset_bt.to(torch.int64), dim=1)
+        seg_here = seg[:, start]
+        k_mask = seg[:, :start] == seg_here[:, None]
+        # This rank's tokens before its first document start see the earlier ranks.
+        q_mask = torch.cumsum(reset_bt[:, start:start + layout.T].to(torch.int64), dim=1) == 0
+        sees_carried = (seg_here == 0)
+        received: dict[str, Tensor] = {}
+        for name, v in (("b1", gh1p), ("b2", gh2p), ("alpha", guxhp), ("beta", gup)):
+            received[name] = masked_state(None, v, k_mask)
+        if s_in is not None:
+            for name in FAST_TENSORS:
+                carried = s_in[name] * sees_carried.reshape((-1,) + (1,) * (s_in[name].dim() - 1)).to(s_in[name].dtype)
+                received[name] = received[name] + carried if name in received else carried
+        cross = {"w1": (xp, gh1p), "w2": (ap, copy_to_tp(gh2p, self.tp)), "q_mask": q_mask, "k_mask": k_mask}
+        return received, cross
+
+    def _replicate_last(self, sums: dict[str, Tensor], pending_x: Tensor | None
+                        ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The state after the sequence's last position (the last rank's) on every rank of the group."""
+        tensors = [sums[name] for name in FAST_TENSORS]
+        dtype = tensors[0].dtype
+        if pending_x is not None:
+            tensors.append(pending_x.to(dtype))
+        out = broadcast_from_last(tensors, self.cp.group)
+        new_pending = out[len(FAST_TENSORS)].to(pending_x.dtype) if pending_x is not None else None
+        return dict(zip(FAST_TENSORS, out[: len(FAST_TENSORS)])), new_pending

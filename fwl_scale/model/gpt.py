@@ -11,6 +11,21 @@ the FWL block by its own rules (fwl.py). With sequence parallelism the residual 
 this rank's chunk of the sequence. Every rank is given the whole batch (input ids, labels, document ids);
 the loss and the returned token losses and logits are replicated. At tp = 1 every layer runs the ops of
 its torch.nn counterpart under the same parameter names.
+
+Context parallelism (cp ranks, orthogonal to tp; `build_model(cfg, tp_group=ParallelState)` with cp > 1):
+every rank is given the whole batch and keeps its contiguous chunk of the sequence, [r·T/cp, (r+1)·T/cp).
+Rotary positions and document masks come from the whole sequence's document ids, so they are global.
+Attention all-gathers the keys and values of every rank of the group (one all-gather per layer; the
+backward reduce-scatters their gradients): exact, simple, and for moderate cp cheaper in latency than a
+ring, at the price of holding the whole sequence's keys and values of one layer at a time (a ring would
+hold two chunks; worth it when T·d per layer stops fitting). The FWL exchanges its state between ranks
+(fwl.py). The token losses and logits are this rank's chunk; the loss is this rank's share, scaled so that
+averaging over the cp group — what DeepSpeed's gradient averaging over dp × cp does — gives the unsplit
+model's loss and gradients.
+
+Body window (streaming): the body attends within the tokens it is given; `context_ids` prepends tokens the
+body attends to but the FWL does not process again (they are in its carried state), so a long document can
+be fed in pieces of any size — for generation, one token — while the body recomputes its current window.
 """
 from __future__ import annotations
 
@@ -27,17 +42,22 @@ from fwl_scale.config import ModelConfig
 from fwl_scale.model.fwl import FastWeightLayer, FWLState, token_cross_entropy
 from fwl_scale.parallel.layers import (ColumnParallelLinear, LayerNorm, RowParallelLinear, VocabParallelEmbedding,
                                        full_shape, init_normal_, is_sharded, tp_size)
+from fwl_scale.parallel.context import CPContext, cp_context, gather_sequence
 from fwl_scale.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp
 from fwl_scale.parallel.state import ParallelState, TPContext
 
 
 @dataclass
 class ModelOutput:
-    loss: Tensor  # mean cross-entropy over labels != IGNORE_INDEX (0 if there are none)
-    token_loss: Tensor  # [B, T], 0 at ignored positions
-    n_valid: Tensor  # number of labels used
-    logits: Tensor | None = None  # [B, T, V] only when asked for
+    # Mean cross-entropy over labels != IGNORE_INDEX (0 if there are none). Under context parallelism this
+    # rank's share: cp · (its tokens' loss sum) / (valid labels of the whole sequence), whose average over
+    # the cp group is the unsplit model's loss.
+    loss: Tensor
+    token_loss: Tensor  # [B, T], 0 at ignored positions (under cp: this rank's chunk, from seq_start)
+    n_valid: Tensor  # number of labels used (the whole sequence's)
+    logits: Tensor | None = None  # [B, T, V] only when asked for (under cp: this rank's chunk)
     fwl_state: FWLState | None = None
+    seq_start: int = 0  # position of token_loss[:, 0] in the sequence (cp rank · T/cp)
 
 
 def document_positions(doc_ids_bt: Tensor) -> Tensor:
@@ -80,12 +100,18 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(cfg.d_model, cfg.d_model, tp=tp, device=device)
         self.rotary = Rotary(self.head_dim, cfg.rope_theta)
 
-    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cp: CPContext | None = None) -> Tensor:
         qkv = self.qkv(x)  # [B, T, 3·local width]: the whole sequence even under sequence parallelism
         B, T = qkv.shape[:2]
         q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.rotary(q, k, positions)
-        if mask is None:
+        if cp is not None:
+            # Every rank's keys and values (rotated at their global positions), one all-gather; `mask`
+            # is [B, 1, T/cp, T]: global causality and documents.
+            kv = gather_sequence(torch.cat([k, v], dim=1), cp.group, dim=2)
+            k, v = kv.split(self.n_heads, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -110,8 +136,8 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(cfg.d_model, eps=cfg.norm_eps, tp=tp, device=device)
         self.mlp = MLP(cfg, device, tp)
 
-    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.attn(self.norm1(x), positions, mask)
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cp: CPContext | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), positions, mask, cp)
         return x + self.mlp(self.norm2(x))
 
 
@@ -149,6 +175,14 @@ class VocabLoss(nn.Module):
         return token_loss, logits
 
 
+def _cp_context(tp_group, exchange: str) -> CPContext | None:
+    if isinstance(tp_group, ParallelState):
+        return cp_context(tp_group, exchange)
+    if isinstance(tp_group, CPContext):
+        return tp_group if tp_group.size > 1 else None
+    return None
+
+
 def _tp_context(tp_group) -> TPContext | None:
     """None at tp = 1; accepts a ParallelState, a TPContext or a bare process group (no sequence
     parallelism)."""
@@ -158,6 +192,8 @@ def _tp_context(tp_group) -> TPContext | None:
         return tp_group.tp_context()
     if isinstance(tp_group, TPContext):
         return tp_group if tp_group.size > 1 else None
+    if isinstance(tp_group, CPContext):
+        return None
     import torch.distributed as dist
 
     size = dist.get_world_size(tp_group)
@@ -165,10 +201,11 @@ def _tp_context(tp_group) -> TPContext | None:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None, tp: TPContext | None = None):
+    def __init__(self, cfg: ModelConfig, device=None, tp: TPContext | None = None, cp: CPContext | None = None):
         super().__init__()
         self.cfg = cfg
         self.tp = tp if tp_size(tp) > 1 else None
+        self.cp = cp if cp is not None and cp.size > 1 else None
         tp = self.tp
         V = cfg.padded_vocab_size
         self.embed = VocabParallelEmbedding(V, cfg.d_model, tp=tp, device=device)
@@ -183,7 +220,7 @@ class GPT(nn.Module):
             self.fwl = FastWeightLayer(
                 cfg.d_model, cfg.fwl_width, f.hidden_mult, cfg.vocab_size, V, f.step_size_init,
                 cfg.fwl_grad_scale, f.eps, f.chunk_size, f.vocab_chunk, cfg.init_std, form=f.form,
-                device=device, tp=tp)
+                device=device, tp=tp, cp=self.cp)
         self.vocab_loss = VocabLoss(cfg, tp)
         self._zero3_externals_registered = False
         self.activation_checkpointing = False
@@ -257,39 +294,75 @@ class GPT(nn.Module):
 
     def body(self, input_ids: Tensor, doc_ids: Tensor | None) -> Tensor:
         """The final-normed body output [B, T, d] (under sequence parallelism this rank's chunk
-        [B, T/tp, d])."""
+        [B, T/tp, d]; under context parallelism `input_ids`/`doc_ids` are the whole sequence and the
+        output is this rank's chunk [B, T/cp, d], or [B, T/(cp·tp), d] with sequence parallelism)."""
         B, T = input_ids.shape
-        if self.sequence_parallel and T % self.tp.size:
+        cp = self.cp
+        n_cp = cp.size if cp is not None else 1
+        if T % n_cp:
+            raise ValueError(f"context parallelism over {n_cp} ranks needs a sequence length divisible by "
+                             f"{n_cp}, got {T}")
+        T_loc = T // n_cp
+        start = cp.rank * T_loc if cp is not None else 0
+        if self.sequence_parallel and T_loc % self.tp.size:
             raise ValueError(f"sequence parallelism over {self.tp.size} ranks needs a sequence length divisible "
-                             f"by {self.tp.size}, got {T}")
+                             f"by {self.tp.size}" + (f" × cp {n_cp}" if cp is not None else "") + f", got {T}")
+        rows = torch.arange(start, start + T_loc, device=input_ids.device)
+        cols = torch.arange(T, device=input_ids.device)
+        causal = cols[None, :] <= rows[:, None]  # [T_loc, T]
         mask = None
         if doc_ids is not None and self.cfg.document_mask:
-            positions = document_positions(doc_ids)
-            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-            mask = (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+            positions = document_positions(doc_ids)[:, start:start + T_loc]
+            mask = (causal & (doc_ids[:, start:start + T_loc, None] == doc_ids[:, None, :]))[:, None]
         else:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        x = self.embed(input_ids)
+            positions = rows.expand(B, T_loc)
+            if cp is not None:
+                mask = causal.expand(B, 1, T_loc, T)
+        x = self.embed(input_ids[:, start:start + T_loc])
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, positions, mask, use_reentrant=False)
+                x = checkpoint(block, x, positions, mask, cp, use_reentrant=False)
             else:
-                x = block(x, positions, mask)
+                x = block(x, positions, mask, cp)
         return self.norm_f(x)
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, doc_ids: Tensor | None = None,
                 fwl_state: FWLState | None = None, last_label_pending: bool = False,
-                return_logits: bool = False, return_state: bool = False) -> ModelOutput:
+                return_logits: bool = False, return_state: bool = False, context_ids: Tensor | None = None,
+                context_doc_ids: Tensor | None = None) -> ModelOutput:
         """`labels` [B, T]: next-token ids, IGNORE_INDEX where no loss. The FWL needs labels (its fast
         weights adapt to every earlier labelled token); without them the model is only a language
         model when the FWL is disabled, or with `last_label_pending` for a one-position segment.
         Under tensor parallelism every rank passes the same whole batch and gets the same outputs (the
-        FWL state is sharded like the FWL's weights)."""
+        FWL state is sharded like the FWL's weights). Under context parallelism every rank passes the
+        same whole batch and gets its chunk's token losses (see ModelOutput).
+
+        `context_ids` [B, C] (streaming): tokens just before `input_ids` in the body's window, already
+        processed by the FWL (their sums are in `fwl_state`); the body attends to them, nothing else
+        sees them. `context_doc_ids` are their document ids (default: all 0, like `doc_ids`)."""
         tp = self.tp
         self._register_zero3_externals()
-        h = self.body(input_ids, doc_ids)
+        B, T = input_ids.shape
+        if doc_ids is None and context_ids is not None:
+            doc_ids = torch.zeros_like(input_ids)
+        if context_ids is not None and context_ids.shape[1] > 0:
+            if self.cp is not None or self.sequence_parallel:
+                raise ValueError("context_ids (a body window longer than the tokens fed) is for streaming in one "
+                                 "process or under plain tensor parallelism, not with context or sequence "
+                                 "parallelism")
+            if context_doc_ids is None:
+                context_doc_ids = torch.zeros_like(context_ids)
+            C = context_ids.shape[1]
+            h = self.body(torch.cat([context_ids, input_ids], dim=1), torch.cat([context_doc_ids, doc_ids], dim=1))
+            h = h[:, C:]
+        else:
+            h = self.body(input_ids, doc_ids)
         if labels is None:
             labels = torch.full_like(input_ids, IGNORE_INDEX)
+        n_cp = self.cp.size if self.cp is not None else 1
+        T_loc = T // n_cp
+        start = self.cp.rank * T_loc if self.cp is not None else 0
+        local_labels = labels[:, start:start + T_loc]
         state = None
         bias = None
         if self.fwl is not None:
@@ -301,16 +374,21 @@ class GPT(nn.Module):
             h_tp = copy_to_tp(h, tp)  # replicated u' into the vocabulary-parallel unembedding
         else:
             h_tp = gather_from_sequence(h, tp) if self.sequence_parallel else copy_to_tp(h, tp)
-        token_loss, logits = self.vocab_loss(h_tp if tp is not None else h, self.unembedding, bias, labels,
+        token_loss, logits = self.vocab_loss(h_tp if tp is not None else h, self.unembedding, bias, local_labels,
                                              return_logits)
         n_valid = (labels != IGNORE_INDEX).sum()
-        loss = token_loss.sum() / n_valid.clamp(min=1)
-        return ModelOutput(loss=loss, token_loss=token_loss, n_valid=n_valid, logits=logits, fwl_state=state)
+        # Under cp: this rank's share, times cp, so that the cp group's average is the whole loss.
+        loss = token_loss.sum() * n_cp / n_valid.clamp(min=1)
+        return ModelOutput(loss=loss, token_loss=token_loss, n_valid=n_valid, logits=logits, fwl_state=state,
+                           seq_start=start)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None,
-                tp_group: ParallelState | TPContext | object | None = None) -> GPT:
+                tp_group: ParallelState | TPContext | CPContext | object | None = None,
+                cp_exchange: str = "auto") -> GPT:
     """The model for `cfg`; with `tp_group` (a ParallelState from fwl_scale.parallel, or a TPContext)
-    this rank's tensor-parallel part of it. Seed the global generator identically on every rank first:
+    this rank's tensor-parallel part of it, and with a ParallelState of cp > 1 (or a CPContext) its
+    context-parallel part, the FWL exchanging state across ranks by `cp_exchange` (auto | state | kv:
+    the config's parallel.cp_exchange). Seed the global generator identically on every rank first:
     each rank draws the whole tensors and keeps its slices, so every layout gives the same model."""
-    return GPT(cfg, device=device, tp=_tp_context(tp_group))
+    return GPT(cfg, device=device, tp=_tp_context(tp_group), cp=_cp_context(tp_group, cp_exchange))

@@ -11,15 +11,76 @@ differentiable:
   A received state that were detached would give a correct forward and wrong gradients: the tests check
   the gradients against the unsplit model.
 * `gather_sequence`: the body's keys and values from every rank of the group (all-gather forward; the
-  backward sums the incoming gradients over the group and keeps this rank's slice).
+  backward sums the incoming gradients over the group and keeps this rank's slice: a reduce-scatter).
+
+* `broadcast_from_last`: the state after a sequence's last position lives on the last rank; a carried
+  state (streaming, training with state carried across segments) is replicated over the group, so the
+  next segment's first rank has it. Backward: the ranks' gradients summed onto the last rank.
+
+`CPContext` is what a context-parallel module needs (group, size, rank, how the FWL exchanges its state).
+`choose_exchange` is the `auto` rule of DESIGN §1: send whichever of the state (dk·dv per fast dense
+layer, fp32) and the keys and values (T_rank·(dk+dv), activation dtype) is smaller.
 
 gloo has no uneven or stacked all-gather: every rank sends one flat tensor of the same size.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+EXCHANGES = ("auto", "state", "kv")
+# torch >= 2.13 renamed the tensor-in/tensor-out collectives; older versions have only the old names.
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass
+class CPContext:
+    """A context-parallel group: this rank holds tokens [rank·T/size, (rank+1)·T/size) of every
+    sequence. `exchange`: how the FWL passes its state across rank boundaries (auto | state | kv)."""
+
+    group: object
+    size: int
+    rank: int
+    exchange: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"context-parallel exchange must be one of {EXCHANGES}, got {self.exchange!r}")
+
+
+def cp_context(parallel_state, exchange: str = "auto") -> CPContext | None:
+    """The CPContext of a ParallelState (None when cp = 1)."""
+    if parallel_state is None or parallel_state.cp_size == 1:
+        return None
+    return CPContext(parallel_state.groups["cp"], parallel_state.cp_size, parallel_state.cp_rank, exchange)
+
+
+def fwl_exchange_bytes(d_model: int, width: int, hidden: int, tokens_per_rank: int, tp: int = 1,
+                       activation_bytes: int = 2, state_bytes: int = 4) -> dict[str, int]:
+    """Bytes one rank contributes per sequence (an all-gather delivers (cp-1)× this to every rank).
+
+    state: the six running sums of the FWL block — Σx gh1ᵀ (d × 4s/tp), Σgh1 (4s/tp), Σa gh2ᵀ (4s/tp × s),
+    Σgh2, Σgu⊙xhat, Σgu (s each) — in fp32 or wider.
+    kv: per token the keys and values they are built from — x (d), gh1 and a (4s/tp each), gh2, gu,
+    gu⊙xhat (s each) — in the activation dtype."""
+    h = hidden // tp  # the FWL's hidden width (4s) on this tensor-parallel rank
+    state = (d_model * h + h + h * width + 3 * width) * state_bytes
+    kv = tokens_per_rank * (d_model + 2 * h + 3 * width) * activation_bytes
+    return {"state": state, "kv": kv}
+
+
+def choose_exchange(mode: str, d_model: int, width: int, hidden: int, tokens_per_rank: int, tp: int = 1,
+                    activation_bytes: int = 2, state_bytes: int = 4) -> str:
+    """`state` or `kv` for `mode` (auto: the one that sends fewer bytes; a tie goes to state). The compute
+    crosses over at about the same length: the state form costs ~2·T_rank·dk·dv per rank, attending to
+    the earlier ranks' keys ~T_rank·T_earlier·(dk+dv)."""
+    if mode != "auto":
+        return mode
+    b = fwl_exchange_bytes(d_model, width, hidden, tokens_per_rank, tp, activation_bytes, state_bytes)
+    return "state" if b["state"] <= b["kv"] else "kv"
 
 
 def _all_gather_flat(t: Tensor, group) -> list[Tensor]:
@@ -72,9 +133,12 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return None, grad.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size), None
+        # The sum of every rank's gradient, this rank's slice of it: a reduce-scatter (half the traffic
+        # of an all-reduce) on the gathered dimension moved to the front.
+        front = grad.movedim(ctx.dim, 0).contiguous()
+        out = front.new_empty((ctx.size,) + tuple(front.shape[1:]))
+        _reduce_scatter_single(out, front, group=ctx.group)
+        return None, out.movedim(0, ctx.dim), None
 
 
 def gather_sequence(x: Tensor, group, dim: int = 1) -> Tensor:
@@ -87,3 +151,32 @@ def local_slice(t: Tensor, group, dim: int = 1) -> Tensor:
     n, r = dist.get_world_size(group), dist.get_rank(group)
     size = t.shape[dim] // n
     return t.narrow(dim, r * size, size)
+
+
+class _BroadcastFromLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, *tensors: Tensor):
+        ctx.group = group
+        ctx.is_last = dist.get_rank(group) == dist.get_world_size(group) - 1
+        ctx.shapes = [t.shape for t in tensors]
+        flat = torch.cat([t.reshape(-1) for t in tensors]).contiguous()
+        group = group if group is not None else dist.group.WORLD
+        src = dist.get_global_rank(group, dist.get_world_size(group) - 1)
+        dist.broadcast(flat, src=src, group=group)
+        sizes = [s.numel() for s in ctx.shapes]
+        return tuple(p.reshape(s) for p, s in zip(flat.split(sizes), ctx.shapes))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        flat = torch.cat([g.reshape(-1) for g in grads]).contiguous()
+        dist.all_reduce(flat, group=ctx.group)
+        if not ctx.is_last:
+            flat = torch.zeros_like(flat)
+        sizes = [s.numel() for s in ctx.shapes]
+        return (None, *(p.reshape(s) for p, s in zip(flat.split(sizes), ctx.shapes)))
+
+
+def broadcast_from_last(tensors: list[Tensor], group) -> list[Tensor]:
+    """Every rank gets the last rank's tensors (all of one dtype; other ranks pass same-shaped
+    placeholders). Backward: the sum of every rank's gradient goes to the last rank's inputs."""
+    return list(_BroadcastFromLast.apply(group, *tensors))
