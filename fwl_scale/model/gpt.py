@@ -383,6 +383,59 @@ class GPT(nn.Module):
                            seq_start=start)
 
 
+class StreamingSession:
+    """One long token stream per batch row, fed piece by piece (generation: one token at a time).
+
+    The body's window: the stream is cut into aligned windows of `window` tokens (positions restart at
+    each window, as when training on consecutive segments of seq_len); a piece inside a window is run
+    with the window's earlier tokens as `context_ids`, i.e. the body recomputes its window. That keeps
+    streaming exactly the whole pass (tests/test_streaming.py) at O(window) body work per token; a KV
+    cache that is emptied at every window start would give the same numbers for less work.
+
+    The FWL's running sums carry over everything before (FWLState, across pieces and windows); the
+    last fed token's label is the next fed token, so its gradient stays pending until then. Nothing is
+    detached: run under torch.no_grad() unless gradients through the stream are wanted."""
+
+    def __init__(self, model: GPT, window: int):
+        if window < 1:
+            raise ValueError(f"streaming window must be >= 1, got {window}")
+        if model.cp is not None or model.sequence_parallel:
+            raise ValueError("streaming runs without context or sequence parallelism")
+        self.model = model
+        self.window = window
+        self.state: FWLState | None = None
+        self.window_ids: Tensor | None = None  # tokens of the current window so far
+        self.window_docs: Tensor | None = None
+        self.position = 0  # tokens fed so far
+
+    def feed(self, ids: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+        """Feeds `ids` [B, n]; returns the logits [B, n, V] predicting the token after each of them."""
+        if doc_ids is None:
+            doc_ids = torch.zeros_like(ids)
+        outs = []
+        a = 0
+        while a < ids.shape[1]:
+            room = self.window - self.position % self.window
+            b = min(ids.shape[1], a + room)
+            outs.append(self._run(ids[:, a:b], doc_ids[:, a:b]))
+            a = b
+        return torch.cat(outs, dim=1)
+
+    def _run(self, ids: Tensor, docs: Tensor) -> Tensor:
+        if self.position % self.window == 0:
+            self.window_ids, self.window_docs = ids[:, :0], docs[:, :0]
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, :-1] = torch.where(docs[:, 1:] == docs[:, :-1], ids[:, 1:], IGNORE_INDEX)
+        out = self.model(ids, labels, docs, fwl_state=self.state, last_label_pending=True, return_logits=True,
+                         return_state=self.model.fwl is not None, context_ids=self.window_ids,
+                         context_doc_ids=self.window_docs)
+        self.state = out.fwl_state
+        self.window_ids = torch.cat([self.window_ids, ids], dim=1)
+        self.window_docs = torch.cat([self.window_docs, docs], dim=1)
+        self.position += ids.shape[1]
+        return out.logits
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None,
                 tp_group: ParallelState | TPContext | CPContext | object | None = None,
                 cp_exchange: str = "auto") -> GPT:
