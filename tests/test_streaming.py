@@ -136,3 +136,39 @@ def test_detached_state_is_caught(monkeypatch):
 def test_streaming_refuses_bad_window():
     with pytest.raises(ValueError, match="window"):
         StreamingSession(make_model(), 0)
+
+
+def test_stream_position_evaluation_is_the_whole_pass():
+    """evaluate_stream_positions (windows of W, state carried, labels known) averages exactly the
+    per-token losses of the whole pass, bucket by bucket; without the carried state, of windows alone."""
+    from fwl_scale.eval.streaming import evaluate_stream_positions, format_stream_positions
+
+    model = make_model()
+    g = torch.Generator().manual_seed(4)
+    docs = [torch.randint(0, V, (n,), generator=g) for n in (3 * W + 1, 4 * W + 3, 2 * W)]  # the last: too short
+    n_windows, buckets = 3, 2
+    carried = evaluate_stream_positions(model, docs, W, torch.device("cpu"), n_windows, buckets)
+    alone = evaluate_stream_positions(model, docs, W, torch.device("cpu"), n_windows, buckets, carry_state=False)
+    assert carried.documents == 2 and carried.edges[:3] == [(0, 4), (4, 8), (8, 12)]
+    per_token = []
+    for doc in docs[:2]:
+        ids, labels = doc[None, :n_windows * W], doc[None, 1:n_windows * W + 1]
+        with torch.no_grad():
+            logits = whole_pass_known_labels(model, ids, labels)
+            per_token.append(torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="none"))
+            fresh = torch.cat([model(ids[:, a:a + W], labels[:, a:a + W]).token_loss[0]
+                               for a in range(0, n_windows * W, W)])
+            per_token.append(fresh)
+    whole = (per_token[0] + per_token[2]) / 2
+    windows_alone = (per_token[1] + per_token[3]) / 2
+    for i, (a, b) in enumerate(carried.edges):
+        assert abs(carried.loss[i] - whole[a:b].mean().item()) < TOL
+        assert abs(alone.loss[i] - windows_alone[a:b].mean().item()) < TOL
+    assert len(carried.update_w1) == n_windows and min(carried.update_w1) > 0 and not alone.update_w1
+    assert "positions" in format_stream_positions([("carried", carried), ("alone", alone)])
+
+
+def whole_pass_known_labels(model, ids, labels):
+    h = torch.cat([model.body(ids[:, a:a + W], None) for a in range(0, ids.shape[1], W)], dim=1)
+    u, _ = model.fwl(h, model.unembedding, labels, None)
+    return u @ model.unembedding[:V].t() + model.fwl.out_bias[:V]
