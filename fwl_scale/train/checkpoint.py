@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -204,7 +204,10 @@ class CheckpointManager:
     def latest(self) -> CheckpointRef | None:
         return find_latest(self.root)
 
-    def save(self, engine, step: int, client_state: dict[str, Any], cfg: Config, dp: int) -> CheckpointRef:
+    def save(self, engine, step: int, client_state: dict[str, Any], cfg: Config, dp: int,
+             write_extra: Callable[[Path], None] | None = None) -> CheckpointRef:
+        """`write_extra(tag_dir)`: per-rank files that belong to the checkpoint (the carried FWL state),
+        written by every rank after DeepSpeed's files and before the checkpoint is marked complete."""
         tag = tag_for(step)
         tag_dir = self.root / tag
         existing = read_marker(tag_dir) if tag_dir.is_dir() else None
@@ -222,6 +225,8 @@ class CheckpointManager:
                 shutil.rmtree(tag_dir)
         _barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        if write_extra is not None:
+            write_extra(tag_dir)
         _barrier()  # every rank's shards are written
         meta = {
             "format": FORMAT,

@@ -19,6 +19,7 @@ import torch
 
 from fwl_scale.config import Config, ConfigError, dump_config
 from fwl_scale.eval.perplexity import EvalResult, evaluate_batches
+from fwl_scale.train.carried import CarriedState, carries_state
 from fwl_scale.train.checkpoint import (CheckpointError, CheckpointManager, CheckpointRef, check_compatible,
                                         resolve_checkpoint)
 from fwl_scale.train.engine import (DistInfo, build_engine, init_distributed, zero_stage_discards_nonfinite)
@@ -161,6 +162,8 @@ class Trainer:
 
         dp_rank = dist.rank  # tp = cp = pp = 1: every rank is its own data-parallel rank
         self.loader = TrainLoader(cfg, self.paths, dp_rank, dist.dp)
+        # Contiguous mode: the FWL state carried from micro-batch to micro-batch (train/carried.py).
+        self.carried = CarriedState(carries_state(cfg), cfg.parallel.micro_batch, dp_rank, dist.dp)
         self.state = TrainState()
         client: dict[str, Any] = {}
         if self.resume_ref is not None:
@@ -193,6 +196,10 @@ class Trainer:
         except Exception as e:  # the loader names what does not fit; say which checkpoint it came from
             raise CheckpointError(f"checkpoint {ref.path}: its data-loader state does not fit this data: "
                                   f"{e}") from None
+        try:
+            self.carried.load(ref.path, self.device)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {ref.path}: {e}") from None
         rng = client.get("rng") or []
         if len(rng) == self.dist.world_size:
             _set_rng_state(rng[self.dist.rank])
@@ -202,7 +209,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ a step
     def _forward(self, batch: dict[str, torch.Tensor]):
         ids, labels, docs = (batch[k].to(self.device, non_blocking=True) for k in ("input_ids", "labels", "doc_ids"))
-        return self.engine(ids, labels, docs)
+        return self.engine(ids, labels, docs, **self.carried.forward_kwargs())
 
     def _grad_norm_fp32(self) -> float:
         """Global gradient norm when DeepSpeed does not report one (ZeRO 0, fp32: plain torch optimizer);
@@ -233,8 +240,10 @@ class Trainer:
             nonfinite = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
             if float(_all_reduce_sum(nonfinite).item()) > 0:
                 bad_at = i
+                self.carried.reset()  # the state may be non-finite too: the slots start afresh
                 self._discard_step(i, loss)
                 continue
+            self.carried.advance(out)
             engine.backward(loss)
             loss_sum += loss.detach().double()
         grad_norm = None
@@ -298,7 +307,7 @@ class Trainer:
             "wandb_run_id": self.metrics.run_id,
             "config": self.cfg.to_dict(),
         }
-        return self.ckpt.save(self.engine, s.step, client, self.cfg, self.dist.dp)
+        return self.ckpt.save(self.engine, s.step, client, self.cfg, self.dist.dp, write_extra=self.carried.save)
 
     # ------------------------------------------------------------------------------------ loop
     def run(self) -> int:
