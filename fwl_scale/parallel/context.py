@@ -180,3 +180,10 @@ def broadcast_from_last(tensors: list[Tensor], group) -> list[Tensor]:
     """Every rank gets the last rank's tensors (all of one dtype; other ranks pass same-shaped
     placeholders). Backward: the sum of every rank's gradient goes to the last rank's inputs."""
     return list(_BroadcastFromLast.apply(group, *tensors))
+
+
+@torch.no_grad()
+def gather_along_sequence(t: Tensor, group, dim: int = 1) -> Tensor:
+    """Every rank's chunk concatenated along `dim`, not differentiable (evaluation: per-token losses of
+    the whole sequence on every rank)."""
+    return torch.cat(_all_gather_flat(t, group), dim=dim)

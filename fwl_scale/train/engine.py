@@ -50,7 +50,8 @@ def resolve_device(cfg: Config) -> torch.device:
 def check_layout_implemented(cfg: Config) -> None:
     """Only data parallelism is implemented in this trainer yet; other layouts fail before any work."""
     p = cfg.parallel
-    for name, value in (("tp", p.tp), ("cp", p.cp), ("pp", p.pp)):
+    # cp needs no mpu: with tp = pp = 1 DeepSpeed's default data-parallel group (the world) is dp × cp.
+    for name, value in (("tp", p.tp), ("pp", p.pp)):
         if value != 1:
             raise ConfigError(f"parallel.{name}: {name}={value} is not implemented yet (this trainer runs "
                               f"data parallelism only: tp=cp=pp=1, dp any); the distributed-engine issue adds it")
@@ -188,7 +189,9 @@ def build_engine(cfg: Config, model: nn.Module, dist: DistInfo):
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-        config=deepspeed_config(cfg, dist.dp), lr_scheduler=schedule, dist_init_required=False)
+        # DeepSpeed's data-parallel group is dp × cp (context-parallel peers hold the same parameters and
+        # share one batch, but DeepSpeed counts every member's micro-batch in train_batch_size).
+        config=deepspeed_config(cfg, dist.dp * cfg.parallel.cp), lr_scheduler=schedule, dist_init_required=False)
     return engine, scheduler
 
 

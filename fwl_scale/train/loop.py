@@ -153,17 +153,24 @@ class Trainer:
         if not dist.is_main:
             self.paths = prepare_data(cfg)
 
+        from fwl_scale.parallel import init_parallel_state
+
+        # The process groups of the layout (tp, cp, dp, pp; DESIGN §3). Context-parallel peers get the same
+        # data (the same dp rank) and each keeps its chunk of every sequence (the model slices it).
+        self.parallel = init_parallel_state(cfg)
         _seed_everything(cfg.train.seed)  # the same initial weights on every rank (DeepSpeed broadcasts too)
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, tp_group=self.parallel, cp_exchange=cfg.parallel.cp_exchange)
         model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         self.param_counts = model.param_counts()
         self.engine, self.scheduler = build_engine(cfg, model, dist)
         self.discard_via_overflow = zero_stage_discards_nonfinite(self.engine)
 
-        dp_rank = dist.rank  # tp = cp = pp = 1: every rank is its own data-parallel rank
+        ps = self.parallel
+        dp_rank = ps.dp_rank
         self.loader = TrainLoader(cfg, self.paths, dp_rank, dist.dp)
         # Contiguous mode: the FWL state carried from micro-batch to micro-batch (train/carried.py).
-        self.carried = CarriedState(carries_state(cfg), cfg.parallel.micro_batch, dp_rank, dist.dp)
+        self.carried = CarriedState(carries_state(cfg), cfg.parallel.micro_batch, dp_rank, dist.dp, ps.tp_rank,
+                                    ps.tp_size, ps.cp_rank)
         self.state = TrainState()
         client: dict[str, Any] = {}
         if self.resume_ref is not None:
@@ -281,11 +288,21 @@ class Trainer:
             raise TrainingError("DeepSpeed applied an optimizer step with non-finite gradients; refusing to go on")
 
     # ------------------------------------------------------------------------------ validation
+    def _eval_forward(self, ids: torch.Tensor, labels: torch.Tensor, docs: torch.Tensor):
+        """The model's output with the per-token losses of the whole sequence (under context parallelism
+        each rank computes its chunk's; they are gathered)."""
+        out = self.engine(ids, labels, docs)
+        if self.parallel.cp_size > 1:
+            from fwl_scale.parallel.context import gather_along_sequence
+
+            out.token_loss = gather_along_sequence(out.token_loss, self.parallel.groups["cp"])
+        return out
+
     def evaluate(self) -> EvalResult:
         module = self.engine.module
         module.eval()
         try:
-            result = evaluate_batches(lambda i, l, d: self.engine(i, l, d), self.valid,
+            result = evaluate_batches(self._eval_forward, self.valid,
                                       self.cfg.train.position_buckets, self.device)
         finally:
             module.train()
