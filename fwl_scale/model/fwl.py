@@ -160,6 +160,18 @@ class FastWeightLayer(nn.Module):
 
     The state is sharded like the weights: w1 [B, d, 4s/tp], b1 [B, 4s/tp], w2 [B, 4s/tp, s]; b2, alpha,
     beta and pending_x are replicated.
+
+    With a CPContext (context parallelism, orthogonal to tp) each rank holds a contiguous chunk of every
+    sequence. After the slow pass every key and value of the six running sums exists, so the state that
+    enters the rank is exchanged once for the whole block before any fast computation:
+    * `state`: each rank's contribution is its sums after its last document start (the first rank's
+      include a carried state), flagged where a document starts on it; one `exclusive_state_scan`
+      (segmented exclusive scan, reverse scan in backward) gives every rank its entering state;
+    * `kv`: one all-gather of the keys and values (x, gh1, a, gh2, gu, gu⊙xhat); the vector sums of the
+      earlier ranks' tokens in the continuing document are summed, the fast dense layers attend to those
+      tokens directly (the quadratic form across the boundary);
+    * `auto`: whichever sends fewer bytes per rank (state dk·dv in fp32 vs T_rank·(dk+dv) activations).
+    A returned state is the last rank's, broadcast over the group (replicated over cp).
     """
 
     def __init__(self, d_model: int, width: int, hidden_mult: int, vocab_size: int, padded_vocab_size: int,
