@@ -292,10 +292,11 @@ class GPT(nn.Module):
             register_external_parameter(module, param)
         self._zero3_externals_registered = True
 
-    def body(self, input_ids: Tensor, doc_ids: Tensor | None) -> Tensor:
-        """The final-normed body output [B, T, d] (under sequence parallelism this rank's chunk
-        [B, T/tp, d]; under context parallelism `input_ids`/`doc_ids` are the whole sequence and the
-        output is this rank's chunk [B, T/cp, d], or [B, T/(cp·tp), d] with sequence parallelism)."""
+    def attention_inputs(self, input_ids: Tensor, doc_ids: Tensor | None) -> tuple[Tensor, Tensor | None, int, int]:
+        """What every block needs besides its input: (rotary positions [B, T_loc], attention mask
+        [B, 1, T_loc, T] or None for plain causal attention, start, T_loc) for this rank's chunk
+        [start, start + T_loc) of the sequence (the whole sequence without context parallelism). Pipeline
+        stages recompute them from the document ids they are handed (train/pipeline.py)."""
         B, T = input_ids.shape
         cp = self.cp
         n_cp = cp.size if cp is not None else 1
@@ -318,12 +319,22 @@ class GPT(nn.Module):
             positions = rows.expand(B, T_loc)
             if cp is not None:
                 mask = causal.expand(B, 1, T_loc, T)
+        return positions, mask, start, T_loc
+
+    def run_block(self, block: Block, x: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
+        """One block, recomputed in backward when activation checkpointing is on."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, positions, mask, self.cp, use_reentrant=False)
+        return block(x, positions, mask, self.cp)
+
+    def body(self, input_ids: Tensor, doc_ids: Tensor | None) -> Tensor:
+        """The final-normed body output [B, T, d] (under sequence parallelism this rank's chunk
+        [B, T/tp, d]; under context parallelism `input_ids`/`doc_ids` are the whole sequence and the
+        output is this rank's chunk [B, T/cp, d], or [B, T/(cp·tp), d] with sequence parallelism)."""
+        positions, mask, start, T_loc = self.attention_inputs(input_ids, doc_ids)
         x = self.embed(input_ids[:, start:start + T_loc])
         for block in self.blocks:
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, positions, mask, cp, use_reentrant=False)
-            else:
-                x = block(x, positions, mask, cp)
+            x = self.run_block(block, x, positions, mask)
         return self.norm_f(x)
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, doc_ids: Tensor | None = None,
@@ -340,9 +351,7 @@ class GPT(nn.Module):
         `context_ids` [B, C] (streaming): tokens just before `input_ids` in the body's window, already
         processed by the FWL (their sums are in `fwl_state`); the body attends to them, nothing else
         sees them. `context_doc_ids` are their document ids (default: all 0, like `doc_ids`)."""
-        tp = self.tp
         self._register_zero3_externals()
-        B, T = input_ids.shape
         if doc_ids is None and context_ids is not None:
             doc_ids = torch.zeros_like(input_ids)
         if context_ids is not None and context_ids.shape[1] > 0:
@@ -357,6 +366,15 @@ class GPT(nn.Module):
             h = h[:, C:]
         else:
             h = self.body(input_ids, doc_ids)
+        return self.head(h, input_ids, labels, doc_ids, fwl_state, last_label_pending, return_logits, return_state)
+
+    def head(self, h: Tensor, input_ids: Tensor, labels: Tensor | None, doc_ids: Tensor | None,
+             fwl_state: FWLState | None = None, last_label_pending: bool = False, return_logits: bool = False,
+             return_state: bool = False) -> ModelOutput:
+        """Everything after the body: the FWL (or nothing), the unembedding and the losses, from the body
+        output `h` (as `body` returns it). The last pipeline stage runs it (train/pipeline.py)."""
+        tp = self.tp
+        T = input_ids.shape[1]
         if labels is None:
             labels = torch.full_like(input_ids, IGNORE_INDEX)
         n_cp = self.cp.size if self.cp is not None else 1
