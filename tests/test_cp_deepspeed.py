@@ -2,7 +2,8 @@
 its data-parallel group, which is dp × cp; with each cp rank's loss share (GPT.forward) that average must
 be the unsplit model's gradient. Checked by training: 4 steps of plain SGD without clipping (clipping
 would hide a gradient off by a constant factor; the update is the gradient itself, so a wrong one changes
-the next losses at once), ZeRO 1 and 2 (stage 2 reduces inside backward), against the unsplit model
+the next losses at once), ZeRO 1, 2 and 3 (stage 2 reduces inside backward, stage 3 gathers the
+parameters around our collectives), against the unsplit model
 trained data-parallel on the same batches.
 
 2 ranks: cp = 2 (state and kv exchange) vs dp = 2 with the same batch on both ranks (= one process).
@@ -74,7 +75,8 @@ def reference(world: int, data_rank: int) -> list[float]:
 
 
 def _checks(rank: int, world: int) -> None:
-    layouts = [(1, 2, "state", 2), (1, 2, "kv", 1)] if world == 2 else [(1, 2, "state", 2), (2, 2, "state", 1)]
+    layouts = ([(1, 2, "state", 2), (1, 2, "kv", 1), (1, 2, "state", 3)] if world == 2
+               else [(1, 2, "state", 2), (2, 2, "state", 1)])  # (tp, cp, exchange, ZeRO stage)
     refs: dict[int, list[float]] = {}
     for tp, cp, exchange, stage in layouts:
         cfg = make_cfg(tp, cp, exchange)
