@@ -3,8 +3,7 @@ its data-parallel group, which is dp × cp; with each cp rank's loss share (GPT.
 be the unsplit model's gradient. Checked by training: 4 steps of plain SGD without clipping (clipping
 would hide a gradient off by a constant factor; the update is the gradient itself, so a wrong one changes
 the next losses at once), ZeRO 1, 2 and 3 (stage 2 reduces inside backward, stage 3 gathers the
-parameters around our collectives), against the unsplit model
-trained data-parallel on the same batches.
+parameters around our collectives), against the unsplit model trained data-parallel on the same batches.
 
 2 ranks: cp = 2 (state and kv exchange) vs dp = 2 with the same batch on both ranks (= one process).
 4 ranks: cp = 2 × dp = 2 vs dp = 4 where ranks 2d, 2d+1 get batch d; cp = 2 × tp = 2 vs dp = 4 with one
