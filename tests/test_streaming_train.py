@@ -145,3 +145,26 @@ def test_state_reassembles_for_another_layout(tmp_path):
     (tmp_path / state_file(1, 1)).unlink()
     with pytest.raises(CarriedStateError, match="missing"):
         CarriedState(True, 6, 0, 1, 0, 1).load(tmp_path, torch.device("cpu"))
+
+
+def test_stream_position_measurement_on_a_checkpoint(tmp_path, capsys):
+    """python -m fwl_scale.eval.streaming on a trained checkpoint: loss by position over several windows,
+    with and without the carried state, and the fast update's size per window."""
+    import json
+
+    from fwl_scale.eval.streaming import main
+
+    out = tmp_path / "run"
+    assert Trainer(tiny_config(out, *COMMON, "train.steps=1")).run() == 0
+    report = tmp_path / "positions.json"
+    # The run's own config (the trainer writes it next to its checkpoints).
+    code = main(["--windows", "3", "--buckets", "2", "--docs", "2", "--json", str(report), str(out / "config.yaml"),
+                 str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "state carried" in printed and "windows alone" in printed and "fast update" in printed
+    data = json.loads(report.read_text())
+    carried, alone = data["state carried"], data["windows alone"]
+    assert len(carried["loss"]) == 6 and carried["edges"][-1] == [80, 96]
+    assert carried["loss"][:2] == alone["loss"][:2]  # the first window has nothing to carry
+    assert len(carried["update_w1"]) == 3 and carried["update_w1"][2] > carried["update_w1"][0]
