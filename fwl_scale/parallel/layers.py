@@ -101,9 +101,14 @@ def shard_of(p: Tensor, full: Tensor) -> Tensor:
 @torch.no_grad()
 def init_normal_(p: nn.Parameter, std: float) -> None:
     """Draws the whole tensor from the global generator and keeps this rank's slice: the same seed gives
-    the same model at every tp (the RNG advances by the full size on every rank)."""
-    full = torch.empty(full_shape(p), device=p.device, dtype=p.dtype).normal_(mean=0.0, std=std)
-    p.copy_(shard_of(p, full))
+    the same model at every tp (the RNG advances by the full size on every rank).
+
+    A parameter on the meta device (one a pipeline stage does not hold) still consumes its draw, on the
+    CPU generator, so that the parameters a stage does hold get the values of the whole model."""
+    device = torch.device("cpu") if p.is_meta else p.device
+    full = torch.empty(full_shape(p), device=device, dtype=p.dtype).normal_(mean=0.0, std=std)
+    if not p.is_meta:
+        p.copy_(shard_of(p, full))
 
 
 def _tag_rank(p: nn.Parameter, tp: TPContext | None) -> None:

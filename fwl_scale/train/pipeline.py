@@ -1,0 +1,384 @@
+"""Pipeline parallelism (parallel.pp > 1) on DeepSpeed's PipelineModule and PipelineEngine (1F1B).
+
+The model is cut into DeepSpeed layers that pass one tuple between stages,
+
+    (x [B, T(/tp under SP), d] float, input_ids, labels, doc_ids [B, T] int64)
+
+so the labels and document ids travel with the activations to the last stage, where the FWL needs them
+inside its forward (its fast weights adapt to every earlier labelled token). DeepSpeed's pipeline carries
+int64 tensors and sends gradients only for the floating ones. Layers:
+
+    first stage   embedding                  (TiedLayerSpec "embed" with tied embeddings)
+    every stage   one BlockStage per block   (the partition balances blocks: "type:BlockStage")
+    last stage    the tied embedding again   (TiedLayerSpec "embed", a pass-through that registers U there)
+                  HeadStage: final norm, FWL (or nothing), unembedding, losses -> the loss
+
+The tied module holds only the embedding matrix (DeepSpeed marks every parameter of a tied module on the
+non-first stage as pipeline-replicated, so nothing else may live in it); the head reads U = that matrix
+through GPT.unembedding. DeepSpeed all-reduces its gradient over the two stages (ReduceTiedGrads).
+
+Initialisation: every rank builds the whole GPT on the meta device (the parameters' shapes and tensor-
+parallel attributes, no memory), materialises the parameters of its own stage on the CPU and runs
+GPT.reset_parameters, whose draws for meta parameters are made and discarded (init_normal_), so every
+stage holds exactly its slice of the single-process model.
+
+Groups: with a PipelineModule DeepSpeed takes no mpu; its PipeModelDataParallelTopology (pipe, data =
+cp × dp, model = tp) orders ranks as we do (tp fastest, then cp, dp, pp), and `check_groups` verifies that
+its groups equal ours before any training.
+
+A training step (`PipelineStep`) runs DeepSpeed's own 1F1B TrainSchedule in two parts: every forward and
+backward first, then — only if no micro-batch on any rank had a non-finite loss — the tied-gradient and
+data-parallel reductions and the optimizer step. The pipeline engine allows ZeRO 0/1 only, under which
+DeepSpeed keeps the gradients local until those reduction instructions, so deciding after the backward
+passes and before any reduction is deciding before anything is applied; a skipped step zeroes the local
+gradients on every rank. (The alternative, a forward-only pass to test the loss first, costs a third of a
+step.) With ZeRO 0 in fp32 the gradient norm for clipping is ours: DeepSpeed's torch-optimizer path counts
+a replicated parameter only on model-parallel rank 0 of the whole pipe × tp group (so stages > 0 would
+drop theirs) and counts the tied embedding twice; ZeRO-1 and the bf16 optimizer get it right themselves.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from fwl_scale.config import Config, ConfigError
+from fwl_scale.model.gpt import GPT
+from fwl_scale.parallel.layers import is_sharded
+from fwl_scale.parallel.state import ParallelState
+
+TIE_KEY = "embed"
+
+
+# ---------------------------------------------------------------------------------------- layers
+class EmbedTie(nn.Module):
+    """The embedding matrix, on the first stage (lookup) and on the last (unembedding U)."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.embed = gpt.embed
+        object.__setattr__(self, "gpt", gpt)  # not a submodule: only the embedding is tied
+
+
+def embed_forward(stage: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """First stage: token ids -> embeddings of this rank's chunk (a sequence chunk under SP/cp)."""
+    ids, labels, docs = inputs
+    gpt: GPT = stage.gpt
+    _, _, start, T_loc = gpt.attention_inputs(ids, docs)  # also validates the shapes
+    return stage.embed(ids[:, start:start + T_loc]), ids, labels, docs
+
+
+def pass_through(stage: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return inputs
+
+
+class EmbedStage(EmbedTie):
+    """The embedding without tying (model.tie_embeddings = false)."""
+
+    def forward(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return embed_forward(self, inputs)
+
+
+class BlockStage(nn.Module):
+    def __init__(self, gpt: GPT, index: int):
+        super().__init__()
+        self.block = gpt.blocks[index]
+        object.__setattr__(self, "gpt", gpt)
+
+    def forward(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        x, ids, labels, docs = inputs
+        gpt: GPT = self.gpt
+        # Positions and the document mask are recomputed from the document ids (O(B·T²) booleans, against
+        # O(B·T²·d) for the attention itself) rather than sent between stages.
+        positions, mask, _, _ = gpt.attention_inputs(ids, docs)
+        return gpt.run_block(self.block, x, positions, mask), ids, labels, docs
+
+
+class HeadStage(nn.Module):
+    """Final norm, FWL, unembedding and losses. Training: the micro-batch loss (what the pipeline engine
+    backpropagates); eval mode: the per-token losses [B, T] for validation by position."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.norm_f = gpt.norm_f
+        if gpt.fwl is not None:
+            self.fwl = gpt.fwl
+        if gpt.lm_head is not None:
+            self.lm_head = gpt.lm_head
+        object.__setattr__(self, "gpt", gpt)
+
+    def forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        x, ids, labels, docs = inputs
+        gpt: GPT = self.gpt
+        out = gpt.head(gpt.norm_f(x), ids, labels, docs)
+        return out.loss if self.training else out.token_loss
+
+
+# ------------------------------------------------------------------------------------- building
+def _materialize(module: nn.Module, device: torch.device) -> None:
+    """Replaces every meta parameter under `module` by uninitialised memory on `device`, keeping the
+    parameter's Python attributes (the tensor-parallel shard bookkeeping)."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.is_meta:
+                new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
+                new.__dict__.update(p.__dict__)
+                sub._parameters[name] = new
+
+
+def layer_specs(gpt: GPT) -> list[Any]:
+    from deepspeed.pipe import TiedLayerSpec
+
+    tied = gpt.lm_head is None
+    layers: list[Any] = []
+    if tied:
+        layers.append(TiedLayerSpec(TIE_KEY, EmbedTie, gpt, forward_fn=embed_forward,
+                                    tied_weight_attr=["embed.weight"]))
+    else:
+        layers.append(EmbedStage(gpt))
+    layers += [BlockStage(gpt, i) for i in range(len(gpt.blocks))]
+    if tied:
+        layers.append(TiedLayerSpec(TIE_KEY, EmbedTie, gpt, forward_fn=pass_through,
+                                    tied_weight_attr=["embed.weight"]))
+    layers.append(HeadStage(gpt))
+    return layers
+
+
+def stage_partition(layers: list[Any], stages: int) -> list[int]:
+    """Layer boundaries of the stages: the blocks balanced over the stages (DeepSpeed's "type:" method),
+    the embedding on the first stage, the head on the last."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    weights = [1 if isinstance(layer, BlockStage) else 0 for layer in layers]
+    return [int(x) for x in partition_balanced(weights=weights, num_parts=stages)]
+
+
+def check_groups(module, ps: ParallelState) -> None:
+    """DeepSpeed's pipeline groups (from its topology) must be ours: data = dp × cp, pipe = pp, model = tp."""
+    grid = module._grid
+    checks = [("data-parallel (dp × cp)", sorted(grid.dp_group), ps.group_ranks["dp_cp"]),
+              ("pipeline", sorted(grid.pp_group), ps.group_ranks["pp"])]
+    if ps.tp_size > 1:
+        checks.append(("tensor-parallel", sorted(grid.slice_group), ps.group_ranks["tp"]))
+    if grid.get_stage_id() != ps.pp_rank:
+        checks.append(("stage", [grid.get_stage_id()], [ps.pp_rank]))
+    for what, theirs, ours in checks:
+        if list(theirs) != list(ours):
+            raise RuntimeError(f"rank {ps.rank}: DeepSpeed's {what} group {theirs} differs from ours {ours}; "
+                               "the layouts disagree (tp, cp, dp, pp order)")
+
+
+@dataclass
+class PipelineModel:
+    """This rank's stage: DeepSpeed's PipelineModule, the GPT skeleton whose parameters it holds (the rest
+    stay on the meta device), and the names of its parameters in the single-process model."""
+
+    module: Any  # deepspeed.pipe.PipelineModule
+    gpt: GPT
+    gpt_names: dict[str, str]  # PipelineModule parameter name -> GPT parameter name
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.module.stage_id == self.module.num_stages - 1
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.module.stage_id == 0
+
+
+def build_pipeline_model(cfg: Config, ps: ParallelState) -> PipelineModel:
+    """This rank's stage of the model of `cfg`. Seed the global generator identically on every rank
+    first (as for build_model): the stages then hold the single-process model's values."""
+    from deepspeed.pipe import PipelineModule
+
+    from fwl_scale.model import build_model
+
+    if cfg.data.mode == "contiguous" and cfg.model.fwl.enabled:
+        raise ConfigError("parallel.pp: a carried FWL state (data.mode: contiguous) is not supported with "
+                          "pipeline parallelism yet; use data.mode: packed or parallel.pp: 1")
+    gpt = build_model(cfg.model, device="meta", tp_group=ps, cp_exchange=cfg.parallel.cp_exchange)
+    gpt.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    layers = layer_specs(gpt)
+    # The partition PipelineModule computes for "type:BlockStage" (checked below): this stage's layers are
+    # materialised and initialised before it is built, because it moves them to the device and broadcasts
+    # the tied embedding at once.
+    parts = stage_partition(layers, ps.pp_size)
+    for layer in layers[parts[ps.pp_rank]:parts[ps.pp_rank + 1]]:
+        _materialize(layer if isinstance(layer, nn.Module) else layer.module_args[0].embed, torch.device("cpu"))
+    with torch.no_grad():
+        # The draws of build_model on the CPU, in its order: the FWL initialises itself when constructed,
+        # then GPT.reset_parameters draws everything. The stage's parameters get their values, the other
+        # draws are made and discarded.
+        if gpt.fwl is not None:
+            gpt.fwl.reset_parameters()
+        gpt.reset_parameters()
+    # DeepSpeed prints its partition on rank 0; keep the trainer's output to our own lines.
+    quiet = contextlib.redirect_stdout(io.StringIO()) if not os.environ.get("FWL_DEBUG") else contextlib.nullcontext()
+    with quiet:
+        module = PipelineModule(layers=layers, topology=ps.layout.deepspeed_topology(), loss_fn=None,
+                                partition_method="type:BlockStage", activation_checkpoint_interval=0)
+    if [int(x) for x in module.parts] != parts:
+        raise RuntimeError(f"DeepSpeed partitioned the layers as {list(module.parts)}, expected {parts}")
+    check_groups(module, ps)
+    by_id = {id(p): n for n, p in gpt.named_parameters()}
+    names = {}
+    for n, p in module.named_parameters():
+        if id(p) not in by_id:
+            raise RuntimeError(f"pipeline parameter {n} is not a parameter of the model")
+        names[n] = by_id[id(p)]
+    return PipelineModel(module=module, gpt=gpt, gpt_names=names)
+
+
+# ---------------------------------------------------------------------------------- a training step
+def _schedules():
+    from deepspeed.runtime.pipe import schedule as ds_schedule
+
+    STEP_CMDS = (ds_schedule.ReduceTiedGrads, ds_schedule.ReduceGrads, ds_schedule.OptimizerStep)
+
+    class ForwardBackwardSchedule(ds_schedule.TrainSchedule):
+        """DeepSpeed's 1F1B schedule without its final reductions and optimizer step."""
+
+        def steps(self):
+            for cmds in super().steps():
+                yield [c for c in cmds if not isinstance(c, STEP_CMDS)]
+
+    class InstructionSchedule(ds_schedule.PipeSchedule):
+        """A fixed list of instructions as one step (the end of a TrainSchedule)."""
+
+        def __init__(self, instructions, *args):
+            super().__init__(*args)
+            self.instructions = instructions
+
+        def steps(self):
+            yield list(self.instructions)
+
+        def num_pipe_buffers(self):
+            return 1
+
+    return ForwardBackwardSchedule, InstructionSchedule, ds_schedule
+
+
+@dataclass
+class PipelineStepResult:
+    loss: float  # mean over micro-batches and data-parallel ranks (nan when skipped)
+    skipped: bool
+    grad_norm: float | None
+
+
+def global_grad_norm(params: list[nn.Parameter], ps: ParallelState) -> Tensor:
+    """The gradient norm of the whole model from this rank's (already data-parallel-reduced) gradients:
+    a replicated parameter counts on tensor-parallel rank 0 only, a tied copy (DeepSpeed's
+    `ds_pipe_replicated`) not at all, and the squares are summed over the tp × pp group."""
+    dev = params[0].device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    for p in params:
+        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+            continue
+        if is_sharded(p) or ps.tp_rank == 0:
+            total += p.grad.detach().double().pow(2).sum()
+    if ps.layout.tp * ps.layout.pp > 1:
+        torch.distributed.all_reduce(total, group=ps.groups["tp_pp"])
+    return total.sqrt()
+
+
+class PipelineStep:
+    """One optimizer step of the pipeline engine over its grad_accum micro-batches (see the module
+    docstring for the non-finite decision)."""
+
+    def __init__(self, engine, ps: ParallelState, grad_clip: float, own_clipping: bool):
+        self.engine = engine
+        self.ps = ps
+        self.grad_clip = grad_clip
+        self.own_clipping = own_clipping  # ZeRO 0 fp32: our norm (DeepSpeed's clipping is off)
+        self.fb_schedule, self.instr_schedule, self.ds = _schedules()
+
+    def _instructions(self, *instructions) -> None:
+        e = self.engine
+        e._exec_schedule(self.instr_schedule(instructions, e.micro_batches, e.num_stages, e.stage_id))
+
+    def run(self, micro_batches: list[dict[str, Tensor]]) -> PipelineStepResult:
+        e, ds = self.engine, self.ds
+        if len(micro_batches) != e.micro_batches:
+            raise ValueError(f"pipeline step needs {e.micro_batches} micro-batches, got {len(micro_batches)}")
+        data = iter([((b["input_ids"], b["labels"], b["doc_ids"]), b["labels"]) for b in micro_batches])
+        # What PipelineEngine.train_batch does, with its schedule cut before the reductions.
+        e.module.train()
+        e.total_loss = None
+        e.total_additional_losses = None
+        e._compute_loss = True
+        e.set_dataiterator(data)
+        e._exec_schedule(self.fb_schedule(micro_batches=e.micro_batches, stages=e.num_stages, stage_id=e.stage_id))
+        bad = torch.zeros(1, dtype=torch.float32, device=e.device)
+        if e.is_last_stage():
+            for loss in e.fwd_outputs:
+                if not torch.isfinite(loss).all():
+                    bad += 1
+        torch.distributed.all_reduce(bad)
+        skipped = bool(bad.item() > 0)
+        grad_norm = None
+        if skipped:
+            e.optimizer.zero_grad(set_to_none=True)
+            e.zero_grad()
+        else:
+            self._instructions(ds.ReduceTiedGrads(), ds.ReduceGrads())
+            if self.own_clipping:
+                params = [p for p in e.module.parameters() if p.requires_grad]
+                norm = global_grad_norm(params, self.ps)
+                grad_norm = float(norm)
+                if self.grad_clip > 0:
+                    coef = self.grad_clip / (grad_norm + 1e-6)  # DeepSpeed's (and torch's) formula
+                    if coef < 1:
+                        for p in params:
+                            if p.grad is not None:
+                                p.grad.mul_(coef)
+            self._instructions(ds.OptimizerStep())
+            reported = e.get_global_grad_norm()
+            if reported is not None and not self.own_clipping:
+                grad_norm = float(reported)
+        with torch.no_grad():
+            loss = float(e._aggregate_total_loss())  # collective: every stage gets the last stage's mean
+        return PipelineStepResult(loss=float("nan") if skipped else loss, skipped=skipped, grad_norm=grad_norm)
+
+
+def pipeline_token_losses(engine, batches: list[dict[str, Tensor]]) -> list[Tensor] | None:
+    """Per-token losses [B, T] of every validation batch through the pipeline (None on the stages
+    other than the last). Every rank of a pipeline must pass the same number of batches."""
+    if not batches:
+        return [] if engine.is_last_stage() else None
+    data = iter([((b["input_ids"], b["labels"], b["doc_ids"]), b["labels"]) for b in batches])
+    out = engine.eval_batch(data, compute_loss=False, reduce_output=None, bcast_loss=False,
+                            num_micro_batches=len(batches))
+    return list(out) if engine.is_last_stage() else None
+
+
+def deepspeed_pipeline_config(ds_config: dict[str, Any], cfg: Config) -> tuple[dict[str, Any], bool]:
+    """Our DeepSpeed config adjusted for the pipeline engine; returns (config, own_clipping)."""
+    conf = dict(ds_config)
+    own = cfg.parallel.zero_stage == 0 and not cfg.train.bf16
+    if own:
+        conf["gradient_clipping"] = 0.0
+    conf["pipeline"] = {"activation_checkpoint_interval": 0, "pipe_partitioned": False, "grad_partitioned": False}
+    return conf, own
+
+
+def build_pipeline_engine(cfg: Config, ps: ParallelState, ds_config: dict[str, Any],
+                          param_groups: Callable[[nn.Module, float], list[dict[str, Any]]],
+                          schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]):
+    """(engine, scheduler, PipelineModel, PipelineStep) for this rank's stage."""
+    import deepspeed
+
+    pm = build_pipeline_model(cfg, ps)
+    conf, own = deepspeed_pipeline_config(ds_config, cfg)
+    quiet = contextlib.redirect_stdout(io.StringIO()) if not os.environ.get("FWL_DEBUG") else contextlib.nullcontext()
+    with quiet:
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=pm.module, model_parameters=param_groups(pm.module, cfg.train.weight_decay), config=conf,
+            lr_scheduler=schedule, dist_init_required=False)
+    step = PipelineStep(engine, ps, cfg.train.grad_clip, own)
+    return engine, scheduler, pm, step
+
