@@ -49,10 +49,16 @@ def test_malformed_yaml_and_unknown_keys(capsys, tmp_path):
     assert not (Path.cwd() / "runs" / "unknown").exists()
 
 
-def test_unimplemented_layout_is_refused_before_any_work(capsys, tmp_path):
+def test_invalid_layout_or_world_size_is_refused_before_any_work(capsys, tmp_path):
     need_corpus()
-    code, err = fwl_main(capsys, "train", *tiny_overrides(tmp_path / "run", "parallel.tp=2", "model.n_heads=2"))
-    assert code == 2 and "parallel.tp: tp=2 is not implemented yet" in err
+    # A layout the model cannot be split by: named field, exit 2, nothing written.
+    code, err = fwl_main(capsys, "train", *tiny_overrides(tmp_path / "run", "parallel.tp=3"))
+    assert code == 2 and "parallel.tp: must divide model.n_heads" in err, err
+    # A valid layout for another world size (this process is a world of one).
+    code, err = fwl_main(capsys, "train", *tiny_overrides(tmp_path / "run", "parallel.tp=2"))
+    assert code == 2 and "world size 1 is not a multiple of tp*cp*pp" in err, err
+    code, err = fwl_main(capsys, "train", *tiny_overrides(tmp_path / "run", "parallel.pp=2", "parallel.cp=2"))
+    assert code == 2 and "parallel.pp: pipeline parallelism (pp=2) together with context parallelism" in err, err
     assert not (tmp_path / "run").exists()
 
 

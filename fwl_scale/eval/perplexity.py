@@ -56,10 +56,14 @@ def _ppl(loss: float) -> float:
 
 @torch.no_grad()
 def evaluate_batches(forward: Forward, batches: list[dict[str, Tensor]], n_buckets: int,
-                     device: torch.device) -> EvalResult:
+                     device: torch.device, contributes: bool = True) -> EvalResult:
     """Token-weighted mean loss over all valid labels of `batches` (all ranks together), and the mean
     loss in each of `n_buckets` buckets of positions inside the window. Every rank evaluates the same
-    number of batches (the smallest count over ranks) so that collectives inside the model line up."""
+    number of batches (the smallest count over ranks) so that collectives inside the model line up.
+
+    Model-parallel peers compute the same per-token losses (or, on a pipeline's earlier stages, none:
+    `forward` returns None there); only one rank of each data-parallel replica adds them
+    (`contributes`), so the token count is that of the data."""
     n = _all_reduce_min(len(batches), device)
     if n == 0:
         raise ValueError("no validation batches")
@@ -74,6 +78,8 @@ def evaluate_batches(forward: Forward, batches: list[dict[str, Tensor]], n_bucke
     for batch in batches[:n]:
         ids, labels, docs = (batch[k].to(device) for k in ("input_ids", "labels", "doc_ids"))
         out = forward(ids, labels, docs)
+        if out is None or not contributes:
+            continue
         valid = (labels != IGNORE_INDEX).to(torch.float64)
         token_loss = out.token_loss.to(torch.float64) * valid
         sums.index_add_(0, bucket_of_pos, token_loss.sum(0))

@@ -174,15 +174,31 @@ def check_compatible(ref: CheckpointRef, cfg: Config, dp: int | None = None) -> 
              if d.split(":")[0].removeprefix("model.") not in _COMPUTE_ONLY]
     if diffs:
         raise CheckpointError(f"checkpoint {ref.path} belongs to another model: " + "; ".join(diffs[:6]))
+    if ref.meta.get("universal"):
+        return  # a layout-free checkpoint (fwl ckpt convert): any layout, ZeRO stage and precision
     if dp is not None:
-        saved_dp, saved_zero = ref.meta.get("dp"), ref.meta.get("zero_stage")
+        p = cfg.parallel
+        layout = ref.meta.get("layout") or {}
+        for axis, current_size in (("tp", p.tp), ("pp", p.pp)):
+            saved_size = layout.get(axis, 1)
+            if saved_size != current_size:
+                raise CheckpointError(
+                    f"checkpoint {ref.path} was saved with parallel.{axis}={saved_size}, the config has "
+                    f"{current_size}: its shards do not fit this layout. Convert it first (with as many processes "
+                    f"as it was saved by, which `fwl ckpt convert` starts itself): fwl ckpt convert {ref.path} "
+                    f"NEW_RUN_DIR, then resume with --resume-from NEW_RUN_DIR")
+        # ZeRO shards the optimizer over DeepSpeed's data-parallel group, dp × cp.
+        saved_dp = ref.meta.get("dp") * layout.get("cp", 1) if ref.meta.get("dp") is not None else None
+        dp = dp * p.cp
+        saved_zero = ref.meta.get("zero_stage")
         if saved_zero is not None and saved_zero != cfg.parallel.zero_stage:
             raise CheckpointError(f"checkpoint {ref.path} was saved with parallel.zero_stage={saved_zero}, the "
                                   f"config has {cfg.parallel.zero_stage}; resume with the same ZeRO stage")
         if saved_zero and saved_dp != dp:
-            raise CheckpointError(f"checkpoint {ref.path} holds ZeRO-{saved_zero} optimizer shards for dp={saved_dp}; "
-                                  f"resuming with dp={dp} needs a universal-checkpoint conversion, which is not "
-                                  "implemented yet (resume with the same data-parallel size)")
+            raise CheckpointError(f"checkpoint {ref.path} holds ZeRO-{saved_zero} optimizer shards for {saved_dp} "
+                                  f"data-parallel ranks (dp × cp); resuming with {dp} needs a conversion first: "
+                                  f"fwl ckpt convert {ref.path} NEW_RUN_DIR, then resume with --resume-from "
+                                  "NEW_RUN_DIR (or resume with the same data-parallel size)")
         if ref.meta.get("bf16") is not None and ref.meta["bf16"] != cfg.train.bf16:
             raise CheckpointError(f"checkpoint {ref.path} was saved with train.bf16={ref.meta['bf16']}, the "
                                   f"config has {cfg.train.bf16}; the optimizer state differs between the two")
@@ -240,6 +256,9 @@ class CheckpointManager:
             "bf16": cfg.train.bf16,
             "config_name": cfg.name,
             "model": config_to_nested(cfg)["model"],
+            # What `fwl ckpt convert` needs to rebuild the engine that wrote this checkpoint.
+            "layout": {"tp": cfg.parallel.tp, "cp": cfg.parallel.cp, "dp": dp, "pp": cfg.parallel.pp},
+            "config": config_to_nested(cfg),
         }
         if self.rank == 0:
             _atomic_write_text(tag_dir / MARKER, json.dumps(meta, indent=1) + "\n")

@@ -48,15 +48,14 @@ def resolve_device(cfg: Config) -> torch.device:
 
 
 def check_layout_implemented(cfg: Config) -> None:
-    """Only data parallelism is implemented in this trainer yet; other layouts fail before any work."""
+    """Refuses, before any work, the combinations of the layout this trainer does not run (yet)."""
     p = cfg.parallel
-    # cp needs no mpu: with tp = pp = 1 DeepSpeed's default data-parallel group (the world) is dp × cp.
-    for name, value in (("tp", p.tp), ("pp", p.pp)):
-        if value != 1:
-            raise ConfigError(f"parallel.{name}: {name}={value} is not implemented yet (this trainer runs "
-                              f"data parallelism only: tp=cp=pp=1, dp any); the distributed-engine issue adds it")
-    if p.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel: not implemented yet (needs tensor parallelism)")
+    if p.pp > 1 and p.cp > 1:
+        raise ConfigError(f"parallel.pp: pipeline parallelism (pp={p.pp}) together with context parallelism "
+                          f"(cp={p.cp}) is not supported yet; use one of them")
+    if p.pp > 1 and cfg.data.mode == "contiguous" and cfg.model.fwl.enabled:
+        raise ConfigError("parallel.pp: a carried FWL state (data.mode: contiguous) is not supported with "
+                          "pipeline parallelism yet; use data.mode: packed or parallel.pp: 1")
 
 
 def _free_port() -> int:
@@ -178,20 +177,27 @@ def lr_factor(update: int, cfg: Config) -> float:
     return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_engine(cfg: Config, model: nn.Module, dist: DistInfo):
-    """`deepspeed.initialize` with our config; returns (engine, lr_scheduler). The scheduler steps once
-    per applied optimizer update (DeepSpeed does not step it on a skipped update) and is saved in
-    DeepSpeed's checkpoints."""
-    import deepspeed
-
+def lr_schedule(cfg: Config):
+    """The factory DeepSpeed calls with its optimizer: warmup + cosine (lr_factor) as a LambdaLR."""
     def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u, cfg))
 
+    return schedule
+
+
+def build_engine(cfg: Config, model: nn.Module, dist: DistInfo, mpu=None):
+    """`deepspeed.initialize` with our config (pp = 1; `mpu`: the ParallelState, whose groups tell
+    DeepSpeed the tensor-parallel split and the data-parallel group dp × cp); returns (engine,
+    lr_scheduler). The scheduler steps once per applied optimizer update (DeepSpeed does not step it on a
+    skipped update) and is saved in DeepSpeed's checkpoints."""
+    import deepspeed
+
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay), mpu=mpu,
         # DeepSpeed's data-parallel group is dp × cp (context-parallel peers hold the same parameters and
         # share one batch, but DeepSpeed counts every member's micro-batch in train_batch_size).
-        config=deepspeed_config(cfg, dist.dp * cfg.parallel.cp), lr_scheduler=schedule, dist_init_required=False)
+        config=deepspeed_config(cfg, dist.dp * cfg.parallel.cp), lr_scheduler=lr_schedule(cfg),
+        dist_init_required=False)
     return engine, scheduler
 
 

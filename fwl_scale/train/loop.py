@@ -22,7 +22,7 @@ from fwl_scale.eval.perplexity import EvalResult, evaluate_batches
 from fwl_scale.train.carried import CarriedState, carries_state
 from fwl_scale.train.checkpoint import (CheckpointError, CheckpointManager, CheckpointRef, check_compatible,
                                         resolve_checkpoint)
-from fwl_scale.train.engine import (DistInfo, build_engine, init_distributed, zero_stage_discards_nonfinite)
+from fwl_scale.train.engine import DistInfo, init_distributed, zero_stage_discards_nonfinite
 from fwl_scale.train.flops import train_flops_per_token
 from fwl_scale.train.metrics import MetricsLog, Throughput, device_name, efficiency, peak_tflops
 from fwl_scale.train.signals import EXIT_REQUEUE, StopRequest, stop_file_path
@@ -66,6 +66,21 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t
+
+
+def _all_reduce_min_count(n: int, device: torch.device) -> int:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        t = torch.tensor([n], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t.item())
+    return n
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def _rng_state() -> dict[str, Any]:
@@ -135,7 +150,7 @@ class Trainer:
     def _build(self) -> None:
         cfg, dist = self.cfg, self.dist
         from fwl_scale.data import TrainLoader, prepare_data, valid_batches
-        from fwl_scale.model import build_model
+        from fwl_scale.train.parallel_engine import build_training_engine
 
         # Tokenizer and shards: rank 0 builds them (idempotent), the others wait and then only find them.
         # A failure on rank 0 is shared, so the other ranks stop too instead of waiting for it forever.
@@ -159,10 +174,10 @@ class Trainer:
         # data (the same dp rank) and each keeps its chunk of every sequence (the model slices it).
         self.parallel = init_parallel_state(cfg)
         _seed_everything(cfg.train.seed)  # the same initial weights on every rank (DeepSpeed broadcasts too)
-        model = build_model(cfg.model, tp_group=self.parallel, cp_exchange=cfg.parallel.cp_exchange)
-        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-        self.param_counts = model.param_counts()
-        self.engine, self.scheduler = build_engine(cfg, model, dist)
+        # tp/cp: the plain engine with our groups as its mpu; pp > 1: the pipeline engine (parallel_engine.py).
+        self.te = build_training_engine(cfg, self.parallel, dist)
+        self.param_counts = self.te.model.param_counts()
+        self.engine, self.scheduler = self.te.engine, self.te.scheduler
         self.discard_via_overflow = zero_stage_discards_nonfinite(self.engine)
 
         ps = self.parallel
@@ -220,18 +235,17 @@ class Trainer:
 
     def _grad_norm_fp32(self) -> float:
         """Global gradient norm when DeepSpeed does not report one (ZeRO 0, fp32: plain torch optimizer);
-        gradients are already averaged over data-parallel ranks after the boundary backward."""
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p in self.engine.module.parameters():
-            if p.grad is not None:
-                total += p.grad.detach().double().pow(2).sum()
-        return float(total.sqrt())
+        gradients are already averaged over data-parallel ranks after the boundary backward. Tensor-
+        parallel aware: a replicated parameter counts once, the shards' squares are summed over tp."""
+        return self.te.grad_norm()
 
     def train_step(self) -> StepStats:
         """One optimizer step over grad_accum micro-batches. A non-finite loss on any rank (decided
         with an all-reduced flag before its backward) skips the whole step on every rank: the
         gradients already accumulated are thrown away, the rest of the step's data is consumed so the
         data order stays that of an uninterrupted run."""
+        if self.te.is_pipeline:
+            return self._pipeline_train_step()
         gas = self.cfg.parallel.grad_accum
         engine = self.engine
         lr = float(engine.get_lr()[0])
@@ -269,6 +283,18 @@ class Trainer:
         return StepStats(loss=loss_mean, skipped=bad_at is not None, grad_norm=grad_norm, lr=lr,
                          stop=bool(packed[1] > 0))
 
+    def _pipeline_train_step(self) -> StepStats:
+        """pp > 1: DeepSpeed's 1F1B schedule over grad_accum micro-batches; the non-finite decision is
+        taken after the backward passes and before any gradient reduction (train/pipeline.py). Every
+        stage reads the same batches, so the loader position is the same on every rank."""
+        gas = self.cfg.parallel.grad_accum
+        lr = float(self.engine.get_lr()[0])
+        batches = [self.loader.next_batch() for _ in range(gas)]
+        result = self.te.pipeline_step.run(batches)
+        flag = torch.tensor([1.0 if self.stop.local() else 0.0], dtype=torch.float64, device=self.device)
+        stop = bool(_all_reduce_sum(flag).item() > 0)
+        return StepStats(loss=result.loss, skipped=result.skipped, grad_norm=result.grad_norm, lr=lr, stop=stop)
+
     def _discard_step(self, micro: int, bad_loss: torch.Tensor) -> None:
         """Throws away the gradients of a step in which micro-batch `micro` had a non-finite loss (on
         some rank). Before any backward there is nothing to discard. Later, ZeRO and the bf16 optimizer
@@ -299,11 +325,27 @@ class Trainer:
         return out
 
     def evaluate(self) -> EvalResult:
+        ps = self.parallel
+        # One rank per data-parallel replica adds its rows: tp and cp peers hold the same per-token losses
+        # (cp after the gather), a pipeline's losses are on its last stage.
+        contributes = ps.tp_rank == 0 and ps.cp_rank == 0 and self.te.is_last_stage
+        forward = self._eval_forward
+        if self.te.is_pipeline:
+            from types import SimpleNamespace
+
+            from fwl_scale.train.pipeline import pipeline_token_losses
+
+            n = _all_reduce_min_count(len(self.valid), self.device)
+            losses = pipeline_token_losses(self.engine, self.valid[:n])
+            it = iter(losses or [])
+
+            def forward(ids, labels, docs):  # the pipeline has computed every batch already
+                return SimpleNamespace(token_loss=next(it)) if losses is not None else None
         module = self.engine.module
         module.eval()
         try:
-            result = evaluate_batches(self._eval_forward, self.valid,
-                                      self.cfg.train.position_buckets, self.device)
+            result = evaluate_batches(forward, self.valid, self.cfg.train.position_buckets, self.device,
+                                      contributes=contributes)
         finally:
             module.train()
         return result
@@ -340,10 +382,20 @@ class Trainer:
             self.metrics.close()
 
     def _progress(self):
+        """The progress bar on an interactive terminal; where stderr is not one (a Slurm log), no bar
+        (a redrawn bar there is one line per step) — `_run` prints a plain line every train.log_every
+        steps instead."""
         from tqdm import tqdm
 
-        return tqdm(total=self.cfg.train.steps, initial=self.state.step, disable=not self.dist.is_main,
-                    desc=self.cfg.name, dynamic_ncols=True, unit="step")
+        self.plain_log = self.dist.is_main and not _is_tty(sys.stderr)
+        return tqdm(total=self.cfg.train.steps, initial=self.state.step,
+                    disable=not self.dist.is_main or self.plain_log, desc=self.cfg.name, dynamic_ncols=True,
+                    unit="step")
+
+    def _layout_text(self) -> str:
+        lay = self.parallel.layout
+        sp = " +SP" if self.parallel.sequence_parallel else ""
+        return f"tp={lay.tp}{sp} cp={lay.cp} dp={lay.dp} pp={lay.pp}"
 
     def _say(self, message: str) -> None:
         """A line on the main rank's stdout that does not break the progress bar."""
@@ -375,12 +427,13 @@ class Trainer:
             mfu_note = "" if self.peak else " (MFU n/a: no peak for this device; set train.peak_tflops)"
             print(f"fwl train {cfg.name}: {pc['total'] / 1e6:.2f}M parameters (body {pc['body'] / 1e6:.2f}M, FWL "
                   f"{pc['fwl'] / 1e6:.2f}M, embeddings {pc['embeddings'] / 1e6:.2f}M) | {self.dist.world_size} rank(s) "
-                  f"on {device_name(self.device)} | ZeRO {cfg.parallel.zero_stage}{' bf16' if t.bf16 else ''} | "
+                  f"({self._layout_text()}) on {device_name(self.device)} | ZeRO {cfg.parallel.zero_stage}{' bf16' if t.bf16 else ''} | "
                   f"{self.flops.total / 1e6:.2f} MFLOP/token{mfu_note}"
                   + (f" | resumed from {self.resume_ref.path} (step {st.step})" if self.resume_ref else ""),
                   flush=True)
         self.metrics.log("start", st.step, {"resumed_from": str(self.resume_ref.path) if self.resume_ref else None,
                                             "params": self.param_counts, "world_size": self.dist.world_size,
+                                            "layout": self.parallel.layout.sizes(),
                                             "flops_per_token": self.flops.total, "device": device_name(self.device)})
         # A stop request that arrived during set-up counts at the first boundary.
         if st.step < t.steps and self.stop.should_stop(self.device):
@@ -426,6 +479,11 @@ class Trainer:
                     window_losses = []
                     bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tps:,.0f}",
                                     mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%")
+                    if self.plain_log:
+                        gn = "n/a" if stats.grad_norm is None else f"{stats.grad_norm:.3f}"
+                        self._say(f"[step {st.step}/{t.steps}] loss {stats.loss:.4f} lr {stats.lr:.3g} "
+                                  f"grad_norm {gn} | {tps:,.0f} tok/s, {step_s:.3f} s/step, {tflops:.3g} TFLOP/s "
+                                  f"per device, MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
                 if stats.stop and st.step < t.steps:  # at the last step: just finish
                     bar.close()
                     return self._stop_and_save()

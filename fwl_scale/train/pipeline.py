@@ -219,7 +219,8 @@ def build_pipeline_model(cfg: Config, ps: ParallelState) -> PipelineModel:
         gpt.reset_parameters()
     # DeepSpeed prints its partition on rank 0; keep the trainer's output to our own lines.
     quiet = contextlib.redirect_stdout(io.StringIO()) if not os.environ.get("FWL_DEBUG") else contextlib.nullcontext()
-    with quiet:
+    # no_grad: its in-place broadcast of the tied embedding must not enter the parameter's autograd history.
+    with quiet, torch.no_grad():
         module = PipelineModule(layers=layers, topology=ps.layout.deepspeed_topology(), loss_fn=None,
                                 partition_method="type:BlockStage", activation_checkpoint_interval=0)
     if [int(x) for x in module.parts] != parts:
@@ -351,8 +352,16 @@ def pipeline_token_losses(engine, batches: list[dict[str, Tensor]]) -> list[Tens
     if not batches:
         return [] if engine.is_last_stage() else None
     data = iter([((b["input_ids"], b["labels"], b["doc_ids"]), b["labels"]) for b in batches])
-    out = engine.eval_batch(data, compute_loss=False, reduce_output=None, bcast_loss=False,
-                            num_micro_batches=len(batches))
+    # The stages exchange the activation shapes again (validation batches need not have the training
+    # micro-batch's shape), before and after.
+    engine.reset_activation_shape()
+    engine.total_loss = None  # the engine sums every output into it; ours are per-token losses
+    try:
+        out = engine.eval_batch(data, compute_loss=False, reduce_output=None, bcast_loss=False,
+                                num_micro_batches=len(batches))
+    finally:
+        engine.reset_activation_shape()
+        engine.total_loss = None
     return list(out) if engine.is_last_stage() else None
 
 
