@@ -38,14 +38,23 @@ def _load(args: list[str], need_config: bool) -> Config:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from fwl_scale.train.loop import TrainingError, train
+    # First thing, before torch and DeepSpeed are imported: a SIGUSR1/SIGTERM during start-up (imports, data
+    # preparation, engine set-up — minutes at scale) is recorded, and the trainer stops with a checkpoint
+    # at its first step boundary, instead of the default action killing the process.
+    from fwl_scale.train.signals import StopRequest
 
-    cfg = _load(ns.args, need_config=False)
+    stop = StopRequest().install()
     try:
-        code = train(cfg, resume=not ns.no_resume, resume_from=ns.resume_from)
-    except TrainingError as e:
-        print(f"fwl train: error: {e}", file=sys.stderr)
-        code = EXIT_TRAINING_FAILED
+        from fwl_scale.train.loop import TrainingError, train
+
+        cfg = _load(ns.args, need_config=False)
+        try:
+            code = train(cfg, resume=not ns.no_resume, resume_from=ns.resume_from, stop=stop)
+        except TrainingError as e:
+            print(f"fwl train: error: {e}", file=sys.stderr)
+            code = EXIT_TRAINING_FAILED
+    finally:
+        stop.uninstall()
     _shutdown()
     return code
 

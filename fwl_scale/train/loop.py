@@ -111,7 +111,8 @@ class Trainer:
     `after_step(trainer, stats)`: called on every rank after each step (tests, embedding apps)."""
 
     def __init__(self, cfg: Config, resume: bool = True, resume_from: str | Path | None = None,
-                 after_step: Callable[["Trainer", StepStats], None] | None = None):
+                 after_step: Callable[["Trainer", StepStats], None] | None = None,
+                 stop: StopRequest | None = None):
         self.cfg = cfg
         self.after_step = after_step
         self.dist: DistInfo = init_distributed(cfg)
@@ -121,7 +122,10 @@ class Trainer:
         self.ckpt = CheckpointManager(self.out_dir, cfg.train.keep_last, self.dist.rank)
         # Decide what to resume from, and refuse bad checkpoints, before anything is written.
         self.resume_ref = self._choose_checkpoint(resume, resume_from)
-        self.stop = StopRequest(stop_file=stop_file_path(self.out_dir)).install()
+        if stop is None:
+            stop = StopRequest().install()
+        stop.stop_file = stop_file_path(self.out_dir)  # (installed by `fwl train` before any heavy import)
+        self.stop = stop
         try:
             self._build()
         except BaseException:
@@ -514,7 +518,8 @@ class Trainer:
         return EXIT_REQUEUE
 
 
-def train(cfg: Config, resume: bool = True, resume_from: str | Path | None = None) -> int:
+def train(cfg: Config, resume: bool = True, resume_from: str | Path | None = None,
+          stop: StopRequest | None = None) -> int:
     """`fwl train`: builds a Trainer and runs it; returns the process exit status."""
-    trainer = Trainer(cfg, resume=resume, resume_from=resume_from)
+    trainer = Trainer(cfg, resume=resume, resume_from=resume_from, stop=stop)
     return trainer.run()

@@ -17,8 +17,13 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only where it is used: `fwl train` installs the handlers before any heavy import, so
+# that a signal during start-up (imports, data preparation, engine set-up) is recorded, not fatal.
 
 # Exit status meaning "stopped on request, checkpoint saved, run me again": EX_TEMPFAIL from
 # sysexits.h. The Slurm launchers requeue the job when the trainer exits with it.
@@ -79,9 +84,11 @@ class StopRequest:
             self.local_reason = f"stop file {self.stop_file}"
         return self.local_reason is not None
 
-    def should_stop(self, device: torch.device) -> bool:
+    def should_stop(self, device: "torch.device") -> bool:
         """Collective: True on every rank if any rank was asked to stop. Call it at the same point on
         every rank (each step boundary)."""
+        import torch
+
         flag = torch.tensor([1.0 if self.local() else 0.0], device=device)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
