@@ -201,6 +201,11 @@ def build_pipeline_model(cfg: Config, ps: ParallelState) -> PipelineModel:
     if cfg.data.mode == "contiguous" and cfg.model.fwl.enabled:
         raise ConfigError("parallel.pp: a carried FWL state (data.mode: contiguous) is not supported with "
                           "pipeline parallelism yet; use data.mode: packed or parallel.pp: 1")
+    import deepspeed
+
+    if not deepspeed.comm.is_initialized():  # PipelineModule uses DeepSpeed's communication layer at once
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False,
+                                   verbose=False, dist_init_required=False)
     gpt = build_model(cfg.model, device="meta", tp_group=ps, cp_exchange=cfg.parallel.cp_exchange)
     gpt.set_activation_checkpointing(cfg.train.activation_checkpointing)
     layers = layer_specs(gpt)
@@ -302,7 +307,10 @@ class PipelineStep:
         e = self.engine
         e._exec_schedule(self.instr_schedule(instructions, e.micro_batches, e.num_stages, e.stage_id))
 
-    def run(self, micro_batches: list[dict[str, Tensor]]) -> PipelineStepResult:
+    def run(self, micro_batches: list[dict[str, Tensor]],
+            before_step: Callable[[], None] | None = None) -> PipelineStepResult:
+        """`before_step()`: called on every rank once the gradients are reduced, before clipping and the
+        optimizer step (tests read the gradients there)."""
         e, ds = self.engine, self.ds
         if len(micro_batches) != e.micro_batches:
             raise ValueError(f"pipeline step needs {e.micro_batches} micro-batches, got {len(micro_batches)}")
@@ -327,6 +335,8 @@ class PipelineStep:
             e.zero_grad()
         else:
             self._instructions(ds.ReduceTiedGrads(), ds.ReduceGrads())
+            if before_step is not None:
+                before_step()
             if self.own_clipping:
                 params = [p for p in e.module.parameters() if p.requires_grad]
                 norm = global_grad_norm(params, self.ps)
