@@ -332,6 +332,16 @@ def config_to_nested(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """A Config from its nested-dict form (Config.to_dict(), e.g. stored in a checkpoint), type-checked
+    and validated like a file."""
+    try:
+        cfg = _from_dict(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg.validate(source)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Reads a YAML config (None: the built-in defaults = `tiny`), applies `a.b=value` overrides,
     type-checks every field and validates the whole."""
