@@ -13,7 +13,7 @@ micro-batches' losses averaged, torch's AdamW and clip_grad_norm_, the same Lamb
 Checked per layout: the loss of steps 1-3; at step 1, after the gradients are reduced and before the
 optimizer step, the gradient of every parameter (tensor-parallel shards gathered, the step sizes among
 them), the gradient norm the clipping uses, and the gradient at the body input (the embedding output) of
-every micro-batch.
+every micro-batch. And the pipeline's non-finite-loss decision (check_pipeline_nonfinite).
 
 Tolerances (float32): losses 2e-5 relative; gradients 1e-4 of the tensor's largest entry; the norm 1e-5
 relative. That is reduction-order round-off (another all-reduce order, flat ZeRO buffers, another
@@ -29,44 +29,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fwl_scale import IGNORE_INDEX
-from fwl_scale.config import load_config
 from fwl_scale.model import build_model
-from fwl_scale.parallel import init_parallel_state
 from fwl_scale.parallel.layers import is_sharded, merge_shards
-from fwl_scale.train.engine import DistInfo, lr_factor, param_groups
-from fwl_scale.train.parallel_engine import build_training_engine
+from fwl_scale.train.engine import lr_factor, param_groups
 from tests.distributed import run_distributed
+from tests.engine_support import M, SEED, build, make_cfg, micro_batch, train_step
 
-B, T, VOCAB = 2, 16, 50
-M = 4  # micro-batches per optimizer step (dp × grad_accum), the same global batch for every layout
 STEPS = 3
-SEED = 5
 TOL_LOSS, TOL_GRAD, TOL_NORM = 2e-5, 1e-4, 1e-5
 BF16_TOL_LOSS, BF16_TOL_GRAD = 2e-2, 3e-2
-
-
-def make_cfg(world: int, tp: int = 1, pp: int = 1, sp: bool = False, zero: int = 0, bf16: bool = False):
-    dp = world // (tp * pp)
-    return load_config(None, [
-        "model.d_model=16", "model.n_heads=4", "model.n_layers=2", f"model.seq_len={T}", f"model.vocab_size={VOCAB}",
-        "model.vocab_multiple=64", "model.fwl.chunk_size=4", "model.fwl.vocab_chunk=7",
-        "model.fwl.step_size_init=0.3", "data.loader_workers=0",
-        f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.sequence_parallel={str(sp).lower()}",
-        f"parallel.zero_stage={zero}", "parallel.micro_batch=2", f"parallel.grad_accum={M // dp}",
-        "train.lr=0.01", "train.warmup_steps=1", "train.steps=10", "train.grad_clip=1.0", "train.weight_decay=0.1",
-        f"train.bf16={str(bf16).lower()}", "train.wandb.enabled=false"])
-
-
-def micro_batch(step: int, k: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + k)
-    ids = torch.randint(0, VOCAB, (B, T), generator=g)
-    labels = ids.roll(-1, 1)
-    docs = torch.zeros(B, T, dtype=torch.long)
-    docs[0, 6:] = 1  # a document starting inside the sequence
-    labels[0, 5] = IGNORE_INDEX
-    labels[1, T - 1] = IGNORE_INDEX
-    return {"input_ids": ids, "labels": labels, "doc_ids": docs}
 
 
 def embed_output_probe(module) -> list[torch.Tensor]:
@@ -144,13 +115,8 @@ def worst(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run_layout(world: int, ref: dict, tp: int = 1, pp: int = 1, sp: bool = False, zero: int = 0,
                bf16: bool = False, ref_bf16: dict | None = None) -> None:
-    cfg = make_cfg(world, tp, pp, sp, zero, bf16)
     what = f"[tp={tp}{' SP' if sp else ''} pp={pp} dp={world // (tp * pp)} ZeRO-{zero}{' bf16' if bf16 else ''}]"
-    ps = init_parallel_state(cfg)
-    info = DistInfo(rank=ps.rank, world_size=world, local_rank=ps.rank, dp=ps.dp_size, device=torch.device("cpu"),
-                    backend="gloo")
-    torch.manual_seed(SEED)
-    te = build_training_engine(cfg, ps, info)
+    cfg, ps, te = build(world, tp=tp, pp=pp, sp=sp, zero=zero, bf16=bf16)
     engine = te.engine
     gas, dp = cfg.parallel.grad_accum, ps.dp_size
     tol_loss, tol_grad = (BF16_TOL_LOSS, BF16_TOL_GRAD) if bf16 else (TOL_LOSS, TOL_GRAD)
@@ -216,6 +182,50 @@ def run_layout(world: int, ref: dict, tp: int = 1, pp: int = 1, sp: bool = False
     del held
 
 
+def check_pipeline_nonfinite(world: int, zero: int) -> None:
+    """pp=2: a NaN loss in one micro-batch on the last stage skips the step on every rank (the decision is
+    taken after the backward passes, before any gradient reduction) and leaves no trace: parameters,
+    optimizer state and the learning rate are unchanged, and the next step equals the one of a run that
+    never saw the bad batch, bit for bit."""
+    from fwl_scale.train.pipeline import HeadStage
+
+    what = f"[pp=2 ZeRO-{zero}]"
+    cfg, ps, te = build(world, pp=2, zero=zero)
+    train_step(te, ps, cfg, 0)
+    heads = [f for f in te.engine.module.forward_funcs if isinstance(f, HeadStage)]
+    calls = {"n": 0}
+    if heads:
+        original = heads[0].forward
+
+        def poisoned(inputs):
+            out = original(inputs)
+            calls["n"] += 1
+            return out * float("nan") if calls["n"] == 2 else out  # the step's second micro-batch
+
+        heads[0].forward = poisoned
+
+    def snapshot() -> list[torch.Tensor]:
+        state = [p.detach().clone() for p in te.engine.module.parameters()]
+        for st in te.engine.basic_optimizer.state.values():
+            state += [v.detach().clone() for v in st.values() if torch.is_tensor(v)]
+        return state
+
+    before, lr = snapshot(), te.engine.get_lr()[0]
+    gas = cfg.parallel.grad_accum
+    result = te.pipeline_step.run([micro_batch(1, ps.dp_rank * gas + i) for i in range(gas)])
+    assert result.skipped and result.loss != result.loss, f"{what} the NaN step was not skipped on rank {ps.rank}"
+    after = snapshot()
+    assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after)), \
+        f"{what} a skipped step changed parameters or optimizer state"
+    assert te.engine.get_lr()[0] == lr
+    if heads:
+        heads[0].forward = original
+    after_skip = train_step(te, ps, cfg, 2)
+    cfg2, ps2, clean = build(world, pp=2, zero=zero)
+    train_step(clean, ps2, cfg2, 0)
+    assert train_step(clean, ps2, cfg2, 2) == after_skip, f"{what} the skipped step left a trace"
+
+
 def _two_ranks(rank: int, world: int) -> None:
     ref = reference()
     run_layout(world, ref, tp=2)
@@ -225,6 +235,8 @@ def _two_ranks(rank: int, world: int) -> None:
     for zero in (1, 2, 3):
         run_layout(world, ref, zero=zero)
     run_layout(world, ref, bf16=True, ref_bf16=reference_bf16())
+    for zero in (0, 1):
+        check_pipeline_nonfinite(world, zero)
 
 
 def _four_ranks(rank: int, world: int) -> None:

@@ -100,6 +100,9 @@ def test_layouts_the_trainer_does_not_run_are_refused():
         check_layout_implemented(load_config(None, over))  # implemented: no error
     with pytest.raises(ConfigError, match=r"parallel\.pp: .*context parallelism .*not supported"):
         check_layout_implemented(load_config(None, ["parallel.pp=2", "parallel.cp=2"]))
+    with pytest.raises(ConfigError, match=r"parallel\.zero_stage: pipeline parallelism with train.bf16 needs"):
+        check_layout_implemented(load_config(None, ["parallel.pp=2", "train.bf16=true"]))
+    check_layout_implemented(load_config(None, ["parallel.pp=2", "train.bf16=true", "parallel.zero_stage=1"]))
     with pytest.raises(ConfigError, match=r"parallel\.pp: a carried FWL state .*not supported"):
         check_layout_implemented(load_config(None, ["parallel.pp=2", "data.mode=contiguous"]))
 

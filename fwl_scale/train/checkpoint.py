@@ -294,6 +294,16 @@ class CheckpointManager:
 def load_model_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     """The model's weights (fp32 where the optimizer kept fp32 masters) from a checkpoint, in one
     process without DeepSpeed's engine: for evaluation and export."""
+    if ref.meta.get("universal"):
+        from fwl_scale.train.convert import UniversalReader
+
+        reader = UniversalReader(ref.path)
+        return {n: reader.get(n).float() for n in reader.names()}
+    layout = ref.meta.get("layout") or {}
+    if layout.get("tp", 1) > 1 or layout.get("pp", 1) > 1:
+        raise CheckpointError(f"checkpoint {ref.path} is split over tp={layout.get('tp', 1)}, pp={layout.get('pp', 1)} "
+                              f"ranks; convert it first (it starts the processes itself): fwl ckpt convert {ref.path} "
+                              "NEW_RUN_DIR, then use NEW_RUN_DIR")
     saved_zero = int(ref.meta.get("zero_stage") or 0)
     bf16 = bool(ref.meta.get("bf16"))
     try:

@@ -3,6 +3,8 @@
     fwl train [CONFIG] [key.sub=value ...] [--no-resume | --resume-from CKPT]
     fwl eval CONFIG CKPT [key.sub=value ...] [--batches N] [--long-docs N] [--max-windows W] [--json FILE]
     fwl params CONFIG [key.sub=value ...]
+    fwl ckpt convert CKPT OUT_RUN_DIR          (layout-free; resume it in any layout with --resume-from)
+    fwl ckpt consolidate CKPT OUT.safetensors [--dtype float32|bfloat16]
 
 Exit status of `fwl train`: 0 done; 75 (EXIT_REQUEUE) stopped on SIGUSR1/SIGTERM/stop file after saving a
 checkpoint (requeue me); 2 bad input (config, checkpoint, data); 3 training failed (e.g. loss not finite).
@@ -99,6 +101,23 @@ def cmd_params(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ckpt_convert(ns: argparse.Namespace) -> int:
+    from fwl_scale.train.convert import convert_checkpoint
+
+    ref = convert_checkpoint(ns.checkpoint, ns.out_dir)
+    print(f"converted {ns.checkpoint} (step {ref.step}) into the layout-free checkpoint {ref.path}; "
+          f"resume it in any layout with: fwl train CONFIG --resume-from {ns.out_dir}")
+    return 0
+
+
+def cmd_ckpt_consolidate(ns: argparse.Namespace) -> int:
+    from fwl_scale.train.convert import consolidate
+
+    path = consolidate(ns.checkpoint, ns.out_file, dtype=ns.dtype)
+    print(f"wrote {path}: the model's weights ({ns.dtype}) under the single-process parameter names")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (DeepSpeed; resumes from out_dir automatically)",
                        description="Train with DeepSpeed, one process or many (torchrun/srun set RANK etc.). "
@@ -121,6 +140,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--max-windows", type=int, default=None, help="windows per document at most")
     e.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("ckpt", help="convert a checkpoint to another layout, or consolidate its weights")
+    csub = c.add_subparsers(dest="ckpt_command", required=True)
+    cv = csub.add_parser("convert", help="a layout-free checkpoint any layout (tp, pp, dp, ZeRO, bf16) resumes from",
+                         description="Reads a checkpoint of any layout (starting as many local CPU processes as "
+                                     "it was written by, unless run by a launcher with that many) and writes a "
+                                     "layout-free checkpoint into a new run directory: full weights and optimizer "
+                                     "state, schedule, data position. Resume with fwl train --resume-from OUT_DIR.")
+    cv.add_argument("checkpoint", help="a run dir, its checkpoints/ dir or a step_* dir")
+    cv.add_argument("out_dir", help="a new run directory for the converted checkpoint")
+    cv.set_defaults(func=cmd_ckpt_convert)
+    cs = csub.add_parser("consolidate", help="one unsharded safetensors file of the model's weights")
+    cs.add_argument("checkpoint", help="a run dir, its checkpoints/ dir or a step_* dir")
+    cs.add_argument("out_file", help="the .safetensors file to write")
+    cs.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    cs.set_defaults(func=cmd_ckpt_consolidate)
 
     q = sub.add_parser("params", help="parameter count (body, FWL, embeddings, total) on the meta device")
     q.add_argument("args", nargs="+", metavar="CONFIG_OR_OVERRIDE")

@@ -53,6 +53,11 @@ def check_layout_implemented(cfg: Config) -> None:
     if p.pp > 1 and p.cp > 1:
         raise ConfigError(f"parallel.pp: pipeline parallelism (pp={p.pp}) together with context parallelism "
                           f"(cp={p.cp}) is not supported yet; use one of them")
+    if p.pp > 1 and cfg.train.bf16 and p.zero_stage == 0:
+        raise ConfigError("parallel.zero_stage: pipeline parallelism with train.bf16 needs zero_stage 1: without "
+                          "ZeRO, DeepSpeed's bf16 optimizer cannot load the checkpoints it writes under the pipeline "
+                          "engine (DeepSpeed 0.19: its optimizer state is saved per data-parallel rank but loaded "
+                          "as one), so the run could not be resumed")
     if p.pp > 1 and cfg.data.mode == "contiguous" and cfg.model.fwl.enabled:
         raise ConfigError("parallel.pp: a carried FWL state (data.mode: contiguous) is not supported with "
                           "pipeline parallelism yet; use data.mode: packed or parallel.pp: 1")

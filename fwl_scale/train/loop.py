@@ -193,7 +193,13 @@ class Trainer:
         self.state = TrainState()
         client: dict[str, Any] = {}
         if self.resume_ref is not None:
-            client = self.ckpt.load(self.engine, self.resume_ref)
+            if self.resume_ref.meta.get("universal"):
+                # Converted by `fwl ckpt convert`: loads into this layout, whatever the source's was.
+                from fwl_scale.train.convert import load_universal
+
+                client = load_universal(self.te, self.resume_ref)
+            else:
+                client = self.ckpt.load(self.engine, self.resume_ref)
             self._restore(client)
         self.metrics = MetricsLog(cfg, self.out_dir, dist.is_main, run_id=client.get("wandb_run_id"))
         # train.eval_batches micro-batches of validation rows in all, shared by the data-parallel ranks

@@ -8,14 +8,16 @@ so the labels and document ids travel with the activations to the last stage, wh
 inside its forward (its fast weights adapt to every earlier labelled token). DeepSpeed's pipeline carries
 int64 tensors and sends gradients only for the floating ones. Layers:
 
-    first stage   embedding                  (TiedLayerSpec "embed" with tied embeddings)
+    first stage   EmbedStage: the embedding  (TiedLayerSpec "embed" with tied embeddings)
     every stage   one BlockStage per block   (the partition balances blocks: "type:BlockStage")
-    last stage    the tied embedding again   (TiedLayerSpec "embed", a pass-through that registers U there)
+    last stage    UnembedTie                 (TiedLayerSpec "embed": the same matrix, a pass-through)
                   HeadStage: final norm, FWL (or nothing), unembedding, losses -> the loss
 
-The tied module holds only the embedding matrix (DeepSpeed marks every parameter of a tied module on the
+The tied modules hold only the embedding matrix (DeepSpeed marks every parameter of a tied module on the
 non-first stage as pipeline-replicated, so nothing else may live in it); the head reads U = that matrix
-through GPT.unembedding. DeepSpeed all-reduces its gradient over the two stages (ReduceTiedGrads).
+through GPT.unembedding. DeepSpeed all-reduces its gradient over the two stages (ReduceTiedGrads). Each
+tied layer is a module with its own forward rather than a TiedLayerSpec forward_fn: DeepSpeed's
+checkpoints save and load only the layers that are modules.
 
 Initialisation: every rank builds the whole GPT on the meta device (the parameters' shapes and tensor-
 parallel attributes, no memory), materialises the parameters of its own stage on the CPU and runs
@@ -56,32 +58,34 @@ TIE_KEY = "embed"
 
 
 # ---------------------------------------------------------------------------------------- layers
-class EmbedTie(nn.Module):
-    """The embedding matrix, on the first stage (lookup) and on the last (unembedding U)."""
+class EmbedStage(nn.Module):
+    """First stage: token ids -> embeddings of this rank's chunk (a sequence chunk under SP/cp). Tied
+    (TiedLayerSpec "embed") or not."""
 
     def __init__(self, gpt: GPT):
         super().__init__()
         self.embed = gpt.embed
-        object.__setattr__(self, "gpt", gpt)  # not a submodule: only the embedding is tied
-
-
-def embed_forward(stage: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """First stage: token ids -> embeddings of this rank's chunk (a sequence chunk under SP/cp)."""
-    ids, labels, docs = inputs
-    gpt: GPT = stage.gpt
-    _, _, start, T_loc = gpt.attention_inputs(ids, docs)  # also validates the shapes
-    return stage.embed(ids[:, start:start + T_loc]), ids, labels, docs
-
-
-def pass_through(stage: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    return inputs
-
-
-class EmbedStage(EmbedTie):
-    """The embedding without tying (model.tie_embeddings = false)."""
+        object.__setattr__(self, "gpt", gpt)  # not a submodule: only the embedding is held (and tied)
 
     def forward(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return embed_forward(self, inputs)
+        ids, labels, docs = inputs
+        _, _, start, T_loc = self.gpt.attention_inputs(ids, docs)  # also validates the shapes
+        return self.embed(ids[:, start:start + T_loc]), ids, labels, docs
+
+
+class UnembedTie(nn.Module):
+    """Last stage: the tied embedding matrix, registered there for HeadStage (which reads it as U through
+    GPT.unembedding); passes the activations on. Each stage builds its tied module from the first spec of
+    the key it holds, so the first stage gets an EmbedStage and the last this: a module of its own with a
+    forward (not a TiedLayerSpec forward_fn), because DeepSpeed saves and loads only the layers that are
+    modules."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.embed = gpt.embed
+
+    def forward(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return inputs
 
 
 class BlockStage(nn.Module):
@@ -137,14 +141,12 @@ def layer_specs(gpt: GPT) -> list[Any]:
     tied = gpt.lm_head is None
     layers: list[Any] = []
     if tied:
-        layers.append(TiedLayerSpec(TIE_KEY, EmbedTie, gpt, forward_fn=embed_forward,
-                                    tied_weight_attr=["embed.weight"]))
+        layers.append(TiedLayerSpec(TIE_KEY, EmbedStage, gpt, tied_weight_attr=["embed.weight"]))
     else:
         layers.append(EmbedStage(gpt))
     layers += [BlockStage(gpt, i) for i in range(len(gpt.blocks))]
     if tied:
-        layers.append(TiedLayerSpec(TIE_KEY, EmbedTie, gpt, forward_fn=pass_through,
-                                    tied_weight_attr=["embed.weight"]))
+        layers.append(TiedLayerSpec(TIE_KEY, UnembedTie, gpt, tied_weight_attr=["embed.weight"]))
     layers.append(HeadStage(gpt))
     return layers
 
