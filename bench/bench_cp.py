@@ -12,7 +12,11 @@ Spawns `--cp` gloo processes (one thread each) and measures, for each sequence l
    * which one `auto` picks (parallel/context.py, choose_exchange).
    The crossover: the state costs dk·dv per boundary whatever T is; keys and values grow with T/cp.
 2. The whole model (body + FWL), forward + backward: memory per rank — bytes autograd saves for backward
-   (a saved-tensor hook; exact and device-independent) — for the unsplit model and each exchange.
+   (a saved-tensor hook; exact and device-independent) — for the unsplit model and each exchange. The
+   attention here is document-masked (the loader always gives document ids), i.e. torch's math path that
+   keeps the [T_rank, T] probabilities; the last rank attends to every earlier key, so the fullest rank
+   saves about half the unsplit model's score memory, not 1/cp (a ring or a flash kernel with document
+   masks would remove the quadratic term).
 
 Run: python bench/bench_cp.py [--cp 2] [--width 64] [--lengths 64,128,...] (CPU; activations fp32 here,
 so the analytic crossover printed uses 4-byte activations; with bf16 on GPUs it doubles).
@@ -130,8 +134,9 @@ def model_saved_bytes(args, T: int, cp: CPContext | None) -> int:
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, args.vocab, (1, T), generator=g)
     saved = SavedBytes()
+    docs = torch.zeros_like(ids)  # document ids given, as the loader always does: document-masked attention
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-        out = model(ids, ids.roll(-1, 1))
+        out = model(ids, ids.roll(-1, 1), docs)
     out.loss.backward()
     return saved.total
 
@@ -162,7 +167,8 @@ def worker(rank: int, world: int, port: int, args) -> None:
                   f"{kt / st:>13.2f} {row['auto']:>6}", flush=True)
 
     if rank == 0:
-        print("\n2. Whole model (2 layers + FWL), forward + backward: bytes saved for backward per rank (MiB)")
+        print("\n2. Whole model (2 layers + FWL, document-masked attention as in training), forward + backward: "
+              "bytes saved for backward per rank (MiB; the fullest rank)")
         print(f"{'T':>6} {'unsplit':>9} {'cp state':>9} {'cp kv':>9} {'state/unsplit':>13}")
 
     for T in lengths:

@@ -107,8 +107,8 @@ class Attention(nn.Module):
         q, k = self.rotary(q, k, positions)
         if cp is not None:
             # Every rank's keys and values (rotated at their global positions), one all-gather; `mask`
-            # is [B, 1, T/cp, T]: global causality and documents.
-            kv = gather_sequence(torch.cat([k, v], dim=1), cp.group, dim=2)
+            # is [B, 1, T/cp, end of this chunk]: global causality and documents; later keys are dropped.
+            kv = gather_sequence(torch.cat([k, v], dim=1), cp.group, dim=2)[:, :, :mask.shape[-1]]
             k, v = kv.split(self.n_heads, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif mask is None:
@@ -294,7 +294,7 @@ class GPT(nn.Module):
 
     def attention_inputs(self, input_ids: Tensor, doc_ids: Tensor | None) -> tuple[Tensor, Tensor | None, int, int]:
         """What every block needs besides its input: (rotary positions [B, T_loc], attention mask
-        [B, 1, T_loc, T] or None for plain causal attention, start, T_loc) for this rank's chunk
+        [B, 1, T_loc, start + T_loc] or None for plain causal attention, start, T_loc) for this rank's chunk
         [start, start + T_loc) of the sequence (the whole sequence without context parallelism). Pipeline
         stages recompute them from the document ids they are handed (train/pipeline.py)."""
         B, T = input_ids.shape
@@ -309,16 +309,19 @@ class GPT(nn.Module):
             raise ValueError(f"sequence parallelism over {self.tp.size} ranks needs a sequence length divisible "
                              f"by {self.tp.size}" + (f" × cp {n_cp}" if cp is not None else "") + f", got {T}")
         rows = torch.arange(start, start + T_loc, device=input_ids.device)
-        cols = torch.arange(T, device=input_ids.device)
-        causal = cols[None, :] <= rows[:, None]  # [T_loc, T]
+        # Keys up to this chunk's end only: later ranks' keys are all masked (causality), so each rank
+        # computes scores against the keys it can see, [T_loc, start + T_loc].
+        end = start + T_loc
+        cols = torch.arange(end, device=input_ids.device)
+        causal = cols[None, :] <= rows[:, None]  # [T_loc, end]
         mask = None
         if doc_ids is not None and self.cfg.document_mask:
-            positions = document_positions(doc_ids)[:, start:start + T_loc]
-            mask = (causal & (doc_ids[:, start:start + T_loc, None] == doc_ids[:, None, :]))[:, None]
+            positions = document_positions(doc_ids)[:, start:end]
+            mask = (causal & (doc_ids[:, start:end, None] == doc_ids[:, None, :end]))[:, None]
         else:
             positions = rows.expand(B, T_loc)
             if cp is not None:
-                mask = causal.expand(B, 1, T_loc, T)
+                mask = causal.expand(B, 1, T_loc, end)
         return positions, mask, start, T_loc
 
     def run_block(self, block: Block, x: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
