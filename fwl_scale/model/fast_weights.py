@@ -110,12 +110,14 @@ def cumsum_totals(v_btd: Tensor, layout: _ChunkLayout) -> Tensor:
 def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_bt: Tensor,
                             state_bkv: Tensor | None = None, chunk_size: int = 256,
                             layout: _ChunkLayout | None = None,
-                            totals: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                            totals: Tensor | None = None, need_state: bool = True) -> tuple[Tensor, Tensor | None]:
     """out_i = Σ_{j<i, same document} (q_i·k_j) v_j + [no reset in 0..i] q_i·S_in.
 
     Returns (out [B, T, dv], state_out [B, dk, dv]) where state_out = Σ k_j v_jᵀ over the last document
     (plus S_in when no reset happened). `totals`: linear_attention_totals(k, v, layout), if computed
-    already."""
+    already. `need_state=False` with one chunk and no incoming state (the quadratic form of a whole
+    window): state_out is None, and neither the totals nor the (zero) state term are computed — 4·dk·dv
+    per token of work for nothing."""
     layout = layout or _ChunkLayout(reset_bt, chunk_size)
     dtype = _accum_dtype(q_btk, k_btk, v_btv)
     N, C = layout.n_chunks, layout.chunk
@@ -124,6 +126,8 @@ def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_b
     v = _pad_chunks(v_btv.to(dtype), N, C)
     scores = torch.einsum("bnik,bnjk->bnij", q, k) * layout.intra_mask
     out = torch.einsum("bnij,bnjv->bniv", scores, v)
+    if not need_state and N == 1 and state_bkv is None:
+        return out.reshape(q.shape[0], N * C, -1)[:, : layout.T], None
     local_total = totals if totals is not None else linear_attention_totals(k_btk, v_btv, layout)
     state_in = state_bkv.to(dtype) if state_bkv is not None else None
     entering, state_out = layout.scan(local_total, state_in)

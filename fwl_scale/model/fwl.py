@@ -366,9 +366,13 @@ class FastWeightLayer(nn.Module):
         keys_values = {"w1": (x, grads["gh1"]), "b1": (None, grads["gh1"]), "w2": (slow["a"], grads["gh2_tp"]),
                        "b2": (None, grads["gh2"]), "alpha": (None, grads["gu"] * slow["xhat"]),
                        "beta": (None, grads["gu"])}
-        totals = {name: (linear_attention_totals(k, v, layout) if k is not None else cumsum_totals(v, layout))
-                  for name, (k, v) in keys_values.items()}
         exchange = self.exchange_for(T_loc, x.dtype)
+        # The matrix sums' chunk totals (2·dk·dv per token each) serve only a state: one handed on
+        # (returned or exchanged) or entering a later chunk. In the quadratic form of a whole window with
+        # nothing carried in they are skipped (the vector sums' totals cost next to nothing).
+        need_states = return_state or exchange is not None or layout.n_chunks > 1 or s_in is not None
+        totals = {name: (linear_attention_totals(k, v, layout) if k is not None else cumsum_totals(v, layout))
+                  for name, (k, v) in keys_values.items() if k is None or need_states}
         cross = None
         if exchange == "state":
             received = self._receive_state(s_in, totals, layout)
@@ -379,7 +383,8 @@ class FastWeightLayer(nn.Module):
         rc = received if received is not None else {}
 
         def lin_attn(name, q, k, v):
-            return causal_linear_attention(q, k, v, reset_loc, rc.get(name), layout=layout, totals=totals[name])
+            return causal_linear_attention(q, k, v, reset_loc, rc.get(name), layout=layout, totals=totals.get(name),
+                                           need_state=need_states)
 
         def cumsum(name, v):
             return causal_cumsum(v, reset_loc, rc.get(name), layout=layout, totals=totals[name])

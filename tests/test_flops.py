@@ -1,0 +1,85 @@
+"""The analytic training FLOP count (train/flops.py, what tokens/s, TFLOP/s per device and MFU are computed
+from) against the FLOPs the real model executes, counted by torch.utils.flop_counter.FlopCounterMode over
+a forward and backward pass.
+
+Counting conventions line up exactly: FlopCounterMode counts matrix products (mm, addmm, bmm, attention)
+and no elementwise work, like the analytic count. Two things are switched off for the count, because the
+analytic count is of model FLOPs: the recomputation of the vocabulary-sized chunks in backward (the
+chunks' checkpoint runs them directly here) and the CPU's fused attention kernel, which FlopCounterMode
+does not see (the math kernel runs instead; its products are the ones counted). Then the counts agree
+exactly — the FWL in its quadratic and chunked forms and the baseline, with and without document masks.
+
+Under tensor parallelism every rank counts its part. MFU counts model FLOPs, so FLOPs per device are the
+count divided by the number of devices (as `metrics.efficiency` divides them); the parts add up to the
+count plus what tensor parallelism repeats on purpose (DESIGN §3): inside each chunk of the fast pass,
+W1's scores x_i·x_j (replicated query and key, width d) and W2's weighted sum of the replicated value
+gh2 (width s, over this rank's partial scores, summed by the one all-reduce) run on every rank —
+(tp - 1)·6·C·(d + s) FLOPs per token, C the chunk. The test pins that down exactly.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import fwl_scale.model.fwl as fwl_module
+from fwl_scale.config import load_config
+from fwl_scale.model import build_model
+from fwl_scale.train.flops import train_flops_per_token
+from tests.distributed import run_distributed
+
+B, T, V = 2, 64, 512
+
+
+def make_cfg(*extra: str, tp: int = 1):
+    return load_config(None, ["model.d_model=64", "model.n_heads=4", "model.n_layers=2", f"model.seq_len={T}",
+                              f"model.vocab_size={V}", "model.vocab_multiple=128", "model.fwl.chunk_size=16",
+                              f"parallel.tp={tp}", f"parallel.sequence_parallel={str(tp > 1).lower()}", *extra])
+
+
+def executed_flops_per_token(model) -> float:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    docs = torch.zeros_like(ids)
+    docs[0, 20:] = 1
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(ids, ids.roll(-1, 1), docs).loss.backward()
+    return counter.get_total_flops() / (B * T)
+
+
+def _direct(fn, *args, use_reentrant=False, **kwargs):
+    return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("extra", [
+    ("model.fwl.form=quadratic",),
+    ("model.fwl.form=chunked",),  # four chunks: the state terms are counted too
+    ("model.fwl.form=chunked", "model.document_mask=false"),
+    ("model.fwl.enabled=false",),
+])
+def test_analytic_count_equals_executed_matmul_flops(extra, monkeypatch):
+    monkeypatch.setattr(fwl_module, "checkpoint", _direct)  # no recomputation of vocabulary chunks
+    cfg = make_cfg(*extra)
+    torch.manual_seed(0)
+    executed = executed_flops_per_token(build_model(cfg.model))
+    assert executed == train_flops_per_token(cfg.model).total
+
+
+def _tensor_parallel(rank: int, world: int) -> None:
+    from fwl_scale.parallel import init_parallel_state
+
+    fwl_module.checkpoint = _direct  # (a spawned process: nothing to restore)
+    cfg = make_cfg("model.fwl.form=chunked", tp=world)
+    ps = init_parallel_state(cfg)
+    torch.manual_seed(0)
+    mine = torch.tensor([executed_flops_per_token(build_model(cfg.model, tp_group=ps))], dtype=torch.float64)
+    dist.all_reduce(mine)
+    m = cfg.model
+    repeated = (world - 1) * 6 * min(m.fwl.chunk_size, T) * (m.d_model + m.fwl_width)
+    assert float(mine) == train_flops_per_token(m).total + repeated, (float(mine), train_flops_per_token(m))
+
+
+def test_tensor_parallel_parts_add_up_to_the_count():
+    run_distributed(2, _tensor_parallel)
