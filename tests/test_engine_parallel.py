@@ -10,7 +10,8 @@ AdamW, warmup + cosine schedule and active gradient clipping (the norm at step 1
 The reference, computed in every process: the single-process model (same seed) in plain torch — the four
 micro-batches' losses averaged, torch's AdamW and clip_grad_norm_, the same LambdaLR.
 
-Checked per layout: the loss of steps 1-3; at step 1, after the gradients are reduced and before the
+Layouts: 2 ranks — tp=2, tp=2+SP ZeRO-1, pp=2 ZeRO-0, pp=2 ZeRO-1 with activation checkpointing, dp=2
+ZeRO 1/2/3, dp=2 bf16; 4 ranks — tp=2×pp=2+SP ZeRO-1, tp=2×dp=2 ZeRO-3. Checked per layout: the loss of steps 1-3; at step 1, after the gradients are reduced and before the
 optimizer step, the gradient of every parameter (tensor-parallel shards gathered, the step sizes among
 them), the gradient norm the clipping uses, and the gradient at the body input (the embedding output) of
 every micro-batch. And the pipeline's non-finite-loss decision (check_pipeline_nonfinite).
@@ -114,9 +115,10 @@ def worst(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_layout(world: int, ref: dict, tp: int = 1, pp: int = 1, sp: bool = False, zero: int = 0,
-               bf16: bool = False, ref_bf16: dict | None = None) -> None:
-    what = f"[tp={tp}{' SP' if sp else ''} pp={pp} dp={world // (tp * pp)} ZeRO-{zero}{' bf16' if bf16 else ''}]"
-    cfg, ps, te = build(world, tp=tp, pp=pp, sp=sp, zero=zero, bf16=bf16)
+               bf16: bool = False, ref_bf16: dict | None = None, act_ckpt: bool = False) -> None:
+    what = (f"[tp={tp}{' SP' if sp else ''} pp={pp} dp={world // (tp * pp)} ZeRO-{zero}{' bf16' if bf16 else ''}"
+            f"{' activation checkpointing' if act_ckpt else ''}]")
+    cfg, ps, te = build(world, tp=tp, pp=pp, sp=sp, zero=zero, bf16=bf16, act_ckpt=act_ckpt)
     engine = te.engine
     gas, dp = cfg.parallel.grad_accum, ps.dp_size
     tol_loss, tol_grad = (BF16_TOL_LOSS, BF16_TOL_GRAD) if bf16 else (TOL_LOSS, TOL_GRAD)
@@ -231,7 +233,7 @@ def _two_ranks(rank: int, world: int) -> None:
     run_layout(world, ref, tp=2)
     run_layout(world, ref, tp=2, sp=True, zero=1)
     run_layout(world, ref, pp=2)
-    run_layout(world, ref, pp=2, zero=1)
+    run_layout(world, ref, pp=2, zero=1, act_ckpt=True)  # blocks recomputed in backward inside the stages
     for zero in (1, 2, 3):
         run_layout(world, ref, zero=zero)
     run_layout(world, ref, bf16=True, ref_bf16=reference_bf16())

@@ -124,6 +124,8 @@ def test_resume_and_conversion(uninterrupted, tmp_path):
     with pytest.raises(CheckpointError, match=r"belongs to another model: model.d_model: 32 in the checkpoint"):
         Trainer(tiny_config(fresh, *ONE, *STEPS, "model.d_model=64"), resume_from=uref.path)
     assert not fresh.exists()
+    with pytest.raises(CheckpointError, match=r"split over tp=2, pp=1 ranks; convert it first"):
+        load_model_weights(find_latest(out / "checkpoints"))  # what fwl eval reads
     single_file = tmp_path / "model.safetensors"
     proc = run_fwl("ckpt", "consolidate", str(uref.path), str(single_file))
     assert proc.returncode == 0, proc.stderr[-3000:]
