@@ -1,5 +1,7 @@
-"""The training loop: one DeepSpeed engine for one process or many (data parallel), validation,
-metrics, atomic checkpoints with exact resume, non-finite-loss skipping, and stop-on-signal.
+"""The training loop: one DeepSpeed engine for one process or many (tp × cp × dp × pp: the plain engine
+for pp = 1, the pipeline engine for pp > 1, train/parallel_engine.py), validation, metrics, atomic
+checkpoints with exact resume (and layout-free ones from `fwl ckpt convert`), non-finite-loss skipping,
+and stop-on-signal.
 
     trainer = Trainer(cfg)          # process group, data, model, engine, resume
     code = trainer.run()            # 0 when done, EXIT_REQUEUE when stopped on request (checkpoint saved)
