@@ -82,7 +82,9 @@ def test_padded_vocabulary_must_split_over_tp():
         plan_layout(cfg, 3)
 
 
-def test_single_process_state_needs_no_torch_distributed():
+def test_single_process_state_needs_no_torch_distributed(monkeypatch):
+    # In-process trainer tests may have left a one-rank process group behind; this test is about none.
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     ps = init_parallel_state(load_config(None, SMALL))
     assert ps.layout == Layout(1, 1, 1, 1) and ps.tp_context() is None
     assert ps.get_data_parallel_world_size() == 1 and ps.get_model_parallel_world_size() == 1
