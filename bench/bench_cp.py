@@ -28,6 +28,7 @@ import os
 import time
 
 import torch
+from saved_bytes import SavedBytes  # bench/ is on sys.path when run as a script
 import torch.distributed as dist
 
 import fwl_scale.parallel.context as context
@@ -67,25 +68,6 @@ class CommCounter:
     def __exit__(self, *exc):
         dist.all_gather, context._reduce_scatter_single, dist.broadcast = (self._all_gather, self._reduce_scatter,
                                                                            self._broadcast)
-
-
-class SavedBytes:
-    """Sums the storage of every distinct tensor autograd keeps for backward."""
-
-    def __init__(self):
-        self.seen: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor):
-        try:
-            storage = t.untyped_storage()
-            self.seen[storage.data_ptr()] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):
-            pass
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
 
 
 def slowest(seconds: float) -> float:

@@ -11,27 +11,9 @@ import argparse
 import time
 
 import torch
+from saved_bytes import SavedBytes  # bench/ is on sys.path when run as a script
 
 from fwl_scale.model.fwl import FastWeightLayer
-
-
-class SavedBytes:
-    """Sums the storage of every distinct tensor autograd keeps for backward."""
-
-    def __init__(self):
-        self.seen: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor):
-        try:
-            storage = t.untyped_storage()
-            self.seen[storage.data_ptr()] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):
-            pass
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
 
 
 def run(layer, x, U, labels, device, reps: int) -> tuple[float, int, int]:

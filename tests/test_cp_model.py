@@ -29,14 +29,14 @@ import torch.distributed as dist
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import load_config
 from fwl_scale.model import build_model
-from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer
+from fwl_scale.model.fwl import FastWeightLayer
 from fwl_scale.parallel import full_state_dict, init_parallel_state, load_full_state_dict
 from fwl_scale.parallel.layers import is_sharded, merge_shards, take_shard
 from tests.distributed import run_distributed
+from tests.model_support import perturb, worst
 
 TOL = 1e-10
 B, T, VOCAB = 3, 16, 50
-STEP_SIZES = [0.9, 0.7, 0.8, 0.6, 0.5, 0.4]
 
 
 def make_cfg(fwl: bool = True, tp: int = 1, cp: int = 1, sp: bool = False, dp: int = 1, chunk: int = 3,
@@ -65,20 +65,6 @@ def make_batch(n_tokens: int = T, seed: int = 11):
     # Row 2: one document across every rank.
     labels[2, n_tokens - 1] = IGNORE_INDEX
     return ids, labels, docs
-
-
-def perturb(model, seed: int = 7) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("step_sizes"):
-                p.copy_(torch.tensor(STEP_SIZES, dtype=p.dtype))
-            else:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.3 if p.ndim == 1 else 0.05))
-
-
-def worst(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return (a - ref).abs().max().item() / max(1.0, ref.abs().max().item())
 
 
 def averaged_grad(p, ps) -> torch.Tensor:

@@ -20,16 +20,16 @@ import torch.distributed as dist
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import load_config
 from fwl_scale.model import build_model
-from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer
+from fwl_scale.model.fwl import FastWeightLayer
 from fwl_scale.parallel import (all_reduce_tp, copy_to_tp, full_state_dict, gather_from_sequence, gather_from_tp,
                                 init_parallel_state, load_full_state_dict, reduce_from_tp,
                                 reduce_scatter_to_sequence, scatter_to_tp)
 from fwl_scale.parallel.layers import is_sharded, merge_shards, take_shard
 from tests.distributed import run_distributed
+from tests.model_support import perturb, worst
 
 TOL = 1e-10
 B, T, VOCAB = 2, 16, 50
-STEP_SIZES = [0.9, 0.7, 0.8, 0.6, 0.5, 0.4]
 
 
 def make_cfg(fwl: bool, tp: int, sp: bool, dp: int = 1, vocab_multiple: int = 64, tied: bool = True):
@@ -54,21 +54,6 @@ def make_batch():
     labels[0, 8] = IGNORE_INDEX
     labels[1, T - 1] = IGNORE_INDEX
     return ids, labels, docs
-
-
-def perturb(model, seed: int = 7) -> None:
-    """Random biases, norms, alpha/beta and large distinct step sizes so every term matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("step_sizes"):
-                p.copy_(torch.tensor(STEP_SIZES, dtype=p.dtype))
-            else:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.3 if p.ndim == 1 else 0.05))
-
-
-def worst(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return (a - ref).abs().max().item() / max(1.0, ref.abs().max().item())
 
 
 def gather_grad(p, tp) -> torch.Tensor:
