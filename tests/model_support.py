@@ -2,6 +2,8 @@
 the FWL matters numerically, and the relative error measure."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 # Large, distinct step sizes: every fast term changes the outputs by far more than round-off.
@@ -21,3 +23,24 @@ def perturb(model, seed: int = 7) -> None:
 
 def worst(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+
+
+@contextmanager
+def body_probes(model):
+    """Yields a dict that receives the body's input (embedding output) and output (final norm), with
+    retain_grad, so their .grad is there after a backward inside the block."""
+    probes: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(_mod, _inp, out):
+            out.retain_grad()
+            probes[name] = out
+        return hook
+
+    handles = [model.embed.register_forward_hook(keep("body_in")),
+               model.norm_f.register_forward_hook(keep("body_out"))]
+    try:
+        yield probes
+    finally:
+        for h in handles:
+            h.remove()

@@ -33,7 +33,7 @@ from fwl_scale.model.fwl import FastWeightLayer
 from fwl_scale.parallel import full_state_dict, init_parallel_state, load_full_state_dict
 from fwl_scale.parallel.layers import is_sharded, merge_shards, take_shard
 from tests.distributed import run_distributed
-from tests.model_support import perturb, worst
+from tests.model_support import body_probes, perturb, worst
 
 TOL = 1e-10
 B, T, VOCAB = 3, 16, 50
@@ -98,21 +98,10 @@ def token_weights(n_tokens: int = T) -> torch.Tensor:
 
 
 def run_with_probes(model, ids, labels, docs, cp: int, seq_start: int):
-    probes = {}
-
-    def keep(name):
-        def hook(_mod, _inp, out):
-            out.retain_grad()
-            probes[name] = out
-        return hook
-
-    handles = [model.embed.register_forward_hook(keep("body_in")),
-               model.norm_f.register_forward_hook(keep("body_out"))]
-    out = model(ids, labels, docs)
-    w = token_weights().narrow(1, seq_start, out.token_loss.shape[1])
-    (out.loss + cp * 0.1 * (out.token_loss * w).sum()).backward()
-    for h in handles:
-        h.remove()
+    with body_probes(model) as probes:
+        out = model(ids, labels, docs)
+        w = token_weights().narrow(1, seq_start, out.token_loss.shape[1])
+        (out.loss + cp * 0.1 * (out.token_loss * w).sum()).backward()
     return out, {k: v.grad for k, v in probes.items()}
 
 

@@ -26,7 +26,7 @@ from fwl_scale.parallel import (all_reduce_tp, copy_to_tp, full_state_dict, gath
                                 reduce_scatter_to_sequence, scatter_to_tp)
 from fwl_scale.parallel.layers import is_sharded, merge_shards, take_shard
 from tests.distributed import run_distributed
-from tests.model_support import perturb, worst
+from tests.model_support import body_probes, perturb, worst
 
 TOL = 1e-10
 B, T, VOCAB = 2, 16, 50
@@ -74,21 +74,10 @@ def gather_seq(t: torch.Tensor, tp) -> torch.Tensor:
 def run_with_probes(model, ids, labels, docs):
     """Forward + backward of a loss that weighs every token differently; returns the output and the
     gradients at the body's input and output."""
-    probes = {}
-
-    def keep(name):
-        def hook(_mod, _inp, out):
-            out.retain_grad()
-            probes[name] = out
-        return hook
-
-    handles = [model.embed.register_forward_hook(keep("body_in")),
-               model.norm_f.register_forward_hook(keep("body_out"))]
-    out = model(ids, labels, docs)
-    w = torch.linspace(0.5, 1.5, B * T, dtype=out.token_loss.dtype).reshape(B, T)
-    (out.loss + (out.token_loss * w).sum() * 0.1).backward()
-    for h in handles:
-        h.remove()
+    with body_probes(model) as probes:
+        out = model(ids, labels, docs)
+        w = torch.linspace(0.5, 1.5, B * T, dtype=out.token_loss.dtype).reshape(B, T)
+        (out.loss + (out.token_loss * w).sum() * 0.1).backward()
     return out, {k: v.grad for k, v in probes.items()}
 
 
