@@ -27,7 +27,15 @@ class FWLConfig:
     # Width s of the FWL (its output feeds the unembedding). None: d_model (required with tied embeddings).
     width: int | None = None
     hidden_mult: int = 4
+    # Add the body output to W2's output before the FWL's LayerNorm (beyond the paper: the slow head is
+    # then a plain head plus a residual MLP, so it starts where the plain unembedding starts). Needs
+    # width == d_model.
+    residual: bool = False
+    # Std of the FWL's dense kernels W1, W2 at init. None: model.init_std (the official TF code: 0.05).
+    init_std: float | None = None
     step_size_init: float = 0.01
+    # Multiplies the learned step sizes; 0 evaluates the slow head alone (fast updates off).
+    step_scale: float = 1.0
     # The gradient scale k of DESIGN §1: a constant. None means 1 / model.seq_len.
     grad_scale: float | None = None
     eps: float = 1e-5
@@ -178,6 +186,11 @@ class Config:
                  f"must equal model.d_model ({m.d_model}) with tied embeddings (U is the input embedding)")
         need(f.grad_scale is None or f.grad_scale > 0, "model.fwl.grad_scale", "must be > 0")
         need(f.eps > 0, "model.fwl.eps", "must be > 0")
+        need(f.init_std is None or f.init_std > 0, "model.fwl.init_std", "must be > 0")
+        need(f.step_scale >= 0, "model.fwl.step_scale", "must be >= 0")
+        if f.residual and f.enabled:
+            need(m.fwl_width == m.d_model, "model.fwl.width",
+                 f"must equal model.d_model ({m.d_model}) with model.fwl.residual (the body output is added)")
         need(f.form in ("auto", "quadratic", "chunked"), "model.fwl.form",
              f"must be auto, quadratic or chunked, got {f.form!r}")
         for fld, v in [("parallel.tp", p.tp), ("parallel.cp", p.cp), ("parallel.pp", p.pp),

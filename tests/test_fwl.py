@@ -24,8 +24,8 @@ def _float64():
     yield
 
 
-def make_layer(chunk: int, T: int) -> FastWeightLayer:
-    layer = FastWeightLayer(D, S, 4, V, VPAD, 0.01, 1.0 / T, 1e-5, chunk, 5, 0.5).double()
+def make_layer(chunk: int, T: int, residual: bool = False) -> FastWeightLayer:
+    layer = FastWeightLayer(D, S, 4, V, VPAD, 0.01, 1.0 / T, 1e-5, chunk, 5, 0.5, residual=residual).double()
     with torch.no_grad():
         # Large, distinct step sizes so that every fast term matters numerically.
         layer.step_sizes.copy_(torch.tensor([0.9, 0.7, 0.8, 0.6, 0.5, 0.4]))
@@ -94,10 +94,11 @@ def test_cumsum_matches_loop(chunk):
     assert (out - ref).abs().max() < TOL and (st - ref_st[:, 0]).abs().max() < TOL
 
 
+@pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("chunk", [1, 3, 4, 16])
-def test_fast_fwl_equals_naive_values_and_gradients(chunk):
+def test_fast_fwl_equals_naive_values_and_gradients(chunk, residual):
     B, T = 2, 12
-    layer = make_layer(chunk, T)
+    layer = make_layer(chunk, T, residual)
     x, U, labels, docs = make_inputs(B, T)
     fast, g_fast = grads_of(lambda: fast_logits(layer, x, U, labels, docs), layer, x, U)
     naive, g_naive = grads_of(lambda: naive_fwl_logits(layer, x, U, labels, docs), layer, x, U)
@@ -106,10 +107,9 @@ def test_fast_fwl_equals_naive_values_and_gradients(chunk):
     for name, a, b in zip(names, g_fast, g_naive):
         assert (a - b).abs().max() < TOL * max(1.0, b.abs().max().item()), name
     # The fast weights really adapt: positions late in a document differ from the slow network.
-    slow_layer = make_layer(chunk, T)
+    slow_layer = make_layer(chunk, T, residual)
     slow_layer.load_state_dict(layer.state_dict())
-    with torch.no_grad():
-        slow_layer.step_sizes.zero_()
+    slow_layer.step_scale = 0.0  # the slow head alone
     slow = fast_logits(slow_layer, x, U, labels, docs)
     assert (slow - fast)[1, 1:].abs().max() > 1e-3
     # ... and never at a document's first position (nothing earlier in that document).
@@ -158,11 +158,12 @@ def run_segments(layer, x, U, labels, docs, cuts, pending: bool):
     return torch.cat(outs, dim=1), state
 
 
+@pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("pending", [False, True])
 @pytest.mark.parametrize("chunk", [2, 16])
-def test_segments_with_carried_state_equal_whole_pass(pending, chunk):
+def test_segments_with_carried_state_equal_whole_pass(pending, chunk, residual):
     B, T = 2, 14
-    layer = make_layer(chunk, T)
+    layer = make_layer(chunk, T, residual)
     x, U, labels, docs = make_inputs(B, T)
     labels[:, :] = torch.randint(0, V, (B, T))  # pending labels are real tokens
     whole, whole_state = layer(x, U, labels, docs, return_state=True)

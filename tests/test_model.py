@@ -58,8 +58,9 @@ def test_documents_are_isolated(fwl):
     assert (packed - alone).abs().max() < TOL
 
 
-def test_model_head_matches_naive_reference():
-    model, cfg = tiny_model(True)
+@pytest.mark.parametrize("residual", [False, True])
+def test_model_head_matches_naive_reference(residual):
+    model, cfg = tiny_model(True, **{"model.fwl.residual": str(residual).lower()})
     ids = torch.randint(0, 50, (2, 12))
     docs = torch.zeros(2, 12, dtype=torch.long)
     docs[1, 7:] = 3

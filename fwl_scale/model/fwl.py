@@ -177,7 +177,7 @@ class FastWeightLayer(nn.Module):
     def __init__(self, d_model: int, width: int, hidden_mult: int, vocab_size: int, padded_vocab_size: int,
                  step_size_init: float, grad_scale: float, eps: float, chunk_size: int, vocab_chunk: int,
                  init_std: float, form: str = "chunked", device: torch.device | str | None = None,
-                 tp: TPContext | None = None, cp: CPContext | None = None):
+                 tp: TPContext | None = None, cp: CPContext | None = None, residual: bool = False):
         super().__init__()
         hidden = hidden_mult * width
         n = tp_size(tp)
@@ -193,6 +193,11 @@ class FastWeightLayer(nn.Module):
         self.form = form
         self.vocab_chunk = vocab_chunk
         self.init_std = init_std
+        if residual and width != d_model:
+            raise ValueError(f"a residual FWL needs width == d_model, got {width} and {d_model}")
+        self.residual = residual
+        # Multiplies the learned step sizes; 0 switches the fast updates off (the slow head alone).
+        self.step_scale = 1.0
         self.w1 = nn.Parameter(torch.empty(hidden // n, d_model, device=device))
         self.b1 = nn.Parameter(torch.empty(hidden // n, device=device))
         self.w2 = nn.Parameter(torch.empty(width, hidden // n, device=device))
@@ -245,8 +250,9 @@ class FastWeightLayer(nn.Module):
         η_W2 this rank's partial product): their gradient is a per-rank part, all-reduced here."""
         return copy_to_tp(self.step_sizes, self.tp)
 
-    def slow_pass(self, x: Tensor) -> dict[str, Tensor]:
-        """`x` [B, T, d]: inside the tensor-parallel region (replicated values)."""
+    def slow_pass(self, x: Tensor, skip: Tensor | None) -> dict[str, Tensor]:
+        """`x` [B, T, d]: inside the tensor-parallel region (replicated values). `skip`: the same values
+        outside it (added to W2's output by a residual FWL, else None)."""
         h1 = F.linear(x, self.w1, self.b1)
         r = F.relu(h1)
         a = r * r
@@ -254,8 +260,10 @@ class FastWeightLayer(nn.Module):
             h2 = F.linear(a, self.w2, self.b2)
         else:
             h2 = reduce_from_tp(F.linear(a, self.w2), self.tp) + self.b2
+        if skip is not None:
+            h2 = h2 + skip
         xhat, rstd = layer_norm_stats(h2, self.eps)
-        return {"x": x, "r": r, "a": a, "xhat": xhat, "rstd": rstd, "h1": h1,
+        return {"x": x, "r": r, "a": a, "xhat": xhat, "rstd": rstd, "h1": h1, "skip": skip,
                 "u": self.alpha * xhat + self.beta}
 
     def slow_gradients(self, slow: dict[str, Tensor], unembed: Tensor, labels: Tensor,
@@ -302,8 +310,9 @@ class FastWeightLayer(nn.Module):
             raise ValueError("FWL state holds a pending position: pending_labels_b must be given")
         same_doc = first_doc_b == state.doc_id
         label = torch.where(same_doc, pending_labels_b, torch.full_like(pending_labels_b, IGNORE_INDEX))[:, None]
-        x = copy_to_tp(state.pending_x.to(dtype), self.tp).unsqueeze(1)  # [B, 1, d]
-        slow = self.slow_pass(x)
+        pending = state.pending_x.to(dtype).unsqueeze(1)  # [B, 1, d]
+        x = copy_to_tp(pending, self.tp)
+        slow = self.slow_pass(x, pending if self.residual else None)
         g = self.slow_gradients(slow, unembed, label, (label != IGNORE_INDEX).to(dtype))
         add = {"w1": (x, g["gh1"]), "b1": (None, g["gh1"]), "w2": (slow["a"], g["gh2_tp"]), "b2": (None, g["gh2"]),
                "alpha": (None, g["gu"] * slow["xhat"]), "beta": (None, g["gu"])}
@@ -358,7 +367,12 @@ class FastWeightLayer(nn.Module):
         labels_loc, reset_loc = labels[:, start:start + T_loc], reset[:, start:start + T_loc]
         loss_weight = (labels_loc != IGNORE_INDEX).to(x.dtype)
 
-        slow = self.slow_pass(x)
+        skip = None
+        if self.residual:
+            # The replicated body output, outside the tensor-parallel region (its gradient is not summed
+            # over tp); under sequence parallelism gathered with a backward that keeps this rank's part.
+            skip = gather_from_tp(x_btd, tp, dim=1) if seq_par else x_btd
+        slow = self.slow_pass(x, skip)
         grads = self.slow_gradients(slow, unembed, labels_loc, loss_weight)
         layout = _ChunkLayout(reset_loc, self.chunk_for(T_loc))
         # Keys and values of the six running sums (None: a plain sum of the values). All exist now,
@@ -389,8 +403,8 @@ class FastWeightLayer(nn.Module):
         def cumsum(name, v):
             return causal_cumsum(v, reset_loc, rc.get(name), layout=layout, totals=totals[name])
 
-        eta = self.step_sizes.to(x.dtype)  # η_b2, η_alpha, η_beta: used by replicated computations
-        eta_tp = self.step_sizes_for_shards().to(x.dtype)  # η_W1, η_b1, η_W2
+        eta = self.step_scale * self.step_sizes.to(x.dtype)  # η_b2, η_alpha, η_beta: replicated computations
+        eta_tp = self.step_scale * self.step_sizes_for_shards().to(x.dtype)  # η_W1, η_b1, η_W2
         dw1, s_w1 = lin_attn("w1", x, x, grads["gh1"])
         if cross is not None:
             dw1 = dw1 + cross_linear_attention(x, *cross["w1"], cross["q_mask"], cross["k_mask"])
@@ -408,6 +422,8 @@ class FastWeightLayer(nn.Module):
         else:
             h2_part = F.linear(a_fast, self.w2) - eta_tp[2] * dw2.to(x.dtype)
             h2_fast = reduce_from_tp(h2_part, tp) + self.b2 - eta[3] * db2.to(x.dtype)
+        if skip is not None:
+            h2_fast = h2_fast + skip
         xhat_fast, _ = layer_norm_stats(h2_fast, self.eps)
         d_alpha, s_alpha = cumsum("alpha", keys_values["alpha"][1])
         d_beta, s_beta = cumsum("beta", keys_values["beta"][1])

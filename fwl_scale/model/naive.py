@@ -19,6 +19,8 @@ def _slow_logits(layer: FastWeightLayer, x: Tensor, unembed: Tensor, p: dict[str
     h1 = x @ p["w1"].t() + p["b1"]
     a = F.relu(h1) ** 2
     h2 = a @ p["w2"].t() + p["b2"]
+    if layer.residual:
+        h2 = h2 + x
     xhat = (h2 - h2.mean(-1, keepdim=True)) / torch.sqrt(h2.var(-1, unbiased=False, keepdim=True) + layer.eps)
     u = p["alpha"] * xhat + p["beta"]
     V = layer.vocab_size
@@ -32,7 +34,7 @@ def naive_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, lab
     if doc_ids_bt is None:
         doc_ids_bt = torch.zeros(B, T, dtype=torch.long)
     theta = {name: getattr(layer, name) for name in FAST_TENSORS}
-    eta = dict(zip(FAST_TENSORS, layer.step_sizes))
+    eta = dict(zip(FAST_TENSORS, layer.step_scale * layer.step_sizes))
     rows_b = []
     for b in range(B):
         x = x_btd[b]
