@@ -136,6 +136,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.1
+    # Learning rate of the FWL's own parameters, and of its step sizes, as multiples of lr.
+    fwl_lr_mult: float = 1.0
+    step_size_lr_mult: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -188,6 +191,8 @@ class Config:
         need(f.eps > 0, "model.fwl.eps", "must be > 0")
         need(f.init_std is None or f.init_std > 0, "model.fwl.init_std", "must be > 0")
         need(f.step_scale >= 0, "model.fwl.step_scale", "must be >= 0")
+        need(self.train.fwl_lr_mult > 0, "train.fwl_lr_mult", "must be > 0")
+        need(self.train.step_size_lr_mult > 0, "train.step_size_lr_mult", "must be > 0")
         if f.residual and f.enabled:
             need(m.fwl_width == m.d_model, "model.fwl.width",
                  f"must equal model.d_model ({m.d_model}) with model.fwl.residual (the body output is added)")

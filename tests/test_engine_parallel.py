@@ -58,7 +58,7 @@ def reference() -> dict:
     torch.manual_seed(SEED)
     model = build_model(cfg.model)
     t = cfg.train
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: lr_factor(u, cfg))
     body_in = embed_output_probe(model.embed)
     out = {"loss": []}

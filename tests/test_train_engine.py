@@ -60,7 +60,7 @@ def test_mfu_is_not_available_on_cpu_without_a_peak(tmp_path):
 def test_param_groups_follow_the_weight_decay_rule():
     cfg = load_config(None, ["model.d_model=32", "model.n_heads=2", "model.vocab_size=256"])
     model = build_model(cfg.model)
-    groups = param_groups(model, 0.1)
+    groups = param_groups(model, cfg)
     by_id = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     names = dict(model.named_parameters())
     assert len(by_id) == len(names)
@@ -71,6 +71,20 @@ def test_param_groups_follow_the_weight_decay_rule():
     assert by_id[id(names["fwl.step_sizes"])] == 0.0
     assert by_id[id(names["fwl.alpha"])] == 0.0
     assert by_id[id(names["embed.weight"])] == 0.1
+    assert all("lr" not in g for g in groups)  # no multipliers: every group runs at train.lr
+
+
+def test_param_groups_give_the_fwl_and_its_step_sizes_their_learning_rates():
+    cfg = load_config(None, ["model.d_model=32", "model.n_heads=2", "model.vocab_size=256", "train.lr=1e-3",
+                             "train.fwl_lr_mult=0.5", "train.step_size_lr_mult=10"])
+    model = build_model(cfg.model)
+    groups = param_groups(model, cfg)
+    lr = {id(p): g.get("lr", cfg.train.lr) for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        expect = 1e-2 if name == "fwl.step_sizes" else 5e-4 if name.startswith("fwl.") else 1e-3
+        assert lr[id(p)] == pytest.approx(expect), name
+        assert decay[id(p)] == (0.0 if p.ndim < 2 else cfg.train.weight_decay), name
 
 
 def test_deepspeed_config_is_ours():

@@ -158,17 +158,30 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
     }
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms and the FWL step sizes: every parameter with fewer than two
-    dimensions. Everything else (matrices, embeddings) decays."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    return [g for g in groups if g["params"]]
+def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms, the FWL step sizes and decay factors: every parameter with
+    fewer than two dimensions; everything else (matrices, embeddings) decays. The FWL's parameters and
+    its step sizes may run at their own multiple of train.lr (train.fwl_lr_mult, train.step_size_lr_mult);
+    groups that would be empty are left out."""
+    t = cfg.train
+
+    def lr_mult(name: str) -> float:
+        if name.endswith("step_sizes"):
+            return t.step_size_lr_mult
+        return t.fwl_lr_mult if ".fwl." in f".{name}" else 1.0
+
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((p.ndim >= 2, lr_mult(name)), []).append(p)
+    out = []
+    for (decays, mult), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1] != 1.0, kv[0][1])):
+        group = {"params": params, "weight_decay": t.weight_decay if decays else 0.0,
+                 "name": ("decay" if decays else "no_decay") + (f"_lr_x{mult:g}" if mult != 1.0 else "")}
+        if mult != 1.0:
+            group["lr"] = t.lr * mult
+        out.append(group)
+    return out
 
 
 def lr_factor(update: int, cfg: Config) -> float:
@@ -198,7 +211,7 @@ def build_engine(cfg: Config, model: nn.Module, dist: DistInfo, mpu=None):
     import deepspeed
 
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.train.weight_decay), mpu=mpu,
+        model=model, model_parameters=param_groups(model, cfg), mpu=mpu,
         # DeepSpeed's data-parallel group is dp × cp (context-parallel peers hold the same parameters and
         # share one batch, but DeepSpeed counts every member's micro-batch in train_batch_size).
         config=deepspeed_config(cfg, dist.dp * cfg.parallel.cp), lr_scheduler=lr_schedule(cfg),

@@ -388,7 +388,7 @@ def deepspeed_pipeline_config(ds_config: dict[str, Any], cfg: Config) -> tuple[d
 
 
 def build_pipeline_engine(cfg: Config, ps: ParallelState, ds_config: dict[str, Any],
-                          param_groups: Callable[[nn.Module, float], list[dict[str, Any]]],
+                          param_groups: Callable[[nn.Module, Config], list[dict[str, Any]]],
                           schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]):
     """(engine, scheduler, PipelineModel, PipelineStep) for this rank's stage."""
     import deepspeed
@@ -398,7 +398,7 @@ def build_pipeline_engine(cfg: Config, ps: ParallelState, ds_config: dict[str, A
     quiet = contextlib.redirect_stdout(io.StringIO()) if not os.environ.get("FWL_DEBUG") else contextlib.nullcontext()
     with quiet:
         engine, _, _, scheduler = deepspeed.initialize(
-            model=pm.module, model_parameters=param_groups(pm.module, cfg.train.weight_decay), config=conf,
+            model=pm.module, model_parameters=param_groups(pm.module, cfg), config=conf,
             lr_scheduler=schedule, dist_init_required=False)
     step = PipelineStep(engine, ps, cfg.train.grad_clip, own)
     return engine, scheduler, pm, step
