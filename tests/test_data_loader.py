@@ -17,7 +17,8 @@ import torch
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import load_config
 from fwl_scale.data import DataError, Manifest, Tokenizer, TrainLoader, eval_documents, prepare_data, valid_batches
-from fwl_scale.data.common import atomic_write_json, sha256_file
+from fwl_scale.atomic import atomic_write_json
+from fwl_scale.data.common import sha256_file
 from fwl_scale.data.shards import read_shard
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"

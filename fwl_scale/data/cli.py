@@ -29,7 +29,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
-    from fwl_scale.data.common import DataError, atomic_write_json
+    from fwl_scale.atomic import atomic_write_json
+    from fwl_scale.data.common import DataError
     from fwl_scale.data.prepare import ensure_tokenizer
     from fwl_scale.data.sources import Corpus, ReadStats
     from fwl_scale.data.tokenizer import train_tokenizer

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from fwl_scale.config import Config
-from fwl_scale.data.common import DataError, atomic_write_json, read_json
+from fwl_scale.atomic import atomic_write_json
+from fwl_scale.data.common import DataError, read_json
 from fwl_scale.data.shards import MANIFEST, SHARD_FORMAT, Manifest, build_shards
 from fwl_scale.data.sources import Corpus, Document, ReadStats
 from fwl_scale.data.tokenizer import Tokenizer, train_tokenizer

@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from fwl_scale.data.common import DataError, atomic_write_json, fingerprint, read_json, sha256_bytes, sha256_file
+from fwl_scale.atomic import atomic_write_json, commit, temp_path
+from fwl_scale.data.common import DataError, fingerprint, read_json, sha256_bytes, sha256_file
 from fwl_scale.data.sources import Document, ReadStats
 from fwl_scale.data.tokenizer import Tokenizer, token_dtype
 
@@ -368,7 +369,7 @@ def build_shards(docs: Iterable[Document], out_dir: str | Path, split: str, toke
         m.check_files()
         return m
     out_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in out_dir.glob("shard-*.tar.tmp*"):  # left by an interrupted run of ours
+    for tmp in out_dir.glob("*shard-*.tar.tmp*"):  # left by an interrupted run of ours
         tmp.unlink()
     done = _finished_prefix(out_dir, request, log)
     skip_docs = sum(e.documents for e in done)
@@ -386,7 +387,7 @@ def build_shards(docs: Iterable[Document], out_dir: str | Path, split: str, toke
         nonlocal writer
         import webdataset as wds
         i = len(entries)
-        tmp = out_dir / (shard_name(i) + f".tmp{os.getpid()}")
+        tmp = temp_path(out_dir / shard_name(i))
         hf = _HashingFile(tmp)
         # An integer mtime keeps the members plain ustar (a float one adds a PAX header to each).
         writer = wds.TarWriter(hf, encoder=False, mtime=0, user="fwl", group="fwl")
@@ -401,7 +402,7 @@ def build_shards(docs: Iterable[Document], out_dir: str | Path, split: str, toke
         entry = ShardEntry(name=shard_name(cur["i"]), documents=cur["docs"], first_doc=cur["first"],
                            tokens=cur["tokens"], bytes=hf.n, sha256=hf.h.hexdigest(),
                            tokenizer_checksum=tokenizer.checksum)
-        os.replace(cur["tmp"], out_dir / entry.name)
+        commit(cur["tmp"], out_dir / entry.name)
         # The sidecar is what marks the shard complete; it is written only after the tar is in place.
         atomic_write_json(_sidecar(out_dir, cur["i"]), {"format": SHARD_FORMAT, "request": request,
                                                          "shard": asdict(entry)})

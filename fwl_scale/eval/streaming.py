@@ -23,6 +23,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from fwl_scale.atomic import atomic_write_json
 from fwl_scale.eval.perplexity import bucket_edges
 
 
@@ -143,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint {ref.path} (step {ref.step}), gradient scale k = {cfg.model.fwl_grad_scale:.3g}")
     print(format_stream_positions(results))
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({n: r.as_dict() for n, r in results}, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(args.json, {n: r.as_dict() for n, r in results})
     return 0
 
 

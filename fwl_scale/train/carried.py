@@ -19,12 +19,12 @@ afresh, as after a document boundary.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fwl_scale.atomic import atomic_write
 from fwl_scale.config import Config
 from fwl_scale.model.fwl import FWLState
 from fwl_scale.parallel.layers import merge_shards, take_shard
@@ -80,10 +80,7 @@ class CarriedState:
                    "tp_size": self.tp_size, "micro_batch": self.micro_batch,
                    "state": None if self.state is None else {k: v.detach().cpu() for k, v in
                                                              self.state.tensors().items()}}
-        path = Path(tag_dir) / state_file(self.dp_rank, self.tp_rank)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        atomic_write(Path(tag_dir) / state_file(self.dp_rank, self.tp_rank), lambda tmp: torch.save(payload, tmp))
 
     def load(self, tag_dir: Path, device: torch.device) -> None:
         """Restores the state saved in `tag_dir` (none there: a checkpoint of a run that carried nothing

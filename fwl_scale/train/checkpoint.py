@@ -7,15 +7,14 @@ Layout under <out_dir>/checkpoints/:
     latest_complete           our pointer: the tag of the newest complete checkpoint
 
 A save writes the tag directory, waits for every rank, then rank 0 writes COMPLETE.json (what was saved:
-step, model config, layout) and only then replaces `latest_complete` atomically (temporary name +
-os.replace). A crash in the middle of a save therefore leaves a directory without COMPLETE.json, which
-is never resumed from and is removed by the next successful save. DeepSpeed's own `latest` file is not
-written (save_latest=False) and never trusted.
+step, model config, layout) and only then replaces `latest_complete` atomically (fwl_scale/atomic.py).
+A crash in the middle of a save therefore leaves a directory without COMPLETE.json, which is never
+resumed from and is removed by the next successful save. DeepSpeed's own `latest` file is not written
+(save_latest=False) and never trusted.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -26,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from fwl_scale import __version__
+from fwl_scale.atomic import atomic_write_json, atomic_write_text
 from fwl_scale.config import Config, ConfigError, config_to_nested
 
 CHECKPOINT_DIR = "checkpoints"
@@ -57,23 +57,6 @@ class CheckpointRef:
     @property
     def step(self) -> int:
         return int(self.meta["step"])
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def read_marker(tag_dir: Path) -> dict[str, Any] | None:
@@ -231,7 +214,7 @@ class CheckpointManager:
             # Already saved at this step (never overwrite a complete checkpoint); make it the latest.
             _barrier()
             if self.rank == 0:
-                _atomic_write_text(self.root / POINTER, tag + "\n")
+                atomic_write_text(self.root / POINTER, tag + "\n")
             _barrier()
             return CheckpointRef(self.root, tag, existing)
         _barrier()
@@ -261,8 +244,8 @@ class CheckpointManager:
             "config": config_to_nested(cfg),
         }
         if self.rank == 0:
-            _atomic_write_text(tag_dir / MARKER, json.dumps(meta, indent=1) + "\n")
-            _atomic_write_text(self.root / POINTER, tag + "\n")
+            atomic_write_json(tag_dir / MARKER, meta)
+            atomic_write_text(self.root / POINTER, tag + "\n")
             self._prune(tag)
         _barrier()
         return CheckpointRef(self.root, tag, meta)

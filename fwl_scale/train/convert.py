@@ -39,10 +39,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fwl_scale import __version__
+from fwl_scale.atomic import atomic_write, atomic_write_json, atomic_write_text
 from fwl_scale.config import Config, ConfigError, config_from_dict, config_to_nested
 from fwl_scale.parallel.layers import is_sharded, merge_shards, shard_of
 from fwl_scale.train.checkpoint import (CHECKPOINT_DIR, FORMAT, MARKER, POINTER, CheckpointError, CheckpointRef,
-                                        _atomic_write_text, find_latest, resolve_checkpoint, tag_for)
+                                        find_latest, resolve_checkpoint, tag_for)
 
 UNIVERSAL_FORMAT = "fwl_scale.universal/1"
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -250,9 +251,8 @@ def gather_full_state(te) -> tuple[dict[str, dict[str, Tensor]], int]:
 def _save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                             metadata=metadata))
 
 
 def write_universal(te, tag_dir: Path, step: int, client_state: dict[str, Any], source: dict[str, Any]) -> None:
@@ -282,10 +282,8 @@ def write_universal(te, tag_dir: Path, step: int, client_state: dict[str, Any], 
                        "skipped_steps": int(e.skipped_steps)},
             "source": source,
         }
-        _atomic_write_text(tag_dir / INDEX, json.dumps(index, indent=1) + "\n")
-        tmp = tag_dir / f".{CLIENT}.tmp{os.getpid()}"
-        torch.save(client_state, tmp)
-        os.replace(tmp, tag_dir / CLIENT)
+        atomic_write_json(tag_dir / INDEX, index)
+        atomic_write(tag_dir / CLIENT, lambda tmp: torch.save(client_state, tmp))
     if dist.is_initialized():
         dist.barrier()
 
@@ -432,8 +430,8 @@ def convert_worker(src_root: str, tag: str, dst: str) -> None:
     if info.rank == 0:
         for f in sorted(ref.path.glob("fwl_state_*.pt")):  # the carried FWL state (train/carried.py)
             shutil.copy2(f, tag_dir / f.name)
-        _atomic_write_text(tag_dir / MARKER, json.dumps(_marker(ref, cfg, ref.step), indent=1) + "\n")
-        _atomic_write_text(tag_dir.parent / POINTER, tag + "\n")
+        atomic_write_json(tag_dir / MARKER, _marker(ref, cfg, ref.step))
+        atomic_write_text(tag_dir.parent / POINTER, tag + "\n")
     dist.barrier()
 
 
@@ -457,7 +455,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> CheckpointRef:
     if ref.meta.get("universal"):
         tag_dir = _prepare_destination(dst, ref.tag)
         shutil.copytree(ref.path, tag_dir, dirs_exist_ok=True)
-        _atomic_write_text(tag_dir.parent / POINTER, ref.tag + "\n")
+        atomic_write_text(tag_dir.parent / POINTER, ref.tag + "\n")
         return CheckpointRef(tag_dir.parent, ref.tag, ref.meta)
     world = int(ref.meta.get("world_size") or 1)
     _source_config(ref)  # refuse a checkpoint without its config before starting anything

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from fwl_scale.atomic import atomic_write_text
 from fwl_scale.config import Config, ConfigError, dump_config
 from fwl_scale.eval.perplexity import EvalResult, evaluate_batches
 from fwl_scale.train.carried import CarriedState, carries_state
@@ -215,9 +216,7 @@ class Trainer:
         self.tokens_per_step = p.micro_batch * p.grad_accum * dist.dp * cfg.model.seq_len
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.out_dir / f".config.yaml.tmp{os.getpid()}"
-            tmp.write_text(dump_config(cfg))
-            os.replace(tmp, self.out_dir / "config.yaml")
+            atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
 
     def _restore(self, client: dict[str, Any]) -> None:
         ref = self.resume_ref

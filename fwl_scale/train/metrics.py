@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fwl_scale.atomic import atomic_write_text
 from fwl_scale.config import Config, config_to_nested
 
 # Peak dense (no sparsity) bf16 tensor-core TFLOP/s per device, from the vendors' data sheets. Matched
@@ -145,10 +146,7 @@ class MetricsLog:
         return None
 
     def _store_run_id(self, run_id: str) -> None:
-        f = self._id_file()
-        tmp = f.with_name(f.name + ".tmp")
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, f)
+        atomic_write_text(self._id_file(), run_id + "\n")
 
     def _start_wandb(self, run_id: str):
         import wandb
