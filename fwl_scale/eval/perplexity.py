@@ -13,22 +13,9 @@ import torch
 from torch import Tensor
 
 from fwl_scale import IGNORE_INDEX
+from fwl_scale.parallel.world import all_reduce_min, all_reduce_sum
 
 Forward = Callable[..., object]  # model(input_ids, labels, doc_ids) -> object with .token_loss
-
-
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return t
-
-
-def _all_reduce_min(n: int, device: torch.device) -> int:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        t = torch.tensor([n], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        return int(t.item())
-    return n
 
 
 def bucket_edges(seq_len: int, n_buckets: int) -> list[tuple[int, int]]:
@@ -64,7 +51,7 @@ def evaluate_batches(forward: Forward, batches: list[dict[str, Tensor]], n_bucke
     Model-parallel peers compute the same per-token losses (or, on a pipeline's earlier stages, none:
     `forward` returns None there); only one rank of each data-parallel replica adds them
     (`contributes`), so the token count is that of the data."""
-    n = _all_reduce_min(len(batches), device)
+    n = all_reduce_min(len(batches), device)
     if n == 0:
         raise ValueError("no validation batches")
     T = batches[0]["input_ids"].shape[1]
@@ -84,7 +71,7 @@ def evaluate_batches(forward: Forward, batches: list[dict[str, Tensor]], n_bucke
         token_loss = out.token_loss.to(torch.float64) * valid
         sums.index_add_(0, bucket_of_pos, token_loss.sum(0))
         counts.index_add_(0, bucket_of_pos, valid.sum(0))
-    totals = _all_reduce_sum(torch.cat([sums, counts]))
+    totals = all_reduce_sum(torch.cat([sums, counts]))
     sums, counts = totals[: len(edges)], totals[len(edges):]
     total = float(counts.sum())
     loss = float(sums.sum()) / max(total, 1.0)

@@ -10,6 +10,7 @@ import torch
 
 from fwl_scale.atomic import atomic_write_json
 from fwl_scale.config import Config
+from fwl_scale.device import resolve_device
 from fwl_scale.eval.perplexity import (LongDocResult, evaluate_batches, evaluate_documents, format_eval,
                                        format_long_docs)
 
@@ -43,7 +44,6 @@ def load_for_eval(cfg: Config, checkpoint: str | Path, device: torch.device) -> 
 def run_eval(cfg: Config, checkpoint: str | Path, batches: int | None = None, long_docs: int = 0,
              max_windows: int | None = None, json_out: str | None = None) -> dict[str, Any]:
     from fwl_scale.data import eval_documents, prepare_data, valid_batches
-    from fwl_scale.train.engine import resolve_device
 
     device = resolve_device(cfg)
     if device.type == "cpu":

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from fwl_scale.config import load_config
     from fwl_scale.data import eval_documents, prepare_data
     from fwl_scale.eval.run import load_for_eval
-    from fwl_scale.train.engine import resolve_device
+    from fwl_scale.device import resolve_device
 
     ap = argparse.ArgumentParser(prog="python -m fwl_scale.eval.streaming", description=main.__doc__)
     ap.add_argument("config")

@@ -14,7 +14,7 @@ boundaries (context parallelism).
 
 Each sum runs in two phases so that a state can be exchanged between them (context parallelism): the
 per-chunk totals need only keys and values (`linear_attention_totals`, `cumsum_totals`; they exist after
-the FWL's slow pass), `_ChunkLayout.final` folds them into the rank's contribution, and the outputs need
+the FWL's slow pass), `ChunkLayout.final` folds them into the rank's contribution, and the outputs need
 the queries and the state that enters (`causal_linear_attention(..., totals=...)`). Between ranks, the
 alternative to a state is attending to the earlier ranks' keys and values directly
 (`cross_linear_attention`, the quadratic form across the rank boundary).
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 
-def _accum_dtype(*tensors: Tensor) -> torch.dtype:
+def accum_dtype(*tensors: Tensor) -> torch.dtype:
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -44,7 +44,7 @@ def _pad_chunks(t: Tensor, n_chunks: int, chunk: int) -> Tensor:
     return t.reshape((B, n_chunks, chunk) + tuple(t.shape[2:]))
 
 
-class _ChunkLayout:
+class ChunkLayout:
     """Segment bookkeeping shared by every sum of one call: which positions share a document inside
     each chunk, which positions still see the incoming state, and which positions make up the
     state handed to the next chunk."""
@@ -92,24 +92,24 @@ class _ChunkLayout:
         return torch.stack(entering, dim=1), running
 
 
-def linear_attention_totals(k_btk: Tensor, v_btv: Tensor, layout: _ChunkLayout) -> Tensor:
+def linear_attention_totals(k_btk: Tensor, v_btv: Tensor, layout: ChunkLayout) -> Tensor:
     """Per chunk, Σ k_j v_jᵀ over the chunk's last document segment: [B, N, dk, dv] (accumulation dtype)."""
-    dtype = _accum_dtype(k_btk, v_btv)
+    dtype = accum_dtype(k_btk, v_btv)
     N, C = layout.n_chunks, layout.chunk
     k = _pad_chunks(k_btk.to(dtype), N, C) * layout.in_last_segment.unsqueeze(-1).to(dtype)
     return torch.einsum("bnck,bncv->bnkv", k, _pad_chunks(v_btv.to(dtype), N, C))
 
 
-def cumsum_totals(v_btd: Tensor, layout: _ChunkLayout) -> Tensor:
+def cumsum_totals(v_btd: Tensor, layout: ChunkLayout) -> Tensor:
     """Per chunk, Σ v_j over the chunk's last document segment: [B, N, D] (accumulation dtype)."""
-    dtype = _accum_dtype(v_btd)
+    dtype = accum_dtype(v_btd)
     v = _pad_chunks(v_btd.to(dtype), layout.n_chunks, layout.chunk)
     return (v * layout.in_last_segment.unsqueeze(-1).to(dtype)).sum(dim=2)
 
 
 def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_bt: Tensor,
                             state_bkv: Tensor | None = None, chunk_size: int = 256,
-                            layout: _ChunkLayout | None = None,
+                            layout: ChunkLayout | None = None,
                             totals: Tensor | None = None, need_state: bool = True) -> tuple[Tensor, Tensor | None]:
     """out_i = Σ_{j<i, same document} (q_i·k_j) v_j + [no reset in 0..i] q_i·S_in.
 
@@ -118,8 +118,8 @@ def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_b
     already. `need_state=False` with one chunk and no incoming state (the quadratic form of a whole
     window): state_out is None, and neither the totals nor the (zero) state term are computed — 4·dk·dv
     per token of work for nothing."""
-    layout = layout or _ChunkLayout(reset_bt, chunk_size)
-    dtype = _accum_dtype(q_btk, k_btk, v_btv)
+    layout = layout or ChunkLayout(reset_bt, chunk_size)
+    dtype = accum_dtype(q_btk, k_btk, v_btv)
     N, C = layout.n_chunks, layout.chunk
     q = _pad_chunks(q_btk.to(dtype), N, C)
     k = _pad_chunks(k_btk.to(dtype), N, C)
@@ -137,10 +137,10 @@ def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_b
 
 
 def causal_cumsum(v_btd: Tensor, reset_bt: Tensor, state_bd: Tensor | None = None, chunk_size: int = 256,
-                  layout: _ChunkLayout | None = None, totals: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  layout: ChunkLayout | None = None, totals: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """out_i = Σ_{j<i, same document} v_j + [no reset in 0..i] S_in; state_out = Σ over the last document."""
-    layout = layout or _ChunkLayout(reset_bt, chunk_size)
-    dtype = _accum_dtype(v_btd)
+    layout = layout or ChunkLayout(reset_bt, chunk_size)
+    dtype = accum_dtype(v_btd)
     N, C = layout.n_chunks, layout.chunk
     v = _pad_chunks(v_btd.to(dtype), N, C)
     exclusive = torch.cumsum(v, dim=2) - v  # [B, N, C, D], chunk-local so it stays precise
@@ -157,7 +157,7 @@ def cross_linear_attention(q_btk: Tensor, k_bsk: Tensor, v_bsv: Tensor, q_mask_b
                            k_mask_bs: Tensor) -> Tensor:
     """out_i = [q_mask_i] Σ_j [k_mask_j] (q_i·k_j) v_j: queries attending to another block of keys
     (earlier ranks' tokens, all of them earlier than every query), in the accumulation dtype."""
-    dtype = _accum_dtype(q_btk, k_bsk, v_bsv)
+    dtype = accum_dtype(q_btk, k_bsk, v_bsv)
     q = q_btk.to(dtype) * q_mask_bt.unsqueeze(-1).to(dtype)
     k = k_bsk.to(dtype) * k_mask_bs.unsqueeze(-1).to(dtype)
     return torch.einsum("bts,bsv->btv", torch.einsum("btk,bsk->bts", q, k), v_bsv.to(dtype))
@@ -165,7 +165,7 @@ def cross_linear_attention(q_btk: Tensor, k_bsk: Tensor, v_bsv: Tensor, q_mask_b
 
 def masked_state(k_bsk: Tensor | None, v_bsv: Tensor, k_mask_bs: Tensor) -> Tensor:
     """Σ_j [k_mask_j] k_j v_jᵀ (or Σ_j [k_mask_j] v_j when `k_bsk` is None), in the accumulation dtype."""
-    dtype = _accum_dtype(v_bsv) if k_bsk is None else _accum_dtype(k_bsk, v_bsv)
+    dtype = accum_dtype(v_bsv) if k_bsk is None else accum_dtype(k_bsk, v_bsv)
     v = v_bsv.to(dtype) * k_mask_bs.unsqueeze(-1).to(dtype)
     if k_bsk is None:
         return v.sum(dim=1)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fwl_scale import IGNORE_INDEX
-from fwl_scale.model.fast_weights import (_ChunkLayout, causal_cumsum, causal_linear_attention,
+from fwl_scale.model.fast_weights import (ChunkLayout, causal_cumsum, causal_linear_attention,
                                          cross_linear_attention, cumsum_totals, linear_attention_totals,
                                          masked_state)
 from fwl_scale.parallel.context import (CPContext, broadcast_from_last, choose_exchange, exclusive_state_scan,
@@ -374,7 +374,7 @@ class FastWeightLayer(nn.Module):
             skip = gather_from_tp(x_btd, tp, dim=1) if seq_par else x_btd
         slow = self.slow_pass(x, skip)
         grads = self.slow_gradients(slow, unembed, labels_loc, loss_weight)
-        layout = _ChunkLayout(reset_loc, self.chunk_for(T_loc))
+        layout = ChunkLayout(reset_loc, self.chunk_for(T_loc))
         # Keys and values of the six running sums (None: a plain sum of the values). All exist now,
         # before any fast computation: the slow-pass gradients are all taken at θ.
         keys_values = {"w1": (x, grads["gh1"]), "b1": (None, grads["gh1"]), "w2": (slow["a"], grads["gh2_tp"]),
@@ -448,7 +448,7 @@ class FastWeightLayer(nn.Module):
         return u_fast, new_state
 
     def _receive_state(self, s_in: dict[str, Tensor] | None, totals: dict[str, Tensor],
-                       layout: _ChunkLayout) -> dict[str, Tensor]:
+                       layout: ChunkLayout) -> dict[str, Tensor]:
         """Exchange `state`: each rank's contribution is its sums after its last document start (the
         first rank's include the carried state), flagged where a document starts on the rank; the
         segmented exclusive scan gives the state entering each rank."""
@@ -466,7 +466,7 @@ class FastWeightLayer(nn.Module):
         return {name: scanned[name] + carried[name] for name in FAST_TENSORS}
 
     def _receive_keys_values(self, s_in: dict[str, Tensor] | None, grads: dict[str, Tensor],
-                             slow: dict[str, Tensor], x: Tensor, reset_bt: Tensor, layout: _ChunkLayout,
+                             slow: dict[str, Tensor], x: Tensor, reset_bt: Tensor, layout: ChunkLayout,
                              start: int) -> tuple[dict[str, Tensor] | None, dict[str, Tensor]]:
         """Exchange `kv`: every rank's keys and values in one all-gather (backward: one all-reduce of
         their gradients); this rank keeps the earlier ranks' tokens of the document it continues. The

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fwl_scale import IGNORE_INDEX
-from fwl_scale.model.fast_weights import _accum_dtype
+from fwl_scale.model.fast_weights import accum_dtype
 from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer
 
 
@@ -58,7 +58,7 @@ def naive_causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, r
                                   state_bkv: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Reference: explicit position-by-position loop over the definition (tests only)."""
     B, T, _ = q_btk.shape
-    dtype = _accum_dtype(q_btk, k_btk, v_btv)
+    dtype = accum_dtype(q_btk, k_btk, v_btv)
     outs = []
     state_out = []
     for b in range(B):

@@ -410,15 +410,13 @@ def convert_worker(src_root: str, tag: str, dst: str) -> None:
     """One rank of a conversion (torch.distributed set up for the source's world)."""
     from fwl_scale.parallel import init_parallel_state
     from fwl_scale.train.checkpoint import CheckpointManager, read_marker
-    from fwl_scale.train.engine import init_distributed
+    from fwl_scale.train.engine import init_distributed, quiet_deepspeed
     from fwl_scale.train.parallel_engine import build_training_engine
 
     ref = CheckpointRef(Path(src_root), tag, read_marker(Path(src_root) / tag) or {})
     cfg = _source_config(ref)
     info = init_distributed(cfg)
-    from fwl_scale.train.loop import _quiet_deepspeed
-
-    _quiet_deepspeed()
+    quiet_deepspeed()
     ps = init_parallel_state(cfg)
     torch.manual_seed(cfg.train.seed)
     te = build_training_engine(cfg, ps, info)
@@ -472,9 +470,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> CheckpointRef:
         _prepare_destination(dst, ref.tag)
         import torch.multiprocessing as mp
 
-        from fwl_scale.train.engine import _free_port
+        from fwl_scale.train.engine import free_port
 
-        mp.start_processes(_spawned, args=(world, _free_port(), str(ref.root), ref.tag, str(dst)), nprocs=world,
+        mp.start_processes(_spawned, args=(world, free_port(), str(ref.root), ref.tag, str(dst)), nprocs=world,
                            start_method="spawn")
     out = find_latest(dst / CHECKPOINT_DIR)
     if out is None:

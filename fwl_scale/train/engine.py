@@ -8,6 +8,7 @@ gradient accumulation.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from fwl_scale.config import Config, ConfigError
+from fwl_scale.device import resolve_device
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,16 +39,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(cfg: Config) -> torch.device:
-    want = cfg.train.device
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but torch sees no CUDA device "
-                          f"(torch {torch.__version__}); use train.device=cpu or auto")
-    return torch.device(want)
-
-
 def check_layout_implemented(cfg: Config) -> None:
     """Refuses, before any work, the combinations of the layout this trainer does not run (yet)."""
     p = cfg.parallel
@@ -63,10 +55,21 @@ def check_layout_implemented(cfg: Config) -> None:
                           "pipeline parallelism yet; use data.mode: packed or parallel.pp: 1")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (for a rendezvous of processes started here)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed's INFO lines drown our progress output; FWL_DEBUG=1 keeps them."""
+    if os.environ.get("FWL_DEBUG"):
+        return
+    # Not at module level: DeepSpeed picks its accelerator on import (see init_distributed).
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
 
 
 def _env_int(name: str) -> int | None:
@@ -103,7 +106,7 @@ def prepare_environment(device: torch.device) -> tuple[int, int, int]:
         if world > 1:
             raise ConfigError(f"environment: MASTER_PORT must be set when WORLD_SIZE={world} > 1 "
                               "(every rank has to meet at the same address and port)")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     # DeepSpeed compiles its CPU shared-memory communication op on first use; keep the build inside the
     # repository's ignored .cache/ unless the user chose a place.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))

@@ -9,7 +9,6 @@ and stop-on-signal.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ from fwl_scale.eval.perplexity import EvalResult, evaluate_batches
 from fwl_scale.train.carried import CarriedState, carries_state
 from fwl_scale.train.checkpoint import (CheckpointError, CheckpointManager, CheckpointRef, check_compatible,
                                         resolve_checkpoint)
-from fwl_scale.train.engine import DistInfo, init_distributed, zero_stage_discards_nonfinite
+from fwl_scale.parallel.world import all_reduce_min, all_reduce_sum
+from fwl_scale.train.engine import DistInfo, init_distributed, quiet_deepspeed, zero_stage_discards_nonfinite
 from fwl_scale.train.flops import train_flops_per_token
 from fwl_scale.train.metrics import MetricsLog, Throughput, device_name, efficiency, peak_tflops
 from fwl_scale.train.signals import EXIT_REQUEUE, StopRequest, stop_file_path
@@ -55,28 +55,6 @@ class TrainState:
     skipped_total: int = 0
     nonfinite_in_row: int = 0
     last_eval: dict[str, Any] = field(default_factory=dict)
-
-
-def _quiet_deepspeed() -> None:
-    if os.environ.get("FWL_DEBUG"):
-        return
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return t
-
-
-def _all_reduce_min_count(n: int, device: torch.device) -> int:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        t = torch.tensor([n], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        return int(t.item())
-    return n
 
 
 def _is_tty(stream) -> bool:
@@ -119,7 +97,7 @@ class Trainer:
         self.cfg = cfg
         self.after_step = after_step
         self.dist: DistInfo = init_distributed(cfg)
-        _quiet_deepspeed()
+        quiet_deepspeed()
         self.device = self.dist.device
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt = CheckpointManager(self.out_dir, cfg.train.keep_last, self.dist.rank)
@@ -167,7 +145,7 @@ class Trainer:
                 self.paths = prepare_data(cfg)
             except Exception as e:
                 failure = e
-        failed = _all_reduce_sum(torch.tensor([1.0 if failure else 0.0], device=self.device))
+        failed = all_reduce_sum(torch.tensor([1.0 if failure else 0.0], device=self.device))
         if failure is not None:
             raise failure
         if float(failed.item()) > 0:
@@ -270,7 +248,7 @@ class Trainer:
             out = self._forward(batch)
             loss = out.loss
             nonfinite = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
-            if float(_all_reduce_sum(nonfinite).item()) > 0:
+            if float(all_reduce_sum(nonfinite).item()) > 0:
                 bad_at = i
                 self.carried.reset()  # the state may be non-finite too: the slots start afresh
                 self._discard_step(i, loss)
@@ -289,7 +267,7 @@ class Trainer:
         # One all-reduce carries the step's loss and everyone's stop request to the step boundary.
         stop_local = 1.0 if self.stop.local() else 0.0
         packed = torch.tensor([float(loss_sum), stop_local], dtype=torch.float64, device=self.device)
-        packed = _all_reduce_sum(packed)
+        packed = all_reduce_sum(packed)
         loss_mean = float(packed[0]) / (gas * self.dist.world_size) if bad_at is None else float("nan")
         return StepStats(loss=loss_mean, skipped=bad_at is not None, grad_norm=grad_norm, lr=lr,
                          stop=bool(packed[1] > 0))
@@ -303,7 +281,7 @@ class Trainer:
         batches = [self.loader.next_batch() for _ in range(gas)]
         result = self.te.pipeline_step.run(batches)
         flag = torch.tensor([1.0 if self.stop.local() else 0.0], dtype=torch.float64, device=self.device)
-        stop = bool(_all_reduce_sum(flag).item() > 0)
+        stop = bool(all_reduce_sum(flag).item() > 0)
         return StepStats(loss=result.loss, skipped=result.skipped, grad_norm=result.grad_norm, lr=lr, stop=stop)
 
     def _discard_step(self, micro: int, bad_loss: torch.Tensor) -> None:
@@ -346,7 +324,7 @@ class Trainer:
 
             from fwl_scale.train.pipeline import pipeline_token_losses
 
-            n = _all_reduce_min_count(len(self.valid), self.device)
+            n = all_reduce_min(len(self.valid), self.device)
             losses = pipeline_token_losses(self.engine, self.valid[:n])
             it = iter(losses or [])
 
