@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from fwl_scale.config import ConfigError
-from fwl_scale.train.checkpoint import CheckpointError, CheckpointManager, CheckpointRef, find_latest, read_marker
+from fwl_scale.checkpoint.native import CheckpointError, CheckpointManager, CheckpointRef, find_latest, read_marker
 from tests.distributed import run_distributed
 from tests.engine_support import build, describe, train_step
 
@@ -41,7 +41,7 @@ def client_state(step: int) -> dict:
 
 
 def _checks(rank: int, world: int, tmp: str) -> None:
-    from fwl_scale.train.convert import UniversalReader, load_universal, write_universal
+    from fwl_scale.checkpoint.universal import UniversalReader, load_universal, write_universal
 
     layouts = LAYOUTS[world]
     universal: list[Path] = []
@@ -98,7 +98,8 @@ def test_exact_resume_and_conversion_between_layouts(world, tmp_path):
     if world != 2:
         return
     # --- bad input, on what the 2-rank run left behind ---------------------------------------------
-    from fwl_scale.train.convert import UniversalReader, convert_checkpoint
+    from fwl_scale.checkpoint.convert import convert_checkpoint
+    from fwl_scale.checkpoint.universal import UniversalReader
 
     udir = tmp_path / "w2_universal0"
     damaged = tmp_path / "damaged"

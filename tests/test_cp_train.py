@@ -12,7 +12,7 @@ import time
 import pytest
 
 from fwl_scale.train.carried import state_file
-from fwl_scale.train.checkpoint import find_latest
+from fwl_scale.checkpoint.native import find_latest
 from fwl_scale.train.loop import Trainer
 from fwl_scale.train.signals import EXIT_REQUEUE
 from tests.test_train_dp import launch_dp2, wait_all

@@ -12,7 +12,8 @@ import torch
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.eval.perplexity import bucket_edges, evaluate_batches, evaluate_documents
 from fwl_scale.eval.run import load_for_eval
-from fwl_scale.train.checkpoint import find_latest, load_model_weights
+from fwl_scale.checkpoint.native import find_latest
+from fwl_scale.checkpoint.weights import load_model_weights
 from fwl_scale.train.loop import Trainer
 from tests.train_support import records, run_fwl, tiny_config
 

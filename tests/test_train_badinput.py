@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fwl_scale.cli import main
-from fwl_scale.train.checkpoint import POINTER, CheckpointError, find_latest
+from fwl_scale.checkpoint.native import POINTER, CheckpointError, find_latest
 from fwl_scale.train.loop import Trainer
 from tests.train_support import need_corpus, run_fwl, tiny_config, tiny_overrides
 

@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from fwl_scale.train.checkpoint import find_latest, load_model_weights
+from fwl_scale.checkpoint.native import find_latest
+from fwl_scale.checkpoint.weights import load_model_weights
 from fwl_scale.train.loop import Trainer
 from fwl_scale.train.signals import EXIT_REQUEUE
 from tests.distributed import free_port

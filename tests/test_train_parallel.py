@@ -22,7 +22,8 @@ import subprocess
 import pytest
 import torch
 
-from fwl_scale.train.checkpoint import CheckpointError, find_latest, load_model_weights
+from fwl_scale.checkpoint.native import CheckpointError, find_latest
+from fwl_scale.checkpoint.weights import load_model_weights
 from fwl_scale.train.loop import Trainer
 from tests.distributed import free_port
 from tests.train_support import REPO, fwl_command, fwl_env, records, run_fwl, step_losses, tiny_config
@@ -129,7 +130,7 @@ def test_resume_and_conversion(uninterrupted, tmp_path):
     single_file = tmp_path / "model.safetensors"
     proc = run_fwl("ckpt", "consolidate", str(uref.path), str(single_file))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from fwl_scale.train.convert import read_consolidated
+    from fwl_scale.checkpoint.weights import read_consolidated
 
     weights, config = read_consolidated(single_file)
     expected = load_model_weights(uref)

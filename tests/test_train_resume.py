@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from fwl_scale.train.checkpoint import MARKER, POINTER, find_latest
+from fwl_scale.checkpoint.native import MARKER, POINTER, find_latest
 from fwl_scale.train.loop import Trainer
 from fwl_scale.train.signals import EXIT_REQUEUE, STOP_FILE_NAME
 from tests.train_support import records, step_losses, tiny_config

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from fwl_scale.train.checkpoint import find_latest
+from fwl_scale.checkpoint.native import find_latest
 from fwl_scale.train.signals import EXIT_REQUEUE
 from tests.train_support import REPO, fwl_command, fwl_env, records, tiny_overrides, need_corpus
 

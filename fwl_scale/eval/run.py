@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from fwl_scale.atomic import atomic_write_json
+from fwl_scale.checkpoint.native import CheckpointError, check_compatible, resolve_checkpoint
+from fwl_scale.checkpoint.weights import load_model_weights
 from fwl_scale.config import Config
 from fwl_scale.device import resolve_device
 from fwl_scale.eval.perplexity import (LongDocResult, evaluate_batches, evaluate_documents, format_eval,
@@ -18,7 +20,6 @@ from fwl_scale.eval.perplexity import (LongDocResult, evaluate_batches, evaluate
 def load_for_eval(cfg: Config, checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """The model of `cfg` with the weights of `checkpoint` (refused if it belongs to another model)."""
     from fwl_scale.model import build_model
-    from fwl_scale.train.checkpoint import CheckpointError, check_compatible, load_model_weights, resolve_checkpoint
 
     ref = resolve_checkpoint(checkpoint)
     check_compatible(ref, cfg)

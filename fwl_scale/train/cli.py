@@ -102,7 +102,7 @@ def cmd_params(ns: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_convert(ns: argparse.Namespace) -> int:
-    from fwl_scale.train.convert import convert_checkpoint
+    from fwl_scale.checkpoint.convert import convert_checkpoint
 
     ref = convert_checkpoint(ns.checkpoint, ns.out_dir)
     print(f"converted {ns.checkpoint} (step {ref.step}) into the layout-free checkpoint {ref.path}; "
@@ -111,7 +111,7 @@ def cmd_ckpt_convert(ns: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_consolidate(ns: argparse.Namespace) -> int:
-    from fwl_scale.train.convert import consolidate
+    from fwl_scale.checkpoint.convert import consolidate
 
     path = consolidate(ns.checkpoint, ns.out_file, dtype=ns.dtype)
     print(f"wrote {path}: the model's weights ({ns.dtype}) under the single-process parameter names")

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from fwl_scale.atomic import atomic_write_text
+from fwl_scale.checkpoint.native import (CheckpointError, CheckpointManager, CheckpointRef, check_compatible,
+                                         resolve_checkpoint)
+from fwl_scale.checkpoint.universal import load_universal
 from fwl_scale.config import Config, ConfigError, dump_config
 from fwl_scale.eval.perplexity import EvalResult, evaluate_batches
-from fwl_scale.train.carried import CarriedState, carries_state
-from fwl_scale.train.checkpoint import (CheckpointError, CheckpointManager, CheckpointRef, check_compatible,
-                                        resolve_checkpoint)
 from fwl_scale.parallel.world import all_reduce_min, all_reduce_sum
+from fwl_scale.train.carried import CarriedState, carries_state
 from fwl_scale.train.engine import DistInfo, init_distributed, quiet_deepspeed, zero_stage_discards_nonfinite
 from fwl_scale.train.flops import train_flops_per_token
 from fwl_scale.train.metrics import MetricsLog, Throughput, device_name, efficiency, peak_tflops
@@ -176,8 +177,6 @@ class Trainer:
         if self.resume_ref is not None:
             if self.resume_ref.meta.get("universal"):
                 # Converted by `fwl ckpt convert`: loads into this layout, whatever the source's was.
-                from fwl_scale.train.convert import load_universal
-
                 client = load_universal(self.te, self.resume_ref)
             else:
                 client = self.ckpt.load(self.engine, self.resume_ref)

@@ -1,4 +1,5 @@
-"""Atomic checkpoints through DeepSpeed's engine, keep-last-k, resume, and loading weights for evaluation.
+"""The native checkpoint: DeepSpeed's tag directories with our marker and pointer; finding, checking and
+saving/restoring them (keep-last-k, resume).
 
 Layout under <out_dir>/checkpoints/:
 
@@ -272,35 +273,3 @@ class CheckpointManager:
         if "fwl_step" not in client_state:
             raise CheckpointError(f"checkpoint {ref.path}: no fwl_scale training state in it")
         return client_state
-
-
-def load_model_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
-    """The model's weights (fp32 where the optimizer kept fp32 masters) from a checkpoint, in one
-    process without DeepSpeed's engine: for evaluation and export."""
-    if ref.meta.get("universal"):
-        from fwl_scale.train.convert import UniversalReader
-
-        reader = UniversalReader(ref.path)
-        return {n: reader.get(n).float() for n in reader.names()}
-    layout = ref.meta.get("layout") or {}
-    if layout.get("tp", 1) > 1 or layout.get("pp", 1) > 1:
-        raise CheckpointError(f"checkpoint {ref.path} is split over tp={layout.get('tp', 1)}, pp={layout.get('pp', 1)} "
-                              f"ranks; convert it first (it starts the processes itself): fwl ckpt convert {ref.path} "
-                              "NEW_RUN_DIR, then use NEW_RUN_DIR")
-    saved_zero = int(ref.meta.get("zero_stage") or 0)
-    bf16 = bool(ref.meta.get("bf16"))
-    try:
-        if saved_zero > 0 or bf16:
-            # Master weights live in the optimizer shards; DeepSpeed's converter reassembles them.
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
-        else:
-            files = sorted(ref.path.glob("mp_rank_*_model_states.pt"))
-            if not files:
-                raise FileNotFoundError(f"no mp_rank_*_model_states.pt in {ref.path}")
-            state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    except (RuntimeError, OSError, KeyError, ValueError, AssertionError, EOFError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {ref.path} cannot be read (corrupt or incomplete): "
-                              f"{type(e).__name__}: {str(e)[:400]}") from None
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -1,0 +1,55 @@
+"""A checkpoint's model weights in one process, without DeepSpeed's engine (evaluation, export): from a
+native checkpoint of one model-parallel rank, a universal one, or a consolidated file.
+
+    weights = load_model_weights(resolve_checkpoint(path))     # {single-process name: fp32 tensor}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from fwl_scale.checkpoint.native import CheckpointError, CheckpointRef
+from fwl_scale.checkpoint.universal import UniversalReader
+
+
+def load_model_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """The model's weights (fp32 where the optimizer kept fp32 masters) from a checkpoint, in one
+    process without DeepSpeed's engine: for evaluation and export."""
+    if ref.meta.get("universal"):
+        reader = UniversalReader(ref.path)
+        return {n: reader.get(n).float() for n in reader.names()}
+    layout = ref.meta.get("layout") or {}
+    if layout.get("tp", 1) > 1 or layout.get("pp", 1) > 1:
+        raise CheckpointError(f"checkpoint {ref.path} is split over tp={layout.get('tp', 1)}, pp={layout.get('pp', 1)} "
+                              f"ranks; convert it first (it starts the processes itself): fwl ckpt convert {ref.path} "
+                              "NEW_RUN_DIR, then use NEW_RUN_DIR")
+    saved_zero = int(ref.meta.get("zero_stage") or 0)
+    bf16 = bool(ref.meta.get("bf16"))
+    try:
+        if saved_zero > 0 or bf16:
+            # Master weights live in the optimizer shards; DeepSpeed's converter reassembles them (imported
+            # here: only these checkpoints need DeepSpeed, which picks its accelerator on import).
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
+        else:
+            files = sorted(ref.path.glob("mp_rank_*_model_states.pt"))
+            if not files:
+                raise FileNotFoundError(f"no mp_rank_*_model_states.pt in {ref.path}")
+            state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    except (RuntimeError, OSError, KeyError, ValueError, AssertionError, EOFError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {ref.path} cannot be read (corrupt or incomplete): "
+                              f"{type(e).__name__}: {str(e)[:400]}") from None
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def read_consolidated(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(weights, config dict) of a consolidated file (`fwl ckpt consolidate`)."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    return weights, json.loads(meta.get("config", "{}"))
