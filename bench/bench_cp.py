@@ -6,7 +6,7 @@ Spawns `--cp` gloo processes (one thread each) and measures, for each sequence l
    running through every rank), forward + backward, in both exchanges:
    * bytes each rank receives in the exchange's collectives, forward + backward (counted at the
      torch.distributed calls: an all-gather of n-byte pieces delivers (cp-1)·n to every rank, a
-     reduce-scatter of the gradients as much again), next to the analytic bytes per rank of DESIGN §1
+     reduce-scatter of the gradients as much again), next to the analytic bytes per rank of docs/design.md §1.5
      (state: the six running sums, fp32; kv: T/cp·(d + 8s + 3s) activations);
    * step time (the slowest rank; best of --reps after a warm-up);
    * which one `auto` picks (parallel/context.py, choose_exchange).

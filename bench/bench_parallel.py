@@ -19,7 +19,7 @@ one micro-batch, P = parameters, L layers, d = s width, step = grad_accum micro-
 * ZeRO-3, dp=2: parameters all-gathered once per micro-batch (P: they stay gathered from forward to
   backward while the model is below DeepSpeed's live-parameter and reuse-distance limits, 1e9 elements by
   default; a larger model is gathered again in backward, 2P), gradients reduce-scattered (P).
-* tp=2 (Megatron, DESIGN §3), per micro-batch, all-reduce: body N·d·(1 + 4L) (embedding; two per block
+* tp=2 (Megatron, docs/design.md §3.2), per micro-batch, all-reduce: body N·d·(1 + 4L) (embedding; two per block
   forward, two backward) + FWL: forward the slow and fast W2 products and Uᵀgz (3·N·s) and the softmax
   statistics (3·N sums + 2·N maxima), backward the gradients of x, gh2, u and u' (N·d + 3·N·s), the
   sum-exp again (N), the step sizes (6), and the recomputed vocabulary chunks' forward (N·s + 3·N + 2·N).

@@ -36,12 +36,12 @@ class FWLConfig:
     step_size_init: float = 0.01
     # Multiplies the learned step sizes; 0 evaluates the slow head alone (fast updates off).
     step_scale: float = 1.0
-    # The gradient scale k of DESIGN §1: a constant. None means 1 / model.seq_len.
+    # The gradient scale k of docs/design.md §1.2: a constant. None means 1 / model.seq_len.
     grad_scale: float | None = None
     eps: float = 1e-5
     # Token chunk of the fast pass: state from earlier chunks + quadratic attention inside the chunk.
     chunk_size: int = 256
-    # auto | quadratic | chunked (auto picks by the measured crossover, DESIGN §1).
+    # auto | quadratic | chunked (auto picks by the measured crossover, docs/design.md §1.5).
     form: str = "auto"
     # Token chunk for the vocabulary-sized work (slow gradient, losses), recomputed in backward.
     vocab_chunk: int = 1024
@@ -88,7 +88,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # Context parallelism: how the FWL state crosses rank boundaries. state: one segmented scan of the
     # running sums (dk·dv per rank, fp32); kv: all-gather the FWL keys and values (T/cp·(dk+dv) per rank)
-    # and attend to earlier ranks' tokens; auto: whichever sends fewer bytes (DESIGN §1).
+    # and attend to earlier ranks' tokens; auto: whichever sends fewer bytes (docs/design.md §1.5).
     cp_exchange: str = "auto"
     zero_stage: int = 0
     micro_batch: int = 8

@@ -11,7 +11,7 @@ exactly — the FWL in its quadratic and chunked forms and the baseline, with an
 
 Under tensor parallelism every rank counts its part. MFU counts model FLOPs, so FLOPs per device are the
 count divided by the number of devices (as `metrics.efficiency` divides them); the parts add up to the
-count plus what tensor parallelism repeats on purpose (DESIGN §3): inside each chunk of the fast pass,
+count plus what tensor parallelism repeats on purpose (docs/design.md §3.2): inside each chunk of the fast pass,
 W1's scores x_i·x_j (replicated query and key, width d) and W2's weighted sum of the replicated value
 gh2 (width s, over this rank's partial scores, summed by the one all-reduce) run on every rank —
 (tp - 1)·6·C·(d + s) FLOPs per token, C the chunk. The test pins that down exactly.

@@ -9,7 +9,7 @@ A native checkpoint holds DeepSpeed's shards of one layout. `convert` rebuilds t
 launcher that started that many), lets DeepSpeed load its own files, and reads every parameter's fp32
 master weight and Adam moments out of it in full (checkpoint/optimizer.py) — merging tensor-parallel
 shards and collecting pipeline stages — into the universal format (checkpoint/universal.py). DeepSpeed's
-own universal checkpoint cannot do this for ZeRO-3 with tensor parallelism (DESIGN §3); this path has no
+own universal checkpoint cannot do this for ZeRO-3 with tensor parallelism (docs/design.md §3.1); this path has no
 such hole. The trainer loads the result into whatever layout it runs (`load_universal`).
 """
 from __future__ import annotations

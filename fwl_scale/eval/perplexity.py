@@ -1,7 +1,7 @@
 """Validation loss, perplexity and loss by position bucket; whole long documents in consecutive windows.
 
 Loss by position is what shows an FWL working: its loss falls with the position inside the window
-(more earlier tokens to adapt to) while a baseline's stays flat (DESIGN §1).
+(more earlier tokens to adapt to) while a baseline's stays flat (docs/design.md §1).
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ class LongDocResult:
 def evaluate_documents(model: torch.nn.Module, documents: Iterable[Tensor], window: int, device: torch.device,
                        carry_state: bool = False, max_windows: int | None = None) -> LongDocResult:
     """Whole documents in consecutive windows of `window` tokens. The body sees only its window. With
-    `carry_state` the FWL's running sums are carried from window to window (DESIGN §1 state operator),
+    `carry_state` the FWL's running sums are carried from window to window (docs/design.md §1.4),
     so its fast weights keep adapting over the whole document; without, every window starts afresh.
     Reports the loss per window index, i.e. by document position in steps of `window` — the measure of
     what happens past the training length."""

@@ -1,6 +1,6 @@
 """Loss by position far past the training length, streaming long documents with the FWL state carried.
 
-DESIGN §1: with a constant gradient scale k the FWL's running sums keep growing, so streaming a document
+docs/design.md §1.3: with a constant gradient scale k the FWL's running sums keep growing, so streaming a document
 far past the training sequence length T feeds the fast pass updates larger than any seen in training.
 `evaluate_stream_positions` measures it: whole documents in consecutive aligned windows of `window`
 tokens (the body sees its window; positions restart at each window, as in training on consecutive

@@ -1,6 +1,6 @@
 """The fast-weight state operator: strictly causal linear attention with document resets and a carried state.
 
-Every fast update of the FWL (DESIGN §1) is a running sum over strictly earlier positions of the same
+Every fast update of the FWL (docs/design.md §1.1) is a running sum over strictly earlier positions of the same
 document, in one of two shapes:
 
 * matrix sums  out_i = Σ_{j<i} (q_i · k_j) v_j   (the rank-one gradients of the fast dense layers), and

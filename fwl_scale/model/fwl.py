@@ -1,4 +1,4 @@
-"""The Fast Weight Layer block (DESIGN §1), between the transformer body and the unembedding.
+"""The Fast Weight Layer block (docs/design.md §1), between the transformer body and the unembedding.
 
 Slow pass with weights θ, the per-token LM-loss gradient at θ written by hand as differentiable ops,
 then the fast pass where position i uses θ_i = θ - η ⊙ k Σ_{j<i} ∇_F CE_j. Because each gradient of a
@@ -142,7 +142,7 @@ def layer_norm_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 class FastWeightLayer(nn.Module):
-    """The FWL block. With a TPContext it is tensor-parallel by the rules of DESIGN §3:
+    """The FWL block. With a TPContext it is tensor-parallel by the rules of docs/design.md §3.2:
 
     * W1 (and b1) column-parallel over the hidden width 4s, W2 row-parallel; b2, alpha, beta, the step
       sizes replicated; the unembedding U and its bias c vocabulary-parallel.

@@ -4,7 +4,7 @@ Pre-norm blocks, rotary positions, causal attention through scaled_dot_product_a
 when no document mask is needed), optional document-masked attention with positions restarting at each
 document. The body and its initialisation are the same for both heads, so FWL vs baseline is fair.
 
-Tensor parallelism (Megatron's, DESIGN §3; `build_model(cfg, tp_group=ParallelState)`): attention split
+Tensor parallelism (Megatron's, docs/design.md §3.2; `build_model(cfg, tp_group=ParallelState)`): attention split
 by heads (q|k|v column-parallel, output projection row-parallel), the MLP column/row-parallel, the tied
 embedding/unembedding vocabulary-parallel over the padded vocabulary (padding masked in every softmax),
 the FWL block by its own rules (fwl.py). With sequence parallelism the residual stream and the norms hold

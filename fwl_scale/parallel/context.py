@@ -4,7 +4,7 @@ Two collectives live here, each an autograd.Function because torch.distributed c
 differentiable:
 
 * `exclusive_state_scan`: the FWL state a rank starts from is the segmented exclusive scan of the earlier
-  ranks' contributions (DESIGN §1, "The state", boundary 3). A rank's contribution is the sums over its
+  ranks' contributions (docs/design.md §1.4, boundary 3). A rank's contribution is the sums over its
   tokens after its last document start, plus a flag saying whether a document starts on it. Forward:
   one all-gather of every contribution, then the scan. Backward: one all-gather of dL/dS_in, then the
   reverse segmented scan — the gradient a contribution receives from every later rank that still sees it.
@@ -18,7 +18,7 @@ differentiable:
   next segment's first rank has it. Backward: the ranks' gradients summed onto the last rank.
 
 `CPContext` is what a context-parallel module needs (group, size, rank, how the FWL exchanges its state).
-`choose_exchange` is the `auto` rule of DESIGN §1: send whichever of the state (dk·dv per fast dense
+`choose_exchange` is the `auto` rule of docs/design.md §1.5: send whichever of the state (dk·dv per fast dense
 layer, fp32) and the keys and values (T_rank·(dk+dv), activation dtype) is smaller.
 
 gloo has no uneven or stacked all-gather: every rank sends one flat tensor of the same size.

@@ -1,6 +1,6 @@
 """The parallel layout: ranks arranged as tp × cp × dp × pp (tp fastest) and their process groups.
 
-A global rank is `tp_rank + tp·(cp_rank + cp·(dp_rank + dp·pp_rank))` (DESIGN §3): the ranks of one
+A global rank is `tp_rank + tp·(cp_rank + cp·(dp_rank + dp·pp_rank))` (docs/design.md §3.4): the ranks of one
 tensor-parallel group are consecutive (on one node, where the bandwidth is), pipeline stages are the
 slowest axis. With cp = 1 this is DeepSpeed's `PipeModelDataParallelTopology` order (pipe, data, model),
 so the pipeline engine's own groups coincide with ours.

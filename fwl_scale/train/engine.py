@@ -1,7 +1,7 @@
 """The DeepSpeed engine: process-group set-up, our config translated into DeepSpeed's, optimizer
 parameter groups, the learning-rate schedule.
 
-One trainer for every scale (DESIGN §3): even a single CPU process goes through `deepspeed.initialize`,
+One trainer for every scale (docs/design.md §3.1): even a single CPU process goes through `deepspeed.initialize`,
 so there is one training loop and one checkpoint format. DeepSpeed owns the optimizer (AdamW through
 its optimizer config with `torch_adam`, so no C++ op is compiled for it), ZeRO, bf16, clipping and
 gradient accumulation.
@@ -85,7 +85,7 @@ def _env_int(name: str) -> int | None:
 def prepare_environment(device: torch.device) -> tuple[int, int, int]:
     """Fills in what torch.distributed's env:// rendezvous needs for a single process, and checks what a
     launcher (torchrun, our Slurm scripts exporting SLURM_* as RANK etc.) provides. Without RANK and
-    WORLD_SIZE DeepSpeed would try MPI discovery and fail (DESIGN §3). Returns (rank, world, local_rank)."""
+    WORLD_SIZE DeepSpeed would try MPI discovery and fail (docs/design.md §3.1). Returns (rank, world, local_rank)."""
     world = _env_int("WORLD_SIZE")
     rank = _env_int("RANK")
     if world is None and rank is None:

@@ -5,13 +5,13 @@ token-chunked vocabulary work is *not* counted, as in the usual MFU definition):
 
 * A matmul of an m-vector by an m x n matrix costs 2mn forward; its backward costs twice that (the
   gradient with respect to the input and to the weight), so training costs 3x the forward.
-* Body (DESIGN §2 GPT): per layer the matmul weights are qkv (d x 3d), the attention output (d x d) and
+* Body (docs/design.md §2): per layer the matmul weights are qkv (d x 3d), the attention output (d x d) and
   the MLP (d x md, md x d): N_layer = (4 + 2m) d². Attention scores and the weighted sum cost 2Td each
   forward per token, counted over the full window T (PaLM's convention: no saving for the causal mask).
   Training: 6 L N_layer + 12 L T d per token. Biases, norms and elementwise work are left out.
 * Baseline head: the unembedding s x V (V = model.vocab_size; padded rows are never multiplied):
   6 d V per token.
-* FWL head (DESIGN §1, d -> h = hidden_mult * s -> s -> V), forward per token:
+* FWL head (docs/design.md §1.1, d -> h = hidden_mult * s -> s -> V), forward per token:
     slow pass      W1 x (2dh), W2 a (2hs), slow logits U u (2sV)
     slow backward  Uᵀ gz (2sV), W2ᵀ gh2 (2hs)      (gh1 and the LayerNorm backward are elementwise)
     fast pass      W2 a' (2hs), fast logits U u' (2sV), and two causal linear attentions,

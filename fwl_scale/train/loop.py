@@ -156,7 +156,7 @@ class Trainer:
 
         from fwl_scale.parallel import init_parallel_state
 
-        # The process groups of the layout (tp, cp, dp, pp; DESIGN §3). Context-parallel peers get the same
+        # The process groups of the layout (tp, cp, dp, pp; docs/design.md §3.4). Context-parallel peers get the same
         # data (the same dp rank) and each keeps its chunk of every sequence (the model slices it).
         self.parallel = init_parallel_state(cfg)
         _seed_everything(cfg.train.seed)  # the same initial weights on every rank (DeepSpeed broadcasts too)
