@@ -201,8 +201,7 @@ class Zero3Adapter(FragmentAdapter):
 
 def optimizer_adapter(engine) -> OptimizerAdapter:
     """The adapter for the optimizer wrapper of a DeepSpeed engine."""
-    # See the module doc for why these are not at module level.
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # (all five: see module doc)
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3

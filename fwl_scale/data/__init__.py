@@ -28,7 +28,7 @@ __all__ = ["DataError", "DataPaths", "Manifest", "Tokenizer", "TrainLoader", "en
 
 def __getattr__(name: str) -> Any:
     if name in _LOADER_NAMES:
-        from fwl_scale.data import loader
+        from fwl_scale.data import loader  # on first use: the loader imports torch
 
         return getattr(loader, name)
     raise AttributeError(f"module 'fwl_scale.data' has no attribute {name!r}")

@@ -13,10 +13,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fwl_scale.atomic import atomic_write_json
+from fwl_scale.config import load_config
+from fwl_scale.data.common import DataError
+from fwl_scale.data.prepare import ensure_tokenizer, prepare_data
+from fwl_scale.data.shards import MANIFEST, Manifest, verify_manifest
+from fwl_scale.data.sources import Corpus, ReadStats
+from fwl_scale.data.tokenizer import Tokenizer, train_tokenizer
+
 
 def _config(args: argparse.Namespace):
-    from fwl_scale.config import load_config
-
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).is_file():
         config, overrides = None, [config] + overrides  # `fwl data shards key=value` without a file
@@ -29,12 +35,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
-    from fwl_scale.atomic import atomic_write_json
-    from fwl_scale.data.common import DataError
-    from fwl_scale.data.prepare import ensure_tokenizer
-    from fwl_scale.data.sources import Corpus, ReadStats
-    from fwl_scale.data.tokenizer import train_tokenizer
-
     cfg = _config(args)
     if args.input:
         if not args.out:
@@ -65,9 +65,6 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
-    from fwl_scale.data.prepare import prepare_data
-    from fwl_scale.data.shards import Manifest
-
     cfg = _config(args)
     paths = prepare_data(cfg)
     print(f"tokenizer {paths.tokenizer} (vocabulary {paths.vocab_size}, sha256 {paths.tokenizer_checksum[:16]})")
@@ -85,10 +82,6 @@ def _cmd_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from fwl_scale.data.common import DataError
-    from fwl_scale.data.shards import MANIFEST, Manifest, verify_manifest
-    from fwl_scale.data.tokenizer import Tokenizer
-
     cfg = _config(args)
     root = Path(cfg.data.root)
     tok_path = Path(cfg.data.tokenizer) if cfg.data.tokenizer else root / "tokenizer" / "spm.model"

@@ -17,6 +17,7 @@ an error instead of overwriting it.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -298,7 +299,6 @@ class _HashingFile:
     calls write)."""
 
     def __init__(self, path: Path):
-        import hashlib
         self.f = open(path, "wb")
         self.h = hashlib.sha256()
         self.n = 0
@@ -385,7 +385,7 @@ def build_shards(docs: Iterable[Document], out_dir: str | Path, split: str, toke
 
     def open_shard() -> None:
         nonlocal writer
-        import webdataset as wds
+        import webdataset as wds  # heavy: only writers and readers need it
         i = len(entries)
         tmp = temp_path(out_dir / shard_name(i))
         hf = _HashingFile(tmp)

@@ -194,7 +194,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str, str, in
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[str, str, str, int]]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional: only parquet inputs need it
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
     try:

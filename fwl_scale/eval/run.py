@@ -12,15 +12,15 @@ from fwl_scale.atomic import atomic_write_json
 from fwl_scale.checkpoint.native import CheckpointError, check_compatible, resolve_checkpoint
 from fwl_scale.checkpoint.weights import load_model_weights
 from fwl_scale.config import Config
+from fwl_scale.data import eval_documents, prepare_data, valid_batches
 from fwl_scale.device import resolve_device
 from fwl_scale.eval.perplexity import (LongDocResult, evaluate_batches, evaluate_documents, format_eval,
                                        format_long_docs)
+from fwl_scale.model import build_model
 
 
 def load_for_eval(cfg: Config, checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """The model of `cfg` with the weights of `checkpoint` (refused if it belongs to another model)."""
-    from fwl_scale.model import build_model
-
     ref = resolve_checkpoint(checkpoint)
     check_compatible(ref, cfg)
     state = load_model_weights(ref)
@@ -44,8 +44,6 @@ def load_for_eval(cfg: Config, checkpoint: str | Path, device: torch.device) -> 
 
 def run_eval(cfg: Config, checkpoint: str | Path, batches: int | None = None, long_docs: int = 0,
              max_windows: int | None = None, json_out: str | None = None) -> dict[str, Any]:
-    from fwl_scale.data import eval_documents, prepare_data, valid_batches
-
     device = resolve_device(cfg)
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's checkpoint converter may be imported

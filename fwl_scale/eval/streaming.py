@@ -16,6 +16,7 @@ the same carried-state computation as fwl_scale.eval.perplexity.evaluate_documen
 """
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -24,7 +25,11 @@ import torch
 from torch import Tensor
 
 from fwl_scale.atomic import atomic_write_json
+from fwl_scale.config import load_config
+from fwl_scale.data import eval_documents, prepare_data
+from fwl_scale.device import resolve_device
 from fwl_scale.eval.perplexity import bucket_edges
+from fwl_scale.eval.run import load_for_eval
 
 
 @dataclass
@@ -111,16 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     """python -m fwl_scale.eval.streaming CONFIG CHECKPOINT [--windows 8] [--docs 5] [overrides ...]:
     the loss by position of the checkpoint's model on the validation documents, with and without the
     carried state (FWL), windows of model.seq_len."""
-    import argparse
-    import json
-    import os
-    from pathlib import Path
-
-    from fwl_scale.config import load_config
-    from fwl_scale.data import eval_documents, prepare_data
-    from fwl_scale.eval.run import load_for_eval
-    from fwl_scale.device import resolve_device
-
     ap = argparse.ArgumentParser(prog="python -m fwl_scale.eval.streaming", description=main.__doc__)
     ap.add_argument("config")
     ap.add_argument("checkpoint")

@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -194,8 +195,6 @@ def _tp_context(tp_group) -> TPContext | None:
         return tp_group if tp_group.size > 1 else None
     if isinstance(tp_group, CPContext):
         return None
-    import torch.distributed as dist
-
     size = dist.get_world_size(tp_group)
     return TPContext(tp_group, size, dist.get_rank(tp_group), False) if size > 1 else None
 
@@ -288,7 +287,7 @@ class GPT(nn.Module):
         DeepSpeed nothing happens and nothing is imported."""
         if self._zero3_externals_registered or not hasattr(self.embed.weight, "ds_id"):
             return
-        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter  # only under ZeRO-3
 
         for module, param in self.zero3_external_parameters():
             register_external_parameter(module, param)

@@ -79,7 +79,7 @@ class Layout:
         """DeepSpeed's PipeModelDataParallelTopology for this layout (for the pipeline engine, which
         builds its groups from it and takes no mpu): model = tp, data = cp × dp (context-parallel
         ranks reduce gradients with the data-parallel ones), pipe = pp — the same rank order as ours."""
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # only pp > 1 uses DeepSpeed's
 
         return PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.cp * self.dp)
 

@@ -16,6 +16,8 @@ import sys
 
 from fwl_scale.config import Config, ConfigError, load_config
 
+# The commands import torch, DeepSpeed and the model inside their functions: `fwl` builds every parser at
+# start, `fwl --help` should not load them, and `fwl train` installs its stop handler first.
 EXIT_TRAINING_FAILED = 3
 
 
@@ -47,7 +49,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     stop = StopRequest().install()
     try:
-        from fwl_scale.train.loop import TrainingError, train
+        from fwl_scale.train.loop import TrainingError, train  # heavy: see EXIT_TRAINING_FAILED's comment
 
         cfg = _load(ns.args, need_config=False)
         try:
@@ -62,14 +64,14 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _shutdown() -> None:
-    import torch
+    import torch  # heavy: see EXIT_TRAINING_FAILED's comment
 
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from fwl_scale.eval.run import run_eval
+    from fwl_scale.eval.run import run_eval  # heavy: see EXIT_TRAINING_FAILED's comment
 
     cfg = _load([ns.config] + ns.overrides, need_config=True)
     run_eval(cfg, ns.checkpoint, batches=ns.batches, long_docs=ns.long_docs, max_windows=ns.max_windows,
@@ -85,8 +87,8 @@ def _fmt(n: int) -> str:
 
 
 def cmd_params(ns: argparse.Namespace) -> int:
-    from fwl_scale.model import build_model
-    from fwl_scale.train.flops import train_flops_per_token
+    from fwl_scale.model import build_model  # heavy: see EXIT_TRAINING_FAILED's comment
+    from fwl_scale.train.flops import train_flops_per_token  # (torch)
 
     cfg = _load(ns.args, need_config=True)
     # The meta device: shapes without memory, so the 13B config counts in a second.
@@ -102,7 +104,7 @@ def cmd_params(ns: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_convert(ns: argparse.Namespace) -> int:
-    from fwl_scale.checkpoint.convert import convert_checkpoint
+    from fwl_scale.checkpoint.convert import convert_checkpoint  # heavy: see EXIT_TRAINING_FAILED's comment
 
     ref = convert_checkpoint(ns.checkpoint, ns.out_dir)
     print(f"converted {ns.checkpoint} (step {ref.step}) into the layout-free checkpoint {ref.path}; "
@@ -111,7 +113,7 @@ def cmd_ckpt_convert(ns: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_consolidate(ns: argparse.Namespace) -> int:
-    from fwl_scale.checkpoint.convert import consolidate
+    from fwl_scale.checkpoint.convert import consolidate  # heavy: see EXIT_TRAINING_FAILED's comment
 
     path = consolidate(ns.checkpoint, ns.out_file, dtype=ns.dtype)
     print(f"wrote {path}: the model's weights ({ns.dtype}) under the single-process parameter names")

@@ -211,7 +211,7 @@ def build_engine(cfg: Config, model: nn.Module, dist: DistInfo, mpu=None):
     DeepSpeed the tensor-parallel split and the data-parallel group dp × cp); returns (engine,
     lr_scheduler). The scheduler steps once per applied optimizer update (DeepSpeed does not step it on a
     skipped update) and is saved in DeepSpeed's checkpoints."""
-    import deepspeed
+    import deepspeed  # after init_distributed set the environment: the accelerator is chosen on first use
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg), mpu=mpu,

@@ -13,22 +13,29 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from fwl_scale.atomic import atomic_write_text
 from fwl_scale.checkpoint.native import (CheckpointError, CheckpointManager, CheckpointRef, check_compatible,
                                          resolve_checkpoint)
 from fwl_scale.checkpoint.universal import load_universal
 from fwl_scale.config import Config, ConfigError, dump_config
+from fwl_scale.data import TrainLoader, prepare_data, valid_batches
 from fwl_scale.eval.perplexity import EvalResult, evaluate_batches
+from fwl_scale.parallel import init_parallel_state
+from fwl_scale.parallel.context import gather_along_sequence
 from fwl_scale.parallel.world import all_reduce_min, all_reduce_sum
 from fwl_scale.train.carried import CarriedState, carries_state
 from fwl_scale.train.engine import DistInfo, init_distributed, quiet_deepspeed, zero_stage_discards_nonfinite
 from fwl_scale.train.flops import train_flops_per_token
 from fwl_scale.train.metrics import MetricsLog, Throughput, device_name, efficiency, peak_tflops
+from fwl_scale.train.parallel_engine import build_training_engine
+from fwl_scale.train.pipeline import pipeline_token_losses
 from fwl_scale.train.signals import EXIT_REQUEUE, StopRequest, stop_file_path
 
 log = logging.getLogger("fwl_scale.train")
@@ -135,9 +142,6 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, dist = self.cfg, self.dist
-        from fwl_scale.data import TrainLoader, prepare_data, valid_batches
-        from fwl_scale.train.parallel_engine import build_training_engine
-
         # Tokenizer and shards: rank 0 builds them (idempotent), the others wait and then only find them.
         # A failure on rank 0 is shared, so the other ranks stop too instead of waiting for it forever.
         failure: Exception | None = None
@@ -153,8 +157,6 @@ class Trainer:
             raise ConfigError(f"rank {dist.rank}: data preparation failed on rank 0 (its error says why)")
         if not dist.is_main:
             self.paths = prepare_data(cfg)
-
-        from fwl_scale.parallel import init_parallel_state
 
         # The process groups of the layout (tp, cp, dp, pp; docs/design.md §3.4). Context-parallel peers get the same
         # data (the same dp rank) and each keeps its chunk of every sequence (the model slices it).
@@ -307,8 +309,6 @@ class Trainer:
         each rank computes its chunk's; they are gathered)."""
         out = self.engine(ids, labels, docs)
         if self.parallel.cp_size > 1:
-            from fwl_scale.parallel.context import gather_along_sequence
-
             out.token_loss = gather_along_sequence(out.token_loss, self.parallel.groups["cp"])
         return out
 
@@ -319,10 +319,6 @@ class Trainer:
         contributes = ps.tp_rank == 0 and ps.cp_rank == 0 and self.te.is_last_stage
         forward = self._eval_forward
         if self.te.is_pipeline:
-            from types import SimpleNamespace
-
-            from fwl_scale.train.pipeline import pipeline_token_losses
-
             n = all_reduce_min(len(self.valid), self.device)
             losses = pipeline_token_losses(self.engine, self.valid[:n])
             it = iter(losses or [])
@@ -373,8 +369,6 @@ class Trainer:
         """The progress bar on an interactive terminal; where stderr is not one (a Slurm log), no bar
         (a redrawn bar there is one line per step) — `_run` prints a plain line every train.log_every
         steps instead."""
-        from tqdm import tqdm
-
         self.plain_log = self.dist.is_main and not _is_tty(sys.stderr)
         return tqdm(total=self.cfg.train.steps, initial=self.state.step,
                     disable=not self.dist.is_main or self.plain_log, desc=self.cfg.name, dynamic_ncols=True,
@@ -388,8 +382,6 @@ class Trainer:
     def _say(self, message: str) -> None:
         """A line on the main rank's stdout that does not break the progress bar."""
         if self.dist.is_main:
-            from tqdm import tqdm
-
             tqdm.write(message, file=sys.stdout)
             sys.stdout.flush()
 

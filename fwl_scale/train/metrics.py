@@ -149,7 +149,7 @@ class MetricsLog:
         atomic_write_text(self._id_file(), run_id + "\n")
 
     def _start_wandb(self, run_id: str):
-        import wandb
+        import wandb  # heavy, and only when train.wandb.enabled
 
         w = self.cfg.train.wandb
         return wandb.init(project=w.project, entity=w.entity, name=w.run_name or self.cfg.name, id=run_id,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fwl_scale.config import Config
-from fwl_scale.model.gpt import GPT
+from fwl_scale.model.gpt import GPT, build_model
 from fwl_scale.parallel.state import ParallelState
 from fwl_scale.train.engine import DistInfo, build_engine, deepspeed_config, lr_schedule, param_groups
 from fwl_scale.train.pipeline import PipelineModel, PipelineStep, build_pipeline_engine, global_grad_norm
@@ -58,8 +58,6 @@ class TrainingEngine:
 def build_training_engine(cfg: Config, ps: ParallelState, dist: DistInfo) -> TrainingEngine:
     """Seed the global generator identically on every rank first: every layout then starts from the
     single-process model's weights."""
-    from fwl_scale.model import build_model
-
     if ps.pp_size > 1:
         engine, scheduler, pm, step = build_pipeline_engine(
             cfg, ps, deepspeed_config(cfg, ps.dp_size * ps.cp_size), param_groups, lr_schedule(cfg))

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from fwl_scale.config import Config, ConfigError
-from fwl_scale.model.gpt import GPT
+from fwl_scale.model.gpt import GPT, build_model
 from fwl_scale.parallel.layers import is_sharded
 from fwl_scale.parallel.state import ParallelState
 
@@ -136,7 +136,7 @@ def _materialize(module: nn.Module, device: torch.device) -> None:
 
 
 def layer_specs(gpt: GPT) -> list[Any]:
-    from deepspeed.pipe import TiedLayerSpec
+    from deepspeed.pipe import TiedLayerSpec  # DeepSpeed picks its accelerator on import: imported once the environment is set
 
     tied = gpt.lm_head is None
     layers: list[Any] = []
@@ -154,7 +154,7 @@ def layer_specs(gpt: GPT) -> list[Any]:
 def stage_partition(layers: list[Any], stages: int) -> list[int]:
     """Layer boundaries of the stages: the blocks balanced over the stages (DeepSpeed's "type:" method),
     the embedding on the first stage, the head on the last."""
-    from deepspeed.runtime.utils import partition_balanced
+    from deepspeed.runtime.utils import partition_balanced  # (DeepSpeed: see layer_specs)
 
     weights = [1 if isinstance(layer, BlockStage) else 0 for layer in layers]
     return [int(x) for x in partition_balanced(weights=weights, num_parts=stages)]
@@ -196,14 +196,12 @@ class PipelineModel:
 def build_pipeline_model(cfg: Config, ps: ParallelState) -> PipelineModel:
     """This rank's stage of the model of `cfg`. Seed the global generator identically on every rank
     first (as for build_model): the stages then hold the single-process model's values."""
-    from deepspeed.pipe import PipelineModule
-
-    from fwl_scale.model import build_model
+    from deepspeed.pipe import PipelineModule  # (DeepSpeed: see layer_specs)
 
     if cfg.data.mode == "contiguous" and cfg.model.fwl.enabled:
         raise ConfigError("parallel.pp: a carried FWL state (data.mode: contiguous) is not supported with "
                           "pipeline parallelism yet; use data.mode: packed or parallel.pp: 1")
-    import deepspeed
+    import deepspeed  # (see layer_specs)
 
     if not deepspeed.comm.is_initialized():  # PipelineModule uses DeepSpeed's communication layer at once
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False,
@@ -244,7 +242,7 @@ def build_pipeline_model(cfg: Config, ps: ParallelState) -> PipelineModel:
 
 # ---------------------------------------------------------------------------------- a training step
 def _schedules():
-    from deepspeed.runtime.pipe import schedule as ds_schedule
+    from deepspeed.runtime.pipe import schedule as ds_schedule  # (DeepSpeed: see layer_specs)
 
     STEP_CMDS = (ds_schedule.ReduceTiedGrads, ds_schedule.ReduceGrads, ds_schedule.OptimizerStep)
 
@@ -391,7 +389,7 @@ def build_pipeline_engine(cfg: Config, ps: ParallelState, ds_config: dict[str, A
                           param_groups: Callable[[nn.Module, Config], list[dict[str, Any]]],
                           schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]):
     """(engine, scheduler, PipelineModel, PipelineStep) for this rank's stage."""
-    import deepspeed
+    import deepspeed  # (see layer_specs)
 
     pm = build_pipeline_model(cfg, ps)
     conf, own = deepspeed_pipeline_config(ds_config, cfg)
