@@ -357,13 +357,23 @@ class Trainer:
         """Trains to train.steps. Returns 0 when done, EXIT_REQUEUE after a stop request (a checkpoint
         of the step reached is saved first). Raises TrainingError when the loss stays non-finite."""
         try:
-            return self._run()
+            code = self._run()
         finally:
             self.stop.uninstall()
             close = getattr(self.loader, "close", None)
             if callable(close):
                 close()
             self.metrics.close()
+        if code == 0 and self.dist.is_main:
+            # Last, after wandb's summary: what a new user looks for when the run ends.
+            print(self.finished_line(), flush=True)
+        return code
+
+    def finished_line(self) -> str:
+        ckpt = self.ckpt.latest()
+        where = f"checkpoint {ckpt.path}" if ckpt is not None else "no checkpoint"
+        return (f"fwl train: done at step {self.state.step}: {where}, metrics {self.metrics.path}; next: "
+                f"fwl eval {self.out_dir / 'config.yaml'} {self.out_dir}")
 
     def _progress(self):
         """The progress bar on an interactive terminal; where stderr is not one (a Slurm log), no bar
