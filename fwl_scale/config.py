@@ -168,7 +168,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, source: str = "config") -> "Config":
-        m, f, p = self.model, self.model.fwl, self.parallel
+        m, f = self.model, self.model.fwl
 
         def need(ok: bool, fld: str, why: str) -> None:
             if not ok:
@@ -198,24 +198,7 @@ class Config:
                  f"must equal model.d_model ({m.d_model}) with model.fwl.residual (the body output is added)")
         need(f.form in ("auto", "quadratic", "chunked"), "model.fwl.form",
              f"must be auto, quadratic or chunked, got {f.form!r}")
-        for fld, v in [("parallel.tp", p.tp), ("parallel.cp", p.cp), ("parallel.pp", p.pp),
-                       ("parallel.micro_batch", p.micro_batch), ("parallel.grad_accum", p.grad_accum)]:
-            need(v >= 1, fld, f"must be >= 1, got {v}")
-        need(p.dp is None or p.dp >= 1, "parallel.dp", f"must be >= 1, got {p.dp}")
-        need(p.cp_exchange in ("auto", "state", "kv"), "parallel.cp_exchange",
-             f"must be auto, state or kv, got {p.cp_exchange!r}")
-        need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0..3, got {p.zero_stage}")
-        need(not (p.pp > 1 and p.zero_stage >= 2), "parallel.zero_stage",
-             "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use zero_stage <= 1 with pp > 1")
-        need(m.n_heads % p.tp == 0, "parallel.tp", f"must divide model.n_heads ({m.n_heads})")
-        need((m.fwl.hidden_mult * m.fwl_width) % p.tp == 0, "parallel.tp",
-             f"must divide the FWL hidden width ({m.fwl.hidden_mult * m.fwl_width})")
-        need((m.mlp_mult * m.d_model) % p.tp == 0, "parallel.tp", "must divide the MLP width")
-        need(m.n_layers % p.pp == 0, "parallel.pp", f"must divide model.n_layers ({m.n_layers})")
-        need(not p.sequence_parallel or m.seq_len % (p.tp * p.cp) == 0, "parallel.sequence_parallel",
-             f"model.seq_len ({m.seq_len}) must be divisible by parallel.tp × parallel.cp ({p.tp} × {p.cp}): "
-             f"each context-parallel chunk is split over the tensor-parallel ranks")
-        need(m.seq_len % p.cp == 0, "parallel.cp", f"must divide model.seq_len ({m.seq_len})")
+        check_layout(self, source=source)
         d = self.data
         need(d.mode in ("packed", "contiguous"), "data.mode", f"must be packed or contiguous, got {d.mode!r}")
         need(d.tokenizer_type in ("bpe", "unigram"), "data.tokenizer_type", "must be bpe or unigram")
@@ -236,20 +219,52 @@ class Config:
              "must be offline, online or disabled")
         return self
 
-    def check_world(self, world_size: int) -> int:
-        """Validates the layout against a world size and returns dp."""
-        p = self.parallel
-        mp = p.tp * p.cp * p.pp
-        if world_size % mp != 0:
-            raise ConfigError(f"parallel: world size {world_size} is not a multiple of tp*cp*pp = "
-                              f"{p.tp}*{p.cp}*{p.pp} = {mp}")
-        dp = world_size // mp
-        if p.dp is not None and p.dp != dp:
-            raise ConfigError(f"parallel.dp: {p.dp} but world size {world_size} / (tp*cp*pp = {mp}) = {dp}")
-        return dp
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_layout(cfg: Config, world_size: int | None = None, source: str = "config") -> int | None:
+    """Every rule a parallel layout (tp × cp × dp × pp, ZeRO stage, sequence parallelism) must meet, in
+    one place. Without a world size, the rules of the config alone (Config.validate runs them when a
+    config is loaded); with one, also those only a launch can break, and dp is returned. What the
+    trainer does not run yet is train/engine.py's check_layout_implemented."""
+    m, p = cfg.model, cfg.parallel
+
+    def need(ok: bool, fld: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: {fld}: {why}")
+
+    for fld, v in [("parallel.tp", p.tp), ("parallel.cp", p.cp), ("parallel.pp", p.pp),
+                   ("parallel.micro_batch", p.micro_batch), ("parallel.grad_accum", p.grad_accum)]:
+        need(v >= 1, fld, f"must be >= 1, got {v}")
+    need(p.dp is None or p.dp >= 1, "parallel.dp", f"must be >= 1, got {p.dp}")
+    need(p.cp_exchange in ("auto", "state", "kv"), "parallel.cp_exchange",
+         f"must be auto, state or kv, got {p.cp_exchange!r}")
+    need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0..3, got {p.zero_stage}")
+    need(not (p.pp > 1 and p.zero_stage >= 2), "parallel.zero_stage",
+         "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use zero_stage <= 1 with pp > 1")
+    need(m.n_heads % p.tp == 0, "parallel.tp", f"must divide model.n_heads ({m.n_heads})")
+    need((m.fwl.hidden_mult * m.fwl_width) % p.tp == 0, "parallel.tp",
+         f"must divide the FWL hidden width ({m.fwl.hidden_mult * m.fwl_width})")
+    need((m.mlp_mult * m.d_model) % p.tp == 0, "parallel.tp", "must divide the MLP width")
+    need(m.n_layers % p.pp == 0, "parallel.pp", f"must divide model.n_layers ({m.n_layers})")
+    need(not p.sequence_parallel or m.seq_len % (p.tp * p.cp) == 0, "parallel.sequence_parallel",
+         f"model.seq_len ({m.seq_len}) must be divisible by parallel.tp × parallel.cp ({p.tp} × {p.cp}): "
+         f"each context-parallel chunk is split over the tensor-parallel ranks")
+    need(m.seq_len % p.cp == 0, "parallel.cp", f"must divide model.seq_len ({m.seq_len})")
+    if world_size is None:
+        return None
+    mp = p.tp * p.cp * p.pp
+    if world_size % mp != 0:
+        raise ConfigError(f"parallel: world size {world_size} is not a multiple of tp*cp*pp = "
+                          f"{p.tp}*{p.cp}*{p.pp} = {mp}")
+    dp = world_size // mp
+    if p.dp is not None and p.dp != dp:
+        raise ConfigError(f"parallel.dp: {p.dp} but world size {world_size} / (tp*cp*pp = {mp}) = {dp}")
+    need(m.padded_vocab_size % p.tp == 0, "parallel.tp",
+         f"{p.tp} must divide the padded vocabulary ({m.padded_vocab_size} = model.vocab_size {m.vocab_size} "
+         f"rounded up to model.vocab_multiple {m.vocab_multiple}); choose a vocab_multiple divisible by tp")
+    return dp
 
 
 def _type_name(tp: Any) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from fwl_scale.config import Config, ConfigError
+from fwl_scale.config import Config, ConfigError, check_layout
 
 AXES = ("tp", "cp", "dp", "pp")  # fastest first
 
@@ -85,15 +85,11 @@ class Layout:
 
 
 def plan_layout(cfg: Config, world_size: int, source: str = "config") -> Layout:
-    """Validates `cfg` (Config.validate, Config.check_world) and the rules only a layout can break;
-    returns the layout. Errors name the field."""
+    """Validates `cfg` (Config.validate, config.check_layout) for `world_size` ranks and returns the
+    layout. Errors name the field."""
     cfg.validate(source)
-    dp = cfg.check_world(world_size)
-    m, p = cfg.model, cfg.parallel
-    if m.padded_vocab_size % p.tp != 0:
-        raise ConfigError(f"{source}: parallel.tp: {p.tp} must divide the padded vocabulary "
-                          f"({m.padded_vocab_size} = model.vocab_size {m.vocab_size} rounded up to "
-                          f"model.vocab_multiple {m.vocab_multiple}); choose a vocab_multiple divisible by tp")
+    dp = check_layout(cfg, world_size, source)
+    p = cfg.parallel
     return Layout(tp=p.tp, cp=p.cp, dp=dp, pp=p.pp)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fwl_scale.config import Config, ConfigError
+from fwl_scale.config import Config, ConfigError, check_layout
 from fwl_scale.device import resolve_device
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -121,7 +121,7 @@ def init_distributed(cfg: Config) -> DistInfo:
     check_layout_implemented(cfg)
     device = resolve_device(cfg)
     rank, world, local_rank = prepare_environment(device)
-    dp = cfg.check_world(world)
+    dp = check_layout(cfg, world)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)

@@ -49,10 +49,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from fwl_scale.config import Config, ConfigError
+from fwl_scale.config import Config
 from fwl_scale.model.gpt import GPT, build_model
 from fwl_scale.parallel.layers import is_sharded
 from fwl_scale.parallel.state import ParallelState
+from fwl_scale.train.engine import check_layout_implemented
 
 TIE_KEY = "embed"
 
@@ -198,9 +199,7 @@ def build_pipeline_model(cfg: Config, ps: ParallelState) -> PipelineModel:
     first (as for build_model): the stages then hold the single-process model's values."""
     from deepspeed.pipe import PipelineModule  # (DeepSpeed: see layer_specs)
 
-    if cfg.data.mode == "contiguous" and cfg.model.fwl.enabled:
-        raise ConfigError("parallel.pp: a carried FWL state (data.mode: contiguous) is not supported with "
-                          "pipeline parallelism yet; use data.mode: packed or parallel.pp: 1")
+    check_layout_implemented(cfg)
     import deepspeed  # (see layer_specs)
 
     if not deepspeed.comm.is_initialized():  # PipelineModule uses DeepSpeed's communication layer at once
