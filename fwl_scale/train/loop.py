@@ -13,7 +13,6 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -28,30 +27,15 @@ from fwl_scale.config import Config, ConfigError, dump_config
 from fwl_scale.data import TrainLoader, prepare_data, valid_batches
 from fwl_scale.eval.perplexity import EvalResult, evaluate_batches
 from fwl_scale.parallel import init_parallel_state
-from fwl_scale.parallel.context import gather_along_sequence
-from fwl_scale.parallel.world import all_reduce_min, all_reduce_sum
+from fwl_scale.parallel.world import all_reduce_sum
 from fwl_scale.train.carried import CarriedState, carries_state
-from fwl_scale.train.engine import DistInfo, init_distributed, quiet_deepspeed, zero_stage_discards_nonfinite
+from fwl_scale.train.engine import DistInfo, init_distributed, quiet_deepspeed
 from fwl_scale.train.flops import train_flops_per_token
 from fwl_scale.train.metrics import MetricsLog, Throughput, device_name, efficiency, peak_tflops
-from fwl_scale.train.parallel_engine import build_training_engine
-from fwl_scale.train.pipeline import pipeline_token_losses
+from fwl_scale.train.parallel_engine import StepStats, TrainingError, build_training_engine
 from fwl_scale.train.signals import EXIT_REQUEUE, StopRequest, stop_file_path
 
 log = logging.getLogger("fwl_scale.train")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss stayed non-finite); the message says why and what to do."""
-
-
-@dataclass
-class StepStats:
-    loss: float  # mean over micro-batches and data-parallel ranks; nan when skipped
-    skipped: bool
-    grad_norm: float | None
-    lr: float
-    stop: bool  # some rank was asked to stop (all-reduced)
 
 
 @dataclass
@@ -166,7 +150,6 @@ class Trainer:
         self.te = build_training_engine(cfg, self.parallel, dist)
         self.param_counts = self.te.model.param_counts()
         self.engine, self.scheduler = self.te.engine, self.te.scheduler
-        self.discard_via_overflow = zero_stage_discards_nonfinite(self.engine)
 
         ps = self.parallel
         dp_rank = ps.dp_rank
@@ -219,112 +202,18 @@ class Trainer:
             _seed_everything(self.cfg.train.seed + 1_000_003 * self.state.step + self.dist.rank)
 
     # ------------------------------------------------------------------------------------ a step
-    def _forward(self, batch: dict[str, torch.Tensor]):
-        ids, labels, docs = (batch[k].to(self.device, non_blocking=True) for k in ("input_ids", "labels", "doc_ids"))
-        return self.engine(ids, labels, docs, **self.carried.forward_kwargs())
-
-    def _grad_norm_fp32(self) -> float:
-        """Global gradient norm when DeepSpeed does not report one (ZeRO 0, fp32: plain torch optimizer);
-        gradients are already averaged over data-parallel ranks after the boundary backward. Tensor-
-        parallel aware: a replicated parameter counts once, the shards' squares are summed over tp."""
-        return self.te.grad_norm()
-
     def train_step(self) -> StepStats:
-        """One optimizer step over grad_accum micro-batches. A non-finite loss on any rank (decided
-        with an all-reduced flag before its backward) skips the whole step on every rank: the
-        gradients already accumulated are thrown away, the rest of the step's data is consumed so the
-        data order stays that of an uninterrupted run."""
-        if self.te.is_pipeline:
-            return self._pipeline_train_step()
-        gas = self.cfg.parallel.grad_accum
-        engine = self.engine
-        lr = float(engine.get_lr()[0])
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        bad_at: int | None = None
-        for i in range(gas):
-            batch = self.loader.next_batch()
-            if bad_at is not None:
-                continue
-            engine.set_gradient_accumulation_boundary(i == gas - 1)
-            out = self._forward(batch)
-            loss = out.loss
-            nonfinite = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
-            if float(all_reduce_sum(nonfinite).item()) > 0:
-                bad_at = i
-                self.carried.reset()  # the state may be non-finite too: the slots start afresh
-                self._discard_step(i, loss)
-                continue
-            self.carried.advance(out)
-            engine.backward(loss)
-            loss_sum += loss.detach().double()
-        grad_norm = None
-        if bad_at is None:
-            if not self.discard_via_overflow:
-                grad_norm = self._grad_norm_fp32()
-            engine.step()
-            reported = engine.get_global_grad_norm()
-            if reported is not None:
-                grad_norm = float(reported)
-        # One all-reduce carries the step's loss and everyone's stop request to the step boundary.
-        stop_local = 1.0 if self.stop.local() else 0.0
-        packed = torch.tensor([float(loss_sum), stop_local], dtype=torch.float64, device=self.device)
-        packed = all_reduce_sum(packed)
-        loss_mean = float(packed[0]) / (gas * self.dist.world_size) if bad_at is None else float("nan")
-        return StepStats(loss=loss_mean, skipped=bad_at is not None, grad_norm=grad_norm, lr=lr,
-                         stop=bool(packed[1] > 0))
-
-    def _pipeline_train_step(self) -> StepStats:
-        """pp > 1: DeepSpeed's 1F1B schedule over grad_accum micro-batches; the non-finite decision is
-        taken after the backward passes and before any gradient reduction (train/pipeline.py). Every
-        stage reads the same batches, so the loader position is the same on every rank."""
-        gas = self.cfg.parallel.grad_accum
-        lr = float(self.engine.get_lr()[0])
-        batches = [self.loader.next_batch() for _ in range(gas)]
-        result = self.te.pipeline_step.run(batches)
-        flag = torch.tensor([1.0 if self.stop.local() else 0.0], dtype=torch.float64, device=self.device)
-        stop = bool(all_reduce_sum(flag).item() > 0)
-        return StepStats(loss=result.loss, skipped=result.skipped, grad_norm=result.grad_norm, lr=lr, stop=stop)
-
-    def _discard_step(self, micro: int, bad_loss: torch.Tensor) -> None:
-        """Throws away the gradients of a step in which micro-batch `micro` had a non-finite loss (on
-        some rank). Before any backward there is nothing to discard. Later, ZeRO and the bf16 optimizer
-        already hold (partly reduced) gradients in their own buffers: we end the step with a backward of
-        loss·NaN, which makes every gradient NaN on every rank, and DeepSpeed's overflow check discards
-        the step as a whole. ZeRO 0 in fp32 keeps gradients in .grad only; they are cleared."""
-        if micro == 0:
-            return
-        engine = self.engine
-        if not self.discard_via_overflow:
-            engine.zero_grad()
-            return
-        engine.set_gradient_accumulation_boundary(True)
-        engine.backward(bad_loss * float("nan"))
-        engine.step()
-        if engine.was_step_applied():
-            raise TrainingError("DeepSpeed applied an optimizer step with non-finite gradients; refusing to go on")
+        """One optimizer step over grad_accum micro-batches; a step with a non-finite loss on any rank is
+        skipped on every rank (the engine's train_step, train/parallel_engine.py)."""
+        return self.te.train_step(self.loader.next_batch, self.carried, self.stop.local)
 
     # ------------------------------------------------------------------------------ validation
-    def _eval_forward(self, ids: torch.Tensor, labels: torch.Tensor, docs: torch.Tensor):
-        """The model's output with the per-token losses of the whole sequence (under context parallelism
-        each rank computes its chunk's; they are gathered)."""
-        out = self.engine(ids, labels, docs)
-        if self.parallel.cp_size > 1:
-            out.token_loss = gather_along_sequence(out.token_loss, self.parallel.groups["cp"])
-        return out
-
     def evaluate(self) -> EvalResult:
         ps = self.parallel
         # One rank per data-parallel replica adds its rows: tp and cp peers hold the same per-token losses
         # (cp after the gather), a pipeline's losses are on its last stage.
         contributes = ps.tp_rank == 0 and ps.cp_rank == 0 and self.te.is_last_stage
-        forward = self._eval_forward
-        if self.te.is_pipeline:
-            n = all_reduce_min(len(self.valid), self.device)
-            losses = pipeline_token_losses(self.engine, self.valid[:n])
-            it = iter(losses or [])
-
-            def forward(ids, labels, docs):  # the pipeline has computed every batch already
-                return SimpleNamespace(token_loss=next(it)) if losses is not None else None
+        forward = self.te.eval_forward(self.valid)
         module = self.engine.module
         module.eval()
         try:
