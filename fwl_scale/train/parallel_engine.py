@@ -210,7 +210,3 @@ def build_training_engine(cfg: Config, ps: ParallelState, dist: DistInfo) -> Tra
     engine, scheduler = build_engine(cfg, model, dist, mpu=ps)
     names = {n: n for n, _ in engine.module.named_parameters()}
     return PlainEngine(engine=engine, scheduler=scheduler, model=model, ps=ps, dist=dist, grad_accum=gas, names=names)
-
-
-def to_device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "doc_ids")}
