@@ -32,6 +32,7 @@ import numpy as np
 from fwl_scale.data.common import DataError, atomic_write_json, fingerprint, read_json, sha256_bytes, sha256_file
 from fwl_scale.data.sources import Document, ReadStats
 from fwl_scale.data.tokenizer import Tokenizer, token_dtype
+from fwl_scale.train.signals import signal_point
 
 SHARD_FORMAT = "fwl_scale.shards/1"
 MANIFEST = "manifest.json"
@@ -402,6 +403,7 @@ def build_shards(docs: Iterable[Document], out_dir: str | Path, split: str, toke
                            tokens=cur["tokens"], bytes=hf.n, sha256=hf.h.hexdigest(),
                            tokenizer_checksum=tokenizer.checksum)
         os.replace(cur["tmp"], out_dir / entry.name)
+        signal_point("shard_tar")
         # The sidecar is what marks the shard complete; it is written only after the tar is in place.
         atomic_write_json(_sidecar(out_dir, cur["i"]), {"format": SHARD_FORMAT, "request": request,
                                                          "shard": asdict(entry)})

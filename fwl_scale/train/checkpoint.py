@@ -27,6 +27,7 @@ import torch
 
 from fwl_scale import __version__
 from fwl_scale.config import Config, ConfigError, config_to_nested
+from fwl_scale.train.signals import signal_point
 
 CHECKPOINT_DIR = "checkpoints"
 POINTER = "latest_complete"
@@ -244,6 +245,7 @@ class CheckpointManager:
         if write_extra is not None:
             write_extra(tag_dir)
         _barrier()  # every rank's shards are written
+        signal_point("ckpt_data")
         meta = {
             "format": FORMAT,
             "step": step,
@@ -262,7 +264,9 @@ class CheckpointManager:
         }
         if self.rank == 0:
             _atomic_write_text(tag_dir / MARKER, json.dumps(meta, indent=1) + "\n")
+            signal_point("ckpt_marker")
             _atomic_write_text(self.root / POINTER, tag + "\n")
+            signal_point("ckpt_pointer")
             self._prune(tag)
         _barrier()
         return CheckpointRef(self.root, tag, meta)

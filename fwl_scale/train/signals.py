@@ -9,6 +9,11 @@ preemption or scancel; both lead to the same path. A stop file (`<out_dir>/STOP`
 launch setups in which the signal reaches a wrapper script rather than the ranks (e.g. a batch-script
 trap that touches the file; the path can be set with $FWL_STOP_FILE); the trainer removes it once the
 checkpoint is saved, so a requeued job does not stop again at once.
+
+Tests stop or kill a process at a chosen place, never by racing it with sleeps: `signal_point(name)`
+marks such a place (a step boundary, each write of a checkpoint or a shard build), and
+$FWL_TEST_SIGNAL="<name>@<k>:<SIGNAL>" makes the process send itself SIGNAL the k-th time it gets there
+(SIGUSR1: a stop request seen at that very boundary; SIGKILL: a crash). Unset, a point costs one lookup.
 """
 from __future__ import annotations
 
@@ -32,12 +37,49 @@ EXIT_REQUEUE = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 STOP_FILE_NAME = "STOP"
 STOP_FILE_ENV = "FWL_STOP_FILE"
+TEST_SIGNAL_ENV = "FWL_TEST_SIGNAL"
+
+# The named places where a test may signal the process, with what has been written when it is reached.
+SIGNAL_POINTS = {
+    "step": "a step boundary, before the collective stop decision",
+    "shard_tar": "a shard's tar renamed into place, its sidecar not yet written",
+    "ckpt_data": "a checkpoint's model/optimizer files (and carried state) written, no marker",
+    "ckpt_marker": "a checkpoint's marker written, the latest pointer not yet moved",
+    "ckpt_pointer": "the latest pointer moved, older checkpoints not yet pruned",
+}
+_reached: dict[str, int] = {}
 
 
 def stop_file_path(out_dir: Path) -> Path:
     """$FWL_STOP_FILE if set (a launcher that does not read our config), else <out_dir>/STOP."""
     env = os.environ.get(STOP_FILE_ENV)
     return Path(env) if env else Path(out_dir) / STOP_FILE_NAME
+
+
+def parse_test_signal(spec: str) -> tuple[str, int, signal.Signals]:
+    """"<name>@<k>:<SIGNAL>" -> (name, k, signal); a malformed value is an error naming the variable."""
+    try:
+        where, signame = spec.rsplit(":", 1)
+        name, k = where.rsplit("@", 1)
+        sig, count = signal.Signals[signame], int(k)
+    except (ValueError, KeyError):
+        raise ValueError(f"${TEST_SIGNAL_ENV}={spec!r}: expected <point>@<k>:<SIGNAL>, e.g. step@3:SIGUSR1") from None
+    if name not in SIGNAL_POINTS or count < 1:
+        raise ValueError(f"${TEST_SIGNAL_ENV}={spec!r}: the point is one of {sorted(SIGNAL_POINTS)}, k >= 1")
+    return name, count, sig
+
+
+def signal_point(name: str) -> None:
+    """A place where a test may signal this process ($FWL_TEST_SIGNAL; see the module docstring)."""
+    spec = os.environ.get(TEST_SIGNAL_ENV)
+    if not spec:
+        return
+    want, k, sig = parse_test_signal(spec)
+    _reached[name] = _reached.get(name, 0) + 1
+    if name == want and _reached[name] == k:
+        # Sent to ourselves from the main thread: Linux delivers it to this thread and CPython runs the
+        # Python handler before os.kill returns, so a stop request is seen at this very point.
+        os.kill(os.getpid(), sig)
 
 
 class StopRequest:
@@ -89,6 +131,7 @@ class StopRequest:
         every rank (each step boundary)."""
         import torch
 
+        signal_point("step")
         flag = torch.tensor([1.0 if self.local() else 0.0], device=device)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
