@@ -17,15 +17,12 @@ resume in the same layout is compared for equality.
 """
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import torch
 
 from fwl_scale.train.checkpoint import CheckpointError, find_latest, load_model_weights
 from fwl_scale.train.loop import Trainer
-from tests.distributed import free_port
-from tests.train_support import REPO, fwl_command, fwl_env, records, run_fwl, step_losses, tiny_config
+from tests.train_support import launch_ranks, records, run_fwl, step_losses, tiny_config
 
 TOL = 2e-4
 STEPS = ("train.steps=6", "train.eval_every=3", "train.save_every=3", "train.keep_last=3")
@@ -37,20 +34,8 @@ LAYOUTS = {
 }
 
 
-def launch(out, *extra: str, world: int = 2, args: tuple[str, ...] = ()) -> list[tuple[int, str]]:
-    from tests.train_support import tiny_overrides
-
-    port = str(free_port())
-    procs = []
-    for rank in range(world):
-        env = fwl_env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=port)
-        procs.append(subprocess.Popen(fwl_command("train", *tiny_overrides(out, *extra), *args), cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    results = []
-    for p in procs:
-        log, _ = p.communicate(timeout=600)
-        results.append((p.returncode, log))
+def launch(out, *extra: str, args: tuple[str, ...] = ()) -> list[tuple[int, str]]:
+    results = launch_ranks(out, *extra, args=args)
     for code, log in results:
         assert code == 0, log[-4000:]
     return results

@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 
 from fwl_scale.config import Config, load_config
 from tests.corpus import corpus_dir, corpus_name
+from tests.distributed import reserved_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,3 +81,36 @@ def fwl_command(*args: str) -> list[str]:
 def run_fwl(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(fwl_command(*args), cwd=REPO, env=fwl_env(**env), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def launch_ranks(out_dir: Path | str, *extra: str, world: int = 2, args: tuple[str, ...] = (),
+                 rank_env: dict[int, dict[str, str]] | None = None, timeout: float = 600) -> list[tuple[int, str]]:
+    """`fwl train` on `world` processes as a launcher starts them (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT); waits for all and returns each rank's (exit status, output).
+    `rank_env`: more environment for some ranks (a test hook that signals one rank)."""
+    overrides = tiny_overrides(out_dir, *extra)
+    # Output to files, not pipes: a rank blocked on a full pipe nobody reads would hang the others.
+    logs = [tempfile.TemporaryFile("w+") for _ in range(world)]
+    procs: list[subprocess.Popen] = []
+    try:
+        with reserved_port() as port:
+            for rank in range(world):
+                env = fwl_env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(rank_env or {}).get(rank, {}))
+                procs.append(subprocess.Popen(fwl_command("train", *overrides, *args), cwd=REPO, env=env,
+                                              stdout=logs[rank], stderr=subprocess.STDOUT, text=True))
+            deadline = time.monotonic() + timeout
+            for p in procs:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        results = []
+        for p, log in zip(procs, logs):
+            log.seek(0)
+            results.append((p.returncode, log.read()))
+        return results
+    finally:
+        for p in procs:  # a rank that hangs is not left behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()

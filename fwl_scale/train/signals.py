@@ -41,7 +41,8 @@ TEST_SIGNAL_ENV = "FWL_TEST_SIGNAL"
 
 # The named places where a test may signal the process, with what has been written when it is reached.
 SIGNAL_POINTS = {
-    "step": "a step boundary, before the collective stop decision",
+    # The trainer asks once before step 1, then at the end of each step: the k-th time is after step k - 1.
+    "step": "the trainer asking whether this rank was asked to stop, before the collective decision",
     "shard_tar": "a shard's tar renamed into place, its sidecar not yet written",
     "ckpt_data": "a checkpoint's model/optimizer files (and carried state) written, no marker",
     "ckpt_marker": "a checkpoint's marker written, the latest pointer not yet moved",
@@ -122,6 +123,7 @@ class StopRequest:
             self.local_reason = reason
 
     def local(self) -> bool:
+        signal_point("step")
         if self.local_reason is None and self.stop_file is not None and self.stop_file.exists():
             self.local_reason = f"stop file {self.stop_file}"
         return self.local_reason is not None
@@ -131,7 +133,6 @@ class StopRequest:
         every rank (each step boundary)."""
         import torch
 
-        signal_point("step")
         flag = torch.tensor([1.0 if self.local() else 0.0], device=device)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
