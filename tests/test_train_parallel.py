@@ -7,7 +7,8 @@ starts them), on real text, against one process with the same global batch:
 * exact resume (tp=2, pp=2): a run resumed from the step-3 checkpoint continues with the very same losses
   as the uninterrupted run (model, optimizer, schedule, RNG, data position);
 * conversion: `fwl ckpt convert` of the step-3 checkpoint of each layout, resumed by one process
-  (tp=2 -> 1, pp=2 -> 1, dp=2 -> 1): the next steps' losses equal the uninterrupted run's;
+  (tp=2 -> 1, pp=2 -> 1, dp=2 -> 1), and the single process's resumed with dp=2 (1 -> 2): the next steps'
+  losses equal the uninterrupted run's;
 * bad input: the native tp=2 checkpoint resumed with tp=1 (refused, naming the conversion), a converted
   checkpoint of another model shape (refused), nothing written in either case; `fwl ckpt consolidate`
   gives the converted checkpoint's weights in one file.
@@ -120,3 +121,17 @@ def test_resume_and_conversion(uninterrupted, tmp_path):
     expected = load_model_weights(uref)
     assert weights.keys() == expected.keys() and config["model"]["d_model"] == 32
     assert all(torch.equal(weights[k], expected[k]) for k in weights)
+
+
+def test_one_process_checkpoint_resumed_on_two(single, tmp_path):
+    """The other direction: the single process's step-3 checkpoint, converted, resumed by 2 processes
+    with dp = 2 (ZeRO-3: the optimizer state partitioned; the loader continues at a larger dp): the next
+    steps' losses equal the single process's."""
+    name = "dp"
+    converted = tmp_path / "converted"
+    proc = run_fwl("ckpt", "convert", str(single / "checkpoints" / "step_00000003"), str(converted))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    launch(converted, *LAYOUTS[name], *STEPS)
+    got = step_losses(converted)
+    assert sorted(got) == [4, 5, 6] and records(converted, "start")[-1]["layout"][name] == 2
+    close(got, step_losses(single), (4, 5, 6))
