@@ -8,16 +8,27 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+@contextmanager
+def reserved_port() -> Iterator[int]:
+    """A free TCP port for a rendezvous, held until the block ends. The socket is bound with SO_REUSEADDR
+    but never listens: the kernel gives the port to no other bind (no other test can pick it between our
+    choice and the store's bind, the race of a port looked up and released), while the rendezvous store,
+    which binds with SO_REUSEADDR too (libuv does), can still listen on it."""
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
+    finally:
+        s.close()
 
 
 def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
@@ -38,8 +49,8 @@ def run_distributed(world: int, fn, *args) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     try:
-        mp.start_processes(_entry, args=(world, free_port(), fn, args, errors), nprocs=world,
-                           start_method="spawn")
+        with reserved_port() as port:
+            mp.start_processes(_entry, args=(world, port, fn, args, errors), nprocs=world, start_method="spawn")
     except Exception as e:
         msgs = []
         while not errors.empty():

@@ -6,17 +6,14 @@ the data position move to the other layout)."""
 from __future__ import annotations
 
 import shutil
-import signal
-import time
 
 import pytest
 
 from fwl_scale.train.carried import state_file
 from fwl_scale.checkpoint.native import find_latest
 from fwl_scale.train.loop import Trainer
-from fwl_scale.train.signals import EXIT_REQUEUE
-from tests.test_train_dp import launch_dp2, wait_all
-from tests.train_support import records, step_losses, tiny_config
+from fwl_scale.train.signals import EXIT_REQUEUE, TEST_SIGNAL_ENV
+from tests.train_support import launch_ranks, records, step_losses, tiny_config
 
 COMMON = ("data.mode=contiguous", "parallel.micro_batch=2", "parallel.grad_accum=2", "train.steps=10",
           "train.eval_every=5", "train.warmup_steps=2")
@@ -28,7 +25,7 @@ TOL = 2e-4
 @pytest.fixture(scope="module")
 def cp2_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("cp2")
-    for code, log in wait_all(launch_dp2(out, *COMMON, *CP2)):
+    for code, log in launch_ranks(out, *COMMON, *CP2):
         assert code == 0, log[-3000:]
     losses = step_losses(out)
     assert sorted(losses) == list(range(1, 11))
@@ -54,21 +51,15 @@ def test_cp2_matches_single_process(tmp_path, cp2_reference):
 def test_cp2_signal_and_exact_resume(tmp_path, cp2_reference):
     _, ref_losses = cp2_reference
     run = tmp_path / "run"
-    procs = launch_dp2(run, *COMMON, *CP2)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if any(r["step"] >= 2 for r in records(run, "train")):
-            break
-        assert all(p.poll() is None for p in procs), "training ended before the signal"
-        time.sleep(0.01)
-    procs[1].send_signal(signal.SIGUSR1)
-    results = wait_all(procs)
+    # Rank 1 alone sends itself SIGUSR1 at its 4th step boundary (after step 3; the test hook in
+    # fwl_scale/train/signals.py): both ranks stop there with a checkpoint.
+    results = launch_ranks(run, *COMMON, *CP2, rank_env={1: {TEST_SIGNAL_ENV: "step@4:SIGUSR1"}})
     assert [code for code, _ in results] == [EXIT_REQUEUE, EXIT_REQUEUE], [out[-2000:] for _, out in results]
     stopped_at = records(run, "stop")[-1]["step"]
-    assert 2 <= stopped_at < 10
+    assert stopped_at == 3 and find_latest(run / "checkpoints").step == 3
     run_cp1 = tmp_path / "run_cp1"
     shutil.copytree(run, run_cp1)
-    for code, out in wait_all(launch_dp2(run, *COMMON, *CP2)):
+    for code, out in launch_ranks(run, *COMMON, *CP2):
         assert code == 0, out[-3000:]
     assert step_losses(run) == ref_losses  # bit for bit
     # The same checkpoint resumed in one process (cp = 1): the carried state and the stream go on.

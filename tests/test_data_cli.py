@@ -4,35 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import lzma
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from fwl_scale.cli import main
 from fwl_scale.data import Manifest
+from fwl_scale.train.signals import TEST_SIGNAL_ENV
+from tests.corpus import read_records
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "corpus"
 
 
-def corpus_records(n: int, cut: int | None = None) -> list[dict]:
-    path = CORPUS / "train.jsonl.xz"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (tests use ../shared/corpus)")
-    out = []
-    with lzma.open(path, "rt") as f:
-        for i, line in enumerate(f):
-            if i >= n:
-                break
-            r = json.loads(line)
-            out.append({**r, "text": r["text"][:cut] if cut else r["text"]})
-    return out
+def corpus_records(n: int, cut: int) -> list[dict]:
+    return [{**r, "text": r["text"][:cut]} for r in read_records("train")[:n]]
 
 
 def fwl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -100,37 +89,35 @@ def test_bad_input_exits_non_zero_with_a_clear_message(small, tmp_path):
 
 
 def test_build_killed_with_sigkill_resumes_to_identical_shards(tmp_path):
-    # Several MB of real text in small shards, so that the kill lands in the middle of the build.
     src = tmp_path / "big.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in corpus_records(12, cut=250_000)))
-    common = [f"data.train=[{src}]", "model.vocab_size=1024", "data.workers=1", "data.shard_bytes=131072",
+    src.write_text("".join(json.dumps(r) + "\n" for r in corpus_records(12, cut=60_000)))
+    common = [f"data.train=[{src}]", "model.vocab_size=1024", "data.workers=1", "data.shard_bytes=65536",
               "data.valid_fraction=0.1"]
     assert main(["data", "tokenizer", f"data.root={tmp_path / 'clean'}", *common]) == 0
     tok = tmp_path / "clean" / "tokenizer" / "spm.model"
     common.append(f"data.tokenizer={tok}")
     assert main(["data", "shards", f"data.root={tmp_path / 'clean'}", *common]) == 0
     clean = Manifest.load(tmp_path / "clean" / "train" / "manifest.json")
-    assert len(clean.shards) > 8
+    assert len(clean.shards) > 4
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Killed the moment the third shard's tar is in place, before its sidecar (the test hook in
+    # fwl_scale/train/signals.py): the worst point, a tar that looks whole but is not marked complete.
+    env = {**os.environ, "PYTHONPATH": str(REPO), TEST_SIGNAL_ENV: "shard_tar@3:SIGKILL"}
     root = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fwl_scale.cli", "data", "shards", f"data.root={root}", *common],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    third = root / "train" / "shard-000002.json"
-    t0 = time.time()
-    while not third.exists() and proc.poll() is None and time.time() - t0 < 120:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.run([sys.executable, "-m", "fwl_scale.cli", "data", "shards", f"data.root={root}", *common],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     train = root / "train"
-    assert not (train / "manifest.json").exists(), "killed too late to test anything"
-    # Every tar that has a sidecar is complete and matches it; nothing else looks complete.
+    assert not (train / "manifest.json").exists()
+    assert sorted(p.name for p in train.glob("shard-*.json")) == ["shard-000000.json", "shard-000001.json"]
+    assert (train / "shard-000002.tar").is_file()
+    # Every tar that has a sidecar is complete and matches it.
     for side in train.glob("shard-*.json"):
         entry = json.loads(side.read_text())["shard"]
         assert hashlib.sha256((train / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
     r = fwl("data", "shards", f"data.root={root}", *common)
     assert r.returncode == 0, r.stderr
-    assert "keeping" in r.stdout and "finished shards" in r.stdout
+    assert "keeping 2 finished shards" in r.stdout
     resumed = Manifest.load(train / "manifest.json")
     assert [e.sha256 for e in resumed.shards] == [e.sha256 for e in clean.shards]
     assert not list(train.glob("*.tmp*"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import lzma
 import shutil
 from pathlib import Path
 
@@ -20,20 +19,13 @@ from fwl_scale.data import DataError, Manifest, Tokenizer, TrainLoader, eval_doc
 from fwl_scale.atomic import atomic_write_json
 from fwl_scale.data.common import sha256_file
 from fwl_scale.data.shards import read_shard
+from tests.corpus import sample_records
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 VOCAB, T, M = 512, 64, 2
 
 
 def corpus_docs(n: int = 14) -> list[dict]:
-    path = CORPUS / "train.jsonl.xz"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (tests use ../shared/corpus)")
-    with lzma.open(path, "rt") as f:
-        recs = [json.loads(line) for line in f]
-    picked = recs[:: max(1, len(recs) // n)][:n]
-    return [{"id": r["id"], "source": r["source"], "text": r["text"][: 1500 + (i * 7919) % 12000]}
-            for i, r in enumerate(picked)]
+    return sample_records(n, "train", 1500, 12000)
 
 
 def make_cfg(root: Path, *extra: str):
@@ -102,7 +94,7 @@ def test_packing_gives_back_every_document_with_boundaries_marked(data):
     manifest = Manifest.load(paths.train_manifest)
     tok = Tokenizer.load(paths.tokenizer)
     loader = TrainLoader(cfg, paths)
-    n_rows = -(-manifest.tokens // T) + 40  # one epoch and a bit of the next
+    n_rows = -(-2 * manifest.tokens // T) + 40  # two epochs and a bit of the third
     batches = rows(loader, -(-n_rows // M))
     for b in batches:
         assert set(b) == {"input_ids", "labels", "doc_ids"}
@@ -112,14 +104,16 @@ def test_packing_gives_back_every_document_with_boundaries_marked(data):
     # Rows are consecutive pieces of one stream: a row's last label is the next row's first token
     # when the document goes on (checked above on the flattened stream, row ends included).
     pieces = split_by_doc(ids, doc_ids)
-    epoch0 = [toks for d, toks in pieces if d < manifest.documents]
-    assert [d for d, _ in pieces[: len(epoch0)]] == list(range(manifest.documents))
+    n = manifest.documents
+    assert [d for d, _ in pieces[: 2 * n + 1]] == list(range(2 * n + 1))
     want = sorted(tuple(t.tolist()) for t in shard_docs(paths.train_manifest))
-    assert sorted(tuple(t) for t in epoch0) == want  # every training document exactly once, whole
-    assert all(t[-1] == tok.eos_id for t in epoch0)
-    # The next epoch visits the documents in another order.
-    epoch1 = [d for d, _ in pieces if d >= manifest.documents]
-    assert epoch1[0] == manifest.documents and len(pieces[len(epoch0)][1]) > 0
+    epochs = [[tuple(t) for _, t in pieces[e * n:(e + 1) * n]] for e in (0, 1)]
+    for docs in epochs:
+        assert sorted(docs) == want  # every training document exactly once, whole
+        assert all(t[-1] == tok.eos_id for t in docs)
+    # The next epoch visits the documents in another order (a new shard and document permutation).
+    assert epochs[1] != epochs[0]
+    assert len(pieces[2 * n][1]) > 0
     assert loader.consumed_samples == len(batches) * M
 
 

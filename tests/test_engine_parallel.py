@@ -11,7 +11,7 @@ The reference, computed in every process: the single-process model (same seed) i
 micro-batches' losses averaged, torch's AdamW and clip_grad_norm_, the same LambdaLR.
 
 Layouts: 2 ranks — tp=2, tp=2+SP ZeRO-1, pp=2 ZeRO-0, pp=2 ZeRO-1 with activation checkpointing, dp=2
-ZeRO 1/2/3, dp=2 bf16; 4 ranks — tp=2×pp=2+SP ZeRO-1, tp=2×dp=2 ZeRO-3. Checked per layout: the loss of steps 1-3; at step 1, after the gradients are reduced and before the
+ZeRO 1/2/3; 4 ranks — tp=2×pp=2+SP ZeRO-1, tp=2×dp=2 ZeRO-3. Checked per layout: the loss of steps 1-3; at step 1, after the gradients are reduced and before the
 optimizer step, the gradient of every parameter (tensor-parallel shards gathered, the step sizes among
 them), the gradient norm the clipping uses, and the gradient at the body input (the embedding output) of
 every micro-batch. And the pipeline's non-finite-loss decision (check_pipeline_nonfinite).
@@ -19,10 +19,12 @@ every micro-batch. And the pipeline's non-finite-loss decision (check_pipeline_n
 Tolerances (float32): losses 2e-5 relative; gradients 1e-4 of the tensor's largest entry; the norm 1e-5
 relative. That is reduction-order round-off (another all-reduce order, flat ZeRO buffers, another
 accumulation order); a missing or doubled reduction, a wrong clipping norm or a misrouted pipeline tensor
-is off by 1e-2 or more. bf16 (dp=2 with accumulation, ZeRO 0): the parameters themselves are bf16, so its
-step-1 gradients are compared with the single-process model in bf16 (3e-2 of the largest entry; measured
-≤ 7e-3), its losses with the float32 run (2e-2 relative); accumulation or the data-parallel average off
-by the factor 2 fails at once.
+is off by 1e-2 or more.
+
+bf16 (dp=2 with accumulation, ZeRO 0, its own test): the parameters themselves are bf16, so it is compared
+with the single-process model trained in bf16 (reference_bf16): step-1 gradients within 3e-2 of the largest
+entry (measured <= 7e-3), losses within 1e-4 relative, and the parameters after each step within 0.03 of
+the reference's update (what a wrong update breaks: see the test).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from tests.engine_support import M, SEED, build, make_cfg, micro_batch, train_st
 
 STEPS = 3
 TOL_LOSS, TOL_GRAD, TOL_NORM = 2e-5, 1e-4, 1e-5
-BF16_TOL_LOSS, BF16_TOL_GRAD = 2e-2, 3e-2
+BF16_TOL_LOSS, BF16_TOL_GRAD, BF16_TOL_PARAMS = 1e-4, 3e-2, 0.03
 
 
 def embed_output_probe(module) -> list[torch.Tensor]:
@@ -83,19 +85,58 @@ def reference() -> dict:
 
 
 def reference_bf16() -> dict:
-    """Step 1 of the single-process model with bf16 parameters (plain torch; gradients accumulated in
-    bf16 as DeepSpeed's bf16 optimizer does without ZeRO): what a bf16 run's gradients are compared with.
-    (Against float32 they are not comparable everywhere: e.g. the step size of b2 has a gradient of
-    -2.1e-4 in float32 and -4.4e-5 in bf16, in one process.)"""
+    """The single-process model with bf16 parameters in plain torch, as DeepSpeed's bf16 optimizer
+    without ZeRO trains it: gradients accumulated in bf16, float32 master weights that AdamW (clipped)
+    updates, parameters the masters rounded to bf16. Step 1's gradients, and the losses and parameters
+    of every step. (Against float32 the gradients are not comparable everywhere: e.g. the step size of
+    b2 has a gradient of -2.1e-4 in float32 and -4.4e-5 in bf16, in one process.)"""
     cfg = make_cfg(1)
     torch.manual_seed(SEED)
     model = build_model(cfg.model).to(torch.bfloat16)
+    params = dict(model.named_parameters())
+    master = {n: p.detach().float().clone().requires_grad_(True) for n, p in params.items()}
+    by_id = {id(p): n for n, p in params.items()}
+    t = cfg.train
+    groups = [{**g, "params": [master[by_id[id(p)]] for p in g["params"]]} for g in param_groups(model, cfg)]
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: lr_factor(u, cfg))
     body_in = embed_output_probe(model.embed)
-    for k in range(M):
-        (model(*micro_batch(0, k).values()).loss / M).backward()
-    grads = {n: p.grad.float() for n, p in model.named_parameters()}
-    norm = float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values())))
-    return {"grads": grads, "body_in": [x.grad.float() for x in body_in], "norm": norm}
+    out: dict = {"loss": [], "params": [], "init": {n: m.detach().clone() for n, m in master.items()}}
+    for s in range(STEPS):
+        model.zero_grad()
+        total = 0.0
+        for k in range(M):
+            loss = model(*micro_batch(s, k).values()).loss
+            (loss / M).backward()
+            total += loss.item()
+        out["loss"].append(total / M)
+        for n, m in master.items():
+            m.grad = params[n].grad.float()
+        if s == 0:
+            out["grads"] = {n: m.grad.clone() for n, m in master.items()}
+            out["body_in"] = [x.grad.float() for x in body_in]
+            out["norm"] = float(torch.sqrt(sum(g.double().pow(2).sum() for g in out["grads"].values())))
+        torch.nn.utils.clip_grad_norm_(list(master.values()), t.grad_clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for n, m in master.items():
+                params[n].copy_(m.to(torch.bfloat16))
+        out["params"].append({n: p.detach().float().clone() for n, p in params.items()})
+        body_in.clear()
+    return out
+
+
+def check_bf16_params(te, ref_bf16: dict, s: int, what: str) -> None:
+    """After step s + 1: the parameters against the bf16 reference's, relative to how far the reference
+    moved them from the initialisation."""
+    names = list(ref_bf16["init"])
+    mine = dict(te.named_parameters())  # dp only, ZeRO 0: every rank holds every parameter whole
+    got = torch.cat([mine[n].detach().float().reshape(-1) for n in names])
+    ref = torch.cat([ref_bf16["params"][s][n].reshape(-1) for n in names])
+    init = torch.cat([ref_bf16["init"][n].reshape(-1) for n in names])
+    err = float((got - ref).norm() / (ref - init).norm())
+    assert err < BF16_TOL_PARAMS, f"{what} step {s + 1}: parameters off by {err:.3f} of the reference's update"
 
 
 def full_grad(p: torch.nn.Parameter, ps) -> torch.Tensor:
@@ -122,7 +163,7 @@ def run_layout(world: int, ref: dict, tp: int = 1, pp: int = 1, sp: bool = False
     engine = te.engine
     gas, dp = cfg.parallel.grad_accum, ps.dp_size
     tol_loss, tol_grad = (BF16_TOL_LOSS, BF16_TOL_GRAD) if bf16 else (TOL_LOSS, TOL_GRAD)
-    step1 = ref_bf16 if bf16 else ref  # the gradients at step 1 (losses: always the float32 run)
+    step1 = ref_bf16 if bf16 else ref  # the run compared with: float32, or bf16 in one process
     holds_embedding_input = ps.pp_rank == 0
     body_in = embed_output_probe(te.model.embed) if holds_embedding_input else []
     seen: dict = {}
@@ -165,8 +206,10 @@ def run_layout(world: int, ref: dict, tp: int = 1, pp: int = 1, sp: bool = False
             norm = float(reported) if reported is not None else own_norm
             dist.all_reduce(total, group=ps.get_data_parallel_group())
             loss = float(total) / (gas * dp)
-        err = abs(loss - ref["loss"][s]) / ref["loss"][s]
-        assert err < tol_loss, f"{what} step {s + 1}: loss {loss} vs single-process {ref['loss'][s]}"
+        err = abs(loss - step1["loss"][s]) / step1["loss"][s]
+        assert err < tol_loss, f"{what} step {s + 1}: loss {loss} vs single-process {step1['loss'][s]}"
+        if bf16:
+            check_bf16_params(te, ref_bf16, s, what)
         if s == 0:
             assert norm is not None and abs(norm - step1["norm"]) / step1["norm"] < (tol_grad if bf16 else TOL_NORM), \
                 f"{what} gradient norm {norm} vs single-process {step1['norm']}"
@@ -236,7 +279,6 @@ def _two_ranks(rank: int, world: int) -> None:
     run_layout(world, ref, pp=2, zero=1, act_ckpt=True)  # blocks recomputed in backward inside the stages
     for zero in (1, 2, 3):
         run_layout(world, ref, zero=zero)
-    run_layout(world, ref, bf16=True, ref_bf16=reference_bf16())
     for zero in (0, 1):
         check_pipeline_nonfinite(world, zero)
 
@@ -250,3 +292,21 @@ def _four_ranks(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_layout_trains_like_the_single_process_model(world):
     run_distributed(world, _two_ranks if world == 2 else _four_ranks)
+
+
+def _bf16(rank: int, world: int) -> None:
+    run_layout(world, reference(), bf16=True, ref_bf16=reference_bf16())
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: with train.bf16 and ZeRO 0, DeepSpeed's FP16_UnfusedOptimizer runs AdamW once with zero gradients "
+    "when it is built (initialize_optimizer_states): Adam's step count starts at 1, so the first updates are "
+    "0.735x, 0.86x, ... of what they should be (bias correction), and the float32 masters get one extra "
+    "weight decay. Measured: parameters off by 0.27 of the update (a bf16 reference that takes the same "
+    "phantom step: <= 0.008). Fix in the engine builder; then remove this mark"))
+def test_bf16_trains_like_the_bf16_single_process_model():
+    """dp=2 bf16 with accumulation, ZeRO 0, against one bf16 process over 3 steps: losses within 1e-4
+    relative (measured 2.7e-6 and 2.1e-5 against a reference that reproduces the phantom step below; a
+    dropped optimizer step moves them 4e-4 and 1.5e-3), parameters within 0.03 of the reference's update
+    (measured <= 0.008; half the learning rate is off by >= 0.47, a dropped step by >= 1.3)."""
+    run_distributed(2, _bf16)

@@ -173,10 +173,16 @@ def test_segments_with_carried_state_equal_whole_pass(pending, chunk, residual):
     for name in FAST_TENSORS:
         assert (getattr(whole_state, name) - getattr(seg_state, name)).abs().max() < TOL, name
     w = torch.randn_like(whole)
-    g_whole = torch.autograd.grad((whole * w).sum(), [x, layer.w1, layer.step_sizes])
-    g_seg = torch.autograd.grad((seg * w).sum(), [x, layer.w1, layer.step_sizes])
-    for a, b in zip(g_whole, g_seg):
-        assert (a - b).abs().max() < TOL
+    # Every input that can carry a gradient: x, U and each of the layer's parameters.
+    names = ["x", "U", *(n for n, _ in layer.named_parameters())]
+    wrt = [x, U, *layer.parameters()]
+    g_whole = torch.autograd.grad((whole * w).sum(), wrt, allow_unused=True)
+    g_seg = torch.autograd.grad((seg * w).sum(), wrt, allow_unused=True)
+    assert g_whole[0] is not None and g_whole[1] is not None
+    for name, a, b in zip(names, g_whole, g_seg):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert (a - b).abs().max() < TOL, name
 
 
 def test_pending_position_needs_its_label():

@@ -30,16 +30,24 @@ def tiny_model(fwl: bool, **over):
 
 @pytest.mark.parametrize("form", ["auto", "quadratic", "chunked"])
 def test_every_form_gives_the_same_model(form):
-    ref, _ = tiny_model(True, **{"model.fwl.form": "quadratic"})
-    m, _ = tiny_model(True, **{"model.fwl.form": form})
+    # T = 32 is past `auto`'s crossover (4 + 2·16·64/80 ≈ 30): `auto` and `chunked` run the mixed-chunk
+    # form, compared with the quadratic form in loss and every gradient.
+    T = 32
+    ref, _ = tiny_model(True, **{"model.fwl.form": "quadratic", "model.seq_len": T})
+    m, _ = tiny_model(True, **{"model.fwl.form": form, "model.seq_len": T})
     m.load_state_dict(ref.state_dict())
-    ids = torch.randint(0, 50, (2, 16))
-    docs = torch.zeros(2, 16, dtype=torch.long)
+    assert m.fwl.chunk_for(16) == {"auto": 16, "quadratic": 16, "chunked": 4}[form]
+    assert m.fwl.chunk_for(T) == {"auto": 4, "quadratic": T, "chunked": 4}[form]
+    assert m.fwl.chunk_for(4096) == {"auto": 4, "quadratic": 4096, "chunked": 4}[form]
+    ids = torch.randint(0, 50, (2, T))
+    docs = torch.zeros(2, T, dtype=torch.long)
     docs[0, 9:] = 1
     l_ref, l = ref(ids, ids.roll(-1, 1), docs).loss, m(ids, ids.roll(-1, 1), docs).loss
     assert abs(l_ref.item() - l.item()) < TOL
-    assert m.fwl.chunk_for(16) == {"auto": 16, "quadratic": 16, "chunked": 4}[form]
-    assert m.fwl.chunk_for(4096) == {"auto": 4, "quadratic": 4096, "chunked": 4}[form]
+    g_ref = torch.autograd.grad(l_ref, list(ref.parameters()))
+    g = torch.autograd.grad(l, list(m.parameters()))
+    for (name, _), a, b in zip(m.named_parameters(), g, g_ref):
+        assert (a - b).abs().max() < TOL, name
 
 
 @pytest.mark.parametrize("fwl", [True, False])
@@ -102,14 +110,25 @@ def test_activation_checkpointing_keeps_gradients():
     assert max((a - b).abs().max().item() for a, b in zip(g1, g2)) < TOL
 
 
-def test_padded_vocabulary_never_predicted():
-    m, cfg = tiny_model(True)
+@pytest.mark.parametrize("fwl", [True, False])
+def test_padded_vocabulary_never_predicted(fwl):
+    """The padding rows (embedding/unembedding rows 50-63, the FWL's output bias) take no probability:
+    made large, they change neither the logits nor the loss, which is the cross-entropy over the 50 real
+    entries (the FWL's update softmax included)."""
+    m, cfg = tiny_model(fwl)
     assert cfg.model.padded_vocab_size == 64
-    ids = torch.randint(0, 50, (1, 16))
-    logits = m(ids, ids.roll(-1, 1), return_logits=True).logits
-    assert logits.shape[-1] == 50
-    probs = torch.softmax(logits, -1)
-    assert abs(probs.sum(-1) - 1).max() < TOL
+    ids = torch.randint(0, 50, (2, 16))
+    labels = ids.roll(-1, 1)
+    before = m(ids, labels, return_logits=True)
+    with torch.no_grad():
+        m.embed.weight[50:] = 10 * torch.randn(14, 16, dtype=torch.float64)  # random: LayerNorm'd h sums to 0
+        if fwl:
+            m.fwl.out_bias[50:] = 30.0
+    after = m(ids, labels, return_logits=True)
+    assert after.logits.shape[-1] == 50
+    assert (after.logits - before.logits).abs().max() < TOL
+    ce = torch.nn.functional.cross_entropy(after.logits.reshape(-1, 50), labels.reshape(-1))
+    assert abs(after.loss.item() - ce.item()) < TOL and abs(after.loss.item() - before.loss.item()) < TOL
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "configs" / "*.yaml"))))

@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from fwl_scale.train.signals import TEST_HOLD_ENV
 from tests.train_support import need_corpus, records, step_losses, tiny_overrides
 
 pytestmark = pytest.mark.slurm
@@ -114,6 +115,17 @@ def logged_steps(out_dir: Path) -> list[int]:
     return [r["step"] for r in records_safe(out_dir, "train")]
 
 
+def hold_at(work: Path, step: int) -> dict[str, str]:
+    """Environment that makes every rank wait at the end of step `step` (the test hook in
+    fwl_scale/train/signals.py) until it gets a stop signal or the test calls `release`: a signal or a
+    kill lands at a known step, however fast or slow the run and the signal's delivery are."""
+    return {TEST_HOLD_ENV: f"step@{step + 1}:{work / 'release'}"}
+
+
+def release(work: Path) -> None:
+    (work / "release").touch()
+
+
 class Job:
     """One sbatch submission of a launcher, with its log."""
 
@@ -161,6 +173,25 @@ class Job:
             time.sleep(0.2)
         subprocess.run(["scancel", self.id], env=self.env, capture_output=True, timeout=30)
         pytest.fail(f"job {self.id} did not reach step {step} in {timeout}s; log:\n{self.text()[-4000:]}")
+
+    def wait_held(self, work: Path, timeout: float = JOB_TIMEOUT) -> None:
+        """Waits until a rank holds at the point `hold_at` named."""
+        deadline = time.monotonic() + timeout
+        while not (work / "release.reached").exists():
+            state = self.info()["JobState"]
+            assert state in ("PENDING", "CONFIGURING", "RUNNING"), \
+                f"job {self.id} is {state} before it reached the hold; log:\n{self.text()[-4000:]}"
+            if time.monotonic() > deadline:
+                self.scancel()
+                pytest.fail(f"job {self.id} did not reach the hold in {timeout}s; log:\n{self.text()[-4000:]}")
+            time.sleep(0.2)
+
+    def wait_stopped(self, out_dir: Path, timeout: float = JOB_TIMEOUT) -> None:
+        """Waits until the run logged its stop (the signal reached the ranks and they saved)."""
+        deadline = time.monotonic() + timeout
+        while not records_safe(out_dir, "stop"):
+            assert time.monotonic() < deadline, f"job {self.id} did not stop in {timeout}s; log:\n{self.text()[-4000:]}"
+            time.sleep(0.2)
 
     def scancel(self, *args: str) -> None:
         out = subprocess.run(["scancel", *args, self.id], env=self.env, capture_output=True, text=True,
@@ -226,20 +257,25 @@ def run_reference(env: dict[str, str], work: Path) -> Outcome:
     return Outcome(job, work / "run", job.wait_done())
 
 
+HELD_AT = 15  # the step after which the signalled, killed (+ 2 * SAVE_EVERY) and chained runs are held
+
+
 def run_signalled(env: dict[str, str], work: Path) -> Outcome:
     # wandb on (offline): the requeued job must continue the same wandb run.
     job = Job(env, work / "job.out", _overrides(work / "run", "train.wandb.enabled=true",
-                                                "train.wandb.mode=offline"))
-    seen = job.wait_step(work / "run", 15)
+                                                "train.wandb.mode=offline"), extra_env=hold_at(work, HELD_AT))
+    job.wait_held(work)
     # Exactly what `#SBATCH --signal=USR1@lead` does before the time limit: SIGUSR1 to the job's steps.
     job.scancel("--signal=USR1")
-    return Outcome(job, work / "run", job.wait_done(), {"step": seen})
+    job.wait_stopped(work / "run")
+    release(work)  # the requeued job passes the same boundary again
+    return Outcome(job, work / "run", job.wait_done(), {"step": HELD_AT})
 
 
 def run_killed(env: dict[str, str], work: Path) -> Outcome:
     out_dir = work / "run"
-    job = Job(env, work / "job.out", _overrides(out_dir))
-    seen = job.wait_step(out_dir, 2 * SAVE_EVERY + 5)
+    job = Job(env, work / "job.out", _overrides(out_dir), extra_env=hold_at(work, 2 * SAVE_EVERY + 5))
+    job.wait_held(work)
     # No warning: SIGKILL to every process of the job, batch shell included, as a crashing node or the
     # OOM killer would. (`scancel --signal=KILL` is no such test: Slurm turns it into a cancel, which
     # sends SIGTERM first.) Nothing can save or requeue.
@@ -247,22 +283,27 @@ def run_killed(env: dict[str, str], work: Path) -> Outcome:
     killed = job.wait_done(timeout=120)
     latest = (out_dir / "checkpoints" / "latest_complete").read_text().strip()
     killed_at = max(logged_steps(out_dir))
+    release(work)
     again = Job(env, work / "job.out", _overrides(out_dir))  # the user resubmits the same launcher
     return Outcome(again, out_dir, again.wait_done(),
-                   {"step": seen, "killed": killed, "killed_at": killed_at, "latest": latest, "first": job})
+                   {"step": 2 * SAVE_EVERY + 5, "killed": killed, "killed_at": killed_at, "latest": latest,
+                    "first": job})
 
 
 def run_chained(env: dict[str, str], work: Path) -> Outcome:
-    job = Job(env, work / "job.out", _overrides(work / "run"), sbatch_args=("--no-requeue",))
-    seen = job.wait_step(work / "run", 15)
+    job = Job(env, work / "job.out", _overrides(work / "run"), sbatch_args=("--no-requeue",),
+              extra_env=hold_at(work, HELD_AT))
+    job.wait_held(work)
     # The signal reaches the batch shell only; its trap forwards it to every rank through srun.
     job.scancel("--batch", "--signal=USR1")
+    job.wait_stopped(work / "run")
+    release(work)  # the successor passes the same boundary again
     first = job.wait_done()
     text = job.text()
     lines = [line for line in text.splitlines() if "submitted successor job" in line]
     assert lines, f"no successor was submitted; log:\n{text[-4000:]}"
     successor = lines[0].split("submitted successor job ")[1].split()[0]
-    return Outcome(job, work / "run", job.wait_done(successor), {"step": seen, "first": first,
+    return Outcome(job, work / "run", job.wait_done(successor), {"step": HELD_AT, "first": first,
                                                                   "successor": successor})
 
 
@@ -358,7 +399,6 @@ def test_two_node_job_trains_and_finishes(scenarios):
 def test_signalled_job_checkpoints_requeues_and_resumes_exactly(scenarios):
     run = scenarios["signalled"].outcome()
     text = run.job.text()
-    assert run.seen["step"] < STEPS - 10, f"the run was too fast to be signalled mid-run ({run.seen})"
     assert run.info["JobState"] == "COMPLETED" and run.info["ExitCode"] == "0:0", text[-4000:]
     assert run.info["Restarts"] == "1", run.info
     assert f"requeued job {run.job.id}" in text and "start: restart 1," in text, text[-4000:]
@@ -366,7 +406,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes_exactly(scenarios):
     stops = records(run.out_dir, "stop")
     assert len(stops) == 1 and stops[0]["reason"] == "SIGUSR1", stops
     stop_step = stops[0]["step"]
-    assert run.seen["step"] <= stop_step < STEPS
+    assert stop_step == HELD_AT  # signalled while held after that step
     starts = records(run.out_dir, "start")
     assert [s["step"] for s in starts] == [0, stop_step]
     assert starts[1]["resumed_from"].endswith(f"step_{stop_step:08d}")
@@ -383,7 +423,7 @@ def test_job_killed_without_warning_resumes_from_periodic_checkpoint(scenarios):
     run = scenarios["killed"].outcome()
     killed, killed_at, latest = run.seen["killed"], run.seen["killed_at"], run.seen["latest"]
     assert killed["JobState"] == "FAILED" and killed["Restarts"] == "0", killed
-    assert killed_at < STEPS, f"the run was too fast to be killed mid-run (step {killed_at})"
+    assert killed_at == run.seen["step"] - 1  # killed while held at the end of that step, before its log line
     assert not records(run.out_dir, "stop")  # no warning: the trainer never got to save on its own
     resume_step = int(latest.removeprefix("step_"))
     assert resume_step % SAVE_EVERY == 0 and 2 * SAVE_EVERY <= resume_step <= killed_at
@@ -411,6 +451,7 @@ def test_job_that_cannot_requeue_chains_a_successor(scenarios):
     assert run.info["StartTime"] >= first["EndTime"], (run.info, first)  # afterany: once the first ended
     assert f"job {successor}] training finished" in text  # the successor appended to the same log
     stop_step = records(run.out_dir, "stop")[0]["step"]
+    assert stop_step == HELD_AT  # signalled while held after that step
     assert [s["step"] for s in records(run.out_dir, "start")] == [0, stop_step]
     assert train_steps(run.out_dir) == list(range(1, STEPS + 1))
     assert_same_losses(run.out_dir, reference_losses(scenarios))

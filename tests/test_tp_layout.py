@@ -1,10 +1,14 @@
 """The parallel layout (rank order tp, cp, dp, pp; validation with errors naming the field) and the
 tensor-parallel bookkeeping that needs no communication: shard slicing, shard attributes, parameter
 counts and the initialisation of a tensor-parallel model (a slice of the tp = 1 one), in one process.
-The collectives and the model's numbers across ranks are tested in test_tp_model.py."""
+The collectives and the model's numbers across ranks are tested in test_tp_model.py. And every ladder
+launcher's layout planned by launchers/plan_layout.py for its own #SBATCH allocation."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from fwl_scale.model import build_model
 from fwl_scale.parallel import Layout, TPContext, init_parallel_state, merge_shards, plan_layout, take_shard
 from fwl_scale.parallel.layers import full_shape, is_sharded, shard_of
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.d_model=16", "model.n_heads=4", "model.n_layers=2", "model.seq_len=16", "model.vocab_size=50",
          "model.vocab_multiple=64"]
 
@@ -147,3 +152,39 @@ def test_tensor_parallel_init_is_a_slice_of_the_single_process_init(fwl, tied):
         if is_sharded(p):
             whole = merge_shards([r[name].detach() for r in per_rank], p.partition_dim, p.partition_stride)
             assert torch.equal(whole, ref_params[name].detach()), name
+
+
+LAUNCHERS = sorted((ROOT / "launchers").glob("fwl_*.slurm"))
+
+
+def sbatch_allocation(launcher: Path) -> dict[str, str]:
+    """The #SBATCH resources and the FWL_CONFIG / FWL_GLOBAL_BATCH defaults a ladder launcher sets."""
+    text = launcher.read_text()
+    found = dict(re.findall(r"^#SBATCH --(nodes|ntasks-per-node|gpus-per-node)=(\d+)", text, re.M))
+    found.update(re.findall(r'^: "\$\{(FWL_CONFIG|FWL_GLOBAL_BATCH):=([^}]+)\}"', text, re.M))
+    assert set(found) == {"nodes", "ntasks-per-node", "gpus-per-node", "FWL_CONFIG", "FWL_GLOBAL_BATCH"}, launcher
+    return found
+
+
+def plan_layout_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launchers" / "plan_layout.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda p: p.stem)
+def test_every_ladder_launcher_plans_for_its_allocation(launcher):
+    """What launchers/common.sh runs before any rank starts, with the launcher's own #SBATCH numbers."""
+    a = sbatch_allocation(launcher)
+    nodes, tasks, batch = int(a["nodes"]), int(a["ntasks-per-node"]), int(a["FWL_GLOBAL_BATCH"])
+    proc = plan_layout_cli("--config", a["FWL_CONFIG"], "--nodes", str(nodes), "--tasks-per-node", str(tasks),
+                           "--gpus-per-node", a["gpus-per-node"], "--global-batch", str(batch))
+    assert proc.returncode == 0, proc.stderr
+    pinned = dict(line.split("=") for line in proc.stdout.split())
+    cfg = load_config(ROOT / a["FWL_CONFIG"], proc.stdout.split())
+    p = cfg.parallel
+    assert int(pinned["parallel.dp"]) == p.dp and p.tp * p.cp * p.pp * p.dp == nodes * tasks
+    assert p.micro_batch * p.grad_accum * p.dp == batch
+    # The same allocation less one task per node does not fit (an uneven dp or a straddling tp group).
+    proc = plan_layout_cli("--config", a["FWL_CONFIG"], "--nodes", str(nodes), "--tasks-per-node", str(tasks - 1),
+                           "--global-batch", str(batch))
+    assert proc.returncode == 2 and "layout does not fit the allocation" in proc.stderr, proc.stderr

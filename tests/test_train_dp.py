@@ -5,9 +5,6 @@ run continues exactly, with dp=2 and also with dp=1."""
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
@@ -15,9 +12,8 @@ import torch
 from fwl_scale.checkpoint.native import find_latest
 from fwl_scale.checkpoint.weights import load_model_weights
 from fwl_scale.train.loop import Trainer
-from fwl_scale.train.signals import EXIT_REQUEUE
-from tests.distributed import free_port
-from tests.train_support import REPO, fwl_command, fwl_env, records, step_losses, tiny_config, tiny_overrides
+from fwl_scale.train.signals import EXIT_REQUEUE, TEST_SIGNAL_ENV
+from tests.train_support import launch_ranks, records, step_losses, tiny_config
 
 # The same global batch of 8 rows: dp=1 accumulates 4 micro-batches of 2 rows; with dp=2 each rank
 # accumulates 2 micro-batches of 2 rows (the loader hands rank d rows [2d, 2d+2) of each global
@@ -29,25 +25,6 @@ DP2 = ("parallel.micro_batch=2", "parallel.grad_accum=2")
 TOL = 2e-4
 
 
-def launch_dp2(out_dir, *extra: str) -> list[subprocess.Popen]:
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = fwl_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=port)
-        procs.append(subprocess.Popen(fwl_command("train", *tiny_overrides(out_dir, *extra)), cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs
-
-
-def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
-    results = []
-    for p in procs:
-        out, _ = p.communicate(timeout=timeout)
-        results.append((p.returncode, out))
-    return results
-
-
 STEPS = ("train.steps=24", "train.eval_every=12")
 
 
@@ -55,7 +32,7 @@ STEPS = ("train.steps=24", "train.eval_every=12")
 def dp2_reference(tmp_path_factory):
     """An uninterrupted dp=2 run (with a prefetching loader worker per rank)."""
     out = tmp_path_factory.mktemp("dp2")
-    for code, log in wait_all(launch_dp2(out, *DP2, *STEPS, "data.loader_workers=1")):
+    for code, log in launch_ranks(out, *DP2, *STEPS, "data.loader_workers=1"):
         assert code == 0, log[-3000:]
     losses = step_losses(out)
     assert sorted(losses) == list(range(1, 25))
@@ -87,7 +64,7 @@ def test_dp2_zero2_matches_zero0(tmp_path, dp2_reference):
     accumulation over an explicit boundary: the same training as ZeRO-0."""
     _, ref_losses = dp2_reference
     out = tmp_path / "zero2"
-    for code, log in wait_all(launch_dp2(out, *DP2, *STEPS, "parallel.zero_stage=2")):
+    for code, log in launch_ranks(out, *DP2, *STEPS, "parallel.zero_stage=2"):
         assert code == 0, log[-3000:]
     losses = step_losses(out)
     assert sorted(losses) == sorted(ref_losses)
@@ -99,19 +76,13 @@ def test_dp2_zero2_matches_zero0(tmp_path, dp2_reference):
 def test_signal_to_one_rank_stops_both_at_the_same_step_and_resumes(tmp_path, dp2_reference):
     _, ref_losses = dp2_reference
     run = tmp_path / "run"
-    procs = launch_dp2(run, *DP2, *STEPS)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # wait until training is under way, then signal rank 1 only
-        if any(r["step"] >= 2 for r in records(run, "train")):
-            break
-        assert all(p.poll() is None for p in procs), "training ended before the signal"
-        time.sleep(0.01)
-    procs[1].send_signal(signal.SIGUSR1)
-    results = wait_all(procs)
+    # Rank 1 sends itself SIGUSR1 at its 6th step boundary (after step 5; the hook in
+    # fwl_scale/train/signals.py); rank 0 gets no signal.
+    results = launch_ranks(run, *DP2, *STEPS, rank_env={1: {TEST_SIGNAL_ENV: "step@6:SIGUSR1"}})
     assert [code for code, _ in results] == [EXIT_REQUEUE, EXIT_REQUEUE], [out[-2000:] for _, out in results]
     stop = records(run, "stop")[-1]
     stopped_at = stop["step"]
-    assert 2 <= stopped_at < 24
+    assert stopped_at == 5  # both ranks stopped at the boundary where rank 1 was signalled
     assert stop["reason"] == "another rank"  # rank 0 got no signal: it stopped on rank 1's request
     assert find_latest(run / "checkpoints").step == stopped_at
     assert max(step_losses(run)) == stopped_at  # no rank went on past the agreed step
@@ -119,7 +90,7 @@ def test_signal_to_one_rank_stops_both_at_the_same_step_and_resumes(tmp_path, dp
     # Resume with dp=2 (the requeued job; here without a loader worker): bit-for-bit the uninterrupted run.
     run_dp1 = tmp_path / "run_dp1"
     shutil.copytree(run, run_dp1)
-    for code, out in wait_all(launch_dp2(run, *DP2, *STEPS)):
+    for code, out in launch_ranks(run, *DP2, *STEPS):
         assert code == 0, out[-3000:]
     assert step_losses(run) == ref_losses
     # Resume the same checkpoint with dp=1 (same global batch through accumulation): the loader continues
@@ -134,7 +105,8 @@ def test_signal_to_one_rank_stops_both_at_the_same_step_and_resumes(tmp_path, dp
 def test_bad_data_on_rank_0_stops_every_rank(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    procs = launch_dp2(tmp_path / "run", *DP2, f"data.train=[{empty}]", f"data.root={tmp_path / 'data'}")
-    results = wait_all(procs, timeout=120)  # no rank may wait for rank 0 forever
+    # No rank may wait for rank 0 forever.
+    results = launch_ranks(tmp_path / "run", *DP2, f"data.train=[{empty}]", f"data.root={tmp_path / 'data'}",
+                           timeout=120)
     assert results[0][0] == 2 and "empty.jsonl" in results[0][1], results[0][1][-2000:]
     assert results[1][0] == 2 and "data preparation failed on rank 0" in results[1][1], results[1][1][-2000:]

@@ -1,13 +1,15 @@
 """Non-finite losses: decided before backward (all-reduced flag), the whole step is skipped (no parameter or
 optimizer change, even when earlier micro-batches of the step were already backpropagated), counted, and
-training stops with a clear error after train.max_nonfinite_in_row in a row."""
+training stops with a clear error after train.max_nonfinite_in_row in a row; with dp = 2, a NaN that only
+one rank sees skips the step on both."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from fwl_scale.train.loop import Trainer, TrainingError
-from tests.train_support import records, tiny_config
+from tests.distributed import run_distributed
+from tests.train_support import need_corpus, records, tiny_config
 
 
 def poison(trainer: Trainer, bad_calls: set[int]) -> None:
@@ -82,3 +84,35 @@ def test_run_counts_skips_and_stops_after_too_many_in_a_row(tmp_path):
     assert skips[-1]["skipped_total"] == 4
     train = {r["step"]: r for r in records(out, "train")}
     assert train[3]["loss"] == train[3]["loss"] and train[3]["skipped_total"] == 1
+
+
+def _nan_on_rank_1_only(rank: int, world: int, root: str) -> None:
+    for zero_stage in (0, 2):
+        extra = ("parallel.grad_accum=2", "parallel.micro_batch=2", f"parallel.zero_stage={zero_stage}",
+                 "train.steps=3", "train.warmup_steps=0")
+        trainer = Trainer(tiny_config(f"{root}/zero{zero_stage}", *extra))
+        if rank == 1:
+            poison(trainer, {3})  # step 2's second micro-batch (its first was already backpropagated)
+        assert not trainer.train_step().skipped
+        before, lr_before = snapshot(trainer), trainer.engine.get_lr()[0]
+        skipped = trainer.train_step()
+        what = f"[ZeRO {zero_stage}, rank {rank}]"
+        assert skipped.skipped and skipped.loss != skipped.loss, f"{what} the step rank 1 poisoned was not skipped"
+        after = snapshot(trainer)
+        assert all(torch.equal(before[k], after[k]) for k in before), f"{what} a skipped step changed the state"
+        assert trainer.engine.get_lr()[0] == lr_before
+        third = trainer.train_step()
+        assert not third.skipped and third.loss == third.loss
+        # Both ranks still hold the same model.
+        flat = torch.cat([v.reshape(-1) for k, v in sorted(snapshot(trainer).items()) if k.startswith("param.")])
+        other = [torch.empty_like(flat) for _ in range(world)]
+        torch.distributed.all_gather(other, flat)
+        assert torch.equal(other[0], other[1]), f"{what} the ranks' parameters differ after the skip"
+        trainer.stop.uninstall()
+
+
+def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """dp = 2, the NaN on rank 1 only: the all-reduced decision skips step 2 on both ranks (ZeRO 0: own
+    discard; ZeRO 2: gradients already partly reduced, discarded through DeepSpeed's overflow check)."""
+    need_corpus()  # built here, once, not by two ranks at the same time
+    run_distributed(2, _nan_on_rank_1_only, str(tmp_path))

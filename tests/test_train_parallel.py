@@ -7,7 +7,8 @@ starts them), on real text, against one process with the same global batch:
 * exact resume (tp=2, pp=2): a run resumed from the step-3 checkpoint continues with the very same losses
   as the uninterrupted run (model, optimizer, schedule, RNG, data position);
 * conversion: `fwl ckpt convert` of the step-3 checkpoint of each layout, resumed by one process
-  (tp=2 -> 1, pp=2 -> 1, dp=2 -> 1): the next steps' losses equal the uninterrupted run's;
+  (tp=2 -> 1, pp=2 -> 1, dp=2 -> 1), and the single process's resumed with dp=2 (1 -> 2): the next steps'
+  losses equal the uninterrupted run's;
 * bad input: the native tp=2 checkpoint resumed with tp=1 (refused, naming the conversion), a converted
   checkpoint of another model shape (refused), nothing written in either case; `fwl ckpt consolidate`
   gives the converted checkpoint's weights in one file.
@@ -17,16 +18,13 @@ resume in the same layout is compared for equality.
 """
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import torch
 
 from fwl_scale.checkpoint.native import CheckpointError, find_latest
 from fwl_scale.checkpoint.weights import load_model_weights
 from fwl_scale.train.loop import Trainer
-from tests.distributed import free_port
-from tests.train_support import REPO, fwl_command, fwl_env, records, run_fwl, step_losses, tiny_config
+from tests.train_support import launch_ranks, records, run_fwl, step_losses, tiny_config
 
 TOL = 2e-4
 STEPS = ("train.steps=6", "train.eval_every=3", "train.save_every=3", "train.keep_last=3")
@@ -38,20 +36,8 @@ LAYOUTS = {
 }
 
 
-def launch(out, *extra: str, world: int = 2, args: tuple[str, ...] = ()) -> list[tuple[int, str]]:
-    from tests.train_support import tiny_overrides
-
-    port = str(free_port())
-    procs = []
-    for rank in range(world):
-        env = fwl_env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=port)
-        procs.append(subprocess.Popen(fwl_command("train", *tiny_overrides(out, *extra), *args), cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    results = []
-    for p in procs:
-        log, _ = p.communicate(timeout=600)
-        results.append((p.returncode, log))
+def launch(out, *extra: str, args: tuple[str, ...] = ()) -> list[tuple[int, str]]:
+    results = launch_ranks(out, *extra, args=args)
     for code, log in results:
         assert code == 0, log[-4000:]
     return results
@@ -136,3 +122,17 @@ def test_resume_and_conversion(uninterrupted, tmp_path):
     expected = load_model_weights(uref)
     assert weights.keys() == expected.keys() and config["model"]["d_model"] == 32
     assert all(torch.equal(weights[k], expected[k]) for k in weights)
+
+
+def test_one_process_checkpoint_resumed_on_two(single, tmp_path):
+    """The other direction: the single process's step-3 checkpoint, converted, resumed by 2 processes
+    with dp = 2 (ZeRO-3: the optimizer state partitioned; the loader continues at a larger dp): the next
+    steps' losses equal the single process's."""
+    name = "dp"
+    converted = tmp_path / "converted"
+    proc = run_fwl("ckpt", "convert", str(single / "checkpoints" / "step_00000003"), str(converted))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    launch(converted, *LAYOUTS[name], *STEPS)
+    got = step_losses(converted)
+    assert sorted(got) == [4, 5, 6] and records(converted, "start")[-1]["layout"][name] == 2
+    close(got, step_losses(single), (4, 5, 6))

@@ -1,6 +1,7 @@
 """Checkpoints: a stop signal saves and exits with EXIT_REQUEUE, a resumed run gives bit-for-bit the losses
 of an uninterrupted one (CPU, same process count: the same floating-point operations in the same order),
-a crash resumes from the last complete periodic checkpoint and never from a half-written one, keep-last-k."""
+a crash resumes from the last complete periodic checkpoint and never from a half-written one (also a process
+killed at each write step of a save), keep-last-k."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import pytest
 
 from fwl_scale.checkpoint.native import MARKER, POINTER, find_latest
 from fwl_scale.train.loop import Trainer
-from fwl_scale.train.signals import EXIT_REQUEUE, STOP_FILE_NAME
-from tests.train_support import records, step_losses, tiny_config
+from fwl_scale.train.signals import EXIT_REQUEUE, STOP_FILE_NAME, TEST_SIGNAL_ENV
+from tests.train_support import records, run_fwl, step_losses, tiny_config, tiny_overrides
 
 STEPS = 10
 # Gradient accumulation and a non-trivial schedule, so the optimizer, scheduler and loader state all matter.
@@ -46,7 +47,9 @@ def test_signal_saves_exits_75_and_resume_is_exact(tmp_path, uninterrupted, sig)
     _, reference = uninterrupted
     out = tmp_path / "run"
     cfg = tiny_config(out, *COMMON)
+    before = signal.getsignal(sig)
     trainer = Trainer(cfg, after_step=SignalAt(3, sig))
+    assert signal.getsignal(sig) != before  # the trainer's handler is in place while it runs
     assert trainer.run() == EXIT_REQUEUE
     stopped_at = trainer.state.step
     assert stopped_at == 4  # the signal came after step 3's boundary check; step 4's boundary saw it
@@ -54,8 +57,7 @@ def test_signal_saves_exits_75_and_resume_is_exact(tmp_path, uninterrupted, sig)
     assert ref is not None and ref.step == stopped_at and (ref.path / MARKER).is_file()
     assert (out / "checkpoints" / POINTER).read_text().strip() == ref.tag
     assert records(out, "stop")[-1]["reason"] == sig.name
-    # The handlers are restored after the run.
-    assert signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler) or callable(signal.getsignal(sig))
+    assert signal.getsignal(sig) == before  # and the previous one is back after the run
 
     resumed = Trainer(tiny_config(out, *COMMON))
     assert resumed.state.step == stopped_at
@@ -149,3 +151,34 @@ def test_latest_is_the_newest_complete_checkpoint(tmp_path):
     assert find_latest(root).step == 6
     (root / "step_00000006" / MARKER).unlink()
     assert find_latest(root).step == 3
+
+
+def test_killed_at_each_write_of_a_save_resumes_from_a_complete_checkpoint(tmp_path, uninterrupted):
+    """`fwl train` killed (SIGKILL, through the test hook in fwl_scale/train/signals.py) at each write
+    step of CheckpointManager.save, one run after another on the same directory: the marker never
+    precedes the data, every resume starts from the newest complete checkpoint, and the run ends with
+    the uninterrupted losses."""
+    _, reference = uninterrupted
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    args = ("train", *tiny_overrides(out, *COMMON, "train.save_every=3", "train.keep_last=2"))
+
+    def killed_at(point: str) -> None:
+        proc = run_fwl(*args, **{TEST_SIGNAL_ENV: point})
+        assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr[-3000:])
+
+    # The save at step 6 (the second one) dies after DeepSpeed's files, before the marker.
+    killed_at("ckpt_data@2:SIGKILL")
+    assert (root / "step_00000006").is_dir() and not (root / "step_00000006" / MARKER).exists()
+    assert find_latest(root).step == 3
+    # Resumed from 3; the save at 6 dies after the marker, before the pointer moved: 6 is complete.
+    killed_at("ckpt_marker@1:SIGKILL")
+    assert (root / POINTER).read_text().strip() == "step_00000003" and find_latest(root).step == 6
+    # Resumed from 6; the save at 9 dies after the pointer, before older checkpoints are pruned.
+    killed_at("ckpt_pointer@1:SIGKILL")
+    assert find_latest(root).step == 9 and (root / "step_00000003").is_dir()
+    proc = run_fwl(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in records(out, "start")] == [0, 3, 6, 9]
+    assert step_losses(out) == reference  # steps redone after each crash, with the same result
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000009", "step_00000010"]

@@ -28,6 +28,7 @@ import torch
 from fwl_scale import __version__
 from fwl_scale.atomic import atomic_write_json, atomic_write_text
 from fwl_scale.config import Config, ConfigError, config_to_nested
+from fwl_scale.train.signals import signal_point
 
 CHECKPOINT_DIR = "checkpoints"
 POINTER = "latest_complete"
@@ -228,6 +229,7 @@ class CheckpointManager:
         if write_extra is not None:
             write_extra(tag_dir)
         _barrier()  # every rank's shards are written
+        signal_point("ckpt_data")
         meta = {
             "format": FORMAT,
             "step": step,
@@ -246,7 +248,9 @@ class CheckpointManager:
         }
         if self.rank == 0:
             atomic_write_json(tag_dir / MARKER, meta)
+            signal_point("ckpt_marker")
             atomic_write_text(self.root / POINTER, tag + "\n")
+            signal_point("ckpt_pointer")
             self._prune(tag)
         _barrier()
         return CheckpointRef(self.root, tag, meta)

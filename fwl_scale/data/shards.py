@@ -34,6 +34,7 @@ from fwl_scale.atomic import atomic_write_json, commit, temp_path
 from fwl_scale.data.common import DataError, fingerprint, read_json, sha256_bytes, sha256_file
 from fwl_scale.data.sources import Document, ReadStats
 from fwl_scale.data.tokenizer import Tokenizer, token_dtype
+from fwl_scale.train.signals import signal_point
 
 SHARD_FORMAT = "fwl_scale.shards/1"
 MANIFEST = "manifest.json"
@@ -403,6 +404,7 @@ def build_shards(docs: Iterable[Document], out_dir: str | Path, split: str, toke
                            tokens=cur["tokens"], bytes=hf.n, sha256=hf.h.hexdigest(),
                            tokenizer_checksum=tokenizer.checksum)
         commit(cur["tmp"], out_dir / entry.name)
+        signal_point("shard_tar")
         # The sidecar is what marks the shard complete; it is written only after the tar is in place.
         atomic_write_json(_sidecar(out_dir, cur["i"]), {"format": SHARD_FORMAT, "request": request,
                                                          "shard": asdict(entry)})
