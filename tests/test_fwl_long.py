@@ -16,9 +16,11 @@ import torch
 
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import ConfigError, load_config
+from fwl_scale.model import build_model
 from fwl_scale.model.fast_weights import causal_count, causal_cumsum, causal_linear_attention
 from fwl_scale.model.fwl import FAST_TENSORS, FWLState
 from fwl_scale.model.naive import naive_causal_linear_attention, naive_fwl_logits
+from fwl_scale.train.carried import CarriedState
 from tests.fwl_support import V, fast_logits, grads_of, make_inputs, make_layer, param_names, run_segments
 
 TOL = 1e-10
@@ -170,3 +172,46 @@ def test_mean_refuses_a_gradient_scale():
     with pytest.raises(ConfigError, match=re.escape("model.fwl.grad_scale")):
         load_config(None, ["model.fwl.normalize=mean", "model.fwl.grad_scale=0.5"])
     assert load_config(None, ["model.fwl.normalize=mean", "model.fwl.decay=learned"]).model.fwl.decay == "learned"
+
+
+@pytest.mark.parametrize("normalize, decay", REMEDIES)
+def test_model_head_with_remedy_matches_naive(normalize, decay):
+    """The whole model (tests/test_model.py's naive-head check) with the remedy on: logits, loss and every
+    parameter's gradient (body, FWL, λ) through the fast path and through the reference."""
+    cfg = load_config(None, ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.seq_len=12",
+                             "model.vocab_size=50", "model.vocab_multiple=64", "model.fwl.chunk_size=4",
+                             "model.fwl.vocab_chunk=7", "model.fwl.step_size_init=0.5",
+                             f"model.fwl.normalize={normalize}", f"model.fwl.decay={decay}",
+                             "model.fwl.decay_init=0.7"])
+    model = build_model(cfg.model).double()
+    ids = torch.randint(0, 50, (2, 12))
+    docs = torch.zeros(2, 12, dtype=torch.long)
+    docs[1, 7:] = 3
+    labels = ids.roll(-1, 1)
+    labels[0, 4] = IGNORE_INDEX
+    out = model(ids, labels, docs, return_logits=True)
+    ref = naive_fwl_logits(model.fwl, model.body(ids, docs), model.unembedding, labels, docs)
+    assert _rel(out.logits, ref) < TOL
+    ce = torch.nn.functional.cross_entropy(ref.reshape(-1, 50), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    assert abs(out.loss.item() - ce.item()) < TOL
+    names = [n for n, _ in model.named_parameters()]
+    assert ("fwl.decay_logits" in names) == (decay == "learned")
+    g_fast = torch.autograd.grad(out.loss, list(model.parameters()))
+    g_ref = torch.autograd.grad(ce, list(model.parameters()))
+    for name, a, b in zip(names, g_fast, g_ref):
+        assert _rel(a, b) < TOL, name
+
+
+def test_carried_training_state_keeps_the_count(tmp_path):
+    """Training with carried state (train/carried.py) saves and restores the count with the sums, also
+    when the checkpoint is resumed at another data-parallel size (rows reassembled)."""
+    layer = make_layer(4, 8, normalize="mean", decay="learned")
+    x, U, labels, docs = make_inputs(2, 8)
+    _, state = layer(x, U, labels, docs, return_state=True)
+    saved = [CarriedState(True, micro_batch=1, dp_rank=r, dp_size=2) for r in range(2)]
+    for r, c in enumerate(saved):
+        c.state = FWLState.from_tensors({k: v[r:r + 1] for k, v in state.detach().tensors().items()})
+        c.save(tmp_path)
+    whole = CarriedState(True, micro_batch=2)
+    whole.load(tmp_path, torch.device("cpu"))
+    assert torch.equal(whole.state.count, state.count) and torch.equal(whole.state.w1, state.w1)
