@@ -14,8 +14,9 @@ ignored labels. Each rank compares with the unsplit model built from the same se
 Each rank's objective is its loss share plus cp × (its chunk's weighted token losses); the sum over ranks
 is cp × the reference objective, so the averaged gradients must equal the reference ones and the chunk
 gradients must equal cp × the reference's. Segments: a carried state with a pending position enters a
-context-parallel segment, the state leaving it is compared, and gradients flow back through it. The long-document remedies (model.fwl.normalize=mean,
-model.fwl.decay=learned, both) run the same checks, the carried count included.
+context-parallel segment, the state leaving it is compared, and gradients flow back through it.
+The long-document remedies (model.fwl.normalize=mean, model.fwl.decay=learned, both) run the same
+checks, the carried count included.
 
 Tolerance: 1e-10 relative to max(1, |reference|): float64 round-off. A detached received state (or
 detached earlier keys and values) leaves the forward exact and moves gradients by far more than 1e-4 —
@@ -162,20 +163,20 @@ def check_model(ps, fwl: bool = True, exchange: str = "state", sp: bool = False,
 def check_detached_exchange_is_caught(ps, exchange: str) -> None:
     """A received state (or earlier keys and values) without its backward: the forward stays exact and
     the gradients of the earlier ranks' tokens go wrong — the comparison above must see it."""
-    import fwl_scale.model.fwl as fwl_module
+    import fwl_scale.model.fwl_cp as fwl_cp_module
 
     cfg = make_cfg(True, ps.tp_size, ps.cp_size, exchange=exchange)
     ref, model = models(ps, cfg, exchange)
     ids, labels, docs = make_batch()
-    original_scan, original_gather = FastWeightLayer.exchange_state, fwl_module.gather_sequence
+    original_scan, original_gather = FastWeightLayer.exchange_state, fwl_cp_module.gather_sequence
     if exchange == "state":
         FastWeightLayer.exchange_state = lambda self, c, f: [s.detach() for s in original_scan(self, c, f)]
     else:
-        fwl_module.gather_sequence = lambda t, group: original_gather(t, group).detach()
+        fwl_cp_module.gather_sequence = lambda t, group: original_gather(t, group).detach()
     try:
         out, _ = run_with_probes(model, ids, labels, docs, ps.cp_size, ps.cp_rank * (T // ps.cp_size))
     finally:
-        FastWeightLayer.exchange_state, fwl_module.gather_sequence = original_scan, original_gather
+        FastWeightLayer.exchange_state, fwl_cp_module.gather_sequence = original_scan, original_gather
     out_ref, _ = run_with_probes(ref, ids, labels, docs, 1, 0)
     assert worst(out.token_loss, cp_slice(out_ref.token_loss, ps)) < TOL  # the forward cannot tell
     ref_params = dict(ref.named_parameters())

@@ -14,7 +14,7 @@ boundaries (context parallelism).
 
 Each sum runs in two phases so that a state can be exchanged between them (context parallelism): the
 per-chunk totals need only keys and values (`linear_attention_totals`, `cumsum_totals`; they exist after
-the FWL's slow pass), `_ChunkLayout.final` folds them into the rank's contribution, and the outputs need
+the FWL's slow pass), `ChunkLayout.final` folds them into the rank's contribution, and the outputs need
 the queries and the state that enters (`causal_linear_attention(..., totals=...)`). Between ranks, the
 alternative to a state is attending to the earlier ranks' keys and values directly
 (`cross_linear_attention`, the quadratic form across the rank boundary).
@@ -51,7 +51,7 @@ def _pad_chunks(t: Tensor, n_chunks: int, chunk: int) -> Tensor:
     return t.reshape((B, n_chunks, chunk) + tuple(t.shape[2:]))
 
 
-class _ChunkLayout:
+class ChunkLayout:
     """Segment bookkeeping shared by every sum of one call: which positions share a document inside
     each chunk, which positions still see the incoming state, and which positions make up the
     state handed to the next chunk."""
@@ -79,20 +79,20 @@ class _ChunkLayout:
         self.intra_exponent = (idx[:, None] - 1 - idx[None, :]).clamp(min=0)  # [C, C]
         self.tail_exponent = self.lengths[:, None] - 1 - idx[None, :]  # [N, C]; < 0 only in the padding
 
-    def decay_weights(self, log_decay: Tensor, dtype: torch.dtype) -> "_DecayWeights":
-        return _DecayWeights(self, log_decay.to(dtype))
+    def decay_weights(self, log_decay: Tensor, dtype: torch.dtype) -> "DecayWeights":
+        return DecayWeights(self, log_decay.to(dtype))
 
     @property
     def has_reset(self) -> Tensor:
         """[B]: a document starts somewhere in this call (the flag of a context-parallel contribution)."""
         return self.chunk_resets.any(dim=1)
 
-    def _carry(self, local_total: Tensor, decay: "_DecayWeights | None") -> Tensor:
+    def _carry(self, local_total: Tensor, decay: "DecayWeights | None") -> Tensor:
         """[B, N]: what multiplies the running state across each chunk (0 at a document start, λ^len)."""
         keep = (~self.chunk_resets).to(local_total.dtype)
         return keep if decay is None else keep * decay.across
 
-    def final(self, local_total: Tensor, state_in: Tensor | None, decay: "_DecayWeights | None" = None) -> Tensor:
+    def final(self, local_total: Tensor, state_in: Tensor | None, decay: "DecayWeights | None" = None) -> Tensor:
         """The state after the last position only (a rank's contribution when state_in is None)."""
         carry = self._carry(local_total, decay)
         shape = (local_total.shape[0],) + (1,) * (local_total.dim() - 2)
@@ -102,7 +102,7 @@ class _ChunkLayout:
         return running
 
     def scan(self, local_total: Tensor, state_in: Tensor | None,
-             decay: "_DecayWeights | None" = None) -> tuple[Tensor, Tensor]:
+             decay: "DecayWeights | None" = None) -> tuple[Tensor, Tensor]:
         """Segmented exclusive scan over chunks: the state entering each chunk, and the final state."""
         carry = self._carry(local_total, decay)
         shape = (local_total.shape[0],) + (1,) * (local_total.dim() - 2)
@@ -114,12 +114,12 @@ class _ChunkLayout:
         return torch.stack(entering, dim=1), running
 
 
-class _DecayWeights:
+class DecayWeights:
     """The powers of λ one call needs, as exp(n·log λ) with n >= 0: `intra` [C, C] = λ^(i-1-j) (used
     under the strictly causal mask only), `entering` [C] = λ^c (the incoming state at position c),
     `tail` [N, C] = λ^(len-1-j) (0 in the padding), `across` [N] = λ^len."""
 
-    def __init__(self, layout: _ChunkLayout, log_decay: Tensor):
+    def __init__(self, layout: ChunkLayout, log_decay: Tensor):
         dtype = log_decay.dtype
         self.intra = torch.exp(log_decay * layout.intra_exponent.to(dtype))
         self.entering = torch.exp(log_decay * layout.positions.to(dtype))
@@ -128,7 +128,7 @@ class _DecayWeights:
         self.across = torch.exp(log_decay * layout.lengths.to(dtype))
 
 
-def _tail_weights(layout: _ChunkLayout, dtype: torch.dtype, log_decay: Tensor | None) -> Tensor:
+def _tail_weights(layout: ChunkLayout, dtype: torch.dtype, log_decay: Tensor | None) -> Tensor:
     """[B, N, C, 1]: which positions' terms leave their chunk, and with what weight (λ^(len-1-j))."""
     w = layout.in_last_segment.to(dtype)
     if log_decay is not None:
@@ -136,7 +136,7 @@ def _tail_weights(layout: _ChunkLayout, dtype: torch.dtype, log_decay: Tensor | 
     return w.unsqueeze(-1)
 
 
-def linear_attention_totals(k_btk: Tensor, v_btv: Tensor, layout: _ChunkLayout,
+def linear_attention_totals(k_btk: Tensor, v_btv: Tensor, layout: ChunkLayout,
                             log_decay: Tensor | None = None) -> Tensor:
     """Per chunk, Σ λ^(len-1-j) k_j v_jᵀ over the chunk's last document segment (λ = 1 without
     `log_decay`): [B, N, dk, dv] (accumulation dtype)."""
@@ -146,7 +146,7 @@ def linear_attention_totals(k_btk: Tensor, v_btv: Tensor, layout: _ChunkLayout,
     return torch.einsum("bnck,bncv->bnkv", k, _pad_chunks(v_btv.to(dtype), N, C))
 
 
-def cumsum_totals(v_btd: Tensor, layout: _ChunkLayout, log_decay: Tensor | None = None) -> Tensor:
+def cumsum_totals(v_btd: Tensor, layout: ChunkLayout, log_decay: Tensor | None = None) -> Tensor:
     """Per chunk, Σ λ^(len-1-j) v_j over the chunk's last document segment: [B, N, D] (accumulation dtype)."""
     dtype = _accum_dtype(v_btd)
     v = _pad_chunks(v_btd.to(dtype), layout.n_chunks, layout.chunk)
@@ -155,7 +155,7 @@ def cumsum_totals(v_btd: Tensor, layout: _ChunkLayout, log_decay: Tensor | None 
 
 def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_bt: Tensor,
                             state_bkv: Tensor | None = None, chunk_size: int = 256,
-                            layout: _ChunkLayout | None = None,
+                            layout: ChunkLayout | None = None,
                             totals: Tensor | None = None, need_state: bool = True,
                             log_decay: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """out_i = Σ_{j<i, same document} λ^(i-1-j) (q_i·k_j) v_j + [no reset in 0..i] λ^i q_i·S_in
@@ -166,7 +166,7 @@ def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_b
     already. `need_state=False` with one chunk and no incoming state (the quadratic form of a whole
     window): state_out is None, and neither the totals nor the (zero) state term are computed — 4·dk·dv
     per token of work for nothing."""
-    layout = layout or _ChunkLayout(reset_bt, chunk_size)
+    layout = layout or ChunkLayout(reset_bt, chunk_size)
     dtype = _accum_dtype(q_btk, k_btk, v_btv)
     N, C = layout.n_chunks, layout.chunk
     q = _pad_chunks(q_btk.to(dtype), N, C)
@@ -190,11 +190,11 @@ def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_b
 
 
 def causal_cumsum(v_btd: Tensor, reset_bt: Tensor, state_bd: Tensor | None = None, chunk_size: int = 256,
-                  layout: _ChunkLayout | None = None, totals: Tensor | None = None,
+                  layout: ChunkLayout | None = None, totals: Tensor | None = None,
                   log_decay: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """out_i = Σ_{j<i, same document} λ^(i-1-j) v_j + [no reset in 0..i] λ^i S_in (λ = 1 without
     `log_decay`); state_out = the same sum after the last position."""
-    layout = layout or _ChunkLayout(reset_bt, chunk_size)
+    layout = layout or ChunkLayout(reset_bt, chunk_size)
     dtype = _accum_dtype(v_btd)
     N, C = layout.n_chunks, layout.chunk
     v = _pad_chunks(v_btd.to(dtype), N, C)
@@ -226,7 +226,7 @@ def causal_count(w_bt: Tensor, reset_bt: Tensor, count_b: Tensor | None = None, 
         out, state = causal_cumsum(w_bt.unsqueeze(-1), reset_bt, None if count_b is None else count_b[:, None],
                                    chunk_size)
         return out[..., 0], state[:, 0]
-    layout = _ChunkLayout(reset_bt, chunk_size)
+    layout = ChunkLayout(reset_bt, chunk_size)
     dtype = _accum_dtype(w_bt)
     w = _pad_chunks(w_bt.to(dtype), layout.n_chunks, layout.chunk)  # [B, N, C]
     decay = layout.decay_weights(log_decay, dtype)

@@ -18,7 +18,6 @@ sequence on every rank, so each computes it for its positions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,71 +25,20 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fwl_scale import IGNORE_INDEX
-from fwl_scale.model.fast_weights import (_ChunkLayout, causal_count, causal_cumsum, causal_linear_attention,
+from fwl_scale.model.fast_weights import (ChunkLayout, causal_cumsum, causal_linear_attention,
                                          cross_linear_attention, cumsum_totals, linear_attention_totals,
                                          masked_state)
-from fwl_scale.parallel.context import (CPContext, broadcast_from_last, choose_exchange, exclusive_state_scan,
-                                        gather_sequence)
+from fwl_scale.model.fwl_cp import receive_keys_values, receive_state, replicate_last
+from fwl_scale.model.fwl_state import (DECAY, FAST_TENSORS, NORMALIZE, FWLState, count_normalisers,
+                                       inverse_count)
+from fwl_scale.parallel.context import CPContext, choose_exchange, exclusive_state_scan
 from fwl_scale.parallel.layers import (init_normal_, set_replicated, set_sharded, tp_rank, tp_size,
                                        vocab_parallel_cross_entropy, vocab_parallel_softmax_input_grad)
 from fwl_scale.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp, reduce_from_tp
 from fwl_scale.parallel.state import TPContext
 
-# Order of the learned step sizes in FastWeightLayer.step_sizes (one per fast tensor).
-FAST_TENSORS = ("w1", "b1", "w2", "b2", "alpha", "beta")
 # The ones whose sums (and fast updates) are sharded or partial under tensor parallelism.
 _SHARDED_SUMS = 3
-NORMALIZE = ("none", "mean")
-DECAY = ("none", "learned")
-
-
-@dataclass
-class FWLState:
-    """Running sums of earlier positions of the current document, per batch row (float32 or wider).
-
-    `pending_x` holds the body output of a last position whose label was not known when its segment
-    was processed (generation, streaming); it is folded in once the next segment supplies the label.
-
-    Under tensor parallelism the state is sharded like the FWL's weights: w1 [B, d, 4s/tp], b1 [B, 4s/tp]
-    and w2 [B, 4s/tp, s] hold this rank's slice of the hidden width; the others are replicated."""
-
-    w1: Tensor  # [B, d, 4s]  Σ x_j gh1_jᵀ
-    b1: Tensor  # [B, 4s]     Σ gh1_j
-    w2: Tensor  # [B, 4s, s]  Σ a_j gh2_jᵀ
-    b2: Tensor  # [B, s]      Σ gh2_j
-    alpha: Tensor  # [B, s]   Σ gu_j ⊙ xhat_j
-    beta: Tensor  # [B, s]    Σ gu_j
-    doc_id: Tensor  # [B] int64: the document these sums belong to
-    pending_x: Tensor | None = None  # [B, d]
-    # normalize="mean": [B, 6] the count of the sums' positions with a loss, per fast tensor (decayed with
-    # its λ; the six are equal without decay). Replicated under tp and cp.
-    count: Tensor | None = None
-
-    def detach(self) -> "FWLState":
-        """Truncates backpropagation at this state (training with carried state)."""
-        pend = self.pending_x.detach() if self.pending_x is not None else None
-        count = self.count.detach() if self.count is not None else None
-        return replace(self, w1=self.w1.detach(), b1=self.b1.detach(), w2=self.w2.detach(),
-                       b2=self.b2.detach(), alpha=self.alpha.detach(), beta=self.beta.detach(),
-                       pending_x=pend, count=count)
-
-    def tensors(self) -> dict[str, Tensor]:
-        out = {name: getattr(self, name) for name in FAST_TENSORS + ("doc_id",)}
-        for name in ("pending_x", "count"):
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
-        return out
-
-    @classmethod
-    def from_tensors(cls, t: dict[str, Tensor]) -> "FWLState":
-        return cls(**{name: t[name] for name in FAST_TENSORS + ("doc_id",)}, pending_x=t.get("pending_x"),
-                   count=t.get("count"))
-
-
-def _inverse_count(n: Tensor) -> Tensor:
-    """1/n where n > 0, else 0 (nothing to average before a document's first position with a loss);
-    finite for any n > 0, also one a long decay has driven below the smallest normal number."""
-    return torch.where(n > 0, 1.0 / n.clamp(min=torch.finfo(n.dtype).tiny), torch.zeros_like(n))
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:
@@ -315,22 +263,7 @@ class FastWeightLayer(nn.Module):
         if self.normalize == "none":
             return torch.ones(state.doc_id.shape[0], len(FAST_TENSORS), dtype=state.b2.dtype,
                               device=state.b2.device)
-        return _inverse_count(state.count)
-
-    def _normalisers(self, labels_bt: Tensor, reset_bt: Tensor, count_in: Tensor | None,
-                     log_decay: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """normalize="mean": k_i = 1/n_i per fast tensor for the whole sequence [B, T, 6], and the count
-        after its last position [B, 6]."""
-        w = (labels_bt != IGNORE_INDEX).to(dtype)
-        chunk = min(self.chunk_size, w.shape[1])
-        if log_decay is None:
-            n, n_out = causal_count(w, reset_bt, count_in[:, 0] if count_in is not None else None, chunk)
-            n, n_out = n.unsqueeze(-1).expand(-1, -1, len(FAST_TENSORS)), n_out.unsqueeze(-1).expand(-1, len(FAST_TENSORS))
-        else:
-            pairs = [causal_count(w, reset_bt, count_in[:, f] if count_in is not None else None, chunk, log_decay[f])
-                     for f in range(len(FAST_TENSORS))]
-            n, n_out = torch.stack([p[0] for p in pairs], dim=-1), torch.stack([p[1] for p in pairs], dim=-1)
-        return _inverse_count(n), n_out
+        return inverse_count(state.count)
 
     def slow_pass(self, x: Tensor, skip: Tensor | None) -> dict[str, Tensor]:
         """`x` [B, T, d]: inside the tensor-parallel region (replicated values). `skip`: the same values
@@ -467,7 +400,7 @@ class FastWeightLayer(nn.Module):
         scale, count_out = None, None
         if self.normalize == "mean":
             # The whole sequence on every cp rank (its labels are known everywhere); this rank's slice.
-            scale, count_out = self._normalisers(labels, reset, count_in, log_decay,
+            scale, count_out = count_normalisers(labels, reset, count_in, log_decay, self.chunk_size,
                                                  torch.promote_types(x.dtype, torch.float32))
             scale = scale[:, start:start + T_loc]
 
@@ -478,7 +411,7 @@ class FastWeightLayer(nn.Module):
             skip = gather_from_tp(x_btd, tp, dim=1) if seq_par else x_btd
         slow = self.slow_pass(x, skip)
         grads = self.slow_gradients(slow, unembed, labels_loc, loss_weight)
-        layout = _ChunkLayout(reset_loc, self.chunk_for(T_loc))
+        layout = ChunkLayout(reset_loc, self.chunk_for(T_loc))
         # Keys and values of the six running sums (None: a plain sum of the values). All exist now,
         # before any fast computation: the slow-pass gradients are all taken at θ.
         keys_values = {"w1": (x, grads["gh1"]), "b1": (None, grads["gh1"]), "w2": (slow["a"], grads["gh2_tp"]),
@@ -494,9 +427,9 @@ class FastWeightLayer(nn.Module):
                   for name, (k, v) in keys_values.items() if k is None or need_states}
         cross = None
         if exchange == "state":
-            received = self._receive_state(s_in, totals, layout, log_decay)
+            received = receive_state(self, s_in, totals, layout, log_decay)
         elif exchange == "kv":
-            received, cross = self._receive_keys_values(s_in, grads, slow, x, reset, layout, start, decay)
+            received, cross = receive_keys_values(self, s_in, grads, slow, x, reset, layout, start, decay)
         else:
             received = s_in
         rc = received if received is not None else {}
@@ -556,87 +489,6 @@ class FastWeightLayer(nn.Module):
                 # lives on the last rank, so gather it with a backward that keeps this rank's part.
                 pending_x = (gather_from_tp(x_btd, tp, dim=1) if seq_par else x_btd)[:, -1]
             if cp is not None:
-                sums, pending_x = self._replicate_last(sums, pending_x)
+                sums, pending_x = replicate_last(self, sums, pending_x)
             new_state = FWLState(**sums, doc_id=doc_ids_bt[:, -1].clone(), pending_x=pending_x, count=count_out)
         return u_fast, new_state
-
-    def _receive_state(self, s_in: dict[str, Tensor] | None, totals: dict[str, Tensor],
-                       layout: _ChunkLayout, log_decay: Tensor | None) -> dict[str, Tensor]:
-        """Exchange `state`: each rank's contribution is its sums after its last document start (the
-        first rank's include the carried state), flagged where a document starts on the rank; the
-        segmented exclusive scan gives the state entering each rank."""
-        # The carried state enters at the first rank (whose scan result is the empty sum, 0). Every rank
-        # runs the same ops (times 0 elsewhere) so that the autograd graphs, and with them the order of
-        # the collectives in backward, are the same on every rank.
-        carried = None
-        if s_in is not None:
-            keep = 1.0 if self.cp.rank == 0 else 0.0
-            carried = {name: keep * s_in[name].to(totals[name].dtype) for name in FAST_TENSORS}
-        decays = [None] * len(FAST_TENSORS) if log_decay is None else [
-            layout.decay_weights(a, totals[name].dtype) for name, a in zip(FAST_TENSORS, log_decay)]
-        contributions = [layout.final(totals[name], carried[name] if carried else None, dec)
-                         for name, dec in zip(FAST_TENSORS, decays)]
-        if log_decay is None:
-            scanned = self.exchange_state(contributions, layout.has_reset)
-        else:
-            scanned = self.exchange_state(contributions, layout.has_reset, log_decay, layout.T)
-        scanned = dict(zip(FAST_TENSORS, scanned))
-        if carried is None:
-            return scanned
-        return {name: scanned[name] + carried[name] for name in FAST_TENSORS}
-
-    def _receive_keys_values(self, s_in: dict[str, Tensor] | None, grads: dict[str, Tensor],
-                             slow: dict[str, Tensor], x: Tensor, reset_bt: Tensor, layout: _ChunkLayout,
-                             start: int, decay: dict[str, Tensor]) -> tuple[dict[str, Tensor] | None, dict[str, Tensor]]:
-        """Exchange `kv`: every rank's keys and values in one all-gather (backward: one all-reduce of
-        their gradients); this rank keeps the earlier ranks' tokens of the document it continues. The
-        vector sums become the entering state at once; the fast dense layers attend to those keys
-        (cross_linear_attention) instead of building dk·dv states. With a decay (`decay`: log λ by fast
-        tensor) an earlier token j reaches this rank's position start + t with weight λ^(start+t-1-j),
-        the carried state with λ^(start+t)."""
-        gu = grads["gu"]
-        pieces = [x, grads["gh1"], slow["a"], grads["gh2"], gu, gu * slow["xhat"]]
-        widths = [p.shape[-1] for p in pieces]
-        gathered = gather_sequence(torch.cat(pieces, dim=-1), self.cp.group)[:, :start]
-        xp, gh1p, ap, gh2p, gup, guxhp = gathered.split(widths, dim=-1)
-        # Global segment index (0: the carried state's document goes on); the earlier tokens that reach
-        # this rank are those of the segment this rank starts in.
-        seg = torch.cumsum(reset_bt.to(torch.int64), dim=1)
-        seg_here = seg[:, start]
-        k_mask = seg[:, :start] == seg_here[:, None]
-        # This rank's tokens before its first document start see the earlier ranks.
-        q_mask = torch.cumsum(reset_bt[:, start:start + layout.T].to(torch.int64), dim=1) == 0
-        sees_carried = (seg_here == 0)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        j = torch.arange(start, device=x.device, dtype=dtype)
-
-        def powers(name, exponent):  # λ^exponent of this fast tensor (None: no decay)
-            return torch.exp(decay[name].to(dtype) * exponent) if name in decay else None
-
-        received: dict[str, Tensor] = {}
-        for name, v in (("b1", gh1p), ("b2", gh2p), ("alpha", guxhp), ("beta", gup)):
-            received[name] = masked_state(None, v, k_mask, powers(name, start - 1 - j))
-        if s_in is not None:
-            for name in FAST_TENSORS:
-                carried = s_in[name] * sees_carried.reshape((-1,) + (1,) * (s_in[name].dim() - 1)).to(s_in[name].dtype)
-                if name in decay:
-                    carried = carried * powers(name, float(start)).to(carried.dtype)
-                received[name] = received[name] + carried if name in received else carried
-        cross = {"w1": (xp, gh1p), "w2": (ap, copy_to_tp(gh2p, self.tp)), "q_mask": q_mask, "k_mask": k_mask}
-        if decay:
-            t = torch.arange(layout.T, device=x.device, dtype=dtype)
-            for name in ("w1", "w2"):
-                cross["weight_" + name] = powers(name, start + t[:, None] - 1 - j[None, :])
-                cross["end_weight_" + name] = powers(name, start + layout.T - 1 - j)
-        return received, cross
-
-    def _replicate_last(self, sums: dict[str, Tensor], pending_x: Tensor | None
-                        ) -> tuple[dict[str, Tensor], Tensor | None]:
-        """The state after the sequence's last position (the last rank's) on every rank of the group."""
-        tensors = [sums[name] for name in FAST_TENSORS]
-        dtype = tensors[0].dtype
-        if pending_x is not None:
-            tensors.append(pending_x.to(dtype))
-        out = broadcast_from_last(tensors, self.cp.group)
-        new_pending = out[len(FAST_TENSORS)].to(pending_x.dtype) if pending_x is not None else None
-        return dict(zip(FAST_TENSORS, out[: len(FAST_TENSORS)])), new_pending
