@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from fwl_scale import IGNORE_INDEX
-from fwl_scale.config import ConfigError, load_config
+from fwl_scale.config import ConfigError, config_to_nested, load_config
 from fwl_scale.model import build_model
 from fwl_scale.model.fast_weights import causal_count, causal_cumsum, causal_linear_attention
 from fwl_scale.model.fwl import FAST_TENSORS, FWLState
 from fwl_scale.model.naive import naive_causal_linear_attention, naive_fwl_logits
 from fwl_scale.train.carried import CarriedState
+from fwl_scale.train.checkpoint import CheckpointError, CheckpointRef, check_compatible
 from tests.fwl_support import V, fast_logits, grads_of, make_inputs, make_layer, param_names, run_segments
 
 TOL = 1e-10
@@ -215,3 +216,16 @@ def test_carried_training_state_keeps_the_count(tmp_path):
     whole = CarriedState(True, micro_batch=2)
     whole.load(tmp_path, torch.device("cpu"))
     assert torch.equal(whole.state.count, state.count) and torch.equal(whole.state.w1, state.w1)
+
+
+def test_checkpoints_from_before_the_remedies_still_load(tmp_path):
+    """A checkpoint written before model.fwl.normalize/decay existed was trained with their defaults: it
+    is compatible with a config at the defaults, and refused (naming the field) with a remedy on."""
+    cfg = load_config(None, [])
+    old = config_to_nested(cfg)["model"]
+    for name in ("normalize", "decay", "decay_init"):
+        del old["fwl"][name]
+    ref = CheckpointRef(tmp_path, "step_00000001", {"step": 1, "model": old})
+    check_compatible(ref, cfg)
+    with pytest.raises(CheckpointError, match=re.escape("model.fwl.decay")):
+        check_compatible(ref, load_config(None, ["model.fwl.decay=learned"]))
