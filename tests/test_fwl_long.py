@@ -1,7 +1,9 @@
 """The FWL's remedies for long documents (model.fwl.normalize=mean, model.fwl.decay=learned, and both)
 against their references, in float64: the state operator with a forgetting factor against the loop, the
-whole FWL against naive_fwl_logits (θ_i built with autograd per position), segments with a carried state
-and pending positions against the whole pass, the carried state's tensors, and the config's checks.
+whole FWL and the whole model against naive_fwl_logits (θ_i built with autograd per position), segments
+with a carried state and pending positions against the whole pass, the carried state's tensors through
+the checkpoint files and an exact resume of training with carried state (data.mode=contiguous), older
+checkpoints still loading, and the config's checks.
 Context and tensor parallelism with the remedies run in tests/test_cp_model.py and tests/test_tp_model.py.
 
 Tolerance: 1e-10 as in tests/test_fwl.py (float64 round-off; a wrong power of λ or a count off by one
@@ -9,7 +11,9 @@ position is off by 1e-3 or more).
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
 
 import pytest
 import torch
@@ -22,7 +26,10 @@ from fwl_scale.model.fwl import FAST_TENSORS, FWLState
 from fwl_scale.model.naive import naive_causal_linear_attention, naive_fwl_logits
 from fwl_scale.train.carried import CarriedState
 from fwl_scale.train.checkpoint import CheckpointError, CheckpointRef, check_compatible
+from fwl_scale.train.loop import Trainer
+from fwl_scale.train.signals import EXIT_REQUEUE
 from tests.fwl_support import V, fast_logits, grads_of, make_inputs, make_layer, param_names, run_segments
+from tests.train_support import step_losses, tiny_config
 
 TOL = 1e-10
 REMEDIES = [("mean", "none"), ("none", "learned"), ("mean", "learned")]
@@ -229,3 +236,27 @@ def test_checkpoints_from_before_the_remedies_still_load(tmp_path):
     check_compatible(ref, cfg)
     with pytest.raises(CheckpointError, match=re.escape("model.fwl.decay")):
         check_compatible(ref, load_config(None, ["model.fwl.decay=learned"]))
+
+
+def test_training_with_carried_state_and_remedies_resumes_exactly(tmp_path):
+    """data.mode=contiguous with both remedies: the trainer carries the state (count included) from
+    micro-batch to micro-batch, saves it with the checkpoint, and a resumed run repeats the
+    uninterrupted one's losses bit for bit."""
+    common = ("data.mode=contiguous", "train.steps=4", "parallel.grad_accum=2", "parallel.micro_batch=2",
+              "train.warmup_steps=1", "train.eval_every=1000", "model.fwl.normalize=mean",
+              "model.fwl.decay=learned")
+    assert Trainer(tiny_config(tmp_path / "whole", *common)).run() == 0
+    uninterrupted = step_losses(tmp_path / "whole")
+
+    def stop_after_two(trainer, stats):
+        if trainer.state.step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    out = tmp_path / "run"
+    first = Trainer(tiny_config(out, *common), after_step=stop_after_two)
+    assert first.run() == EXIT_REQUEUE
+    resumed = Trainer(tiny_config(out, *common))
+    assert resumed.carried.state.count is not None
+    assert torch.equal(resumed.carried.state.count, first.carried.state.count)
+    assert resumed.run() == 0
+    assert step_losses(out) == uninterrupted
