@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import load_config
@@ -161,6 +162,30 @@ def check_missing_step_size_reduce(ps) -> None:
     assert gather_grad(model.fwl.w1, tp).sub(ref.fwl.w1.grad).abs().max() < TOL
 
 
+def check_missing_decay_reduce(ps) -> None:
+    """λ of W1, b1 and W2 scale sharded or partial sums like their step sizes: without the all-reduce of
+    their gradient (replicated decay logits straight into the sharded work) the check above must fail."""
+    cfg = make_cfg(True, ps.tp_size, False, extra=REMEDIES)
+    torch.manual_seed(0)
+    ref = build_model(cfg.model).double()
+    perturb(ref)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tp_group=ps).double()
+    load_full_state_dict(model, ref.state_dict())
+    ids, labels, docs = make_batch()
+    original = FastWeightLayer.log_decay
+    FastWeightLayer.log_decay = lambda self: F.logsigmoid(self.decay_logits)
+    try:
+        run_with_probes(model, ids, labels, docs)
+    finally:
+        FastWeightLayer.log_decay = original
+    run_with_probes(ref, ids, labels, docs)
+    g, g_ref = model.fwl.decay_logits.grad, ref.fwl.decay_logits.grad
+    per_tensor = ((g - g_ref).abs() / g_ref.abs().clamp(min=1e-12)).tolist()
+    assert min(per_tensor[:3]) > 1e-3, f"missing all-reduce not visible: {per_tensor}"  # W1, b1, W2
+    assert max(per_tensor[3:]) < 1e-8  # b2, alpha, beta are replicated computations
+
+
 def run_segments(model, ids, labels, docs, cut: int):
     """Two segments with the FWL state carried (not detached) and the first segment's last label
     withheld (pending), as in streaming."""
@@ -272,6 +297,7 @@ def _world2(rank: int, world: int) -> None:
     # The long-document remedies: λ of W1, b1, W2 scale sharded or partial sums (gradient all-reduced).
     check_model(init_parallel_state(make_cfg(True, 2, True)), True, True, extra=REMEDIES)
     check_segments(init_parallel_state(make_cfg(True, 2, False)), False, extra=REMEDIES)
+    check_missing_decay_reduce(init_parallel_state(make_cfg(True, 2, False)))
 
 
 def _world4(rank: int, world: int) -> None:
