@@ -36,8 +36,19 @@ class FWLConfig:
     step_size_init: float = 0.01
     # Multiplies the learned step sizes; 0 evaluates the slow head alone (fast updates off).
     step_scale: float = 1.0
-    # The gradient scale k of docs/design.md §1.2: a constant. None means 1 / model.seq_len.
+    # The gradient scale k of docs/design.md §1.2: a constant. None means 1 / model.seq_len. Not used with
+    # normalize: mean (setting both is an error).
     grad_scale: float | None = None
+    # Past the training length (docs/design.md §1.3; the fast path's docstring in model/fwl.py):
+    # normalize: none = the constant k above, so the sums grow with the position; mean = position i
+    #   averages the gradients of the earlier positions of its document that carry a loss, k_i = 1/n_i
+    #   (0 while n_i = 0); with a decay, n_i is the decayed count Σ λ^(i-1-j) w_j of each fast tensor,
+    #   i.e. a λ-weighted mean. The count is carried in the FWL state.
+    normalize: str = "none"
+    # decay: none | learned. learned = a forgetting factor λ ∈ (0, 1) per fast tensor, sigmoid-parametrised
+    #   (fwl.decay_logits; no weight decay), so the sums are Σ λ^(i-1-j) ∇_j; decay_init is λ at init.
+    decay: str = "none"
+    decay_init: float = 0.99
     eps: float = 1e-5
     # Token chunk of the fast pass: state from earlier chunks + quadratic attention inside the chunk.
     chunk_size: int = 256
@@ -191,6 +202,11 @@ class Config:
         need(f.eps > 0, "model.fwl.eps", "must be > 0")
         need(f.init_std is None or f.init_std > 0, "model.fwl.init_std", "must be > 0")
         need(f.step_scale >= 0, "model.fwl.step_scale", "must be >= 0")
+        need(f.normalize in ("none", "mean"), "model.fwl.normalize", f"must be none or mean, got {f.normalize!r}")
+        need(f.normalize == "none" or f.grad_scale is None, "model.fwl.grad_scale",
+             "is not used with model.fwl.normalize=mean (k_i = 1/n_i replaces it): leave it unset")
+        need(f.decay in ("none", "learned"), "model.fwl.decay", f"must be none or learned, got {f.decay!r}")
+        need(0.0 < f.decay_init < 1.0, "model.fwl.decay_init", f"must lie in (0, 1), got {f.decay_init}")
         need(self.train.fwl_lr_mult > 0, "train.fwl_lr_mult", "must be > 0")
         need(self.train.step_size_lr_mult > 0, "train.step_size_lr_mult", "must be > 0")
         if f.residual and f.enabled:

@@ -15,6 +15,8 @@ Each rank's objective is its loss share plus cp × (its chunk's weighted token l
 is cp × the reference objective, so the averaged gradients must equal the reference ones and the chunk
 gradients must equal cp × the reference's. Segments: a carried state with a pending position enters a
 context-parallel segment, the state leaving it is compared, and gradients flow back through it.
+The long-document remedies (model.fwl.normalize=mean, model.fwl.decay=learned, both) run the same
+checks, the carried count included.
 
 Tolerance: 1e-10 relative to max(1, |reference|): float64 round-off. A detached received state (or
 detached earlier keys and values) leaves the forward exact and moves gradients by far more than 1e-4 —
@@ -39,14 +41,22 @@ TOL = 1e-10
 B, T, VOCAB = 3, 16, 50
 
 
+# The long-document remedies (tests/test_fwl_long.py): normaliser, forgetting factor (λ ≈ 0.7, so it
+# matters over 16 tokens), both.
+MEAN = ("model.fwl.normalize=mean",)
+DECAY = ("model.fwl.decay=learned", "model.fwl.decay_init=0.7")
+REMEDIES = (MEAN, DECAY, MEAN + DECAY)
+
+
 def make_cfg(fwl: bool = True, tp: int = 1, cp: int = 1, sp: bool = False, dp: int = 1, chunk: int = 3,
-             form: str = "chunked", exchange: str = "state", seq_len: int = T):
+             form: str = "chunked", exchange: str = "state", seq_len: int = T, extra: tuple[str, ...] = ()):
+    scale = [] if "model.fwl.normalize=mean" in extra else ["model.fwl.grad_scale=0.5"]  # mean has no k
     return load_config(None, [
         "model.d_model=16", "model.n_heads=4", "model.n_layers=2", f"model.seq_len={seq_len}",
         f"model.vocab_size={VOCAB}", "model.vocab_multiple=64", f"model.fwl.enabled={str(fwl).lower()}",
         f"model.fwl.chunk_size={chunk}", f"model.fwl.form={form}", "model.fwl.vocab_chunk=7",
-        "model.fwl.grad_scale=0.5", f"parallel.tp={tp}", f"parallel.cp={cp}", f"parallel.dp={dp}",
-        f"parallel.sequence_parallel={str(sp).lower()}", f"parallel.cp_exchange={exchange}"])
+        *scale, f"parallel.tp={tp}", f"parallel.cp={cp}", f"parallel.dp={dp}",
+        f"parallel.sequence_parallel={str(sp).lower()}", f"parallel.cp_exchange={exchange}", *extra])
 
 
 def make_batch(n_tokens: int = T, seed: int = 11):
@@ -119,9 +129,9 @@ def models(ps, cfg, exchange: str):
 
 
 def check_model(ps, fwl: bool = True, exchange: str = "state", sp: bool = False, chunk: int = 3,
-                form: str = "chunked") -> None:
-    cfg = make_cfg(fwl, ps.tp_size, ps.cp_size, sp, chunk=chunk, form=form, exchange=exchange)
-    what = f"[cp={ps.cp_size} tp={ps.tp_size} sp={sp} fwl={fwl} exchange={exchange} {form}/{chunk}]"
+                form: str = "chunked", extra: tuple[str, ...] = ()) -> None:
+    cfg = make_cfg(fwl, ps.tp_size, ps.cp_size, sp, chunk=chunk, form=form, exchange=exchange, extra=extra)
+    what = f"[cp={ps.cp_size} tp={ps.tp_size} sp={sp} fwl={fwl} exchange={exchange} {form}/{chunk} {extra}]"
     ref, model = models(ps, cfg, exchange)
     ids, labels, docs = make_batch()
     out_ref, probes_ref = run_with_probes(ref, ids, labels, docs, 1, 0)
@@ -142,6 +152,8 @@ def check_model(ps, fwl: bool = True, exchange: str = "state", sp: bool = False,
         assert err < TOL, f"{what} gradient at {name}: {err:.3g}"
     if fwl:
         assert ref.fwl.step_sizes.grad.abs().min() > 1e-4, what
+        if ref.fwl.decay_logits is not None:
+            assert ref.fwl.decay_logits.grad.abs().min() > 1e-6, what
     with torch.no_grad():
         lg = model(ids, labels, docs, return_logits=True).logits
         lg_ref = ref(ids, labels, docs, return_logits=True).logits
@@ -151,20 +163,20 @@ def check_model(ps, fwl: bool = True, exchange: str = "state", sp: bool = False,
 def check_detached_exchange_is_caught(ps, exchange: str) -> None:
     """A received state (or earlier keys and values) without its backward: the forward stays exact and
     the gradients of the earlier ranks' tokens go wrong — the comparison above must see it."""
-    import fwl_scale.model.fwl as fwl_module
+    import fwl_scale.model.fwl_cp as fwl_cp_module
 
     cfg = make_cfg(True, ps.tp_size, ps.cp_size, exchange=exchange)
     ref, model = models(ps, cfg, exchange)
     ids, labels, docs = make_batch()
-    original_scan, original_gather = FastWeightLayer.exchange_state, fwl_module.gather_sequence
+    original_scan, original_gather = FastWeightLayer.exchange_state, fwl_cp_module.gather_sequence
     if exchange == "state":
         FastWeightLayer.exchange_state = lambda self, c, f: [s.detach() for s in original_scan(self, c, f)]
     else:
-        fwl_module.gather_sequence = lambda t, group: original_gather(t, group).detach()
+        fwl_cp_module.gather_sequence = lambda t, group: original_gather(t, group).detach()
     try:
         out, _ = run_with_probes(model, ids, labels, docs, ps.cp_size, ps.cp_rank * (T // ps.cp_size))
     finally:
-        FastWeightLayer.exchange_state, fwl_module.gather_sequence = original_scan, original_gather
+        FastWeightLayer.exchange_state, fwl_cp_module.gather_sequence = original_scan, original_gather
     out_ref, _ = run_with_probes(ref, ids, labels, docs, 1, 0)
     assert worst(out.token_loss, cp_slice(out_ref.token_loss, ps)) < TOL  # the forward cannot tell
     ref_params = dict(ref.named_parameters())
@@ -192,11 +204,11 @@ def run_segments(model, ids, labels, docs, cut: int):
     return first, second
 
 
-def check_segments(ps, exchange: str, sp: bool = False) -> None:
+def check_segments(ps, exchange: str, sp: bool = False, extra: tuple[str, ...] = ()) -> None:
     """A carried state with a pending position enters a context-parallel segment: values, the state
     leaving each segment (replicated over cp, sharded over tp) and the gradients through it."""
-    cfg = make_cfg(True, ps.tp_size, ps.cp_size, sp, exchange=exchange)
-    what = f"[segments cp={ps.cp_size} tp={ps.tp_size} sp={sp} {exchange}]"
+    cfg = make_cfg(True, ps.tp_size, ps.cp_size, sp, exchange=exchange, extra=extra)
+    what = f"[segments cp={ps.cp_size} tp={ps.tp_size} sp={sp} {exchange} {extra}]"
     ref, model = models(ps, cfg, exchange)
     ids, labels, docs = make_batch(2 * T, seed=12)
     docs[0, T:] = 9  # a document starting exactly at the segment boundary
@@ -218,6 +230,9 @@ def check_segments(ps, exchange: str, sp: bool = False) -> None:
                 full = take_shard(full, dim, tp.rank, tp.size)
             assert worst(mine, full) < TOL, f"{what} state {name}"
         assert torch.equal(st.doc_id, st_ref.doc_id)
+        assert (st.count is None) == (st_ref.count is None), what
+        if st.count is not None:
+            assert worst(st.count, st_ref.count) < TOL, f"{what} count"
     assert worst(a.fwl_state.pending_x, a_ref.fwl_state.pending_x) < TOL, what
     ref_params = dict(ref.named_parameters())
     # Each rank's objective here is its own chunk's logits (no cp factor): sum over cp, not average.
@@ -238,6 +253,9 @@ def _world2(rank: int, world: int) -> None:
     for exchange in ("state", "kv"):
         check_detached_exchange_is_caught(ps, exchange)
         check_segments(ps, exchange)
+        for extra in REMEDIES:
+            check_model(ps, exchange=exchange, extra=extra)
+            check_segments(ps, exchange, extra=extra)
 
 
 def _world4(rank: int, world: int) -> None:
@@ -245,6 +263,9 @@ def _world4(rank: int, world: int) -> None:
     for exchange in ("state", "kv"):
         check_model(ps, exchange=exchange)
         check_segments(ps, exchange)
+        for extra in REMEDIES:
+            check_model(ps, exchange=exchange, extra=extra)
+        check_segments(ps, exchange, extra=MEAN + DECAY)
     check_model(ps, fwl=False)
     # cp = 2 × tp = 2: the FWL state sharded over tp, exchanged over cp; with and without sequence parallelism.
     for sp in (False, True):
@@ -253,6 +274,7 @@ def _world4(rank: int, world: int) -> None:
         for exchange in ("state", "kv"):
             check_model(ps, exchange=exchange, sp=sp)
         check_segments(ps, "state", sp=sp)
+        check_model(ps, exchange="state" if sp else "kv", sp=sp, extra=MEAN + DECAY)
     check_model(ps, fwl=False, sp=True)
 
 

@@ -58,6 +58,9 @@ def _direct(fn, *args, use_reentrant=False, **kwargs):
     ("model.fwl.form=chunked",),  # four chunks: the state terms are counted too
     ("model.fwl.form=chunked", "model.document_mask=false"),
     ("model.fwl.enabled=false",),
+    # The long-document remedies: the decayed vector sums are products, the counts elementwise.
+    ("model.fwl.form=chunked", "model.fwl.normalize=mean", "model.fwl.decay=learned"),
+    ("model.fwl.form=quadratic", "model.fwl.decay=learned"),
 ])
 def test_analytic_count_equals_executed_matmul_flops(extra, monkeypatch):
     monkeypatch.setattr(fwl_module, "checkpoint", _direct)  # no recomputation of vocabulary chunks

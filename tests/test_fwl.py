@@ -9,57 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fwl_scale import IGNORE_INDEX
 from fwl_scale.model.fast_weights import causal_cumsum, causal_linear_attention
 from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer, FWLState
 from fwl_scale.model.naive import naive_causal_linear_attention, naive_fwl_logits
+from tests.fwl_support import V, fast_logits, grads_of, make_inputs, make_layer, run_segments
 
 TOL = 1e-10
-D, S, V, VPAD = 6, 6, 13, 16
 
 
 @pytest.fixture(autouse=True)
 def _float64():
     torch.manual_seed(0)
     yield
-
-
-def make_layer(chunk: int, T: int, residual: bool = False) -> FastWeightLayer:
-    layer = FastWeightLayer(D, S, 4, V, VPAD, 0.01, 1.0 / T, 1e-5, chunk, 5, 0.5, residual=residual).double()
-    with torch.no_grad():
-        # Large, distinct step sizes so that every fast term matters numerically.
-        layer.step_sizes.copy_(torch.tensor([0.9, 0.7, 0.8, 0.6, 0.5, 0.4]))
-        for p in (layer.b1, layer.b2, layer.beta, layer.out_bias):
-            p.normal_(std=0.3)
-        layer.alpha.add_(torch.randn_like(layer.alpha) * 0.3)
-    return layer
-
-
-def make_inputs(B: int, T: int):
-    x = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
-    U = torch.nn.Parameter(torch.randn(VPAD, S, dtype=torch.float64))
-    labels = torch.randint(0, V, (B, T))
-    labels[0, 2] = IGNORE_INDEX
-    labels[1, T - 1] = IGNORE_INDEX
-    docs = torch.zeros(B, T, dtype=torch.long)
-    docs[0, 5:] = 1  # a document starts inside the sequence
-    docs[0, T - 3:] = 2  # and another one near the end
-    return x, U, labels, docs
-
-
-def fast_logits(layer, x, U, labels, docs):
-    u, _ = layer(x, U, labels, docs)
-    return u @ U[:V].t() + layer.out_bias[:V]
-
-
-def grads_of(fn, layer, x, U):
-    """Gradients of a fixed random outer loss of the logits w.r.t. every input that can carry one."""
-    torch.manual_seed(1)
-    logits = fn()
-    weights = torch.randn_like(logits)
-    loss = (logits * weights).sum() + (logits ** 2).sum() * 0.01
-    params = [x, U] + [getattr(layer, n) for n in FAST_TENSORS] + [layer.out_bias, layer.step_sizes]
-    return logits, torch.autograd.grad(loss, params)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 11, 64])
@@ -140,22 +101,6 @@ def test_outputs_do_not_depend_on_batch_mates():
     together = fast_logits(layer, x, U, labels, docs)
     alone = fast_logits(layer, x[1:2], U, labels[1:2], docs[1:2])
     assert (together[1:2] - alone).abs().max() < TOL
-
-
-def run_segments(layer, x, U, labels, docs, cuts, pending: bool):
-    """Processes [0:c1], [c1:c2], ... carrying the state; with `pending`, each segment's last label is
-    withheld and supplied by the next segment (as in generation)."""
-    outs, state = [], None
-    bounds = [0] + cuts + [x.shape[1]]
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        last = i == len(bounds) - 2
-        kwargs = {}
-        if state is not None and state.pending_x is not None:
-            kwargs["pending_labels_b"] = labels[:, a - 1]
-        u, state = layer(x[:, a:b], U, labels[:, a:b], docs[:, a:b], state=state,
-                         last_label_pending=pending and not last, return_state=True, **kwargs)
-        outs.append(u)
-    return torch.cat(outs, dim=1), state
 
 
 @pytest.mark.parametrize("residual", [False, True])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import load_config
@@ -32,12 +33,18 @@ TOL = 1e-10
 B, T, VOCAB = 2, 16, 50
 
 
-def make_cfg(fwl: bool, tp: int, sp: bool, dp: int = 1, vocab_multiple: int = 64, tied: bool = True):
+# The long-document remedies together (tests/test_fwl_long.py): normaliser and forgetting factor.
+REMEDIES = ("model.fwl.normalize=mean", "model.fwl.decay=learned", "model.fwl.decay_init=0.7")
+
+
+def make_cfg(fwl: bool, tp: int, sp: bool, dp: int = 1, vocab_multiple: int = 64, tied: bool = True,
+             extra: tuple[str, ...] = ()):
+    scale = [] if "model.fwl.normalize=mean" in extra else ["model.fwl.grad_scale=0.5"]  # mean has no k
     over = ["model.d_model=16", "model.n_heads=4", "model.n_layers=2", f"model.seq_len={T}",
             f"model.vocab_size={VOCAB}", f"model.vocab_multiple={vocab_multiple}",
             f"model.fwl.enabled={str(fwl).lower()}", f"model.tie_embeddings={str(tied).lower()}",
-            "model.fwl.chunk_size=4", "model.fwl.vocab_chunk=7", "model.fwl.grad_scale=0.5",
-            f"parallel.tp={tp}", f"parallel.dp={dp}", f"parallel.sequence_parallel={str(sp).lower()}"]
+            "model.fwl.chunk_size=4", "model.fwl.vocab_chunk=7", *scale,
+            f"parallel.tp={tp}", f"parallel.dp={dp}", f"parallel.sequence_parallel={str(sp).lower()}", *extra]
     if not tied:
         over.append("model.fwl.width=8")
     return load_config(None, over)
@@ -82,10 +89,10 @@ def run_with_probes(model, ids, labels, docs):
 
 
 def check_model(ps, fwl: bool, sp: bool, vocab_multiple: int = 64, tied: bool = True,
-                checkpointing: bool = False) -> None:
+                checkpointing: bool = False, extra: tuple[str, ...] = ()) -> None:
     tp = ps.tp_context()
-    cfg = make_cfg(fwl, ps.tp_size, sp, ps.dp_size, vocab_multiple, tied)
-    what = f"[fwl={fwl} sp={sp} tp={ps.tp_size} V%{vocab_multiple} tied={tied} ckpt={checkpointing}]"
+    cfg = make_cfg(fwl, ps.tp_size, sp, ps.dp_size, vocab_multiple, tied, extra)
+    what = f"[fwl={fwl} sp={sp} tp={ps.tp_size} V%{vocab_multiple} tied={tied} ckpt={checkpointing} {extra}]"
     torch.manual_seed(0)
     ref = build_model(cfg.model).double()
     torch.manual_seed(0)
@@ -117,6 +124,8 @@ def check_model(ps, fwl: bool, sp: bool, vocab_multiple: int = 64, tied: bool = 
     if fwl:
         # The fast weights really act: the step sizes get a sizeable gradient.
         assert ref.fwl.step_sizes.grad.abs().min() > 1e-4, what
+        if ref.fwl.decay_logits is not None:
+            assert ref.fwl.decay_logits.grad.abs().min() > 1e-6, what
 
     with torch.no_grad():
         logits = model(ids, labels, docs, return_logits=True)
@@ -153,6 +162,30 @@ def check_missing_step_size_reduce(ps) -> None:
     assert gather_grad(model.fwl.w1, tp).sub(ref.fwl.w1.grad).abs().max() < TOL
 
 
+def check_missing_decay_reduce(ps) -> None:
+    """λ of W1, b1 and W2 scale sharded or partial sums like their step sizes: without the all-reduce of
+    their gradient (replicated decay logits straight into the sharded work) the check above must fail."""
+    cfg = make_cfg(True, ps.tp_size, False, extra=REMEDIES)
+    torch.manual_seed(0)
+    ref = build_model(cfg.model).double()
+    perturb(ref)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tp_group=ps).double()
+    load_full_state_dict(model, ref.state_dict())
+    ids, labels, docs = make_batch()
+    original = FastWeightLayer.log_decay
+    FastWeightLayer.log_decay = lambda self: F.logsigmoid(self.decay_logits)
+    try:
+        run_with_probes(model, ids, labels, docs)
+    finally:
+        FastWeightLayer.log_decay = original
+    run_with_probes(ref, ids, labels, docs)
+    g, g_ref = model.fwl.decay_logits.grad, ref.fwl.decay_logits.grad
+    per_tensor = ((g - g_ref).abs() / g_ref.abs().clamp(min=1e-12)).tolist()
+    assert min(per_tensor[:3]) > 1e-3, f"missing all-reduce not visible: {per_tensor}"  # W1, b1, W2
+    assert max(per_tensor[3:]) < 1e-8  # b2, alpha, beta are replicated computations
+
+
 def run_segments(model, ids, labels, docs, cut: int):
     """Two segments with the FWL state carried (not detached) and the first segment's last label
     withheld (pending), as in streaming."""
@@ -165,9 +198,9 @@ def run_segments(model, ids, labels, docs, cut: int):
     return first, second
 
 
-def check_segments(ps, sp: bool) -> None:
+def check_segments(ps, sp: bool, extra: tuple[str, ...] = ()) -> None:
     tp = ps.tp_context()
-    cfg = make_cfg(True, ps.tp_size, sp)
+    cfg = make_cfg(True, ps.tp_size, sp, extra=extra)
     torch.manual_seed(0)
     ref = build_model(cfg.model).double()
     perturb(ref)
@@ -192,6 +225,9 @@ def check_segments(ps, sp: bool) -> None:
             if dim is not None:
                 full = take_shard(full, dim, tp.rank, tp.size)
             assert worst(mine, full) < TOL, f"state {name}"
+        assert (st.count is None) == (st_ref.count is None)
+        if st.count is not None:
+            assert worst(st.count, st_ref.count) < TOL, "state count"
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         err = worst(gather_grad(p, tp), ref_params[name].grad)
@@ -258,6 +294,10 @@ def _world2(rank: int, world: int) -> None:
     check_missing_step_size_reduce(init_parallel_state(make_cfg(True, 2, False)))
     for sp in (False, True):
         check_segments(init_parallel_state(make_cfg(True, 2, sp)), sp)
+    # The long-document remedies: λ of W1, b1, W2 scale sharded or partial sums (gradient all-reduced).
+    check_model(init_parallel_state(make_cfg(True, 2, True)), True, True, extra=REMEDIES)
+    check_segments(init_parallel_state(make_cfg(True, 2, False)), False, extra=REMEDIES)
+    check_missing_decay_reduce(init_parallel_state(make_cfg(True, 2, False)))
 
 
 def _world4(rank: int, world: int) -> None:

@@ -137,11 +137,15 @@ def resolve_checkpoint(path: str | Path) -> CheckpointRef:
     raise CheckpointError(f"checkpoint {p}: no complete fwl_scale checkpoint found there")
 
 
-def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+def _diff(a: Any, b: Any, prefix: str, default: Any = None) -> list[str]:
+    """Differences between a checkpoint's model config `a` and `b`. A field the checkpoint lacks (written
+    before the field existed) is compared as its `default`: the behaviour the checkpoint was trained with."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
+        defaults = default if isinstance(default, dict) else {}
         for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}.{k}")
+            d = defaults.get(k, "<absent>")
+            out += _diff(a.get(k, d), b.get(k, "<absent>"), f"{prefix}.{k}", d)
         return out
     return [] if a == b else [f"{prefix}: {a!r} in the checkpoint, {b!r} in the config"]
 
@@ -155,7 +159,7 @@ def check_compatible(ref: CheckpointRef, cfg: Config, dp: int | None = None) -> 
     a layout it cannot be loaded into."""
     saved = dict(ref.meta.get("model", {}))
     current = config_to_nested(cfg)["model"]
-    diffs = [d for d in _diff(saved, current, "model")
+    diffs = [d for d in _diff(saved, current, "model", config_to_nested(Config())["model"])
              if d.split(":")[0].removeprefix("model.") not in _COMPUTE_ONLY]
     if diffs:
         raise CheckpointError(f"checkpoint {ref.path} belongs to another model: " + "; ".join(diffs[:6]))

@@ -8,8 +8,9 @@ segments), the FWL state carried from window to window (or not), and reports
 
 * the loss by document position, in `buckets` buckets per window, for the first `n_windows` windows;
 * the size of the accumulated fast update relative to its slow weight at each window's end,
-  η·‖S‖/‖W‖ for W1 and W2 (S the running sum of rank-one gradients, already scaled by k): what grows
-  past T when nothing normalises or forgets.
+  η·k·‖S‖/‖W‖ for W1 and W2 (S the running sum of rank-one gradients, k the scale the next position
+  applies: the constant, already in S, or 1/count with model.fwl.normalize=mean; S decayed with
+  model.fwl.decay): what grows past T when nothing normalises or forgets.
 
 Labels are known for every position (the next token of the document), so no position is pending; this is
 the same carried-state computation as fwl_scale.eval.perplexity.evaluate_documents, at finer resolution.
@@ -81,7 +82,7 @@ def evaluate_stream_positions(model: torch.nn.Module, documents: Iterable[Tensor
                 counts[w * len(inner) + i] += b - a
             if fwl is not None and out.fwl_state is not None:
                 state = out.fwl_state
-                eta = fwl.step_sizes.detach().double()
+                eta = fwl.step_sizes.detach().double() * fwl.update_scale(state)[0].double()
                 upd[0, w] += float(eta[0].abs() * state.w1.double().norm() / fwl.w1.detach().double().norm())
                 upd[1, w] += float(eta[2].abs() * state.w2.double().norm() / fwl.w2.detach().double().norm())
     if n_docs == 0:
@@ -136,7 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         docs = eval_documents(cfg, paths, args.docs)
         name = "state carried" if carry else "windows alone"
         results.append((name, evaluate_stream_positions(model, docs, T, device, args.windows, args.buckets, carry)))
-    print(f"checkpoint {ref.path} (step {ref.step}), gradient scale k = {cfg.model.fwl_grad_scale:.3g}")
+    f = cfg.model.fwl
+    scale = ("k = 1/n (normalize=mean)" if f.normalize == "mean"
+             else f"gradient scale k = {cfg.model.fwl_grad_scale:.3g}")
+    head = getattr(model, "fwl", None)
+    decays = "" if head is None or not head.decays() else ", λ " + " ".join(
+        f"{n}={v:.4f}" for n, v in head.decays().items())
+    print(f"checkpoint {ref.path} (step {ref.step}), {scale}{decays}")
     print(format_stream_positions(results))
     if args.json:
         atomic_write_json(args.json, {n: r.as_dict() for n, r in results})

@@ -21,6 +21,13 @@ alternative to a state is attending to the earlier ranks' keys and values direct
 
 `reset_bt[b, t]` is True where position t starts a new document: nothing before t reaches t or later.
 Sums are accumulated in at least float32.
+
+Forgetting (`log_decay` = log λ, a 0-dim tensor, differentiable): every sum becomes Σ_{j<i} λ^(i-1-j) ·
+(its term j), i.e. S_after_i = λ·S_after_{i-1} + term_i. In mixed-chunk form: inside a chunk the strictly
+causal mask carries the weights λ^(i-1-j); the state entering position c of a chunk is λ^c·S_in; a chunk's
+total is Σ_j λ^(len-1-j)·term_j (len: the chunk's real tokens); chunk to chunk the state is
+λ^len·S + total. Powers are exp(n·log λ) with n >= 0 only, so nothing overflows. The vector sums then
+need the C×C weights as a product (2·C·D per token) instead of a cumulative sum.
 """
 from __future__ import annotations
 
@@ -65,53 +72,94 @@ class ChunkLayout:
         # Position of the segment start at or before each position (0 when the segment began before the chunk).
         start = torch.where(reset, idx.expand_as(reset), torch.zeros_like(reset, dtype=torch.int64))
         self.segment_start = torch.cummax(start, dim=-1).values  # [B, N, C]
+        # Exponents of the decay weights: i-1-j inside a chunk (j < i), len-1-j to the chunk's end.
+        self.lengths = torch.full((self.n_chunks,), self.chunk, dtype=torch.int64, device=reset_bt.device)
+        self.lengths[-1] = T - (self.n_chunks - 1) * self.chunk
+        self.positions = idx
+        self.intra_exponent = (idx[:, None] - 1 - idx[None, :]).clamp(min=0)  # [C, C]
+        self.tail_exponent = self.lengths[:, None] - 1 - idx[None, :]  # [N, C]; < 0 only in the padding
+
+    def decay_weights(self, log_decay: Tensor, dtype: torch.dtype) -> "DecayWeights":
+        return DecayWeights(self, log_decay.to(dtype))
 
     @property
     def has_reset(self) -> Tensor:
         """[B]: a document starts somewhere in this call (the flag of a context-parallel contribution)."""
         return self.chunk_resets.any(dim=1)
 
-    def final(self, local_total: Tensor, state_in: Tensor | None) -> Tensor:
-        """The state after the last position only (a rank's contribution when state_in is None)."""
+    def _carry(self, local_total: Tensor, decay: "DecayWeights | None") -> Tensor:
+        """[B, N]: what multiplies the running state across each chunk (0 at a document start, λ^len)."""
         keep = (~self.chunk_resets).to(local_total.dtype)
+        return keep if decay is None else keep * decay.across
+
+    def final(self, local_total: Tensor, state_in: Tensor | None, decay: "DecayWeights | None" = None) -> Tensor:
+        """The state after the last position only (a rank's contribution when state_in is None)."""
+        carry = self._carry(local_total, decay)
         shape = (local_total.shape[0],) + (1,) * (local_total.dim() - 2)
         running = state_in if state_in is not None else torch.zeros_like(local_total[:, 0])
         for n in range(self.n_chunks):
-            running = running * keep[:, n].reshape(shape) + local_total[:, n]
+            running = running * carry[:, n].reshape(shape) + local_total[:, n]
         return running
 
-    def scan(self, local_total: Tensor, state_in: Tensor | None) -> tuple[Tensor, Tensor]:
+    def scan(self, local_total: Tensor, state_in: Tensor | None,
+             decay: "DecayWeights | None" = None) -> tuple[Tensor, Tensor]:
         """Segmented exclusive scan over chunks: the state entering each chunk, and the final state."""
-        keep = (~self.chunk_resets).to(local_total.dtype)
+        carry = self._carry(local_total, decay)
         shape = (local_total.shape[0],) + (1,) * (local_total.dim() - 2)
         running = state_in if state_in is not None else torch.zeros_like(local_total[:, 0])
         entering = []
         for n in range(self.n_chunks):
             entering.append(running)
-            running = running * keep[:, n].reshape(shape) + local_total[:, n]
+            running = running * carry[:, n].reshape(shape) + local_total[:, n]
         return torch.stack(entering, dim=1), running
 
 
-def linear_attention_totals(k_btk: Tensor, v_btv: Tensor, layout: ChunkLayout) -> Tensor:
-    """Per chunk, Σ k_j v_jᵀ over the chunk's last document segment: [B, N, dk, dv] (accumulation dtype)."""
+class DecayWeights:
+    """The powers of λ one call needs, as exp(n·log λ) with n >= 0: `intra` [C, C] = λ^(i-1-j) (used
+    under the strictly causal mask only), `entering` [C] = λ^c (the incoming state at position c),
+    `tail` [N, C] = λ^(len-1-j) (0 in the padding), `across` [N] = λ^len."""
+
+    def __init__(self, layout: ChunkLayout, log_decay: Tensor):
+        dtype = log_decay.dtype
+        self.intra = torch.exp(log_decay * layout.intra_exponent.to(dtype))
+        self.entering = torch.exp(log_decay * layout.positions.to(dtype))
+        tail = torch.exp(log_decay * layout.tail_exponent.clamp(min=0).to(dtype))
+        self.tail = tail * (layout.tail_exponent >= 0).to(dtype)
+        self.across = torch.exp(log_decay * layout.lengths.to(dtype))
+
+
+def _tail_weights(layout: ChunkLayout, dtype: torch.dtype, log_decay: Tensor | None) -> Tensor:
+    """[B, N, C, 1]: which positions' terms leave their chunk, and with what weight (λ^(len-1-j))."""
+    w = layout.in_last_segment.to(dtype)
+    if log_decay is not None:
+        w = w * layout.decay_weights(log_decay, dtype).tail
+    return w.unsqueeze(-1)
+
+
+def linear_attention_totals(k_btk: Tensor, v_btv: Tensor, layout: ChunkLayout,
+                            log_decay: Tensor | None = None) -> Tensor:
+    """Per chunk, Σ λ^(len-1-j) k_j v_jᵀ over the chunk's last document segment (λ = 1 without
+    `log_decay`): [B, N, dk, dv] (accumulation dtype)."""
     dtype = accum_dtype(k_btk, v_btv)
     N, C = layout.n_chunks, layout.chunk
-    k = _pad_chunks(k_btk.to(dtype), N, C) * layout.in_last_segment.unsqueeze(-1).to(dtype)
+    k = _pad_chunks(k_btk.to(dtype), N, C) * _tail_weights(layout, dtype, log_decay)
     return torch.einsum("bnck,bncv->bnkv", k, _pad_chunks(v_btv.to(dtype), N, C))
 
 
-def cumsum_totals(v_btd: Tensor, layout: ChunkLayout) -> Tensor:
-    """Per chunk, Σ v_j over the chunk's last document segment: [B, N, D] (accumulation dtype)."""
+def cumsum_totals(v_btd: Tensor, layout: ChunkLayout, log_decay: Tensor | None = None) -> Tensor:
+    """Per chunk, Σ λ^(len-1-j) v_j over the chunk's last document segment: [B, N, D] (accumulation dtype)."""
     dtype = accum_dtype(v_btd)
     v = _pad_chunks(v_btd.to(dtype), layout.n_chunks, layout.chunk)
-    return (v * layout.in_last_segment.unsqueeze(-1).to(dtype)).sum(dim=2)
+    return (v * _tail_weights(layout, dtype, log_decay)).sum(dim=2)
 
 
 def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_bt: Tensor,
                             state_bkv: Tensor | None = None, chunk_size: int = 256,
                             layout: ChunkLayout | None = None,
-                            totals: Tensor | None = None, need_state: bool = True) -> tuple[Tensor, Tensor | None]:
-    """out_i = Σ_{j<i, same document} (q_i·k_j) v_j + [no reset in 0..i] q_i·S_in.
+                            totals: Tensor | None = None, need_state: bool = True,
+                            log_decay: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """out_i = Σ_{j<i, same document} λ^(i-1-j) (q_i·k_j) v_j + [no reset in 0..i] λ^i q_i·S_in
+    (λ = exp(log_decay), 1 without it).
 
     Returns (out [B, T, dv], state_out [B, dk, dv]) where state_out = Σ k_j v_jᵀ over the last document
     (plus S_in when no reset happened). `totals`: linear_attention_totals(k, v, layout), if computed
@@ -124,49 +172,94 @@ def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_b
     q = _pad_chunks(q_btk.to(dtype), N, C)
     k = _pad_chunks(k_btk.to(dtype), N, C)
     v = _pad_chunks(v_btv.to(dtype), N, C)
+    decay = layout.decay_weights(log_decay, dtype) if log_decay is not None else None
     scores = torch.einsum("bnik,bnjk->bnij", q, k) * layout.intra_mask
+    if decay is not None:
+        scores = scores * decay.intra
     out = torch.einsum("bnij,bnjv->bniv", scores, v)
     if not need_state and N == 1 and state_bkv is None:
         return out.reshape(q.shape[0], N * C, -1)[:, : layout.T], None
-    local_total = totals if totals is not None else linear_attention_totals(k_btk, v_btv, layout)
+    local_total = totals if totals is not None else linear_attention_totals(k_btk, v_btv, layout, log_decay)
     state_in = state_bkv.to(dtype) if state_bkv is not None else None
-    entering, state_out = layout.scan(local_total, state_in)
+    entering, state_out = layout.scan(local_total, state_in, decay)
     q_seen = q * layout.sees_state.unsqueeze(-1).to(dtype)
+    if decay is not None:
+        q_seen = q_seen * decay.entering.unsqueeze(-1)
     out = out + torch.einsum("bnck,bnkv->bncv", q_seen, entering)
     return out.reshape(q.shape[0], N * C, -1)[:, : layout.T], state_out
 
 
 def causal_cumsum(v_btd: Tensor, reset_bt: Tensor, state_bd: Tensor | None = None, chunk_size: int = 256,
-                  layout: ChunkLayout | None = None, totals: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """out_i = Σ_{j<i, same document} v_j + [no reset in 0..i] S_in; state_out = Σ over the last document."""
+                  layout: ChunkLayout | None = None, totals: Tensor | None = None,
+                  log_decay: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """out_i = Σ_{j<i, same document} λ^(i-1-j) v_j + [no reset in 0..i] λ^i S_in (λ = 1 without
+    `log_decay`); state_out = the same sum after the last position."""
     layout = layout or ChunkLayout(reset_bt, chunk_size)
     dtype = accum_dtype(v_btd)
     N, C = layout.n_chunks, layout.chunk
     v = _pad_chunks(v_btd.to(dtype), N, C)
-    exclusive = torch.cumsum(v, dim=2) - v  # [B, N, C, D], chunk-local so it stays precise
-    at_start = torch.gather(exclusive, 2, layout.segment_start.unsqueeze(-1).expand_as(exclusive))
-    out = exclusive - at_start
-    local_total = totals if totals is not None else cumsum_totals(v_btd, layout)
+    decay = layout.decay_weights(log_decay, dtype) if log_decay is not None else None
+    if decay is None:
+        exclusive = torch.cumsum(v, dim=2) - v  # [B, N, C, D], chunk-local so it stays precise
+        at_start = torch.gather(exclusive, 2, layout.segment_start.unsqueeze(-1).expand_as(exclusive))
+        out = exclusive - at_start
+    else:
+        # A running sum that is multiplied by λ at every step has no cumsum form that cannot overflow
+        # (λ^-j): the weights λ^(i-1-j) under the mask, as a product.
+        out = torch.einsum("bnij,bnjd->bnid", layout.intra_mask.to(dtype) * decay.intra, v)
+    local_total = totals if totals is not None else cumsum_totals(v_btd, layout, log_decay)
     state_in = state_bd.to(dtype) if state_bd is not None else None
-    entering, state_out = layout.scan(local_total, state_in)
-    out = out + entering.unsqueeze(2) * layout.sees_state.unsqueeze(-1).to(dtype)
+    entering, state_out = layout.scan(local_total, state_in, decay)
+    seen = layout.sees_state.to(dtype)
+    if decay is not None:
+        seen = seen * decay.entering
+    out = out + entering.unsqueeze(2) * seen.unsqueeze(-1)
     return out.reshape(v.shape[0], N * C, -1)[:, : layout.T], state_out
 
 
+def causal_count(w_bt: Tensor, reset_bt: Tensor, count_b: Tensor | None = None, chunk_size: int = 256,
+                 log_decay: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """n_i = Σ_{j<i, same document} λ^(i-1-j) w_j + [no reset in 0..i] λ^i n_in: causal_cumsum of one
+    scalar per position ([B, T] -> [B, T], state [B]). With a decay its weights are applied elementwise:
+    a scalar per token is elementwise work, not a product worth a matmul (train/flops.py leaves it out)."""
+    if log_decay is None:
+        out, state = causal_cumsum(w_bt.unsqueeze(-1), reset_bt, None if count_b is None else count_b[:, None],
+                                   chunk_size)
+        return out[..., 0], state[:, 0]
+    layout = ChunkLayout(reset_bt, chunk_size)
+    dtype = accum_dtype(w_bt)
+    w = _pad_chunks(w_bt.to(dtype), layout.n_chunks, layout.chunk)  # [B, N, C]
+    decay = layout.decay_weights(log_decay, dtype)
+    out = (layout.intra_mask.to(dtype) * decay.intra * w.unsqueeze(-2)).sum(dim=-1)
+    local_total = (w * _tail_weights(layout, dtype, log_decay)[..., 0]).sum(dim=2)
+    state_in = count_b.to(dtype) if count_b is not None else None
+    entering, state_out = layout.scan(local_total, state_in, decay)
+    out = out + entering.unsqueeze(2) * layout.sees_state.to(dtype) * decay.entering
+    return out.reshape(w.shape[0], -1)[:, : layout.T], state_out
+
+
 def cross_linear_attention(q_btk: Tensor, k_bsk: Tensor, v_bsv: Tensor, q_mask_bt: Tensor,
-                           k_mask_bs: Tensor) -> Tensor:
-    """out_i = [q_mask_i] Σ_j [k_mask_j] (q_i·k_j) v_j: queries attending to another block of keys
-    (earlier ranks' tokens, all of them earlier than every query), in the accumulation dtype."""
+                           k_mask_bs: Tensor, weight_ts: Tensor | None = None) -> Tensor:
+    """out_i = [q_mask_i] Σ_j [k_mask_j] w_ij (q_i·k_j) v_j: queries attending to another block of keys
+    (earlier ranks' tokens, all of them earlier than every query), in the accumulation dtype; w = 1
+    without `weight_ts` (a forgetting factor's λ^(i-1-j))."""
     dtype = accum_dtype(q_btk, k_bsk, v_bsv)
     q = q_btk.to(dtype) * q_mask_bt.unsqueeze(-1).to(dtype)
     k = k_bsk.to(dtype) * k_mask_bs.unsqueeze(-1).to(dtype)
-    return torch.einsum("bts,bsv->btv", torch.einsum("btk,bsk->bts", q, k), v_bsv.to(dtype))
+    scores = torch.einsum("btk,bsk->bts", q, k)
+    if weight_ts is not None:
+        scores = scores * weight_ts.to(dtype)
+    return torch.einsum("bts,bsv->btv", scores, v_bsv.to(dtype))
 
 
-def masked_state(k_bsk: Tensor | None, v_bsv: Tensor, k_mask_bs: Tensor) -> Tensor:
-    """Σ_j [k_mask_j] k_j v_jᵀ (or Σ_j [k_mask_j] v_j when `k_bsk` is None), in the accumulation dtype."""
+def masked_state(k_bsk: Tensor | None, v_bsv: Tensor, k_mask_bs: Tensor, weight_s: Tensor | None = None) -> Tensor:
+    """Σ_j [k_mask_j] w_j k_j v_jᵀ (or Σ_j [k_mask_j] w_j v_j when `k_bsk` is None), in the accumulation
+    dtype; w = 1 without `weight_s`."""
     dtype = accum_dtype(v_bsv) if k_bsk is None else accum_dtype(k_bsk, v_bsv)
-    v = v_bsv.to(dtype) * k_mask_bs.unsqueeze(-1).to(dtype)
+    mask = k_mask_bs.to(dtype)
+    if weight_s is not None:
+        mask = mask * weight_s.to(dtype)
+    v = v_bsv.to(dtype) * mask.unsqueeze(-1)
     if k_bsk is None:
         return v.sum(dim=1)
     return torch.einsum("bsk,bsv->bkv", k_bsk.to(dtype), v)

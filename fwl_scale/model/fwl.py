@@ -1,13 +1,23 @@
-"""The Fast Weight Layer block (docs/design.md §1), between the transformer body and the unembedding.
+"""The Fast Weight Layer block (docs/design.md §1.1), between the transformer body and the unembedding.
 
 Slow pass with weights θ, the per-token LM-loss gradient at θ written by hand as differentiable ops,
-then the fast pass where position i uses θ_i = θ - η ⊙ k Σ_{j<i} ∇_F CE_j. Because each gradient of a
-dense layer is rank one, the fast dense layers are causal linear attention (fast_weights.py); nothing
-is detached, so the outer loss reaches θ, the step sizes and the body through both passes.
+then the fast pass where position i uses θ_i = θ - η ⊙ k_i Σ_{j<i} λ^(i-1-j) ∇_F CE_j. Because each
+gradient of a dense layer is rank one, the fast dense layers are causal linear attention
+(fast_weights.py); nothing is detached, so the outer loss reaches θ, the step sizes and the body through
+both passes.
+
+Past the training length (docs/design.md §1.3) two options keep the sums in range. `normalize="mean"`:
+k_i = 1/n_i, n_i the (decayed) count of earlier positions of the document that carry a loss — the update
+is their (weighted) mean; the count is a running sum like the others, carried in FWLState. Because the
+update is linear in the sums, this is a per-query scale of each sum's output. `decay="learned"`: a
+forgetting factor λ = sigmoid(decay_logits) per fast tensor (λ = 1 otherwise). With both, each fast
+tensor's count is decayed with its own λ, so the update is the λ-weighted mean Σ λ^(i-1-j) ∇_j / Σ λ^(i-1-j)
+w_j. The count needs no exchange between context-parallel ranks: labels and document ids are the whole
+sequence on every rank, so each computes it for its positions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
 
 import torch
 import torch.nn.functional as F
@@ -18,52 +28,17 @@ from fwl_scale import IGNORE_INDEX
 from fwl_scale.model.fast_weights import (ChunkLayout, causal_cumsum, causal_linear_attention,
                                          cross_linear_attention, cumsum_totals, linear_attention_totals,
                                          masked_state)
-from fwl_scale.parallel.context import (CPContext, broadcast_from_last, choose_exchange, exclusive_state_scan,
-                                        gather_sequence)
+from fwl_scale.model.fwl_cp import receive_keys_values, receive_state, replicate_last
+from fwl_scale.model.fwl_state import (DECAY, FAST_TENSORS, NORMALIZE, FWLState, count_normalisers,
+                                       inverse_count)
+from fwl_scale.parallel.context import CPContext, choose_exchange, exclusive_state_scan
 from fwl_scale.parallel.layers import (init_normal_, set_replicated, set_sharded, tp_rank, tp_size,
                                        vocab_parallel_cross_entropy, vocab_parallel_softmax_input_grad)
 from fwl_scale.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp, reduce_from_tp
 from fwl_scale.parallel.state import TPContext
 
-# Order of the learned step sizes in FastWeightLayer.step_sizes (one per fast tensor).
-FAST_TENSORS = ("w1", "b1", "w2", "b2", "alpha", "beta")
-
-
-@dataclass
-class FWLState:
-    """Running sums of earlier positions of the current document, per batch row (float32 or wider).
-
-    `pending_x` holds the body output of a last position whose label was not known when its segment
-    was processed (generation, streaming); it is folded in once the next segment supplies the label.
-
-    Under tensor parallelism the state is sharded like the FWL's weights: w1 [B, d, 4s/tp], b1 [B, 4s/tp]
-    and w2 [B, 4s/tp, s] hold this rank's slice of the hidden width; the others are replicated."""
-
-    w1: Tensor  # [B, d, 4s]  Σ x_j gh1_jᵀ
-    b1: Tensor  # [B, 4s]     Σ gh1_j
-    w2: Tensor  # [B, 4s, s]  Σ a_j gh2_jᵀ
-    b2: Tensor  # [B, s]      Σ gh2_j
-    alpha: Tensor  # [B, s]   Σ gu_j ⊙ xhat_j
-    beta: Tensor  # [B, s]    Σ gu_j
-    doc_id: Tensor  # [B] int64: the document these sums belong to
-    pending_x: Tensor | None = None  # [B, d]
-
-    def detach(self) -> "FWLState":
-        """Truncates backpropagation at this state (training with carried state)."""
-        pend = self.pending_x.detach() if self.pending_x is not None else None
-        return replace(self, w1=self.w1.detach(), b1=self.b1.detach(), w2=self.w2.detach(),
-                       b2=self.b2.detach(), alpha=self.alpha.detach(), beta=self.beta.detach(),
-                       pending_x=pend)
-
-    def tensors(self) -> dict[str, Tensor]:
-        out = {name: getattr(self, name) for name in FAST_TENSORS + ("doc_id",)}
-        if self.pending_x is not None:
-            out["pending_x"] = self.pending_x
-        return out
-
-    @classmethod
-    def from_tensors(cls, t: dict[str, Tensor]) -> "FWLState":
-        return cls(**{name: t[name] for name in FAST_TENSORS + ("doc_id",)}, pending_x=t.get("pending_x"))
+# The ones whose sums (and fast updates) are sharded or partial under tensor parallelism.
+_SHARDED_SUMS = 3
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:
@@ -177,7 +152,8 @@ class FastWeightLayer(nn.Module):
     def __init__(self, d_model: int, width: int, hidden_mult: int, vocab_size: int, padded_vocab_size: int,
                  step_size_init: float, grad_scale: float, eps: float, chunk_size: int, vocab_chunk: int,
                  init_std: float, form: str = "chunked", device: torch.device | str | None = None,
-                 tp: TPContext | None = None, cp: CPContext | None = None, residual: bool = False):
+                 tp: TPContext | None = None, cp: CPContext | None = None, residual: bool = False,
+                 normalize: str = "none", decay: str = "none", decay_init: float = 0.99):
         super().__init__()
         hidden = hidden_mult * width
         n = tp_size(tp)
@@ -196,6 +172,12 @@ class FastWeightLayer(nn.Module):
         if residual and width != d_model:
             raise ValueError(f"a residual FWL needs width == d_model, got {width} and {d_model}")
         self.residual = residual
+        if normalize not in NORMALIZE or decay not in DECAY:
+            raise ValueError(f"FWL normalize must be one of {NORMALIZE} and decay one of {DECAY}, got "
+                             f"{normalize!r} and {decay!r}")
+        if decay == "learned" and not 0.0 < decay_init < 1.0:
+            raise ValueError(f"FWL decay_init must lie in (0, 1), got {decay_init}")
+        self.normalize = normalize
         # Multiplies the learned step sizes; 0 switches the fast updates off (the slow head alone).
         self.step_scale = 1.0
         self.w1 = nn.Parameter(torch.empty(hidden // n, d_model, device=device))
@@ -208,10 +190,15 @@ class FastWeightLayer(nn.Module):
         self.out_bias = nn.Parameter(torch.empty(padded_vocab_size // n, device=device))
         # One vector, not six scalars: 0-dim parameters break DeepSpeed's initial broadcast on CPU.
         self.step_sizes = nn.Parameter(torch.empty(len(FAST_TENSORS), device=device))
+        # Forgetting factors λ = sigmoid(decay_logits), one per fast tensor (a vector, like the step sizes).
+        self.decay_logits = (nn.Parameter(torch.empty(len(FAST_TENSORS), device=device))
+                             if decay == "learned" else None)
+        self._decay_init = decay_init
         for p, dim in ((self.w1, 0), (self.b1, 0), (self.w2, 1), (self.out_bias, 0)):
             set_sharded(p, self.tp, dim)
-        for p in (self.b2, self.alpha, self.beta, self.step_sizes):
-            set_replicated(p)
+        for p in (self.b2, self.alpha, self.beta, self.step_sizes, self.decay_logits):
+            if p is not None:
+                set_replicated(p)
         for p in self.parameters():
             p.tp_rank = tp_rank(self.tp)
         self._step_size_init = step_size_init
@@ -227,6 +214,8 @@ class FastWeightLayer(nn.Module):
                 p.zero_()
             self.alpha.fill_(1.0)
             self.step_sizes.fill_(self._step_size_init)
+            if self.decay_logits is not None:
+                self.decay_logits.fill_(math.log(self._decay_init / (1.0 - self._decay_init)))
 
     def chunk_for(self, T: int) -> int:
         """Token chunk of the fast pass for a sequence of T tokens (T = the quadratic form).
@@ -250,6 +239,32 @@ class FastWeightLayer(nn.Module):
         η_W2 this rank's partial product): their gradient is a per-rank part, all-reduced here."""
         return copy_to_tp(self.step_sizes, self.tp)
 
+    def decays(self) -> dict[str, float]:
+        """The forgetting factors λ by fast tensor (empty without decay)."""
+        if self.decay_logits is None:
+            return {}
+        lam = torch.sigmoid(self.decay_logits.detach().double()).cpu()
+        return {name: float(v) for name, v in zip(FAST_TENSORS, lam)}
+
+    def log_decay(self) -> Tensor | None:
+        """[6] log λ per fast tensor (None without decay). W1's, b1's and W2's enter sharded or partial
+        computations under tensor parallelism (their gradient is all-reduced, like η_W1, η_b1, η_W2)."""
+        if self.decay_logits is None:
+            return None
+        replicated = F.logsigmoid(self.decay_logits)
+        if self.tp is None:
+            return replicated
+        sharded = F.logsigmoid(copy_to_tp(self.decay_logits, self.tp))
+        return torch.cat([sharded[:_SHARDED_SUMS], replicated[_SHARDED_SUMS:]])
+
+    def update_scale(self, state: FWLState) -> Tensor:
+        """[B, 6]: what multiplies each carried sum in the fast update of the next position — 1 with a
+        constant k (already in the sums), 1/count with normalize="mean" (0 for an empty count)."""
+        if self.normalize == "none":
+            return torch.ones(state.doc_id.shape[0], len(FAST_TENSORS), dtype=state.b2.dtype,
+                              device=state.b2.device)
+        return inverse_count(state.count)
+
     def slow_pass(self, x: Tensor, skip: Tensor | None) -> dict[str, Tensor]:
         """`x` [B, T, d]: inside the tensor-parallel region (replicated values). `skip`: the same values
         outside it (added to W2's output by a residual FWL, else None)."""
@@ -270,7 +285,9 @@ class FastWeightLayer(nn.Module):
                        loss_weight: Tensor) -> dict[str, Tensor]:
         """Per-token gradients of k·w_t·CE_t at θ (hand-written backward, differentiable ops).
         gu, gh2 are replicated; gh2_tp is gh2 entering the tensor-parallel region; gh1 is sharded."""
-        gu = unembedding_input_grad(slow["u"], unembed, self.out_bias, labels, loss_weight * self.grad_scale,
+        # normalize="mean" scales the sums' outputs by 1/n instead of a constant k.
+        k = self.grad_scale if self.normalize == "none" else 1.0
+        gu = unembedding_input_grad(slow["u"], unembed, self.out_bias, labels, loss_weight * k,
                                     self.vocab_size, self.vocab_chunk, self.tp)
         gxh = self.alpha * gu
         xhat = slow["xhat"]
@@ -291,21 +308,29 @@ class FastWeightLayer(nn.Module):
                                tp_size(self.tp), activation_bytes=torch.empty((), dtype=dtype).element_size(),
                                state_bytes=torch.empty((), dtype=state_dtype).element_size())
 
-    def exchange_state(self, contributions: list[Tensor], has_reset_b: Tensor) -> list[Tensor]:
+    def exchange_state(self, contributions: list[Tensor], has_reset_b: Tensor, log_decay: Tensor | None = None,
+                       tokens: int = 0) -> list[Tensor]:
         """The segmented exclusive scan of every rank's contributions over the context-parallel group
-        (one collective for the whole block; its backward is the reverse scan). A test replaces this
-        with a detached version to show that the gradient checks catch it."""
-        return exclusive_state_scan(contributions, has_reset_b, self.cp.group)
+        (one collective for the whole block; its backward is the reverse scan), decayed by λ^tokens per
+        rank with `log_decay`. A test replaces this with a detached version to show that the gradient
+        checks catch it."""
+        return exclusive_state_scan(contributions, has_reset_b, self.cp.group, log_decay, tokens)
 
     def _incoming_state(self, state: FWLState | None, pending_labels_b: Tensor | None, first_doc_b: Tensor,
-                        unembed: Tensor, dtype: torch.dtype) -> dict[str, Tensor] | None:
-        """The carried sums with a pending position folded in: its slow pass and gradient, now that its
-        label (the first token of this segment, if the document goes on) is known."""
+                        unembed: Tensor, dtype: torch.dtype) -> tuple[dict[str, Tensor] | None, Tensor | None]:
+        """The carried sums (and with normalize="mean" the count) with a pending position folded in: its
+        slow pass and gradient, now that its label (the first token of this segment, if the document
+        goes on) is known. The state after a pending position is λ·S + 0, so folding its term in is a
+        plain addition also with a decay."""
         if state is None:
-            return None
+            return None, None
+        if self.normalize == "mean" and state.count is None:
+            raise ValueError("FWL normalize=mean: the carried state has no count (a state from a model "
+                             "without model.fwl.normalize=mean cannot be continued)")
         sums = {name: getattr(state, name) for name in FAST_TENSORS}
+        count = state.count if self.normalize == "mean" else None
         if state.pending_x is None:
-            return sums
+            return sums, count
         if pending_labels_b is None:
             raise ValueError("FWL state holds a pending position: pending_labels_b must be given")
         same_doc = first_doc_b == state.doc_id
@@ -313,11 +338,15 @@ class FastWeightLayer(nn.Module):
         pending = state.pending_x.to(dtype).unsqueeze(1)  # [B, 1, d]
         x = copy_to_tp(pending, self.tp)
         slow = self.slow_pass(x, pending if self.residual else None)
-        g = self.slow_gradients(slow, unembed, label, (label != IGNORE_INDEX).to(dtype))
+        weight = (label != IGNORE_INDEX).to(dtype)
+        g = self.slow_gradients(slow, unembed, label, weight)
         add = {"w1": (x, g["gh1"]), "b1": (None, g["gh1"]), "w2": (slow["a"], g["gh2_tp"]), "b2": (None, g["gh2"]),
                "alpha": (None, g["gu"] * slow["xhat"]), "beta": (None, g["gu"])}
         ones = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        return {name: sums[name] + masked_state(k, v, ones).to(sums[name].dtype) for name, (k, v) in add.items()}
+        if count is not None:
+            count = count + weight.to(count.dtype)
+        return {name: sums[name] + masked_state(k, v, ones).to(sums[name].dtype)
+                for name, (k, v) in add.items()}, count
 
     def forward(self, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor, doc_ids_bt: Tensor | None = None,
                 state: FWLState | None = None, pending_labels_b: Tensor | None = None,
@@ -362,10 +391,18 @@ class FastWeightLayer(nn.Module):
         reset[:, 1:] = docs[:, 1:] != docs[:, :-1]
         if state is not None:
             reset[:, 0] = docs[:, 0] != state.doc_id
-        s_in = self._incoming_state(state, pending_labels_b, docs[:, 0], unembed, x.dtype)
+        s_in, count_in = self._incoming_state(state, pending_labels_b, docs[:, 0], unembed, x.dtype)
         start = cp.rank * T_loc if cp is not None else 0
         labels_loc, reset_loc = labels[:, start:start + T_loc], reset[:, start:start + T_loc]
         loss_weight = (labels_loc != IGNORE_INDEX).to(x.dtype)
+        log_decay = self.log_decay()
+        decay = dict(zip(FAST_TENSORS, log_decay)) if log_decay is not None else {}
+        scale, count_out = None, None
+        if self.normalize == "mean":
+            # The whole sequence on every cp rank (its labels are known everywhere); this rank's slice.
+            scale, count_out = count_normalisers(labels, reset, count_in, log_decay, self.chunk_size,
+                                                 torch.promote_types(x.dtype, torch.float32))
+            scale = scale[:, start:start + T_loc]
 
         skip = None
         if self.residual:
@@ -385,37 +422,45 @@ class FastWeightLayer(nn.Module):
         # (returned or exchanged) or entering a later chunk. In the quadratic form of a whole window with
         # nothing carried in they are skipped (the vector sums' totals cost next to nothing).
         need_states = return_state or exchange is not None or layout.n_chunks > 1 or s_in is not None
-        totals = {name: (linear_attention_totals(k, v, layout) if k is not None else cumsum_totals(v, layout))
+        totals = {name: (linear_attention_totals(k, v, layout, decay.get(name)) if k is not None
+                         else cumsum_totals(v, layout, decay.get(name)))
                   for name, (k, v) in keys_values.items() if k is None or need_states}
         cross = None
         if exchange == "state":
-            received = self._receive_state(s_in, totals, layout)
+            received = receive_state(self, s_in, totals, layout, log_decay)
         elif exchange == "kv":
-            received, cross = self._receive_keys_values(s_in, grads, slow, x, reset, layout, start)
+            received, cross = receive_keys_values(self, s_in, grads, slow, x, reset, layout, start, decay)
         else:
             received = s_in
         rc = received if received is not None else {}
 
+        def normalised(name, out):
+            # k_i = 1/n_i of this fast tensor, per query (the update is linear in the sums).
+            return out if scale is None else out * scale[..., FAST_TENSORS.index(name)].unsqueeze(-1).to(out.dtype)
+
         def lin_attn(name, q, k, v):
-            return causal_linear_attention(q, k, v, reset_loc, rc.get(name), layout=layout, totals=totals.get(name),
-                                           need_state=need_states)
+            out, st = causal_linear_attention(q, k, v, reset_loc, rc.get(name), layout=layout,
+                                              totals=totals.get(name), need_state=need_states,
+                                              log_decay=decay.get(name))
+            if cross is not None:
+                out = out + cross_linear_attention(q, *cross[name], cross["q_mask"], cross["k_mask"],
+                                                   cross.get("weight_" + name))
+            return normalised(name, out), st
 
         def cumsum(name, v):
-            return causal_cumsum(v, reset_loc, rc.get(name), layout=layout, totals=totals[name])
+            out, st = causal_cumsum(v, reset_loc, rc.get(name), layout=layout, totals=totals[name],
+                                    log_decay=decay.get(name))
+            return normalised(name, out), st
 
         eta = self.step_scale * self.step_sizes.to(x.dtype)  # η_b2, η_alpha, η_beta: replicated computations
         eta_tp = self.step_scale * self.step_sizes_for_shards().to(x.dtype)  # η_W1, η_b1, η_W2
         dw1, s_w1 = lin_attn("w1", x, x, grads["gh1"])
-        if cross is not None:
-            dw1 = dw1 + cross_linear_attention(x, *cross["w1"], cross["q_mask"], cross["k_mask"])
         db1, s_b1 = cumsum("b1", grads["gh1"])
         h1_fast = slow["h1"] - eta_tp[0] * dw1.to(x.dtype) - eta_tp[1] * db1.to(x.dtype)
         a_fast = F.relu(h1_fast).pow(2)
         # Under tp, a_j·a'_i is this rank's partial dot product: the partial fast update and the partial
         # slow product are summed by one all-reduce.
         dw2, s_w2 = lin_attn("w2", a_fast, slow["a"], grads["gh2_tp"])
-        if cross is not None:
-            dw2 = dw2 + cross_linear_attention(a_fast, *cross["w2"], cross["q_mask"], cross["k_mask"])
         db2, s_b2 = cumsum("b2", grads["gh2"])
         if tp is None:
             h2_fast = F.linear(a_fast, self.w2, self.b2) - eta[2] * dw2.to(x.dtype) - eta[3] * db2.to(x.dtype)
@@ -436,72 +481,14 @@ class FastWeightLayer(nn.Module):
                 # kv exchange: the matrix sums of the earlier ranks were attended to, never summed.
                 no_reset = (~layout.has_reset).to(s_w1.dtype)[:, None, None]
                 for name in ("w1", "w2"):
-                    sums[name] = sums[name] + no_reset * masked_state(*cross[name], cross["k_mask"])
+                    sums[name] = sums[name] + no_reset * masked_state(*cross[name], cross["k_mask"],
+                                                                      cross.get("end_weight_" + name))
             pending_x = None
             if last_label_pending:
                 # Replicated (its own gradient convention): under sequence parallelism the last token
                 # lives on the last rank, so gather it with a backward that keeps this rank's part.
                 pending_x = (gather_from_tp(x_btd, tp, dim=1) if seq_par else x_btd)[:, -1]
             if cp is not None:
-                sums, pending_x = self._replicate_last(sums, pending_x)
-            new_state = FWLState(**sums, doc_id=doc_ids_bt[:, -1].clone(), pending_x=pending_x)
+                sums, pending_x = replicate_last(self, sums, pending_x)
+            new_state = FWLState(**sums, doc_id=doc_ids_bt[:, -1].clone(), pending_x=pending_x, count=count_out)
         return u_fast, new_state
-
-    def _receive_state(self, s_in: dict[str, Tensor] | None, totals: dict[str, Tensor],
-                       layout: ChunkLayout) -> dict[str, Tensor]:
-        """Exchange `state`: each rank's contribution is its sums after its last document start (the
-        first rank's include the carried state), flagged where a document starts on the rank; the
-        segmented exclusive scan gives the state entering each rank."""
-        # The carried state enters at the first rank (whose scan result is the empty sum, 0). Every rank
-        # runs the same ops (times 0 elsewhere) so that the autograd graphs, and with them the order of
-        # the collectives in backward, are the same on every rank.
-        carried = None
-        if s_in is not None:
-            keep = 1.0 if self.cp.rank == 0 else 0.0
-            carried = {name: keep * s_in[name].to(totals[name].dtype) for name in FAST_TENSORS}
-        contributions = [layout.final(totals[name], carried[name] if carried else None) for name in FAST_TENSORS]
-        scanned = dict(zip(FAST_TENSORS, self.exchange_state(contributions, layout.has_reset)))
-        if carried is None:
-            return scanned
-        return {name: scanned[name] + carried[name] for name in FAST_TENSORS}
-
-    def _receive_keys_values(self, s_in: dict[str, Tensor] | None, grads: dict[str, Tensor],
-                             slow: dict[str, Tensor], x: Tensor, reset_bt: Tensor, layout: ChunkLayout,
-                             start: int) -> tuple[dict[str, Tensor] | None, dict[str, Tensor]]:
-        """Exchange `kv`: every rank's keys and values in one all-gather (backward: one all-reduce of
-        their gradients); this rank keeps the earlier ranks' tokens of the document it continues. The
-        vector sums become the entering state at once; the fast dense layers attend to those keys
-        (cross_linear_attention) instead of building dk·dv states."""
-        gu = grads["gu"]
-        pieces = [x, grads["gh1"], slow["a"], grads["gh2"], gu, gu * slow["xhat"]]
-        widths = [p.shape[-1] for p in pieces]
-        gathered = gather_sequence(torch.cat(pieces, dim=-1), self.cp.group)[:, :start]
-        xp, gh1p, ap, gh2p, gup, guxhp = gathered.split(widths, dim=-1)
-        # Global segment index (0: the carried state's document goes on); the earlier tokens that reach
-        # this rank are those of the segment this rank starts in.
-        seg = torch.cumsum(reset_bt.to(torch.int64), dim=1)
-        seg_here = seg[:, start]
-        k_mask = seg[:, :start] == seg_here[:, None]
-        # This rank's tokens before its first document start see the earlier ranks.
-        q_mask = torch.cumsum(reset_bt[:, start:start + layout.T].to(torch.int64), dim=1) == 0
-        sees_carried = (seg_here == 0)
-        received: dict[str, Tensor] = {}
-        for name, v in (("b1", gh1p), ("b2", gh2p), ("alpha", guxhp), ("beta", gup)):
-            received[name] = masked_state(None, v, k_mask)
-        if s_in is not None:
-            for name in FAST_TENSORS:
-                carried = s_in[name] * sees_carried.reshape((-1,) + (1,) * (s_in[name].dim() - 1)).to(s_in[name].dtype)
-                received[name] = received[name] + carried if name in received else carried
-        cross = {"w1": (xp, gh1p), "w2": (ap, copy_to_tp(gh2p, self.tp)), "q_mask": q_mask, "k_mask": k_mask}
-        return received, cross
-
-    def _replicate_last(self, sums: dict[str, Tensor], pending_x: Tensor | None
-                        ) -> tuple[dict[str, Tensor], Tensor | None]:
-        """The state after the sequence's last position (the last rank's) on every rank of the group."""
-        tensors = [sums[name] for name in FAST_TENSORS]
-        dtype = tensors[0].dtype
-        if pending_x is not None:
-            tensors.append(pending_x.to(dtype))
-        out = broadcast_from_last(tensors, self.cp.group)
-        new_pending = out[len(FAST_TENSORS)].to(pending_x.dtype) if pending_x is not None else None
-        return dict(zip(FAST_TENSORS, out[: len(FAST_TENSORS)])), new_pending

@@ -220,7 +220,8 @@ class GPT(nn.Module):
                 cfg.d_model, cfg.fwl_width, f.hidden_mult, cfg.vocab_size, V, f.step_size_init,
                 cfg.fwl_grad_scale, f.eps, f.chunk_size, f.vocab_chunk,
                 f.init_std if f.init_std is not None else cfg.init_std, form=f.form,
-                device=device, tp=tp, cp=self.cp, residual=f.residual)
+                device=device, tp=tp, cp=self.cp, residual=f.residual, normalize=f.normalize, decay=f.decay,
+                decay_init=f.decay_init)
             self.fwl.step_scale = f.step_scale
         self.vocab_loss = VocabLoss(cfg, tp)
         self._zero3_externals_registered = False

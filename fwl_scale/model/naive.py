@@ -1,6 +1,6 @@
 """References for tests: the FWL contract evaluated literally, and the state operator as a loop.
 
-`naive_fwl_logits` builds θ_i = θ - η ⊙ k Σ_{j<i} ∇_F CE_j(θ) explicitly with autograd for every
+`naive_fwl_logits` builds θ_i = θ - η ⊙ k_i Σ_{j<i} λ^(i-1-j) ∇_F CE_j(θ) explicitly with autograd for every
 position i (create_graph=True, so the result is differentiable in θ, η, the unembedding and the input)
 and evaluates the slow network with θ_i. It is O(T²) autograd calls: for tiny shapes only.
 """
@@ -29,34 +29,52 @@ def _slow_logits(layer: FastWeightLayer, x: Tensor, unembed: Tensor, p: dict[str
 
 def naive_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor,
                      doc_ids_bt: Tensor | None = None) -> Tensor:
-    """Logits [B, T, V] of the slow network at θ_i, position by position."""
+    """Logits [B, T, V] of the slow network at θ_i, position by position:
+    θ_i^f = θ^f - η_f k_i^f Σ_{j<i} λ_f^(i-1-j) ∇_f CE_j for each fast tensor f, with λ_f = 1 without a
+    decay, k = grad_scale (normalize="none") or 1/n_i^f, n_i^f = Σ_{j<i} λ_f^(i-1-j) w_j the (decayed)
+    count of earlier positions with a loss, 0 when it is 0 (normalize="mean")."""
     B, T, _ = x_btd.shape
     if doc_ids_bt is None:
         doc_ids_bt = torch.zeros(B, T, dtype=torch.long)
     theta = {name: getattr(layer, name) for name in FAST_TENSORS}
     eta = dict(zip(FAST_TENSORS, layer.step_scale * layer.step_sizes))
+    mean = layer.normalize == "mean"
+    lam = None if layer.decay_logits is None else dict(zip(FAST_TENSORS, torch.sigmoid(layer.decay_logits)))
     rows_b = []
     for b in range(B):
         x = x_btd[b]
         ce = F.cross_entropy(_slow_logits(layer, x, unembed, theta), labels_bt[b], ignore_index=IGNORE_INDEX,
-                             reduction="none") * layer.grad_scale
+                             reduction="none") * (1.0 if mean else layer.grad_scale)
+        has_loss = (labels_bt[b] != IGNORE_INDEX).to(x.dtype)
         rows = []
         for i in range(T):
             start = i
             while start > 0 and doc_ids_bt[b, start - 1] == doc_ids_bt[b, i]:
                 start -= 1
             theta_i = theta
-            if start < i:
+            if start < i and lam is None and not mean:
                 grads = torch.autograd.grad(ce[start:i].sum(), list(theta.values()), create_graph=True)
                 theta_i = {name: theta[name] - eta[name] * g for name, g in zip(FAST_TENSORS, grads)}
+            elif start < i:
+                theta_i = {}
+                for name in FAST_TENSORS:
+                    ages = torch.arange(i - 1 - start, -1, -1, dtype=x.dtype)  # i-1-j for j = start..i-1
+                    weight = lam[name] ** ages if lam is not None else torch.ones_like(ages)
+                    (g,) = torch.autograd.grad((weight * ce[start:i]).sum(), [theta[name]], create_graph=True)
+                    if mean:
+                        n = (weight * has_loss[start:i]).sum()
+                        g = g / n if n > 0 else g * 0
+                    theta_i[name] = theta[name] - eta[name] * g
             rows.append(_slow_logits(layer, x[i:i + 1], unembed, theta_i)[0])
         rows_b.append(torch.stack(rows))
     return torch.stack(rows_b)
 
 
 def naive_causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_bt: Tensor,
-                                  state_bkv: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Reference: explicit position-by-position loop over the definition (tests only)."""
+                                  state_bkv: Tensor | None = None,
+                                  log_decay: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Reference: explicit position-by-position loop over the definition (tests only): position i reads
+    the state S, then S <- λ·S + k_i v_iᵀ (λ = exp(log_decay), 1 without it)."""
     B, T, _ = q_btk.shape
     dtype = accum_dtype(q_btk, k_btk, v_btv)
     outs = []
@@ -69,6 +87,8 @@ def naive_causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, r
             if reset_bt[b, i]:
                 S = torch.zeros_like(S)
             rows.append(q_btk[b, i].to(dtype) @ S)
+            if log_decay is not None:
+                S = torch.exp(log_decay.to(dtype)) * S
             S = S + torch.outer(k_btk[b, i].to(dtype), v_btv[b, i].to(dtype))
         outs.append(torch.stack(rows))
         state_out.append(S)

@@ -8,6 +8,9 @@ differentiable:
   tokens after its last document start, plus a flag saying whether a document starts on it. Forward:
   one all-gather of every contribution, then the scan. Backward: one all-gather of dL/dS_in, then the
   reverse segmented scan — the gradient a contribution receives from every later rank that still sees it.
+  With a forgetting factor λ per contribution (the FWL's decayed sums) the combine is S <- λ^n·S + C_q,
+  n the tokens of a rank; the gradient of log λ needs nothing from other ranks (the gathered
+  contributions are here already), so it costs no further collective.
   A received state that were detached would give a correct forward and wrong gradients: the tests check
   the gradients against the unsplit model.
 * `gather_sequence`: the body's keys and values from every rank of the group (all-gather forward; the
@@ -92,18 +95,28 @@ def _all_gather_flat(t: Tensor, group) -> list[Tensor]:
 
 class _ExclusiveStateScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, group, has_reset_b: Tensor, *contribs: Tensor):
+    def forward(ctx, group, has_reset_b: Tensor, log_decay: Tensor | None, tokens: int, *contribs: Tensor):
         B = has_reset_b.shape[0]
         shapes = [c.shape for c in contribs]
+        sizes = [s[1:].numel() for s in shapes]
         flat = torch.cat([c.reshape(B, -1) for c in contribs], dim=1)
         gathered = _all_gather_flat(torch.cat([flat, has_reset_b.to(flat.dtype).unsqueeze(1)], dim=1), group)
         rank = dist.get_rank(group)
         keep = [1.0 - g[:, -1:] for g in gathered]  # [B, 1]: 1 where no document starts on that rank
+        # Per column: λ^tokens of its contribution (1 without decay).
+        across = None
+        if log_decay is not None:
+            per = torch.exp(log_decay.to(flat.dtype) * tokens)
+            across = torch.repeat_interleave(per, torch.tensor(sizes, device=per.device))
         state = torch.zeros_like(flat)
+        d_state = torch.zeros_like(flat) if across is not None else None  # ∂state/∂log λ, per column
         for q in range(rank):
-            state = state * keep[q] + gathered[q][:, :-1]
-        ctx.group, ctx.rank, ctx.keep, ctx.shapes = group, rank, keep, shapes
-        sizes = [s[1:].numel() for s in shapes]
+            if across is None:
+                state = state * keep[q] + gathered[q][:, :-1]
+            else:
+                d_state = keep[q] * across * (d_state + tokens * state)
+                state = state * keep[q] * across + gathered[q][:, :-1]
+        ctx.group, ctx.rank, ctx.keep, ctx.shapes, ctx.across, ctx.d_state = group, rank, keep, shapes, across, d_state
         return tuple(piece.reshape(shape) for piece, shape in zip(state.split(sizes, dim=1), shapes))
 
     @staticmethod
@@ -111,18 +124,24 @@ class _ExclusiveStateScan(torch.autograd.Function):
         B = ctx.shapes[0][0]
         flat = torch.cat([g.reshape(B, -1) for g in grads], dim=1)
         gathered = _all_gather_flat(flat, ctx.group)
-        # G_r = g_{r+1} + keep_{r+1} G_{r+1}: later ranks see this rank's sums until a document starts.
+        # G_r = g_{r+1} + keep_{r+1} λ^n G_{r+1}: later ranks see this rank's sums until a document starts.
         acc = torch.zeros_like(flat)
         for q in range(len(gathered) - 1, ctx.rank, -1):
-            acc = gathered[q] + ctx.keep[q] * acc
+            acc = gathered[q] + ctx.keep[q] * acc * (ctx.across if ctx.across is not None else 1.0)
         sizes = [s[1:].numel() for s in ctx.shapes]
         pieces = [p.reshape(s) for p, s in zip(acc.split(sizes, dim=1), ctx.shapes)]
-        return (None, None, *pieces)
+        g_decay = None
+        if ctx.d_state is not None and ctx.needs_input_grad[2]:
+            g_decay = torch.stack([p.sum() for p in (flat * ctx.d_state).split(sizes, dim=1)])
+        return (None, None, g_decay, None, *pieces)
 
 
-def exclusive_state_scan(contribs: list[Tensor], has_reset_b: Tensor, group) -> list[Tensor]:
-    """Per rank r: S_r = Σ_{q<r, no document start on ranks q+1..r-1} C_q (all tensors [B, ...])."""
-    return list(_ExclusiveStateScan.apply(group, has_reset_b, *contribs))
+def exclusive_state_scan(contribs: list[Tensor], has_reset_b: Tensor, group, log_decay: Tensor | None = None,
+                         tokens: int = 0) -> list[Tensor]:
+    """Per rank r: S_r = Σ_{q<r, no document start on ranks q+1..r-1} λ^(n·(r-1-q)) C_q (all tensors
+    [B, ...]); `log_decay` [len(contribs)]: log λ of each contribution (None: λ = 1), n = `tokens`, the
+    tokens every rank holds."""
+    return list(_ExclusiveStateScan.apply(group, has_reset_b, log_decay, tokens, *contribs))
 
 
 class _GatherSequence(torch.autograd.Function):

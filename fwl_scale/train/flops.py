@@ -21,6 +21,10 @@ token-chunked vocabulary work is *not* counted, as in the usual MFU definition):
   (C = T in the quadratic form) costs per token 2C(k + v) inside the chunk (scores and weighted sum
   over the full chunk, the same convention as the body's attention), plus 4kv for the state
   (reading q·S and adding kᵀv) when the window spans more than one chunk.
+  With a forgetting factor (model.fwl.decay) the four vector sums (b1: width h; b2, alpha, beta: s) are
+  no longer cumulative sums but the chunk's λ-weights applied as a product, 2C(h + 3s) per token; the
+  weights inside the linear attentions and the normaliser's counts (model.fwl.normalize, one scalar per
+  token) are elementwise.
   Training is 3x this forward: the backward through the slow backward is the second-order path, and
   each of its ops is an ordinary differentiable op whose backward costs twice its forward.
 """
@@ -72,6 +76,8 @@ def fwl_fwd_per_token(cfg: ModelConfig) -> float:
     slow = 2 * d * h + 2 * h * s + 2 * s * V
     slow_backward = 2 * s * V + 2 * h * s
     fast = 2 * h * s + 2 * s * V + linear_attention_fwd(d, h, chunk, T) + linear_attention_fwd(h, s, chunk, T)
+    if cfg.fwl.decay != "none":
+        fast += 2 * min(chunk, T) * (h + 3 * s)
     return float(slow + slow_backward + fast)
 
 

@@ -1,0 +1,102 @@
+"""The FWL under context parallelism: how the state that enters a rank is received (docs/design.md §1.4,
+boundary 3; FastWeightLayer's docstring names the exchanges), and the state after the last
+position replicated over the group. Each function takes the layer whose forward calls it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from fwl_scale.model.fast_weights import ChunkLayout, masked_state
+from fwl_scale.model.fwl_state import FAST_TENSORS
+from fwl_scale.parallel.context import broadcast_from_last, gather_sequence
+from fwl_scale.parallel.mappings import copy_to_tp
+
+if TYPE_CHECKING:  # annotations only: fwl.py imports this module
+    from fwl_scale.model.fwl import FastWeightLayer
+
+
+def receive_state(layer: FastWeightLayer, s_in: dict[str, Tensor] | None, totals: dict[str, Tensor],
+                  layout: ChunkLayout, log_decay: Tensor | None) -> dict[str, Tensor]:
+    """Exchange `state`: each rank's contribution is its sums after its last document start (the
+    first rank's include the carried state), flagged where a document starts on the rank; the
+    segmented exclusive scan gives the state entering each rank."""
+    # The carried state enters at the first rank (whose scan result is the empty sum, 0). Every rank
+    # runs the same ops (times 0 elsewhere) so that the autograd graphs, and with them the order of
+    # the collectives in backward, are the same on every rank.
+    carried = None
+    if s_in is not None:
+        keep = 1.0 if layer.cp.rank == 0 else 0.0
+        carried = {name: keep * s_in[name].to(totals[name].dtype) for name in FAST_TENSORS}
+    decays = [None] * len(FAST_TENSORS) if log_decay is None else [
+        layout.decay_weights(a, totals[name].dtype) for name, a in zip(FAST_TENSORS, log_decay)]
+    contributions = [layout.final(totals[name], carried[name] if carried else None, dec)
+                     for name, dec in zip(FAST_TENSORS, decays)]
+    if log_decay is None:
+        scanned = layer.exchange_state(contributions, layout.has_reset)
+    else:
+        scanned = layer.exchange_state(contributions, layout.has_reset, log_decay, layout.T)
+    scanned = dict(zip(FAST_TENSORS, scanned))
+    if carried is None:
+        return scanned
+    return {name: scanned[name] + carried[name] for name in FAST_TENSORS}
+
+
+def receive_keys_values(layer: FastWeightLayer, s_in: dict[str, Tensor] | None, grads: dict[str, Tensor],
+                        slow: dict[str, Tensor], x: Tensor, reset_bt: Tensor, layout: ChunkLayout, start: int,
+                        decay: dict[str, Tensor]) -> tuple[dict[str, Tensor] | None, dict[str, Tensor]]:
+    """Exchange `kv`: every rank's keys and values in one all-gather (backward: one all-reduce of
+    their gradients); this rank keeps the earlier ranks' tokens of the document it continues. The
+    vector sums become the entering state at once; the fast dense layers attend to those keys
+    (cross_linear_attention) instead of building dk·dv states. With a decay (`decay`: log λ by fast
+    tensor) an earlier token j reaches this rank's position start + t with weight λ^(start+t-1-j),
+    the carried state with λ^(start+t)."""
+    gu = grads["gu"]
+    pieces = [x, grads["gh1"], slow["a"], grads["gh2"], gu, gu * slow["xhat"]]
+    widths = [p.shape[-1] for p in pieces]
+    gathered = gather_sequence(torch.cat(pieces, dim=-1), layer.cp.group)[:, :start]
+    xp, gh1p, ap, gh2p, gup, guxhp = gathered.split(widths, dim=-1)
+    # Global segment index (0: the carried state's document goes on); the earlier tokens that reach
+    # this rank are those of the segment this rank starts in.
+    seg = torch.cumsum(reset_bt.to(torch.int64), dim=1)
+    seg_here = seg[:, start]
+    k_mask = seg[:, :start] == seg_here[:, None]
+    # This rank's tokens before its first document start see the earlier ranks.
+    q_mask = torch.cumsum(reset_bt[:, start:start + layout.T].to(torch.int64), dim=1) == 0
+    sees_carried = (seg_here == 0)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    j = torch.arange(start, device=x.device, dtype=dtype)
+
+    def powers(name, exponent):  # λ^exponent of this fast tensor (None: no decay)
+        return torch.exp(decay[name].to(dtype) * exponent) if name in decay else None
+
+    received: dict[str, Tensor] = {}
+    for name, v in (("b1", gh1p), ("b2", gh2p), ("alpha", guxhp), ("beta", gup)):
+        received[name] = masked_state(None, v, k_mask, powers(name, start - 1 - j))
+    if s_in is not None:
+        for name in FAST_TENSORS:
+            carried = s_in[name] * sees_carried.reshape((-1,) + (1,) * (s_in[name].dim() - 1)).to(s_in[name].dtype)
+            if name in decay:
+                carried = carried * powers(name, float(start)).to(carried.dtype)
+            received[name] = received[name] + carried if name in received else carried
+    cross = {"w1": (xp, gh1p), "w2": (ap, copy_to_tp(gh2p, layer.tp)), "q_mask": q_mask, "k_mask": k_mask}
+    if decay:
+        t = torch.arange(layout.T, device=x.device, dtype=dtype)
+        for name in ("w1", "w2"):
+            cross["weight_" + name] = powers(name, start + t[:, None] - 1 - j[None, :])
+            cross["end_weight_" + name] = powers(name, start + layout.T - 1 - j)
+    return received, cross
+
+
+def replicate_last(layer: FastWeightLayer, sums: dict[str, Tensor], pending_x: Tensor | None
+                   ) -> tuple[dict[str, Tensor], Tensor | None]:
+    """The state after the sequence's last position (the last rank's) on every rank of the group."""
+    tensors = [sums[name] for name in FAST_TENSORS]
+    dtype = tensors[0].dtype
+    if pending_x is not None:
+        tensors.append(pending_x.to(dtype))
+    out = broadcast_from_last(tensors, layer.cp.group)
+    new_pending = out[len(FAST_TENSORS)].to(pending_x.dtype) if pending_x is not None else None
+    return dict(zip(FAST_TENSORS, out[: len(FAST_TENSORS)])), new_pending

@@ -1,0 +1,88 @@
+"""The FWL's carried state (docs/design.md §1.4) and the normaliser's count.
+
+FWLState holds the running sums of earlier positions of the current documents: what crosses segment
+boundaries (streaming, training with carried state; part of the checkpoint there). With
+model.fwl.normalize=mean the update of position i is the mean over the earlier positions with a loss,
+k_i = 1/n_i; n is a running sum like the others (of the loss weights, decayed with each fast tensor's λ
+under model.fwl.decay), computed by `count_normalisers` and carried in FWLState.count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from fwl_scale import IGNORE_INDEX
+from fwl_scale.model.fast_weights import causal_count
+
+# Order of the learned step sizes in FastWeightLayer.step_sizes (one per fast tensor).
+FAST_TENSORS = ("w1", "b1", "w2", "b2", "alpha", "beta")
+NORMALIZE = ("none", "mean")
+DECAY = ("none", "learned")
+
+
+@dataclass
+class FWLState:
+    """Running sums of earlier positions of the current document, per batch row (float32 or wider).
+
+    `pending_x` holds the body output of a last position whose label was not known when its segment
+    was processed (generation, streaming); it is folded in once the next segment supplies the label.
+
+    Under tensor parallelism the state is sharded like the FWL's weights: w1 [B, d, 4s/tp], b1 [B, 4s/tp]
+    and w2 [B, 4s/tp, s] hold this rank's slice of the hidden width; the others are replicated."""
+
+    w1: Tensor  # [B, d, 4s]  Σ x_j gh1_jᵀ
+    b1: Tensor  # [B, 4s]     Σ gh1_j
+    w2: Tensor  # [B, 4s, s]  Σ a_j gh2_jᵀ
+    b2: Tensor  # [B, s]      Σ gh2_j
+    alpha: Tensor  # [B, s]   Σ gu_j ⊙ xhat_j
+    beta: Tensor  # [B, s]    Σ gu_j
+    doc_id: Tensor  # [B] int64: the document these sums belong to
+    pending_x: Tensor | None = None  # [B, d]
+    # normalize="mean": [B, 6] the count of the sums' positions with a loss, per fast tensor (decayed with
+    # its λ; the six are equal without decay). Replicated under tp and cp.
+    count: Tensor | None = None
+
+    def detach(self) -> "FWLState":
+        """Truncates backpropagation at this state (training with carried state)."""
+        pend = self.pending_x.detach() if self.pending_x is not None else None
+        count = self.count.detach() if self.count is not None else None
+        return replace(self, w1=self.w1.detach(), b1=self.b1.detach(), w2=self.w2.detach(),
+                       b2=self.b2.detach(), alpha=self.alpha.detach(), beta=self.beta.detach(),
+                       pending_x=pend, count=count)
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {name: getattr(self, name) for name in FAST_TENSORS + ("doc_id",)}
+        for name in ("pending_x", "count"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, Tensor]) -> "FWLState":
+        return cls(**{name: t[name] for name in FAST_TENSORS + ("doc_id",)}, pending_x=t.get("pending_x"),
+                   count=t.get("count"))
+
+
+def inverse_count(n: Tensor) -> Tensor:
+    """1/n where n > 0, else 0 (nothing to average before a document's first position with a loss);
+    finite for any n > 0, also one a long decay has driven below the smallest normal number."""
+    return torch.where(n > 0, 1.0 / n.clamp(min=torch.finfo(n.dtype).tiny), torch.zeros_like(n))
+
+
+def count_normalisers(labels_bt: Tensor, reset_bt: Tensor, count_in: Tensor | None, log_decay: Tensor | None,
+                      chunk: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """normalize="mean": k_i = 1/n_i per fast tensor for the whole sequence [B, T, 6], and the count
+    after its last position [B, 6] (`count_in` [B, 6]: the carried count; `log_decay` [6] or None)."""
+    w = (labels_bt != IGNORE_INDEX).to(dtype)
+    chunk = min(chunk, w.shape[1])
+    n_fast = len(FAST_TENSORS)
+    if log_decay is None:
+        n, n_out = causal_count(w, reset_bt, count_in[:, 0] if count_in is not None else None, chunk)
+        n, n_out = n.unsqueeze(-1).expand(-1, -1, n_fast), n_out.unsqueeze(-1).expand(-1, n_fast)
+    else:
+        pairs = [causal_count(w, reset_bt, count_in[:, f] if count_in is not None else None, chunk, log_decay[f])
+                 for f in range(n_fast)]
+        n, n_out = torch.stack([p[0] for p in pairs], dim=-1), torch.stack([p[1] for p in pairs], dim=-1)
+    return inverse_count(n), n_out

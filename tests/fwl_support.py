@@ -1,0 +1,76 @@
+"""Shared pieces of the float64 FWL tests (test_fwl.py, test_fwl_long.py): a small layer whose every
+fast term matters numerically, inputs with document boundaries and ignored labels, the outer loss whose
+gradients are compared, and segment-by-segment runs with a carried state."""
+from __future__ import annotations
+
+import torch
+
+from fwl_scale import IGNORE_INDEX
+from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer
+
+D, S, V, VPAD = 6, 6, 13, 16
+
+
+def make_layer(chunk: int, T: int, residual: bool = False, normalize: str = "none",
+               decay: str = "none") -> FastWeightLayer:
+    layer = FastWeightLayer(D, S, 4, V, VPAD, 0.01, 1.0 / T, 1e-5, chunk, 5, 0.5, residual=residual,
+                            normalize=normalize, decay=decay, decay_init=0.8).double()
+    with torch.no_grad():
+        # Large, distinct step sizes so that every fast term matters numerically.
+        layer.step_sizes.copy_(torch.tensor([0.9, 0.7, 0.8, 0.6, 0.5, 0.4]))
+        for p in (layer.b1, layer.b2, layer.beta, layer.out_bias):
+            p.normal_(std=0.3)
+        layer.alpha.add_(torch.randn_like(layer.alpha) * 0.3)
+        if layer.decay_logits is not None:
+            # λ between about 0.6 and 0.9, distinct per fast tensor: the decay changes every sum.
+            layer.decay_logits.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0, 0.8, 1.2]))
+    return layer
+
+
+def make_inputs(B: int, T: int):
+    x = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
+    U = torch.nn.Parameter(torch.randn(VPAD, S, dtype=torch.float64))
+    labels = torch.randint(0, V, (B, T))
+    labels[0, 2] = IGNORE_INDEX
+    labels[1, T - 1] = IGNORE_INDEX
+    docs = torch.zeros(B, T, dtype=torch.long)
+    docs[0, 5:] = 1  # a document starts inside the sequence
+    docs[0, T - 3:] = 2  # and another one near the end
+    return x, U, labels, docs
+
+
+def fast_logits(layer, x, U, labels, docs):
+    u, _ = layer(x, U, labels, docs)
+    return u @ U[:V].t() + layer.out_bias[:V]
+
+
+def param_names(layer) -> list[str]:
+    """What grads_of differentiates: the input, the unembedding, every FWL parameter."""
+    names = ["x", "U"] + list(FAST_TENSORS) + ["out_bias", "step_sizes"]
+    return names + (["decay_logits"] if layer.decay_logits is not None else [])
+
+
+def grads_of(fn, layer, x, U):
+    """Gradients of a fixed random outer loss of the logits w.r.t. every input that can carry one."""
+    torch.manual_seed(1)
+    logits = fn()
+    weights = torch.randn_like(logits)
+    loss = (logits * weights).sum() + (logits ** 2).sum() * 0.01
+    params = [x, U] + [getattr(layer, n) for n in param_names(layer)[2:]]
+    return logits, torch.autograd.grad(loss, params)
+
+
+def run_segments(layer, x, U, labels, docs, cuts, pending: bool):
+    """Processes [0:c1], [c1:c2], ... carrying the state; with `pending`, each segment's last label is
+    withheld and supplied by the next segment (as in generation)."""
+    outs, state = [], None
+    bounds = [0] + cuts + [x.shape[1]]
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        last = i == len(bounds) - 2
+        kwargs = {}
+        if state is not None and state.pending_x is not None:
+            kwargs["pending_labels_b"] = labels[:, a - 1]
+        u, state = layer(x[:, a:b], U, labels[:, a:b], docs[:, a:b], state=state,
+                         last_label_pending=pending and not last, return_state=True, **kwargs)
+        outs.append(u)
+    return torch.cat(outs, dim=1), state
