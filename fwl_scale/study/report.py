@@ -149,9 +149,14 @@ def plot_png(c: Collection) -> bytes | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    groups = [g for g in c.summary["groups"] if g["bucket_loss"]]
+    # A group that shares another variant's runs (same config and overrides) would hide that one's line.
+    groups = [g for g in c.summary["groups"] if g["bucket_loss"] and not g["same_runs_as"]]
     if not groups:
         return None
+    sharing: dict[tuple[str, str], list[str]] = {}
+    for g in c.summary["groups"]:
+        if g["same_runs_as"]:
+            sharing.setdefault((g["same_runs_as"], g["arm"]), []).append(g["variant"])
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -160,7 +165,8 @@ def plot_png(c: Collection) -> bytes | None:
         x = [(a + b - 1) / 2 for a, b in g["bucket_edges"]]
         y = [b["mean"] for b in g["bucket_loss"]]
         ax.plot(x, y, linestyle="-" if g["arm"] == "fwl" else "--", marker="o", markersize=3,
-                color=f"C{variants.index(g['variant']) % 10}", label=f"{g['variant']} {g['arm']}")
+                color=f"C{variants.index(g['variant']) % 10}", label=f"{g['variant']} {g['arm']}"
+                + (f" (= {', '.join(also)})" if (also := sharing.get((g["variant"], g["arm"]))) else ""))
     ax.set_xlabel("position in the window (bucket centre)")
     ax.set_ylabel("validation loss (nats)")
     ax.set_title(f"study {c.summary['name']}: FWL solid, baseline dashed")
