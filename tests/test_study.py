@@ -6,8 +6,12 @@ a collection with fewer results."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import statistics
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,7 @@ from fwl_scale.cli import main as fwl_main
 from fwl_scale.config import load_config
 from fwl_scale.eval.perplexity import evaluate_batches
 from fwl_scale.eval.run import load_for_eval
-from tests.train_support import REPO, need_corpus, records, run_fwl, tiny_overrides
+from tests.train_support import REPO, fwl_command, fwl_env, need_corpus, records, run_fwl, tiny_overrides
 
 # 3 steps with a validation at the last; one layer: seconds per run.
 COMMON = [o for o in tiny_overrides("unused") if not o.startswith("train.out_dir=")] + [
@@ -28,7 +32,8 @@ VARIANTS = {"plain": {}, "residual": {"fwl": ["model.fwl.residual=true"]}}
 
 def write_spec(path: Path, out_dir: Path, variants: dict | None = None, **extra) -> Path:
     spec = {"name": "t", "arms": {"fwl": "configs/tiny.yaml", "baseline": "configs/base_tiny.yaml"},
-            "common": COMMON, "variants": variants or VARIANTS, "seeds": [1], "out_dir": str(out_dir), **extra}
+            "common": COMMON, "variants": variants or VARIANTS, "seeds": [1], "eval_batches": 2,
+            "out_dir": str(out_dir), **extra}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
@@ -194,3 +199,31 @@ def test_failing_variant_is_reported_while_the_others_complete(finished, tmp_pat
     assert "| broken | fwl | 0/1, **failed**: broken-fwl-s1 |" in md
     assert "| broken | baseline | 1/1 (= plain) |" in md
     assert f"- `broken-fwl-s1` (variant broken): train: fwl train exited with 2; log `{log}`" in md
+
+
+def test_stop_signal_checkpoints_exits_75_and_the_next_invocation_resumes(tmp_path):
+    need_corpus()
+    steps = 400  # long enough to be signalled mid-run
+    spec = write_spec(tmp_path / "spec.yaml", tmp_path / "out", arms={"baseline": "configs/base_tiny.yaml"},
+                      variants={"long": [f"train.steps={steps}", "train.eval_every=1000", "train.save_every=1000"]})
+    run_dir = tmp_path / "out" / "runs" / "long-baseline-s1"
+    proc = subprocess.Popen(fwl_command("study", str(spec)), cwd=REPO, env=fwl_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        while not [r for r in records(run_dir, "train") if r["step"] >= 5]:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGUSR1)  # to the study, which forwards it to the trainer
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, output
+    assert "stopped (SIGUSR1) during long-baseline-s1" in output
+    stop = records(run_dir, "stop")
+    assert len(stop) == 1 and stop[0]["step"] < steps
+    assert not (tmp_path / "out" / "results" / "long-baseline-s1.json").exists()
+    again = run_fwl("study", str(spec))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r["step"] for r in records(run_dir, "start")] == [0, stop[0]["step"]]
+    assert [r["step"] for r in records(run_dir, "train")] == list(range(1, steps + 1))
+    assert json.loads((tmp_path / "out" / "study.json").read_text())["complete"] == ["long-baseline-s1"]
