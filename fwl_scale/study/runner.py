@@ -22,8 +22,8 @@ from typing import Any
 import fwl_scale
 from fwl_scale.study import store
 from fwl_scale.study.spec import Run, StudySpec
+from fwl_scale.train.signals import EXIT_REQUEUE
 
-EXIT_REQUEUE = 75  # fwl_scale/train/signals.py; not imported: that module is the trainer's, this one is not
 EXIT_FAILED = 1
 # Runs are single processes; a study started under a distributed launcher must not hand them its rank.
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -160,6 +160,7 @@ def run_one(spec: StudySpec, run: Run, children: Children, concurrent: bool = Fa
     evals: dict[bool, dict[str, Any] | None] = {False: None, True: None}
     for slow in ([False, True] if run.arm == "fwl" else [False]):
         path = store.eval_path(spec, run, slow)
+        path.unlink(missing_ok=True)  # never read an earlier attempt's file as this one's
         extra = ["model.fwl.step_scale=0"] if slow else []
         rc = children.call(fwl_cmd("eval", run.config, str(spec.run_dir(run)), *overrides, *extra, *batches,
                                    "--json", str(path)), log)

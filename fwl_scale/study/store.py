@@ -5,6 +5,7 @@
     evals/<run>.json       `fwl eval --json` of the run; <run>.slow.json with the step sizes at zero
     results/<run>.json     the run's result: written last, so a run with a result is done
     failed/<run>.json      why the last attempt failed (removed when the run succeeds)
+    data.lock              serializes data preparation between the tasks of a job array
     study.md study.json loss_by_position.png    the collection
 """
 from __future__ import annotations
