@@ -14,14 +14,18 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from fwl_scale.cli import main as fwl_main
 from fwl_scale.config import load_config
+from fwl_scale.data import prepare_data, valid_batches
 from fwl_scale.eval.perplexity import evaluate_batches
 from fwl_scale.eval.run import load_for_eval
+from fwl_scale.study import report, store
+from fwl_scale.study.spec import load_spec
 from tests.train_support import REPO, fwl_command, fwl_env, need_corpus, records, run_fwl, tiny_overrides
 
 # 3 steps with a validation at the last; one layer: seconds per run.
@@ -101,8 +105,6 @@ def test_study_end_to_end_table_equals_the_runs_metrics(finished):
 
 
 def test_slow_head_loss_is_the_model_with_its_step_sizes_at_zero(finished):
-    from fwl_scale.data import prepare_data, valid_batches
-
     out = finished / "out"
     result = json.loads((out / "results" / "plain-fwl-s1.json").read_text())
     cfg = load_config(REPO / "configs" / "tiny.yaml", COMMON)
@@ -227,3 +229,63 @@ def test_stop_signal_checkpoints_exits_75_and_the_next_invocation_resumes(tmp_pa
     assert [r["step"] for r in records(run_dir, "start")] == [0, stop[0]["step"]]
     assert [r["step"] for r in records(run_dir, "train")] == list(range(1, steps + 1))
     assert json.loads((tmp_path / "out" / "study.json").read_text())["complete"] == ["long-baseline-s1"]
+
+
+def test_collection_over_seeds_is_mean_and_sample_std_and_names_what_is_missing(tmp_path, monkeypatch):
+    """The aggregation alone, on results written by hand (three seeds, one missing, one failed)."""
+    monkeypatch.chdir(REPO)
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", tmp_path / "out", seeds=[1, 2, 3]))
+    assert [r.name for r in spec.runs] == ["plain-fwl-s1", "plain-baseline-s1", "plain-fwl-s2", "plain-baseline-s2",
+                                           "plain-fwl-s3", "plain-baseline-s3", "residual-fwl-s1", "residual-fwl-s2",
+                                           "residual-fwl-s3"]
+    rng = np.random.default_rng(0)
+    written = {}
+    for run in spec.runs:
+        if run.name in ("plain-baseline-s3", "residual-fwl-s2", "residual-fwl-s3"):
+            continue  # not run (residual-fwl-s2 fails below)
+        loss, buckets = float(rng.uniform(4, 6)), rng.uniform(4, 6, size=4).tolist()
+        written[run.name] = {
+            "run": run.name, "variant": run.variant, "arm": run.arm, "seed": run.seed,
+            "valid": {"loss": loss, "perplexity": float(np.exp(loss)), "bucket_edges": [[0, 8], [8, 16], [16, 24],
+                      [24, 32]], "bucket_loss": buckets},
+            "slow_head": {"loss": loss + 0.1} if run.arm == "fwl" else None,
+            "step_sizes": dict(zip(["w1", "b1", "w2", "b2", "alpha", "beta"], rng.uniform(0, 1, 6).tolist()))
+            if run.arm == "fwl" else None,
+            "tokens_per_s": float(rng.uniform(1000, 2000))}
+        store.write_json(store.result_path(spec, run), written[run.name])
+    failed = next(r for r in spec.runs if r.name == "residual-fwl-s2")
+    store.write_json(store.failure_path(spec, failed), {"run": failed.name, "variant": "residual", "stage": "train",
+                                                        "detail": "fwl train exited with 3", "log": "L"})
+    c = report.collect(spec)
+    groups = {(g["variant"], g["arm"]): g for g in c.summary["groups"]}
+
+    def ref(variant: str, arm: str, get) -> tuple[float, float]:
+        """Mean and sample std in float64 numpy; residual's baseline rows are plain's baseline runs."""
+        source = "plain" if (variant, arm) == ("residual", "baseline") else variant
+        values = np.array([get(r) for r in written.values() if r["variant"] == source and r["arm"] == arm],
+                          dtype=np.float64)
+        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+    for (variant, arm), g in groups.items():
+        for key, get in [("val_loss", lambda r: r["valid"]["loss"]), ("val_ppl", lambda r: r["valid"]["perplexity"]),
+                         ("tokens_per_s", lambda r: r["tokens_per_s"])]:
+            assert (g[key]["mean"], g[key]["std"]) == pytest.approx(ref(variant, arm, get), rel=1e-12), (variant, arm, key)
+        for b in range(4):
+            assert (g["bucket_loss"][b]["mean"], g["bucket_loss"][b]["std"]) == pytest.approx(
+                ref(variant, arm, lambda r: r["valid"]["bucket_loss"][b]), rel=1e-12)
+        if arm == "fwl":
+            assert g["slow_head_loss"]["mean"] == pytest.approx(ref(variant, arm, lambda r: r["slow_head"]["loss"])[0])
+            assert g["slow_head_gap"] == pytest.approx(g["slow_head_loss"]["mean"]
+                                                       - groups[(variant, "baseline")]["val_loss"]["mean"], abs=1e-12)
+            assert g["step_sizes"]["beta"]["mean"] == pytest.approx(ref(variant, arm, lambda r: r["step_sizes"]["beta"])[0])
+    assert groups[("plain", "fwl")]["seeds"] == [1, 2, 3] and groups[("plain", "baseline")]["seeds"] == [1, 2]
+    assert groups[("residual", "fwl")]["seeds"] == [1] and groups[("residual", "fwl")]["failed"] == ["residual-fwl-s2"]
+    assert c.summary["fwl_vs_baseline_ppl"]["plain"] == pytest.approx(
+        groups[("plain", "fwl")]["val_ppl"]["mean"] / groups[("plain", "baseline")]["val_ppl"]["mean"], rel=1e-12)
+    assert c.missing == ["plain-baseline-s3", "residual-fwl-s3"]
+    md = (tmp_path / "out" / "study.md").read_text()
+    g = groups[("plain", "fwl")]
+    assert f"| plain | fwl | 3/3 | {g['val_ppl']['mean']:.3f} ± {g['val_ppl']['std']:.3f} |" in md
+    assert "| residual | fwl | 1/3, **failed**: residual-fwl-s2 |" in md
+    assert "Not run yet: `plain-baseline-s3`, `residual-fwl-s3`" in md
+    assert (tmp_path / "out" / "loss_by_position.png").is_file()
