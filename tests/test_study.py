@@ -269,7 +269,8 @@ def test_collection_over_seeds_is_mean_and_sample_std_and_names_what_is_missing(
     for (variant, arm), g in groups.items():
         for key, get in [("val_loss", lambda r: r["valid"]["loss"]), ("val_ppl", lambda r: r["valid"]["perplexity"]),
                          ("tokens_per_s", lambda r: r["tokens_per_s"])]:
-            assert (g[key]["mean"], g[key]["std"]) == pytest.approx(ref(variant, arm, get), rel=1e-12), (variant, arm, key)
+            assert (g[key]["mean"], g[key]["std"]) == pytest.approx(ref(variant, arm, get), rel=1e-12), \
+                (variant, arm, key)
         for b in range(4):
             assert (g["bucket_loss"][b]["mean"], g["bucket_loss"][b]["std"]) == pytest.approx(
                 ref(variant, arm, lambda r: r["valid"]["bucket_loss"][b]), rel=1e-12)
@@ -277,7 +278,8 @@ def test_collection_over_seeds_is_mean_and_sample_std_and_names_what_is_missing(
             assert g["slow_head_loss"]["mean"] == pytest.approx(ref(variant, arm, lambda r: r["slow_head"]["loss"])[0])
             assert g["slow_head_gap"] == pytest.approx(g["slow_head_loss"]["mean"]
                                                        - groups[(variant, "baseline")]["val_loss"]["mean"], abs=1e-12)
-            assert g["step_sizes"]["beta"]["mean"] == pytest.approx(ref(variant, arm, lambda r: r["step_sizes"]["beta"])[0])
+            assert g["step_sizes"]["beta"]["mean"] == pytest.approx(
+                ref(variant, arm, lambda r: r["step_sizes"]["beta"])[0])
     assert groups[("plain", "fwl")]["seeds"] == [1, 2, 3] and groups[("plain", "baseline")]["seeds"] == [1, 2]
     assert groups[("residual", "fwl")]["seeds"] == [1] and groups[("residual", "fwl")]["failed"] == ["residual-fwl-s2"]
     assert c.summary["fwl_vs_baseline_ppl"]["plain"] == pytest.approx(

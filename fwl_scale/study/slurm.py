@@ -37,7 +37,8 @@ def _head(spec: StudySpec, lines: list[str]) -> str:
         "",
         f"FWL_HOME={q(str(fwl_home()))}",
         f': "${{FWL_PYTHON:={q(sys.executable)}}}"',
-        'source "$FWL_HOME/launchers/common.sh" || { echo "fwl study: cannot source launchers/common.sh" >&2; exit 2; }',
+        'source "$FWL_HOME/launchers/common.sh" \\',
+        '    || { echo "fwl study: cannot source launchers/common.sh" >&2; exit 2; }',
         f"cd {q(str(Path.cwd()))} || fwl_die \"cannot cd to the study's working directory\"",
     ])
 
