@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from fwl_scale.train.signals import TEST_HOLD_ENV
 from tests.train_support import need_corpus, records, step_losses, tiny_overrides
@@ -487,3 +488,67 @@ def test_time_limit_warning_checkpoints_and_requeues(scenarios):
     assert steps[: stops[0]["step"]] == list(range(1, stops[0]["step"] + 1))
     assert steps[stops[0]["step"]] == stops[0]["step"] + 1  # resumed at the next step
     assert run.seen["final"]["JobState"] == "CANCELLED"
+
+
+def _array_states(env: dict[str, str], job_id: str) -> dict[str, dict[str, str]]:
+    """`scontrol show job` of a job array: fields per task (ArrayTaskId), or of a plain job under ''."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    tasks = {}
+    for line in out.stdout.splitlines():
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        tasks[fields.get("ArrayTaskId", "")] = fields
+    return tasks
+
+
+def test_study_runs_as_a_job_array_then_collects(slurm_env, tmp_path):
+    """`fwl study SPEC --slurm`: one array task per run (FWL and baseline), then the collection job
+    (afterany) writes the table from their results. The FWL run's task is signalled mid-training through
+    its batch shell (what `--signal=B:USR1@...` does before the time limit): the study forwards the signal
+    to the trainer, which saves; the task requeues itself and the run resumes where it stopped."""
+    out = tmp_path / "out"
+    common = [o for o in tiny_overrides("unused") if not o.startswith("train.out_dir=")]
+    long = ["train.steps=2000", "train.save_every=100000"]  # long enough to be signalled mid-run
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "slurm", "arms": {"fwl": "configs/tiny.yaml", "baseline": "configs/base_tiny.yaml"},
+        "common": common + ["train.steps=3", "train.eval_every=3"], "variants": {"plain": {"fwl": long}},
+        "seeds": [1], "out_dir": str(out)}))
+    proc = subprocess.run([sys.executable, "-m", "fwl_scale.cli", "study", str(spec), "--slurm", "--sbatch-args",
+                           "--time=10"], cwd=REPO, env=slurm_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    array_id = proc.stdout.split("submitted job array ")[1].split()[0]
+    collect_id = proc.stdout.split("collection job ")[1].split()[0]
+    assert "#SBATCH --array=0-1" in (out / "study.sbatch").read_text()
+    fwl_dir = out / "runs" / "plain-fwl-s1"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not [s for s in logged_steps(fwl_dir) if s >= 5]:
+        assert time.monotonic() < deadline and (out / "logs").is_dir(), "the FWL run did not reach step 5"
+        time.sleep(0.2)
+    signalled = subprocess.run(["scancel", "--batch", "--signal=USR1", f"{array_id}_0"], env=slurm_env,
+                               capture_output=True, text=True, timeout=30)
+    assert signalled.returncode == 0, signalled.stderr
+    while (state := _array_states(slurm_env, collect_id)[""])["JobState"] not in ENDED:
+        assert time.monotonic() < deadline, f"collection job {collect_id} did not end: {state}"
+        time.sleep(1)
+    tasks = _array_states(slurm_env, array_id)
+    logs = "\n".join(p.read_text() for p in sorted((out / "logs").glob("slurm-*.out")))
+    assert sorted(tasks) == ["0", "1"], tasks
+    for task in tasks.values():
+        assert task["JobState"] == "COMPLETED" and task["ExitCode"] == "0:0", logs[-4000:]
+    assert tasks["0"]["Restarts"] == "1" and tasks["1"]["Restarts"] == "0", tasks
+    assert "batch shell got SIGUSR1" in logs and "the run resumes from its checkpoint" in logs, logs[-4000:]
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", logs[-4000:]
+    assert "study slurm: run 0 exited with 0" in logs and "study slurm: run 1 exited with 0" in logs
+    stops = records(fwl_dir, "stop")
+    assert len(stops) == 1 and stops[0]["reason"] == "SIGUSR1", stops
+    assert [r["step"] for r in records(fwl_dir, "start")] == [0, stops[0]["step"]]
+    assert train_steps(fwl_dir) == list(range(1, 2001))  # resumed right after the saved step
+    summary = json.loads((out / "study.json").read_text())
+    assert summary["complete"] == ["plain-fwl-s1", "plain-baseline-s1"] and not summary["failed"]
+    for group in summary["groups"]:
+        result = json.loads((out / "results" / f"plain-{group['arm']}-s1.json").read_text())
+        trained = records(out / "runs" / f"plain-{group['arm']}-s1", "valid")[-1]
+        assert group["val_loss"]["mean"] == result["valid"]["loss"] == pytest.approx(trained["loss"], rel=1e-6)
+    assert "| plain | fwl | 1/1 |" in (out / "study.md").read_text()

@@ -150,8 +150,9 @@ def _diff(a: Any, b: Any, prefix: str, default: Any = None) -> list[str]:
     return [] if a == b else [f"{prefix}: {a!r} in the checkpoint, {b!r} in the config"]
 
 
-# Model fields that only change how the same function is computed, not the parameters.
-_COMPUTE_ONLY = {"fwl.chunk_size", "fwl.form", "fwl.vocab_chunk"}
+# Model fields that leave the parameters as they are: how the same function is computed, and fwl.step_scale,
+# the multiplier of the learned step sizes that evaluates a trained FWL with its fast updates off (0).
+_COMPUTE_ONLY = {"fwl.chunk_size", "fwl.form", "fwl.vocab_chunk", "fwl.step_scale"}
 
 
 def check_compatible(ref: CheckpointRef, cfg: Config, dp: int | None = None) -> None:

@@ -1,0 +1,200 @@
+"""Collects a study's run results into one table: OUT/study.md, OUT/study.json, OUT/loss_by_position.png.
+
+Per variant and arm, mean ± sample std over the seeds that finished: validation perplexity and loss, loss
+by position bucket, the slow head alone (step sizes at zero) and its gap to the same variant's baseline,
+the learned step sizes, tokens/s; and per variant the FWL-vs-baseline perplexity ratio. Works on partial
+results (it lists the missing and failed runs) and refuses to replace a collection that holds a finished
+run which has no result now.
+"""
+from __future__ import annotations
+
+import io
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from fwl_scale.study import store
+from fwl_scale.study.spec import StudyError, StudySpec
+
+
+@dataclass
+class Collection:
+    summary: dict[str, Any]
+    complete: list[str]
+    failed: list[dict[str, Any]]
+    missing: list[str]
+
+
+def stats(values: list[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def _group(spec: StudySpec, variant: str, arm: str, results: list[dict[str, Any]],
+           failed: list[dict[str, Any]]) -> dict[str, Any]:
+    n_buckets = len(results[0]["valid"]["bucket_loss"]) if results else 0
+    group: dict[str, Any] = {
+        "variant": variant, "arm": arm, "runs": len(spec.seeds), "seeds": [r["seed"] for r in results],
+        "failed": [f["run"] for f in failed],
+        "val_ppl": stats([r["valid"]["perplexity"] for r in results]),
+        "val_loss": stats([r["valid"]["loss"] for r in results]),
+        "bucket_edges": results[0]["valid"]["bucket_edges"] if results else [],
+        "bucket_loss": [stats([r["valid"]["bucket_loss"][b] for r in results]) for b in range(n_buckets)],
+        "tokens_per_s": stats([r["tokens_per_s"] for r in results if r["tokens_per_s"] is not None]),
+        "slow_head_loss": None, "slow_head_gap": None, "step_sizes": None,
+    }
+    if arm == "fwl" and results:
+        group["slow_head_loss"] = stats([r["slow_head"]["loss"] for r in results])
+        # In the order of model.fwl.FAST_TENSORS, as the checkpoint's step_size_dict() wrote them.
+        group["step_sizes"] = {name: stats([r["step_sizes"][name] for r in results])
+                               for name in results[0]["step_sizes"]}
+    return group
+
+
+def summarize(spec: StudySpec) -> Collection:
+    results: dict[str, dict[str, Any]] = {}
+    failures: dict[str, dict[str, Any]] = {}
+    for run in spec.runs:
+        r = store.read_json(store.result_path(spec, run))
+        if r is not None:
+            results[run.name] = r
+            continue
+        f = store.read_json(store.failure_path(spec, run))
+        if f is not None:
+            failures[run.name] = f
+    groups = []
+    for variant in spec.variants:
+        for arm in spec.arms:
+            runs = spec.members[(variant, arm)]
+            names = [run.name for run in runs]
+            group = _group(spec, variant, arm, [results[n] for n in names if n in results],
+                           [failures[n] for n in names if n in failures])
+            group["same_runs_as"] = runs[0].variant if runs[0].variant != variant else None
+            groups.append(group)
+    by_key = {(g["variant"], g["arm"]): g for g in groups}
+    ratios: dict[str, float | None] = {}
+    for variant in spec.variants:
+        fwl, base = by_key.get((variant, "fwl")), by_key.get((variant, "baseline"))
+        if fwl is None or base is None:
+            continue
+        if fwl["slow_head_loss"] and base["val_loss"]:
+            fwl["slow_head_gap"] = fwl["slow_head_loss"]["mean"] - base["val_loss"]["mean"]
+        ratios[variant] = (fwl["val_ppl"]["mean"] / base["val_ppl"]["mean"]
+                           if fwl["val_ppl"] and base["val_ppl"] else None)
+    complete = [run.name for run in spec.runs if run.name in results]
+    missing = [run.name for run in spec.runs if run.name not in results and run.name not in failures]
+    failed = list(failures.values())
+    summary = {"name": spec.name, "spec": str(spec.path), "out_dir": str(spec.out_dir),
+               "runs_total": len(spec.runs), "complete": complete, "failed": failed, "missing": missing,
+               "groups": groups, "fwl_vs_baseline_ppl": ratios, "results": results}
+    return Collection(summary, complete, failed, missing)
+
+
+def _pm(s: dict[str, Any] | None, fmt: str) -> str:
+    if s is None:
+        return "–"
+    return f"{s['mean']:{fmt}} ± {s['std']:{fmt}}" if s["n"] > 1 else f"{s['mean']:{fmt}}"
+
+
+def _status(g: dict[str, Any]) -> str:
+    text = f"{len(g['seeds'])}/{g['runs']}" + (f" (= {g['same_runs_as']})" if g["same_runs_as"] else "")
+    return text + (f", **failed**: {', '.join(g['failed'])}" if g["failed"] else "")
+
+
+def _step_names(groups: list[dict[str, Any]]) -> list[str]:
+    return next((list(g["step_sizes"]) for g in groups if g["step_sizes"]), [])
+
+
+def markdown(c: Collection) -> str:
+    s = c.summary
+    lines = [f"# Study `{s['name']}`", "",
+             f"Spec `{s['spec']}`; {len(c.complete)} of {s['runs_total']} runs finished, {len(c.failed)} failed, "
+             f"{len(c.missing)} not run yet. Mean ± sample std over the seeds that finished.", "",
+             "| variant | arm | runs | val ppl | val loss | slow-head loss | slow − baseline loss | "
+             f"step sizes ({' '.join(_step_names(s['groups']))}) | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for g in s["groups"]:
+        steps = " ".join(f"{v['mean']:.3g}" for v in g["step_sizes"].values()) if g["step_sizes"] else "–"
+        gap = f"{g['slow_head_gap']:+.4f}" if g["slow_head_gap"] is not None else "–"
+        lines.append(f"| {g['variant']} | {g['arm']} | {_status(g)} | {_pm(g['val_ppl'], '.3f')} | "
+                     f"{_pm(g['val_loss'], '.4f')} | {_pm(g['slow_head_loss'], '.4f')} | {gap} | {steps} | "
+                     f"{_pm(g['tokens_per_s'], '.0f')} |")
+    edges = next((g["bucket_edges"] for g in s["groups"] if g["bucket_edges"]), [])
+    if edges:
+        lines += ["", "Validation loss by position bucket (nats):", "",
+                  "| variant | arm | " + " | ".join(f"{a}–{b - 1}" for a, b in edges) + " |",
+                  "|---|---|" + "---|" * len(edges)]
+        for g in s["groups"]:
+            if g["bucket_loss"]:
+                lines.append(f"| {g['variant']} | {g['arm']} | "
+                             + " | ".join(_pm(b, ".4f") for b in g["bucket_loss"]) + " |")
+    if s["fwl_vs_baseline_ppl"]:
+        lines += ["", "| variant | FWL ppl / baseline ppl |", "|---|---|"]
+        for variant, ratio in s["fwl_vs_baseline_ppl"].items():
+            lines.append(f"| {variant} | {'–' if ratio is None else f'{ratio:.4f}'} |")
+    if c.failed:
+        lines += ["", "Failed runs:", ""]
+        lines += [f"- `{f['run']}` (variant {f['variant']}): {f['stage']}: {f['detail']}; log `{f['log']}`"
+                  for f in c.failed]
+    if c.missing:
+        lines += ["", "Not run yet: " + ", ".join(f"`{m}`" for m in c.missing)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(c: Collection) -> bytes | None:
+    """Loss by position bucket, FWL solid and baseline dashed, one colour per variant."""
+    # matplotlib is imported only to draw (seconds of import); the object API needs no backend or pyplot.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # A group that shares another variant's runs (same config and overrides) would hide that one's line.
+    groups = [g for g in c.summary["groups"] if g["bucket_loss"] and not g["same_runs_as"]]
+    if not groups:
+        return None
+    sharing: dict[tuple[str, str], list[str]] = {}
+    for g in c.summary["groups"]:
+        if g["same_runs_as"]:
+            sharing.setdefault((g["same_runs_as"], g["arm"]), []).append(g["variant"])
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    variants = list(dict.fromkeys(g["variant"] for g in c.summary["groups"]))
+    for g in groups:
+        x = [(a + b - 1) / 2 for a, b in g["bucket_edges"]]
+        y = [b["mean"] for b in g["bucket_loss"]]
+        ax.plot(x, y, linestyle="-" if g["arm"] == "fwl" else "--", marker="o", markersize=3,
+                color=f"C{variants.index(g['variant']) % 10}", label=f"{g['variant']} {g['arm']}"
+                + (f" (= {', '.join(also)})" if (also := sharing.get((g["variant"], g["arm"]))) else ""))
+    ax.set_xlabel("position in the window (bucket centre)")
+    ax.set_ylabel("validation loss (nats)")
+    ax.set_title(f"study {c.summary['name']}: FWL solid, baseline dashed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return buf.getvalue()
+
+
+def collect(spec: StudySpec) -> Collection:
+    """Writes study.md, study.json and loss_by_position.png; refuses (StudyError) to replace a collection
+    that has a finished run which has no result now."""
+    c = summarize(spec)
+    out = spec.out_dir / "study.json"
+    previous = store.read_json(out)
+    if previous is not None:
+        # A run dropped from the spec keeps its result file: only a result gone from the disk is lost.
+        lost = [name for name in previous.get("complete", [])
+                if name not in c.complete and not store.result_file(spec.out_dir, name).is_file()]
+        if lost:
+            raise StudyError(f"{out} holds {len(previous.get('complete', []))} finished runs, and "
+                             f"{', '.join(lost[:5])} ha{'s' if len(lost) == 1 else 've'} no result in "
+                             f"{spec.out_dir / 'results'} now: not replacing it with fewer. Move it away to "
+                             f"collect anew.")
+    png = plot_png(c)
+    if png is not None:
+        store.write_bytes(spec.out_dir / "loss_by_position.png", png)
+    store.write_bytes(spec.out_dir / "study.md", markdown(c).encode())
+    store.write_json(out, c.summary)
+    return c

@@ -1,0 +1,193 @@
+"""The study spec: named variants (config overrides) × seeds × arms {fwl, baseline}, from one YAML file.
+
+    name: recipe                                   # default: the file's stem
+    arms: {fwl: configs/tiny.yaml, baseline: configs/base_tiny.yaml}   # either may be omitted
+    common: ["train.steps=600"]                    # overrides for every run
+    variants:
+      plain: {}                                    # no extra overrides
+      residual: {fwl: ["model.fwl.residual=true"]} # per arm (an arm not named gets none)
+      lr1e-3: ["train.lr=1e-3"]                    # a plain list: both arms
+    seeds: [1, 2, 3]                               # train.seed of each run
+    eval_batches: 40                               # validation batches of the evaluations (default: config's)
+    out_dir: runs/study_recipe                     # default: runs/study_<name>
+
+Relative paths (configs, out_dir) are relative to the working directory, as everywhere in `fwl`.
+Every run's config is loaded and validated (`load_config`) before anything trains, so a bad override
+fails at once with the variant's name.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fwl_scale.config import Config, ConfigError, load_config
+
+ARMS = ("fwl", "baseline")
+TOP_KEYS = ("name", "arms", "common", "variants", "seeds", "eval_batches", "out_dir")
+# Set by the study itself for every run; a spec that sets them would silently lose them.
+RESERVED = ("train.seed", "train.out_dir")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+class StudyError(ConfigError):
+    """A study spec that cannot be used; the message names the file and the key or variant."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the study: (variant, arm, seed), numbered in the order of the spec."""
+    index: int
+    variant: str
+    arm: str
+    seed: int
+    config: str
+    overrides: tuple[str, ...]  # common + the variant's for this arm + train.seed (not train.out_dir)
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-{self.arm}-s{self.seed}"
+
+
+@dataclass
+class StudySpec:
+    path: Path
+    name: str
+    arms: dict[str, str]
+    common: list[str]
+    variants: dict[str, dict[str, list[str]]]  # variant -> arm -> overrides
+    seeds: list[int]
+    out_dir: Path
+    eval_batches: int | None = None
+    runs: list[Run] = field(default_factory=list)  # each distinct run once, in the order of the spec
+    members: dict[tuple[str, str], list[Run]] = field(default_factory=dict)  # (variant, arm) -> its runs, by seed
+
+    def run_dir(self, run: Run) -> Path:
+        return self.out_dir / "runs" / run.name
+
+    def train_overrides(self, run: Run) -> list[str]:
+        return [*run.overrides, f"train.out_dir={self.run_dir(run)}"]
+
+    def run_config(self, run: Run) -> Config:
+        return load_config(run.config, self.train_overrides(run))
+
+
+def _overrides(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise StudyError(f"{where}: expected a list of key.sub=value overrides, got {value!r}")
+    for v in value:
+        key = v.split("=", 1)[0].strip()
+        if "=" not in v:
+            raise StudyError(f"{where}: override {v!r} is not of the form key.sub=value")
+        if key in RESERVED:
+            raise StudyError(f"{where}: {key} is set by the study for every run (use `seeds` and `out_dir`)")
+    return list(value)
+
+
+def _variant(name: Any, value: Any, arms: dict[str, str], src: str) -> dict[str, list[str]]:
+    where = f"{src}: variant {name!r}"
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise StudyError(f"{where}: a variant name is letters, digits and . _ + - (it names run directories)")
+    if value is None or isinstance(value, list):
+        both = _overrides(value, where)
+        return {arm: list(both) for arm in arms}
+    if not isinstance(value, dict):
+        raise StudyError(f"{where}: expected a list of overrides or a mapping arm -> overrides, got {value!r}")
+    for key in value:
+        if key not in ARMS:
+            raise StudyError(f"{where}: unknown key {key!r} (an arm: {', '.join(ARMS)})")
+        if key not in arms:
+            raise StudyError(f"{where}: overrides for arm {key!r}, which the spec's `arms` does not have")
+    return {arm: _overrides(value.get(arm), f"{where}, arm {arm}") for arm in arms}
+
+
+def parse_spec(data: Any, path: Path) -> StudySpec:
+    src = str(path)
+    if not isinstance(data, dict):
+        raise StudyError(f"{src}: top level must be a mapping, got {type(data).__name__}")
+    for key in data:
+        if key not in TOP_KEYS:
+            raise StudyError(f"{src}: unknown key {key!r} (known: {', '.join(TOP_KEYS)})")
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise StudyError(f"{src}: name: letters, digits and . _ + - only, got {name!r}")
+    arms = data.get("arms")
+    if not isinstance(arms, dict) or not arms:
+        raise StudyError(f"{src}: arms: expected a mapping with fwl and/or baseline -> config file, got {arms!r}")
+    for arm, cfg in arms.items():
+        if arm not in ARMS:
+            raise StudyError(f"{src}: arms: unknown key {arm!r} (known: {', '.join(ARMS)})")
+        if not isinstance(cfg, str):
+            raise StudyError(f"{src}: arms.{arm}: expected a config file path, got {cfg!r}")
+        if not Path(cfg).is_file():
+            raise StudyError(f"{src}: arms.{arm}: no such config file {cfg}")
+    arms = {arm: arms[arm] for arm in ARMS if arm in arms}  # fixed order: fwl, then baseline
+    common = _overrides(data.get("common"), f"{src}: common")
+    variants = data.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise StudyError(f"{src}: variants: needs at least one named variant (e.g. `plain: {{}}`), got {variants!r}")
+    parsed = {str(k): _variant(k, v, arms, src) for k, v in variants.items()}
+    seeds = data.get("seeds", [1])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds):
+        raise StudyError(f"{src}: seeds: expected a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise StudyError(f"{src}: seeds: {seeds} repeats a seed")
+    eval_batches = data.get("eval_batches")
+    if eval_batches is not None and (not isinstance(eval_batches, int) or isinstance(eval_batches, bool)
+                                     or eval_batches < 1):
+        raise StudyError(f"{src}: eval_batches: expected an integer >= 1, got {eval_batches!r}")
+    out_dir = data.get("out_dir", f"runs/study_{name}")
+    if not isinstance(out_dir, str) or not out_dir:
+        raise StudyError(f"{src}: out_dir: expected a directory path, got {out_dir!r}")
+    spec = StudySpec(path=path, name=name, arms=arms, common=common, variants=parsed, seeds=list(seeds),
+                     out_dir=Path(out_dir), eval_batches=eval_batches)
+    # A run that another variant already has (same config, same overrides: e.g. the baseline of a
+    # variant that only changes the FWL) is trained once and counted in both variants' rows.
+    unique: dict[tuple[str, tuple[str, ...]], Run] = {}
+    for variant, per_arm in parsed.items():
+        for seed in seeds:
+            for arm, cfg in arms.items():
+                overrides = (*common, *per_arm[arm], f"train.seed={seed}")
+                run = unique.get((cfg, overrides))
+                if run is None:
+                    run = unique[(cfg, overrides)] = Run(len(unique), variant, arm, seed, cfg, overrides)
+                spec.members.setdefault((variant, arm), []).append(run)
+    spec.runs = list(unique.values())
+    return spec
+
+
+def validate_runs(spec: StudySpec) -> dict[str, Config]:
+    """Loads every run's config (the whole validation of `fwl train`) before anything trains; returns
+    them by run name. An error names the variant and arm."""
+    configs = {}
+    for run in spec.runs:
+        try:
+            cfg = spec.run_config(run)
+        except ConfigError as e:
+            raise StudyError(f"{spec.path}: variant {run.variant!r} (arm {run.arm}, seed {run.seed}): {e}") from None
+        if cfg.model.fwl.enabled != (run.arm == "fwl"):
+            raise StudyError(f"{spec.path}: variant {run.variant!r}: arm {run.arm} needs model.fwl.enabled="
+                             f"{str(run.arm == 'fwl').lower()} ({run.config} with the overrides has "
+                             f"{str(cfg.model.fwl.enabled).lower()})")
+        configs[run.name] = cfg
+    return configs
+
+
+def load_spec(path: str | Path, validate: bool = True) -> StudySpec:
+    p = Path(path)
+    if not p.is_file():
+        raise StudyError(f"{p}: no such study spec")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise StudyError(f"{p}: malformed YAML: {e}") from None
+    spec = parse_spec(data if data is not None else {}, p)
+    if validate:
+        validate_runs(spec)
+    return spec
