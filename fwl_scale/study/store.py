@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fwl_scale.data.common import atomic_write_bytes
+from fwl_scale.atomic import atomic_write_bytes
 from fwl_scale.study.spec import Run, StudyError, StudySpec
 
 
