@@ -248,3 +248,36 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: st
             shutil.rmtree(stage, ignore_errors=True)
         raise
     return out
+
+
+# ----------------------------------------------------------------------------------- the import
+def import_hf(hf_dir: str | Path, cfg: Config) -> Path:
+    """Starts a run from an exported model: a step-0 checkpoint in cfg.train.out_dir (which must hold no
+    checkpoints) with the exported weights, fresh Adam moments and the config's schedule and data; `fwl
+    train` with the same config continues from it. One process (another layout: `fwl ckpt convert` it)."""
+    from fwl_scale.parallel.layers import shard_of
+    from fwl_scale.train.convert import STATE_KEYS, OptimizerAccess
+    from fwl_scale.train.loop import Trainer
+
+    weights, model_cfg = load_hf_weights(hf_dir)
+    saved, wanted = config_to_nested(Config(model=model_cfg))["model"], config_to_nested(cfg)["model"]
+    diffs = [f"model.{k}: {saved[k]!r} in {Path(hf_dir) / 'config.json'}, {wanted[k]!r} in the config"
+             for k in saved if saved[k] != wanted[k]]
+    if diffs:
+        raise ExportError(f"{hf_dir} is another model than the config's: " + "; ".join(diffs[:6]))
+    trainer = Trainer(cfg, resume=False)
+    try:
+        params = dict(trainer.te.named_parameters())
+        if set(params) != set(weights):
+            odd = sorted(set(params) ^ set(weights))
+            raise ExportError(f"{hf_dir}: its tensors do not match the model's parameters ({', '.join(odd[:6])})")
+        acc = OptimizerAccess(trainer.engine)
+        acc.ensure_states()
+        for name, p in params.items():
+            full = weights[name].to(torch.float32)
+            acc.set(p, {"param": shard_of(p, full), **{k: torch.zeros_like(shard_of(p, full)) for k in STATE_KEYS}})
+        return trainer.save().path
+    finally:
+        trainer.stop.uninstall()
+        trainer.loader.close()
+        trainer.metrics.close()
