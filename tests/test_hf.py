@@ -57,7 +57,7 @@ def overrides(out_dir: Path, *extra: str) -> list[str]:
             "model.fwl.chunk_size=8", "model.fwl.step_size_init=0.3", f"data.train=[{DATA_ROOT / 'train.jsonl'}]",
             f"data.root={DATA_ROOT}", "data.loader_workers=0", "data.workers=1", "parallel.micro_batch=2",
             "train.steps=2", "train.warmup_steps=1", "train.lr=0.01", "train.eval_every=1000", "train.save_every=2",
-            "train.eval_batches=1", "train.wandb.enabled=false", f"train.out_dir={out_dir}", *extra]
+            "train.eval_batches=1", "train.log_every=1", "train.wandb.enabled=false", f"train.out_dir={out_dir}", *extra]
 
 
 def config(out_dir: Path, *extra: str):
