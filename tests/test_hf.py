@@ -296,3 +296,25 @@ def test_bad_input(trained, tmp_path):
     sha = json.loads((hf / "tokenizer_config.json").read_text())["fwl_tokenizer_sha256"]
     with pytest.raises(ValueError, match=r"spm.model: sha256 .* differs from the .* recorded"):
         FWLTokenizer(str(hf / "spm.model"), fwl_tokenizer_sha256=sha)
+
+
+def test_kv_cache_equals_recomputed_window():
+    """GPT.body_cached (keys and values of the window cached per layer) against the body recomputed on the
+    whole window, float64, token by token and in a piece of 3, with documents starting inside the window."""
+    from fwl_scale.model.gpt import KVCache
+
+    cfg = load_config(None, ["model.d_model=16", "model.n_heads=2", "model.n_layers=2", "model.seq_len=12",
+                             "model.vocab_size=50", "model.vocab_multiple=64"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg).double().eval()
+    ids = torch.randint(0, 50, (2, 12))
+    docs = torch.zeros(2, 12, dtype=torch.long)
+    docs[0, 4:], docs[0, 9:], docs[1, 7:] = 1, 2, 1
+    with torch.no_grad():
+        whole = model.body(ids, docs)
+        kv = [KVCache() for _ in model.blocks]
+        cuts = [0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12]  # one piece of 3 tokens, the rest one by one
+        got = torch.cat([model.body_cached(ids[:, a:b], docs[:, a:b], docs[:, :a], kv)
+                         for a, b in zip(cuts[:-1], cuts[1:])], dim=1)
+    assert float((got - whole).abs().max()) <= 1e-12 * float(whole.abs().max())
+    assert kv[0].k.shape[2] == 12

@@ -21,7 +21,8 @@ left-padded row gives the same logits as the row alone, up to seq_len tokens.
 
 Generation, `model.generate(...)`: the cache (`FWLCache`) is fwl_scale's StreamingSession: the FWL's
 running sums carried token by token, each generated token's gradient entering them once the next token is
-chosen; the body recomputes its current window (O(window) body work per token).
+chosen (O(1) FWL work per token), and the body's keys and values of the current window (O(window)
+attention work per token; emptied at each window start, as the windows of the scoring path).
 """
 from __future__ import annotations
 
