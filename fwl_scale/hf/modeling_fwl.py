@@ -38,7 +38,8 @@ from .configuration_fwl import FWLConfig
 # In a try block so that transformers' import check lets this message through.
 try:
     from fwl_scale import IGNORE_INDEX
-    from fwl_scale.model.gpt import GPT, Rotary, StreamingSession, build_model
+    from fwl_scale.model import StreamingSession
+    from fwl_scale.model.gpt import GPT, Rotary, build_model
 except ImportError as _e:
     raise ImportError("this model's code runs fwl_scale's own model: install the fwl_scale package (pip install "
                       f"fwl_scale, or the repository it was exported from) where the model is loaded ({_e})") from None
