@@ -9,7 +9,8 @@
 * a tp=2 checkpoint (2 gloo processes, DeepSpeed's engine): the exported model's logits equal the
   tensor-parallel model's own (fp32; bf16 export within 2e-2 of the largest logit); a baseline (FWL off)
   exports with the same classes;
-* left padding: each row of a padded batch generates what it generates alone;
+* left padding: each row of a padded batch generates what it generates alone; beam search (the cache
+  reordered) scores its best sequence as the whole forward does;
 * the key/value cache of streaming and generation equals the body on the whole window (float64);
 * round trip: the exported weights read back equal the checkpoint's exactly, `import` makes a step-0
   checkpoint of them, and training continues from them (its first loss is the exported model's);
@@ -103,6 +104,12 @@ with torch.no_grad():
     g = inp["prompt"]
     out["generated"] = model.generate(g, attention_mask=torch.ones_like(g), max_new_tokens=inp["new"],
                                       do_sample=False, eos_token_id=None)[:, g.shape[1]:]
+    # Beam search (the cache reordered): the best beam's score is its log-probability, rescored whole.
+    b = model.generate(g, attention_mask=torch.ones_like(g), max_new_tokens=inp["new"], num_beams=3,
+                       do_sample=False, length_penalty=0.0, eos_token_id=None, output_scores=True,
+                       return_dict_in_generate=True)
+    lp = torch.log_softmax(model(b.sequences, use_cache=False).logits.float(), -1)[0, g.shape[1] - 1:-1]
+    out["beam"] = (float(b.sequences_scores[0]), float(lp.gather(-1, b.sequences[0, g.shape[1]:, None]).sum()))
     if "padded" in inp:  # a batch of two prompts, the second left-padded
         p, m = inp["padded"]
         out["generated_padded"] = model.generate(p, attention_mask=m, max_new_tokens=2, do_sample=False,
@@ -193,6 +200,8 @@ def test_single_process_export(trained, tmp_path):
         stream = StreamingSession(model, T).feed(ids, document_ids(ids, tok.eos_id))
     assert rel_err(got[f"logits{n_long}"], stream) <= TOL
     assert torch.equal(got["generated"], greedy(model, prompt, 12, tok.eos_id))
+    beam_score, rescored = got["beam"]
+    assert abs(beam_score - rescored) <= TOL * abs(rescored), got["beam"]
     # Left padding is a document of its own: each row generates what it generates alone (within seq_len).
     assert torch.equal(got["generated_padded"][0], greedy(model, prompt, 2, tok.eos_id)[0])
     assert torch.equal(got["generated_padded"][1], greedy(model, prompt[:, pad:], 2, tok.eos_id)[0])

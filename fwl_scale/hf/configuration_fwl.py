@@ -18,8 +18,8 @@ MODEL_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads"
 
 class FWLConfig(PretrainedConfig):
     model_type = "fwl_scale"
-    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
-                     "max_position_embeddings": "seq_len"}
+    # No max_position_embeddings: any length runs (aligned windows of seq_len, the FWL state carried).
+    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads"}
 
     # The defaults are fwl_scale's ModelConfig defaults (configs/tiny.yaml); an export writes every field.
     vocab_size: int = 4096

@@ -177,8 +177,8 @@ def _card(cfg: Config, meta: dict, step: int, tok: Tokenizer, man: Manifest | No
         "(must equal `input_ids` where not -100). The last position's next token is not known: its "
         "gradient is pending. Beyond seq_len tokens the body runs in aligned windows of seq_len with the "
         "FWL state carried.",
-        "- `generate` carries the FWL state token by token (fwl_scale's StreamingSession); greedy and sampling "
-        "are supported, beam search is not.", "",
+        "- `generate` carries the FWL state token by token (fwl_scale's StreamingSession); greedy, sampling "
+        "and beam search.", "",
         "## Tokenizer", "",
         f"sentencepiece, {tok.vocab_size} pieces, document-end `{EOS_PIECE}` = id {tok.eos_id}, sha256 "
         f"`{tok.checksum}` (checked when the tokenizer loads).", "",

@@ -80,6 +80,11 @@ class FWLCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        """Beam search: row i continues as row beam_idx[i]."""
+        self.session.select_rows(beam_idx)
+        self.eods = self.eods.index_select(0, beam_idx.to(self.eods.device))
+
 
 class FWLForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = FWLConfig

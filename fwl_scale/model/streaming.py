@@ -2,6 +2,8 @@
 FWL state and the body's key/value cache carried (see StreamingSession)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -61,3 +63,18 @@ class StreamingSession:
         self.window_docs = torch.cat([self.window_docs, docs], dim=1)
         self.position += ids.shape[1]
         return out.logits
+
+    def select_rows(self, index: Tensor) -> None:
+        """Keeps (and repeats) the batch rows `index` [B'] of everything carried: the streams continue
+        as those rows' (beam search reorders its hypotheses this way)."""
+        if self.state is not None:
+            self.state = FWLState(**{f.name: _rows(getattr(self.state, f.name), index)
+                                     for f in dataclasses.fields(self.state)})
+        for cache in self.kv:
+            cache.k, cache.v = _rows(cache.k, index), _rows(cache.v, index)
+        self.window_docs = _rows(self.window_docs, index)
+
+
+def _rows(t, index: Tensor):
+    # Every tensor the session carries is batch-first.
+    return t.index_select(0, index.to(t.device)) if isinstance(t, Tensor) else t
