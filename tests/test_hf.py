@@ -355,3 +355,45 @@ def test_kv_cache_equals_recomputed_window():
                          for a, b in zip(cuts[:-1], cuts[1:])], dim=1)
     assert float((got - whole).abs().max()) <= 1e-12 * float(whole.abs().max())
     assert kv[0].k.shape[2] == 12
+
+
+def test_import_transformers_body(trained, tmp_path):
+    """A GPT-NeoX body made here: as fwl_scale's baseline its logits are NeoX's; with the FWL added on top
+    `import` makes a step-0 checkpoint holding its body and `fwl train` fine-tunes it; GPT-2 is refused."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from fwl_scale.hf.body_import import BodyImportError, body_weights
+    from fwl_scale.train.checkpoint import find_latest, load_model_weights
+    from fwl_scale.train.loop import Trainer
+    from tests.train_support import step_losses
+
+    run, cfg, tok, text, ids = trained
+    torch.manual_seed(1)
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        use_parallel_residual=False, rotary_pct=1.0, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for p in neox.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # away from the zero biases / unit norms of its initialisation
+    neox.save_pretrained(tmp_path / "neox")
+    base = config(tmp_path / "unused", "model.tie_embeddings=false", "model.fwl.enabled=false")
+    model = build_model(base.model)
+    model.load_state_dict(body_weights(tmp_path / "neox", base))
+    x = ids[:, 11:11 + T]  # one document (NeoX has no document masking)
+    with torch.no_grad():
+        assert rel_err(model.eval()(x, return_logits=True).logits, neox(x).logits) <= TOL
+
+    new_run = tmp_path / "neox_fwl"
+    fwl_cfg = ("model.tie_embeddings=false",)
+    import_hf(tmp_path / "neox", config(new_run, *fwl_cfg))
+    saved = load_model_weights(find_latest(new_run / "checkpoints"))
+    expected = body_weights(tmp_path / "neox", config(new_run, *fwl_cfg))
+    assert all(torch.equal(saved[k], expected[k]) for k in expected) and any(k.startswith("fwl.") for k in saved)
+    assert torch.equal(saved["blocks.1.mlp.fc.weight"], neox.state_dict()["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"])
+    assert Trainer(config(new_run, *fwl_cfg)).run() == 0
+    assert sorted(step_losses(new_run)) == [1, 2]
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(BodyImportError, match=r"gpt2.config.json: unsupported architecture 'gpt2': GPT-2 adds learned"):
+        import_hf(tmp_path / "gpt2", config(tmp_path / "gpt2_run", *fwl_cfg))
+    assert not (tmp_path / "gpt2_run").exists()

@@ -34,6 +34,7 @@ from torch import Tensor
 from fwl_scale.config import Config, ConfigError, config_from_dict, config_to_nested
 from fwl_scale.data.shards import MANIFEST, Manifest
 from fwl_scale.data.tokenizer import EOS_PIECE, Tokenizer
+from fwl_scale.hf.body_import import body_weights
 
 HERE = Path(__file__).resolve().parent
 CODE_FILES = ("configuration_fwl.py", "modeling_fwl.py", "tokenization_fwl.py")
@@ -251,20 +252,32 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: st
 
 
 # ----------------------------------------------------------------------------------- the import
+def _model_type(hf_dir: str | Path) -> str | None:
+    path = Path(hf_dir) / "config.json"
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path}: unreadable ({e}); not a model directory") from None
+
+
 def import_hf(hf_dir: str | Path, cfg: Config) -> Path:
-    """Starts a run from an exported model: a step-0 checkpoint in cfg.train.out_dir (which must hold no
+    """Starts a run from an exported model, or from a transformers GPT-NeoX body (fwl_scale/hf/body_import.py:
+    body and embeddings loaded, the FWL added): a step-0 checkpoint in cfg.train.out_dir (which must hold no
     checkpoints) with the exported weights, fresh Adam moments and the config's schedule and data; `fwl
     train` with the same config continues from it. One process (another layout: `fwl ckpt convert` it)."""
     from fwl_scale.parallel.layers import shard_of
     from fwl_scale.train.convert import STATE_KEYS, OptimizerAccess
     from fwl_scale.train.loop import Trainer
 
-    weights, model_cfg = load_hf_weights(hf_dir)
-    saved, wanted = config_to_nested(Config(model=model_cfg))["model"], config_to_nested(cfg)["model"]
-    diffs = [f"model.{k}: {saved[k]!r} in {Path(hf_dir) / 'config.json'}, {wanted[k]!r} in the config"
-             for k in saved if saved[k] != wanted[k]]
-    if diffs:
-        raise ExportError(f"{hf_dir} is another model than the config's: " + "; ".join(diffs[:6]))
+    if _model_type(hf_dir) == "fwl_scale":
+        weights, model_cfg = load_hf_weights(hf_dir)
+        saved, wanted = config_to_nested(Config(model=model_cfg))["model"], config_to_nested(cfg)["model"]
+        diffs = [f"model.{k}: {saved[k]!r} in {Path(hf_dir) / 'config.json'}, {wanted[k]!r} in the config"
+                 for k in saved if saved[k] != wanted[k]]
+        if diffs:
+            raise ExportError(f"{hf_dir} is another model than the config's: " + "; ".join(diffs[:6]))
+    else:  # a transformers body (GPT-NeoX): the FWL added on top, from fwl_scale's initialisation
+        weights = body_weights(hf_dir, cfg)
     trainer = Trainer(cfg, resume=False)
     try:
         params = dict(trainer.te.named_parameters())
