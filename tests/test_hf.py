@@ -6,8 +6,8 @@
   three windows long (the reference: the plain forward, and StreamingSession), the loss equals the
   trainer's; greedy generate() equals StreamingSession's greedy generation token for token (past a
   window end and a document end);
-* a tp=2 checkpoint (2 gloo processes, DeepSpeed's engine): the exported model's logits equal the
-  tensor-parallel model's own (fp32; bf16 export within 2e-2 of the largest logit); a baseline (FWL off)
+* a tp=2 and a ZeRO-3 (dp=2) checkpoint (2 gloo processes, DeepSpeed's engine): the exported model's
+  logits equal the parallel model's own (fp32; bf16 export within 2e-2 of the largest logit); a baseline (FWL off)
   exports with the same classes;
 * left padding: each row of a padded batch generates what it generates alone; beam search (the cache
   reordered) scores its best sequence as the whole forward does;
@@ -207,21 +207,26 @@ def test_single_process_export(trained, tmp_path):
     assert torch.equal(got["generated_padded"][1], greedy(model, prompt[:, pad:], 2, tok.eos_id)[0])
 
 
-def _tp2_checkpoint(rank: int, world: int, out: str, ids: torch.Tensor) -> None:
-    """A tp=2 (sequence parallel, ZeRO-1) checkpoint after one step, and the tp model's own logits."""
+PARALLEL = {"tp2": ("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=1"),
+            "zero3": ("parallel.zero_stage=3",)}
+
+
+def _parallel_checkpoint(rank: int, world: int, out: str, ids: torch.Tensor, layout: str) -> None:
+    """A checkpoint of `layout` on 2 ranks after two steps, and the parallel model's own logits."""
     from fwl_scale.parallel import init_parallel_state
     from fwl_scale.train.checkpoint import CheckpointManager
     from fwl_scale.train.engine import DistInfo
     from fwl_scale.train.parallel_engine import build_training_engine
     from tests.engine_support import micro_batch
 
-    cfg = config(Path(out), "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=1")
+    cfg = config(Path(out), *PARALLEL[layout])
     ps = init_parallel_state(cfg)
-    info = DistInfo(rank=rank, world_size=world, local_rank=rank, dp=1, device=torch.device("cpu"), backend="gloo")
+    info = DistInfo(rank=rank, world_size=world, local_rank=rank, dp=ps.dp_size, device=torch.device("cpu"),
+                    backend="gloo")
     torch.manual_seed(3)
     te = build_training_engine(cfg, ps, info)
     for k in range(2):
-        b = micro_batch(0, k)
+        b = micro_batch(k, ps.dp_rank)
         out_ = te.engine(b["input_ids"], b["labels"], b["doc_ids"])
         te.engine.backward(out_.loss)
         te.engine.step()
@@ -232,20 +237,28 @@ def _tp2_checkpoint(rank: int, world: int, out: str, ids: torch.Tensor) -> None:
     with torch.no_grad():
         logits = te.engine.module(ids, next_token_labels(ids, docs), docs, return_logits=True).logits
     if rank == 0:
-        torch.save(logits, Path(out) / "tp_logits.pt")
+        torch.save(logits, Path(out) / "parallel_logits.pt")
+
+
+def test_zero3_checkpoint(trained, tmp_path):
+    ids = trained[4][:, :T]
+    run_distributed(2, _parallel_checkpoint, str(tmp_path / "zero3"), ids, "zero3")
+    export_checkpoint(tmp_path / "zero3", tmp_path / "hf")
+    got = hf_side(tmp_path / "hf", tmp_path, ids, [T])
+    assert rel_err(got[f"logits{T}"], torch.load(tmp_path / "zero3" / "parallel_logits.pt")) <= TOL
 
 
 def test_tensor_parallel_checkpoint_and_baseline(trained, tmp_path):
     run, cfg, tok, text, ids = trained
     ids = ids[:, :T]
     out = tmp_path / "tp2"
-    run_distributed(2, _tp2_checkpoint, str(out), ids)
+    run_distributed(2, _parallel_checkpoint, str(out), ids, "tp2")
     hf = tmp_path / "hf_tp2"
     export_checkpoint(out, hf, max_shard_mb=0.05)  # also: weights in several files with an index
     assert len(json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]) > 0
     assert len(list(hf.glob("model-*-of-*.safetensors"))) > 1
     got = hf_side(hf, tmp_path, ids, [T])
-    assert rel_err(got[f"logits{T}"], torch.load(out / "tp_logits.pt")) <= TOL
+    assert rel_err(got[f"logits{T}"], torch.load(out / "parallel_logits.pt")) <= TOL
     # bf16 weights, run in bf16 (the single-process run's): 2e-2 of the largest logit (bf16 keeps 8 bits;
     # measured 0.8e-2).
     from fwl_scale.train.checkpoint import find_latest, load_model_weights
