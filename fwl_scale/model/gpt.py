@@ -25,7 +25,9 @@ model's loss and gradients.
 
 Body window (streaming): the body attends within the tokens it is given; `context_ids` prepends tokens the
 body attends to but the FWL does not process again (they are in its carried state), so a long document can
-be fed in pieces of any size — for generation, one token — while the body recomputes its current window.
+be fed in pieces of any size while the body recomputes its current window. `body_cached` gives the same
+with the window's keys and values cached per layer (StreamingSession in model/streaming.py; generation:
+one token at a time at O(window) attention work).
 """
 from __future__ import annotations
 
@@ -89,6 +91,19 @@ class Rotary(nn.Module):
         return rotate(q), rotate(k)
 
 
+class KVCache:
+    """One attention layer's rotated keys and values [B, heads, L, head_dim] of the tokens so far."""
+
+    def __init__(self):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, tp: TPContext | None = None):
         super().__init__()
@@ -101,12 +116,18 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(cfg.d_model, cfg.d_model, tp=tp, device=device)
         self.rotary = Rotary(self.head_dim, cfg.rope_theta)
 
-    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cp: CPContext | None = None) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cp: CPContext | None = None,
+                kv: KVCache | None = None) -> Tensor:
+        """`kv` (streaming): this layer's keys and values of the window's earlier tokens; the new ones are
+        appended, and `mask` is [B, 1, T, earlier + T]."""
         qkv = self.qkv(x)  # [B, T, 3·local width]: the whole sequence even under sequence parallelism
         B, T = qkv.shape[:2]
         q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.rotary(q, k, positions)
-        if cp is not None:
+        if kv is not None:
+            k, v = kv.append(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif cp is not None:
             # Every rank's keys and values (rotated at their global positions), one all-gather; `mask`
             # is [B, 1, T/cp, end of this chunk]: global causality and documents; later keys are dropped.
             kv = gather_sequence(torch.cat([k, v], dim=1), cp.group, dim=2)[:, :, :mask.shape[-1]]
@@ -137,8 +158,9 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(cfg.d_model, eps=cfg.norm_eps, tp=tp, device=device)
         self.mlp = MLP(cfg, device, tp)
 
-    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cp: CPContext | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), positions, mask, cp)
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cp: CPContext | None = None,
+                kv: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), positions, mask, cp, kv)
         return x + self.mlp(self.norm2(x))
 
 
@@ -342,6 +364,29 @@ class GPT(nn.Module):
             x = self.run_block(block, x, positions, mask)
         return self.norm_f(x)
 
+    def body_cached(self, input_ids: Tensor, doc_ids: Tensor, context_doc_ids: Tensor,
+                    kv: list[KVCache]) -> Tensor:
+        """The body output of `input_ids` [B, n] after the `context_doc_ids` [B, C] tokens whose keys and
+        values are in `kv` (one KVCache per block; the new ones are appended): the same as `body` on the
+        whole [C + n] tokens, restricted to the last n, at O(C + n) work per new token."""
+        if self.cp is not None or self.sequence_parallel:
+            raise ValueError("a key/value cache is for one process or plain tensor parallelism")
+        self._register_zero3_externals()
+        C, n = context_doc_ids.shape[1], input_ids.shape[1]
+        docs = torch.cat([context_doc_ids, doc_ids], dim=1)
+        rows = torch.arange(C, C + n, device=input_ids.device)
+        cols = torch.arange(C + n, device=input_ids.device)
+        mask = (cols[None, :] <= rows[:, None]).expand(input_ids.shape[0], 1, n, C + n)
+        if self.cfg.document_mask:
+            positions = document_positions(docs)[:, C:]
+            mask = mask & (doc_ids[:, :, None] == docs[:, None, :])[:, None]
+        else:
+            positions = rows.expand(input_ids.shape[0], n)
+        x = self.embed(input_ids)
+        for block, cache in zip(self.blocks, kv):
+            x = block(x, positions, mask, None, cache)
+        return self.norm_f(x)
+
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, doc_ids: Tensor | None = None,
                 fwl_state: FWLState | None = None, last_label_pending: bool = False,
                 return_logits: bool = False, return_state: bool = False, context_ids: Tensor | None = None,
@@ -404,59 +449,6 @@ class GPT(nn.Module):
         loss = token_loss.sum() * n_cp / n_valid.clamp(min=1)
         return ModelOutput(loss=loss, token_loss=token_loss, n_valid=n_valid, logits=logits, fwl_state=state,
                            seq_start=start)
-
-
-class StreamingSession:
-    """One long token stream per batch row, fed piece by piece (generation: one token at a time).
-
-    The body's window: the stream is cut into aligned windows of `window` tokens (positions restart at
-    each window, as when training on consecutive segments of seq_len); a piece inside a window is run
-    with the window's earlier tokens as `context_ids`, i.e. the body recomputes its window. That keeps
-    streaming exactly the whole pass (tests/test_streaming.py) at O(window) body work per token; a KV
-    cache that is emptied at every window start would give the same numbers for less work.
-
-    The FWL's running sums carry over everything before (FWLState, across pieces and windows); the
-    last fed token's label is the next fed token, so its gradient stays pending until then. Nothing is
-    detached: run under torch.no_grad() unless gradients through the stream are wanted."""
-
-    def __init__(self, model: GPT, window: int):
-        if window < 1:
-            raise ValueError(f"streaming window must be >= 1, got {window}")
-        if model.cp is not None or model.sequence_parallel:
-            raise ValueError("streaming runs without context or sequence parallelism")
-        self.model = model
-        self.window = window
-        self.state: FWLState | None = None
-        self.window_ids: Tensor | None = None  # tokens of the current window so far
-        self.window_docs: Tensor | None = None
-        self.position = 0  # tokens fed so far
-
-    def feed(self, ids: Tensor, doc_ids: Tensor | None = None) -> Tensor:
-        """Feeds `ids` [B, n]; returns the logits [B, n, V] predicting the token after each of them."""
-        if doc_ids is None:
-            doc_ids = torch.zeros_like(ids)
-        outs = []
-        a = 0
-        while a < ids.shape[1]:
-            room = self.window - self.position % self.window
-            b = min(ids.shape[1], a + room)
-            outs.append(self._run(ids[:, a:b], doc_ids[:, a:b]))
-            a = b
-        return torch.cat(outs, dim=1)
-
-    def _run(self, ids: Tensor, docs: Tensor) -> Tensor:
-        if self.position % self.window == 0:
-            self.window_ids, self.window_docs = ids[:, :0], docs[:, :0]
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        labels[:, :-1] = torch.where(docs[:, 1:] == docs[:, :-1], ids[:, 1:], IGNORE_INDEX)
-        out = self.model(ids, labels, docs, fwl_state=self.state, last_label_pending=True, return_logits=True,
-                         return_state=self.model.fwl is not None, context_ids=self.window_ids,
-                         context_doc_ids=self.window_docs)
-        self.state = out.fwl_state
-        self.window_ids = torch.cat([self.window_ids, ids], dim=1)
-        self.window_docs = torch.cat([self.window_docs, docs], dim=1)
-        self.position += ids.shape[1]
-        return out.logits
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None,

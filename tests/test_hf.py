@@ -1,0 +1,412 @@
+"""Export to Hugging Face (tools/convert_to_hf.py, fwl_scale/hf/), checked through transformers' own loader
+(`from_pretrained(..., trust_remote_code=True)`) in a fresh process:
+
+* a single-process FWL checkpoint trained on generated text: the tokenizer gives fwl_scale's ids; the
+  logits equal fwl_scale's model in fp32 (1e-5 relative) on text holding a document end, one window and
+  three windows long (the reference: the plain forward, and StreamingSession), the loss equals the
+  trainer's; greedy generate() equals StreamingSession's greedy generation token for token (past a
+  window end and a document end);
+* a tp=2 and a ZeRO-3 (dp=2) checkpoint (2 gloo processes, DeepSpeed's engine): the exported model's
+  logits equal the parallel model's own (fp32; bf16 export within 2e-2 of the largest logit); a baseline (FWL off)
+  exports with the same classes;
+* left padding: each row of a padded batch generates what it generates alone; beam search (the cache
+  reordered) scores its best sequence as the whole forward does;
+* the key/value cache of streaming and generation equals the body on the whole window (float64);
+* round trip: the exported weights read back equal the checkpoint's exactly, `import` makes a step-0
+  checkpoint of them, and training continues from them (its first loss is the exported model's);
+* bad input: an existing OUT_DIR, a foreign tokenizer, a missing weight shard, a changed tokenizer file.
+"""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fwl_scale.config import load_config
+from fwl_scale.data import prepare_data
+from fwl_scale.data.tokenizer import Tokenizer
+from fwl_scale.hf.convert import ExportError, export_checkpoint, import_hf, load_hf_weights
+from fwl_scale.hf.modeling_fwl import document_ids, next_token_labels
+from fwl_scale.model import StreamingSession, build_model
+from tests.distributed import run_distributed
+from tests.train_support import REPO, fwl_env
+
+DATA_ROOT = REPO / ".cache" / "tests" / "hf_data_v1"
+T = 16  # model.seq_len
+TOL = 1e-5
+TOL_BF16 = 2e-2
+
+
+def write_text(path: Path, n_docs: int, seed: int) -> None:
+    """Documents of pseudo-words (a fixed 300-word vocabulary, sentences, punctuation): real enough text
+    for a byte-fallback BPE, made here instead of downloaded."""
+    rng = random.Random(seed)
+    syll = ["ka", "lo", "mi", "ne", "tor", "vas", "ri", "un", "pel", "sa", "dor", "fi", "gu", "ham", "je", "wil"]
+    words = ["".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(300)]
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            sents = []
+            for _ in range(rng.randint(3, 12)):
+                s = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
+                sents.append(s[0].upper() + s[1:] + rng.choice([".", "!", "?", ","]))
+            f.write(json.dumps({"text": " ".join(sents) + "\n"}) + "\n")
+
+
+def overrides(out_dir: Path, *extra: str) -> list[str]:
+    return ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", f"model.seq_len={T}", "model.vocab_size=512",
+            "model.fwl.chunk_size=8", "model.fwl.step_size_init=0.3", f"data.train=[{DATA_ROOT / 'train.jsonl'}]",
+            f"data.root={DATA_ROOT}", "data.loader_workers=0", "data.workers=1", "parallel.micro_batch=2",
+            "train.steps=2", "train.warmup_steps=1", "train.lr=0.01", "train.eval_every=1000", "train.save_every=2",
+            "train.eval_batches=1", "train.log_every=1", "train.wandb.enabled=false", f"train.out_dir={out_dir}", *extra]
+
+
+def config(out_dir: Path, *extra: str):
+    if not (DATA_ROOT / "train.jsonl").is_file():
+        DATA_ROOT.mkdir(parents=True, exist_ok=True)
+        write_text(DATA_ROOT / "train.jsonl", 300, 0)
+    return load_config(None, overrides(out_dir, *extra))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(run dir, config, tokenizer, evaluation text ids): a 2-step single-process FWL run."""
+    from fwl_scale.train.loop import Trainer
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = config(out)
+    paths = prepare_data(cfg)
+    assert Trainer(cfg).run() == 0
+    tok = Tokenizer.load(paths.tokenizer)
+    text = [json.loads(line)["text"] for line in open(DATA_ROOT / "train.jsonl")][-2:]
+    ids = tok.encode(text[0])[:10] + [tok.eos_id] + tok.encode(text[1])[:3 * T]
+    return out, cfg, tok, text, torch.tensor([ids])
+
+
+HF_SIDE = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+d, ids_file, out_file = sys.argv[1:4]
+inp = torch.load(ids_file)
+tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
+out = {"model_class": type(model).__name__, "dtype": str(next(model.parameters()).dtype),
+       "tok_ids": tok(inp["text"]).input_ids, "decoded": tok.decode(tok(inp["text"]).input_ids)}
+with torch.no_grad():
+    ids = inp["ids"]
+    for n in inp["lengths"]:
+        r = model(ids[:, :n], labels=ids[:, :n])
+        out[f"logits{n}"], out[f"loss{n}"] = r.logits, r.loss
+    g = inp["prompt"]
+    out["generated"] = model.generate(g, attention_mask=torch.ones_like(g), max_new_tokens=inp["new"],
+                                      do_sample=False, eos_token_id=None)[:, g.shape[1]:]
+    # Beam search (the cache reordered): the best beam's score is its log-probability, rescored whole.
+    b = model.generate(g, attention_mask=torch.ones_like(g), max_new_tokens=inp["new"], num_beams=3,
+                       do_sample=False, length_penalty=0.0, eos_token_id=None, output_scores=True,
+                       return_dict_in_generate=True)
+    lp = torch.log_softmax(model(b.sequences, use_cache=False).logits.float(), -1)[0, g.shape[1] - 1:-1]
+    out["beam"] = (float(b.sequences_scores[0]), float(lp.gather(-1, b.sequences[0, g.shape[1]:, None]).sum()))
+    if "padded" in inp:  # a batch of two prompts, the second left-padded
+        p, m = inp["padded"]
+        out["generated_padded"] = model.generate(p, attention_mask=m, max_new_tokens=2, do_sample=False,
+                                                 eos_token_id=None)[:, p.shape[1]:]
+torch.save(out, out_file)
+"""
+
+
+def hf_side(hf_dir: Path, tmp: Path, ids: torch.Tensor, lengths: list[int], text: str = "",
+            prompt: torch.Tensor | None = None, new: int = 0, padded: tuple | None = None) -> dict:
+    """What transformers' loader gives, in a fresh process (the installed fwl_scale is this checkout)."""
+    inp = {"ids": ids, "lengths": lengths, "text": text, "prompt": prompt if prompt is not None else ids[:, :2],
+           "new": max(new, 1)}
+    if padded is not None:
+        inp["padded"] = padded
+    torch.save(inp, tmp / "inp.pt")
+    proc = subprocess.run([sys.executable, "-c", HF_SIDE, str(hf_dir), str(tmp / "inp.pt"), str(tmp / "out.pt")],
+                          cwd=tmp, env=fwl_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(tmp / "out.pt")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def reference(model, ids: torch.Tensor, eod: int):
+    """fwl_scale's own logits and loss of `ids` (one window): the trainer's labels and document ids."""
+    docs = document_ids(ids, eod)
+    with torch.no_grad():
+        return model(ids, next_token_labels(ids, docs), docs, return_logits=True)
+
+
+def greedy(model, prompt: torch.Tensor, new: int, eod: int) -> torch.Tensor:
+    """Greedy generation with fwl_scale's StreamingSession, one token at a time."""
+    session = StreamingSession(model, model.cfg.seq_len)
+    docs = document_ids(prompt, eod)
+    out = []
+    with torch.no_grad():
+        logits = session.feed(prompt, docs)
+        doc = docs[:, -1] + (prompt[:, -1] == eod).long()
+        for _ in range(new):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+            logits = session.feed(nxt, doc[:, None])
+            doc = doc + (nxt[:, 0] == eod).long()
+    return torch.cat(out, dim=1)
+
+
+def our_model(hf_dir: Path):
+    weights, model_cfg = load_hf_weights(hf_dir)
+    model = build_model(model_cfg)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def test_single_process_export(trained, tmp_path):
+    run, cfg, tok, text, ids = trained
+    hf = tmp_path / "hf"
+    assert subprocess.run([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), str(run), str(hf)], cwd=REPO,
+                          env=fwl_env(), capture_output=True, text=True, timeout=300).returncode == 0
+    assert sorted(p.name for p in hf.iterdir()) == sorted([
+        "README.md", "config.json", "configuration_fwl.py", "generation_config.json", "model.safetensors",
+        "modeling_fwl.py", "spm.model", "tokenization_fwl.py", "tokenizer_config.json"])
+    assert not list(tmp_path.glob(".hf.partial*"))
+    card = (hf / "README.md").read_text()
+    assert "step **2**" in card and "fwl_scale` package must be importable" in card and "documents" in card
+    hf_cfg = json.loads((hf / "config.json").read_text())
+    assert hf_cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_fwl.FWLForCausalLM"
+    assert hf_cfg["d_model"] == 32 and hf_cfg["fwl"]["step_size_init"] == 0.3 and hf_cfg["eod_token_id"] == tok.eos_id
+
+    model = our_model(hf)
+    n_long = ids.shape[1]
+    prompt = ids[:, 5:19]  # a document end inside; prompt + 12 new tokens cross the window end at 16
+    pad = 3
+    batch = torch.cat([prompt, torch.cat([torch.full((1, pad), tok.eos_id), prompt[:, pad:]], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    got = hf_side(hf, tmp_path, ids, [T, n_long], text=text[0], prompt=prompt, new=12, padded=(batch, mask))
+    assert got["model_class"] == "FWLForCausalLM" and got["dtype"] == "torch.float32"
+    assert got["tok_ids"] == tok.encode(text[0]) and got["decoded"] == text[0]
+    ref = reference(model, ids[:, :T], tok.eos_id)
+    assert (ids[:, :T] == tok.eos_id).any()  # two documents in the window
+    assert rel_err(got[f"logits{T}"], ref.logits) <= TOL
+    assert abs(float(got[f"loss{T}"]) - float(ref.loss)) <= TOL * float(ref.loss)
+    # Past the window: StreamingSession (another code path: pending positions) on the same tokens.
+    with torch.no_grad():
+        stream = StreamingSession(model, T).feed(ids, document_ids(ids, tok.eos_id))
+    assert rel_err(got[f"logits{n_long}"], stream) <= TOL
+    assert torch.equal(got["generated"], greedy(model, prompt, 12, tok.eos_id))
+    beam_score, rescored = got["beam"]
+    assert abs(beam_score - rescored) <= TOL * abs(rescored), got["beam"]
+    # Left padding is a document of its own: each row generates what it generates alone (within seq_len).
+    assert torch.equal(got["generated_padded"][0], greedy(model, prompt, 2, tok.eos_id)[0])
+    assert torch.equal(got["generated_padded"][1], greedy(model, prompt[:, pad:], 2, tok.eos_id)[0])
+
+
+PARALLEL = {"tp2": ("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=1"),
+            "zero3": ("parallel.zero_stage=3",)}
+
+
+def _parallel_checkpoint(rank: int, world: int, out: str, ids: torch.Tensor, layout: str) -> None:
+    """A checkpoint of `layout` on 2 ranks after two steps, and the parallel model's own logits."""
+    from fwl_scale.parallel import init_parallel_state
+    from fwl_scale.train.checkpoint import CheckpointManager
+    from fwl_scale.train.engine import DistInfo
+    from fwl_scale.train.parallel_engine import build_training_engine
+    from tests.engine_support import micro_batch
+
+    cfg = config(Path(out), *PARALLEL[layout])
+    ps = init_parallel_state(cfg)
+    info = DistInfo(rank=rank, world_size=world, local_rank=rank, dp=ps.dp_size, device=torch.device("cpu"),
+                    backend="gloo")
+    torch.manual_seed(3)
+    te = build_training_engine(cfg, ps, info)
+    for k in range(2):
+        b = micro_batch(k, ps.dp_rank)
+        out_ = te.engine(b["input_ids"], b["labels"], b["doc_ids"])
+        te.engine.backward(out_.loss)
+        te.engine.step()
+    client = {"fwl_step": {"step": 1, "tokens": 0, "skipped_total": 0, "nonfinite_in_row": 0}, "data": {}, "rng": []}
+    CheckpointManager(Path(out), 1, rank).save(te.engine, 1, client, cfg, ps.dp_size)
+    te.engine.eval()
+    docs = document_ids(ids, 1)
+    with torch.no_grad():
+        logits = te.engine.module(ids, next_token_labels(ids, docs), docs, return_logits=True).logits
+    if rank == 0:
+        torch.save(logits, Path(out) / "parallel_logits.pt")
+
+
+def test_zero3_checkpoint(trained, tmp_path):
+    ids = trained[4][:, :T]
+    run_distributed(2, _parallel_checkpoint, str(tmp_path / "zero3"), ids, "zero3")
+    export_checkpoint(tmp_path / "zero3", tmp_path / "hf")
+    got = hf_side(tmp_path / "hf", tmp_path, ids, [T])
+    assert rel_err(got[f"logits{T}"], torch.load(tmp_path / "zero3" / "parallel_logits.pt")) <= TOL
+
+
+def test_tensor_parallel_checkpoint_and_baseline(trained, tmp_path):
+    run, cfg, tok, text, ids = trained
+    ids = ids[:, :T]
+    out = tmp_path / "tp2"
+    run_distributed(2, _parallel_checkpoint, str(out), ids, "tp2")
+    hf = tmp_path / "hf_tp2"
+    export_checkpoint(out, hf, max_shard_mb=0.05)  # also: weights in several files with an index
+    assert len(json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    assert len(list(hf.glob("model-*-of-*.safetensors"))) > 1
+    got = hf_side(hf, tmp_path, ids, [T])
+    assert rel_err(got[f"logits{T}"], torch.load(out / "parallel_logits.pt")) <= TOL
+    # bf16 weights, run in bf16 (the single-process run's): 2e-2 of the largest logit (bf16 keeps 8 bits;
+    # measured 0.8e-2).
+    from fwl_scale.train.checkpoint import find_latest, load_model_weights
+
+    hf_bf16 = tmp_path / "hf_bf16"
+    export_checkpoint(run, hf_bf16, dtype="bfloat16")
+    got = hf_side(hf_bf16, tmp_path, ids, [T])
+    assert got["dtype"] == "torch.bfloat16"
+    fp32 = build_model(cfg.model)
+    fp32.load_state_dict(load_model_weights(find_latest(run / "checkpoints")))
+    assert rel_err(got[f"logits{T}"].float(), reference(fp32.eval(), ids, tok.eos_id).logits) <= TOL_BF16
+
+    # A baseline (FWL off) exports with the same classes.
+    from fwl_scale.train.loop import Trainer
+
+    base = tmp_path / "base"
+    assert Trainer(config(base, "model.fwl.enabled=false")).run() == 0
+    hf_base = tmp_path / "hf_base"
+    export_checkpoint(base, hf_base)
+    got = hf_side(hf_base, tmp_path, ids, [T])
+    assert got["model_class"] == "FWLForCausalLM"
+    model = our_model(hf_base)
+    assert model.fwl is None
+    assert rel_err(got[f"logits{T}"], reference(model, ids, tok.eos_id).logits) <= TOL
+
+
+def test_round_trip_and_training_continues(trained, tmp_path):
+    from fwl_scale.train.checkpoint import find_latest, load_model_weights
+    from fwl_scale.train.loop import Trainer
+    from tests.train_support import step_losses
+
+    run, cfg, tok, text, ids = trained
+    hf = tmp_path / "hf"
+    export_checkpoint(run, hf)
+    weights, model_cfg = load_hf_weights(hf)
+    original = load_model_weights(find_latest(run / "checkpoints"))
+    assert weights.keys() == original.keys() and all(torch.equal(weights[k], original[k]) for k in weights)
+    assert model_cfg == cfg.model
+
+    new_run = tmp_path / "from_hf"
+    step0 = import_hf(hf, config(new_run))
+    assert step0.name == "step_00000000"
+    again = load_model_weights(find_latest(new_run / "checkpoints"))
+    assert all(torch.equal(again[k], original[k]) for k in original)
+    # Training continues from the exported weights: its first loss is theirs on its first batch.
+    trainer = Trainer(config(new_run))
+    batch = trainer.loader.next_batch()
+    trainer.loader.close()
+    trainer.stop.uninstall()
+    trainer.metrics.close()
+    model = our_model(hf)
+    with torch.no_grad():
+        expected = float(model(*(torch.as_tensor(batch[k]) for k in ("input_ids", "labels", "doc_ids"))).loss)
+    assert Trainer(config(new_run)).run() == 0
+    losses = step_losses(new_run)
+    assert sorted(losses) == [1, 2] and abs(losses[1] - expected) <= 1e-5 * expected, (losses, expected)
+
+
+def test_bad_input(trained, tmp_path):
+    from fwl_scale.data import train_tokenizer
+
+    run, cfg, tok, text, ids = trained
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    with pytest.raises(ExportError, match=f"{existing} already exists"):
+        export_checkpoint(run, existing)
+    assert list(existing.iterdir()) == []
+    # A tokenizer of the same size trained on other text: not the one the shards were made with.
+    other_text = tmp_path / "other.jsonl"
+    write_text(other_text, 200, 7)
+    foreign = train_tokenizer((json.loads(line)["text"] for line in open(other_text)), tmp_path / "foreign.model", 512)
+    with pytest.raises(ExportError, match=r"foreign.model .*is not the one the training shards were made with"):
+        export_checkpoint(run, tmp_path / "hf_foreign", tokenizer=foreign.path)
+    assert not (tmp_path / "hf_foreign").exists() and not list(tmp_path.glob(".hf_foreign*"))
+    # A missing weight shard, and a tokenizer file changed after the export, are named.
+    hf = tmp_path / "hf"
+    export_checkpoint(run, hf, max_shard_mb=0.05)
+    shard = sorted(hf.glob("model-*-of-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(ExportError, match=f"{shard.name}: missing"):
+        load_hf_weights(hf)
+    (hf / "spm.model").write_bytes(foreign.path.read_bytes())
+    from fwl_scale.hf.tokenization_fwl import FWLTokenizer
+
+    sha = json.loads((hf / "tokenizer_config.json").read_text())["fwl_tokenizer_sha256"]
+    with pytest.raises(ValueError, match=r"spm.model: sha256 .* differs from the .* recorded"):
+        FWLTokenizer(str(hf / "spm.model"), fwl_tokenizer_sha256=sha)
+
+
+def test_kv_cache_equals_recomputed_window():
+    """GPT.body_cached (keys and values of the window cached per layer) against the body recomputed on the
+    whole window, float64, token by token and in a piece of 3, with documents starting inside the window."""
+    from fwl_scale.model.gpt import KVCache
+
+    cfg = load_config(None, ["model.d_model=16", "model.n_heads=2", "model.n_layers=2", "model.seq_len=12",
+                             "model.vocab_size=50", "model.vocab_multiple=64"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg).double().eval()
+    ids = torch.randint(0, 50, (2, 12))
+    docs = torch.zeros(2, 12, dtype=torch.long)
+    docs[0, 4:], docs[0, 9:], docs[1, 7:] = 1, 2, 1
+    with torch.no_grad():
+        whole = model.body(ids, docs)
+        kv = [KVCache() for _ in model.blocks]
+        cuts = [0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12]  # one piece of 3 tokens, the rest one by one
+        got = torch.cat([model.body_cached(ids[:, a:b], docs[:, a:b], docs[:, :a], kv)
+                         for a, b in zip(cuts[:-1], cuts[1:])], dim=1)
+    assert float((got - whole).abs().max()) <= 1e-12 * float(whole.abs().max())
+    assert kv[0].k.shape[2] == 12
+
+
+def test_import_transformers_body(trained, tmp_path):
+    """A GPT-NeoX body made here: as fwl_scale's baseline its logits are NeoX's; with the FWL added on top
+    `import` makes a step-0 checkpoint holding its body and `fwl train` fine-tunes it; GPT-2 is refused."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from fwl_scale.hf.body_import import BodyImportError, body_weights
+    from fwl_scale.train.checkpoint import find_latest, load_model_weights
+    from fwl_scale.train.loop import Trainer
+    from tests.train_support import step_losses
+
+    run, cfg, tok, text, ids = trained
+    torch.manual_seed(1)
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        use_parallel_residual=False, rotary_pct=1.0, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for p in neox.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # away from the zero biases / unit norms of its initialisation
+    neox.save_pretrained(tmp_path / "neox")
+    base = config(tmp_path / "unused", "model.tie_embeddings=false", "model.fwl.enabled=false")
+    model = build_model(base.model)
+    model.load_state_dict(body_weights(tmp_path / "neox", base))
+    x = ids[:, 11:11 + T]  # one document (NeoX has no document masking)
+    with torch.no_grad():
+        assert rel_err(model.eval()(x, return_logits=True).logits, neox(x).logits) <= TOL
+
+    new_run = tmp_path / "neox_fwl"
+    fwl_cfg = ("model.tie_embeddings=false",)
+    import_hf(tmp_path / "neox", config(new_run, *fwl_cfg))
+    saved = load_model_weights(find_latest(new_run / "checkpoints"))
+    expected = body_weights(tmp_path / "neox", config(new_run, *fwl_cfg))
+    assert all(torch.equal(saved[k], expected[k]) for k in expected) and any(k.startswith("fwl.") for k in saved)
+    assert torch.equal(saved["blocks.1.mlp.fc.weight"], neox.state_dict()["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"])
+    assert Trainer(config(new_run, *fwl_cfg)).run() == 0
+    assert sorted(step_losses(new_run)) == [1, 2]
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(BodyImportError, match=r"gpt2.config.json: unsupported architecture 'gpt2': GPT-2 adds learned"):
+        import_hf(tmp_path / "gpt2", config(tmp_path / "gpt2_run", *fwl_cfg))
+    assert not (tmp_path / "gpt2_run").exists()
