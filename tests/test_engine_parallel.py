@@ -298,15 +298,10 @@ def _bf16(rank: int, world: int) -> None:
     run_layout(world, reference(), bf16=True, ref_bf16=reference_bf16())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: with train.bf16 and ZeRO 0, DeepSpeed's FP16_UnfusedOptimizer runs AdamW once with zero gradients "
-    "when it is built (initialize_optimizer_states): Adam's step count starts at 1, so the first updates are "
-    "0.735x, 0.86x, ... of what they should be (bias correction), and the float32 masters get one extra "
-    "weight decay. Measured: parameters off by 0.27 of the update (a bf16 reference that takes the same "
-    "phantom step: <= 0.008). Fix in the engine builder; then remove this mark"))
 def test_bf16_trains_like_the_bf16_single_process_model():
     """dp=2 bf16 with accumulation, ZeRO 0, against one bf16 process over 3 steps: losses within 1e-4
-    relative (measured 2.7e-6 and 2.1e-5 against a reference that reproduces the phantom step below; a
+    relative (measured 2.7e-6 and 2.1e-5 against a reference that reproduces the phantom step the engine
+    builder now undoes, engine.undo_initial_optimizer_step; a
     dropped optimizer step moves them 4e-4 and 1.5e-3), parameters within 0.03 of the reference's update
     (measured <= 0.008; half the learning rate is off by >= 0.47, a dropped step by >= 1.3)."""
     run_distributed(2, _bf16)

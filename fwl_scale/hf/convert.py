@@ -31,10 +31,21 @@ import torch
 import yaml
 from torch import Tensor
 
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from fwl_scale.checkpoint.convert import consolidate
+from fwl_scale.checkpoint.native import resolve_checkpoint
+from fwl_scale.checkpoint.optimizer import STATE_KEYS, optimizer_adapter
+from fwl_scale.checkpoint.weights import read_consolidated
 from fwl_scale.config import Config, ConfigError, config_from_dict, config_to_nested
 from fwl_scale.data.shards import MANIFEST, Manifest
 from fwl_scale.data.tokenizer import EOS_PIECE, Tokenizer
 from fwl_scale.hf.body_import import body_weights
+from fwl_scale.hf.configuration_fwl import MODEL_FIELDS, FWLConfig
+from fwl_scale.model import build_model
+from fwl_scale.parallel.layers import shard_of
+from fwl_scale.train.loop import Trainer
 
 HERE = Path(__file__).resolve().parent
 CODE_FILES = ("configuration_fwl.py", "modeling_fwl.py", "tokenization_fwl.py")
@@ -52,9 +63,6 @@ class ExportError(ConfigError):
 def _read_checkpoint(checkpoint: str | Path, scratch: Path, dtype: str) -> tuple[dict[str, Tensor], dict, dict]:
     """(weights under fwl_scale's names, the training config dict, the checkpoint's marker) of any
     checkpoint, through fwl_scale's consolidation. The one place that touches checkpoint code."""
-    from fwl_scale.train.checkpoint import resolve_checkpoint
-    from fwl_scale.train.convert import consolidate, read_consolidated
-
     ref = resolve_checkpoint(checkpoint)
     path = consolidate(ref.path, scratch / "consolidated.safetensors", dtype=dtype)
     weights, cfg_dict = read_consolidated(path)
@@ -93,7 +101,6 @@ def _tokenizer_and_manifest(cfg: Config, tokenizer: str | Path | None, manifest:
 
 # ---------------------------------------------------------------------------------- weights
 def _write_weights(weights: dict[str, Tensor], out: Path, max_shard_bytes: int) -> list[str]:
-    from safetensors.torch import save_file
 
     named = {PREFIX + k: v.contiguous() for k, v in sorted(weights.items())}
     shards: list[dict[str, Tensor]] = [{}]
@@ -121,9 +128,7 @@ def _write_weights(weights: dict[str, Tensor], out: Path, max_shard_bytes: int) 
 
 def load_hf_weights(hf_dir: str | Path) -> tuple[dict[str, Tensor], Any]:
     """(weights under fwl_scale's parameter names, ModelConfig) of an exported directory."""
-    from safetensors import SafetensorError, safe_open
 
-    from fwl_scale.hf.configuration_fwl import FWLConfig
 
     d = Path(hf_dir)
     if not (d / "config.json").is_file():
@@ -201,9 +206,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: st
                       manifest: str | Path | None = None, dtype: str = "float32",
                       max_shard_mb: float = DEFAULT_MAX_SHARD_MB) -> Path:
     """Writes the Hugging Face model directory `out_dir` for `checkpoint` (see the module docstring)."""
-    from fwl_scale.hf.configuration_fwl import MODEL_FIELDS, FWLConfig
-    from fwl_scale.model import build_model
-
     out = Path(out_dir)
     if out.exists():
         raise ExportError(f"{out} already exists; export into a new directory")
@@ -265,10 +267,6 @@ def import_hf(hf_dir: str | Path, cfg: Config) -> Path:
     body and embeddings loaded, the FWL added): a step-0 checkpoint in cfg.train.out_dir (which must hold no
     checkpoints) with the exported weights, fresh Adam moments and the config's schedule and data; `fwl
     train` with the same config continues from it. One process (another layout: `fwl ckpt convert` it)."""
-    from fwl_scale.parallel.layers import shard_of
-    from fwl_scale.train.convert import STATE_KEYS, OptimizerAccess
-    from fwl_scale.train.loop import Trainer
-
     if _model_type(hf_dir) == "fwl_scale":
         weights, model_cfg = load_hf_weights(hf_dir)
         saved, wanted = config_to_nested(Config(model=model_cfg))["model"], config_to_nested(cfg)["model"]
@@ -284,7 +282,7 @@ def import_hf(hf_dir: str | Path, cfg: Config) -> Path:
         if set(params) != set(weights):
             odd = sorted(set(params) ^ set(weights))
             raise ExportError(f"{hf_dir}: its tensors do not match the model's parameters ({', '.join(odd[:6])})")
-        acc = OptimizerAccess(trainer.engine)
+        acc = optimizer_adapter(trainer.engine)
         acc.ensure_states()
         for name, p in params.items():
             full = weights[name].to(torch.float32)

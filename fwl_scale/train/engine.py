@@ -219,7 +219,25 @@ def build_engine(cfg: Config, model: nn.Module, dist: DistInfo, mpu=None):
         # share one batch, but DeepSpeed counts every member's micro-batch in train_batch_size).
         config=deepspeed_config(cfg, dist.dp * cfg.parallel.cp), lr_scheduler=lr_schedule(cfg),
         dist_init_required=False)
+    undo_initial_optimizer_step(engine)
     return engine, scheduler
+
+
+def undo_initial_optimizer_step(engine) -> None:
+    """DeepSpeed's FP16_UnfusedOptimizer (bf16 with ZeRO 0) builds Adam's state by running one AdamW
+    step with zero gradients: the step count starts at 1 (the first updates are 0.735×, 0.86×, ... of
+    Adam's through bias correction) and the fp32 masters take one weight decay before training. Drop
+    that state and copy the model's weights back into the masters, so bf16 trains like one process."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # deepspeed loads lazily here
+
+    opt = engine.optimizer
+    if not isinstance(opt, FP16_UnfusedOptimizer):
+        return
+    opt.optimizer.state.clear()
+    with torch.no_grad():
+        for fp32_group, model_group in zip(opt.fp32_groups, opt.fp16_groups):
+            for master, p in zip(fp32_group, model_group):
+                master.copy_(p.float())
 
 
 def zero_stage_discards_nonfinite(engine) -> bool:
