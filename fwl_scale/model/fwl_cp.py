@@ -4,21 +4,16 @@ position replicated over the group. Each function takes the layer whose forward 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fwl_scale.model.fast_weights import ChunkLayout, masked_state
 from fwl_scale.model.fwl_state import FAST_TENSORS
 from fwl_scale.parallel.context import broadcast_from_last, gather_sequence
 from fwl_scale.parallel.mappings import copy_to_tp
 
-if TYPE_CHECKING:  # annotations only: fwl.py imports this module
-    from fwl_scale.model.fwl import FastWeightLayer
 
-
-def receive_state(layer: FastWeightLayer, s_in: dict[str, Tensor] | None, totals: dict[str, Tensor],
+def receive_state(layer: nn.Module, s_in: dict[str, Tensor] | None, totals: dict[str, Tensor],
                   layout: ChunkLayout, log_decay: Tensor | None) -> dict[str, Tensor]:
     """Exchange `state`: each rank's contribution is its sums after its last document start (the
     first rank's include the carried state), flagged where a document starts on the rank; the
@@ -44,7 +39,7 @@ def receive_state(layer: FastWeightLayer, s_in: dict[str, Tensor] | None, totals
     return {name: scanned[name] + carried[name] for name in FAST_TENSORS}
 
 
-def receive_keys_values(layer: FastWeightLayer, s_in: dict[str, Tensor] | None, grads: dict[str, Tensor],
+def receive_keys_values(layer: nn.Module, s_in: dict[str, Tensor] | None, grads: dict[str, Tensor],
                         slow: dict[str, Tensor], x: Tensor, reset_bt: Tensor, layout: ChunkLayout, start: int,
                         decay: dict[str, Tensor]) -> tuple[dict[str, Tensor] | None, dict[str, Tensor]]:
     """Exchange `kv`: every rank's keys and values in one all-gather (backward: one all-reduce of
@@ -90,7 +85,7 @@ def receive_keys_values(layer: FastWeightLayer, s_in: dict[str, Tensor] | None, 
     return received, cross
 
 
-def replicate_last(layer: FastWeightLayer, sums: dict[str, Tensor], pending_x: Tensor | None
+def replicate_last(layer: nn.Module, sums: dict[str, Tensor], pending_x: Tensor | None
                    ) -> tuple[dict[str, Tensor], Tensor | None]:
     """The state after the sequence's last position (the last rank's) on every rank of the group."""
     tensors = [sums[name] for name in FAST_TENSORS]
