@@ -25,7 +25,7 @@ from fwl_scale.model.fast_weights import causal_count, causal_cumsum, causal_lin
 from fwl_scale.model.fwl import FAST_TENSORS, FWLState
 from fwl_scale.model.naive import naive_causal_linear_attention, naive_fwl_logits
 from fwl_scale.train.carried import CarriedState
-from fwl_scale.train.checkpoint import CheckpointError, CheckpointRef, check_compatible
+from fwl_scale.checkpoint.native import CheckpointError, CheckpointRef, check_compatible
 from fwl_scale.train.loop import Trainer
 from fwl_scale.train.signals import EXIT_REQUEUE
 from tests.fwl_support import V, fast_logits, grads_of, make_inputs, make_layer, param_names, run_segments

@@ -214,7 +214,7 @@ PARALLEL = {"tp2": ("parallel.tp=2", "parallel.sequence_parallel=true", "paralle
 def _parallel_checkpoint(rank: int, world: int, out: str, ids: torch.Tensor, layout: str) -> None:
     """A checkpoint of `layout` on 2 ranks after two steps, and the parallel model's own logits."""
     from fwl_scale.parallel import init_parallel_state
-    from fwl_scale.train.checkpoint import CheckpointManager
+    from fwl_scale.checkpoint.native import CheckpointManager
     from fwl_scale.train.engine import DistInfo
     from fwl_scale.train.parallel_engine import build_training_engine
     from tests.engine_support import micro_batch
@@ -261,7 +261,8 @@ def test_tensor_parallel_checkpoint_and_baseline(trained, tmp_path):
     assert rel_err(got[f"logits{T}"], torch.load(out / "parallel_logits.pt")) <= TOL
     # bf16 weights, run in bf16 (the single-process run's): 2e-2 of the largest logit (bf16 keeps 8 bits;
     # measured 0.8e-2).
-    from fwl_scale.train.checkpoint import find_latest, load_model_weights
+    from fwl_scale.checkpoint.native import find_latest
+    from fwl_scale.checkpoint.weights import load_model_weights
 
     hf_bf16 = tmp_path / "hf_bf16"
     export_checkpoint(run, hf_bf16, dtype="bfloat16")
@@ -286,7 +287,8 @@ def test_tensor_parallel_checkpoint_and_baseline(trained, tmp_path):
 
 
 def test_round_trip_and_training_continues(trained, tmp_path):
-    from fwl_scale.train.checkpoint import find_latest, load_model_weights
+    from fwl_scale.checkpoint.native import find_latest
+    from fwl_scale.checkpoint.weights import load_model_weights
     from fwl_scale.train.loop import Trainer
     from tests.train_support import step_losses
 
@@ -376,7 +378,8 @@ def test_import_transformers_body(trained, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
     from fwl_scale.hf.body_import import BodyImportError, body_weights
-    from fwl_scale.train.checkpoint import find_latest, load_model_weights
+    from fwl_scale.checkpoint.native import find_latest
+    from fwl_scale.checkpoint.weights import load_model_weights
     from fwl_scale.train.loop import Trainer
     from tests.train_support import step_losses
 
