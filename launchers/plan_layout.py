@@ -21,7 +21,7 @@ from pathlib import Path
 # The batch script runs from the repository root, but be explicit so the check works from anywhere.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fwl_scale.config import ConfigError, load_config  # noqa: E402
+from fwl_scale.config import ConfigError, check_layout, load_config  # noqa: E402
 
 
 class LayoutError(Exception):
@@ -43,7 +43,7 @@ def plan(config: str, overrides: list[str], nodes: int, tasks_per_node: int, gpu
     p = cfg.parallel
     model_parallel = p.tp * p.cp * p.pp
     try:  # world a multiple of tp*cp*pp, and a parallel.dp given in the config consistent with it
-        dp = cfg.check_world(world)
+        dp = check_layout(cfg, world)
     except ConfigError as e:
         raise LayoutError(f"{alloc} = {world} ranks: {e}") from None
     if tasks_per_node % p.tp != 0 and p.tp < tasks_per_node:
