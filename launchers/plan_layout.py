@@ -61,7 +61,7 @@ def plan(config: str, overrides: list[str], nodes: int, tasks_per_node: int, gpu
     layout = [f"parallel.dp={dp}", f"parallel.grad_accum={grad_accum}"]
     # The final config, exactly as the trainer will see it, validated against the world size.
     final = load_config(config, overrides + layout)
-    final.check_world(world)
+    check_layout(final, world)
     batch = final.parallel.micro_batch * grad_accum * dp
     summary = (f"layout: {alloc} = {world} ranks; tp={p.tp} cp={p.cp} pp={p.pp} dp={dp}; "
                f"global batch {batch} = micro_batch {p.micro_batch} x grad_accum {grad_accum} x dp {dp} "
