@@ -391,6 +391,16 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     return cfg.validate(source)
 
 
+def read_yaml(path: Path, what: str = "config file", error: type[ConfigError] = ConfigError) -> Any:
+    """The parsed YAML of `path`; a missing file or malformed YAML raises `error` naming the file."""
+    if not path.is_file():
+        raise error(f"{path}: no such {what}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{path}: malformed YAML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Reads a YAML config (None: the built-in defaults = `tiny`), applies `a.b=value` overrides,
     type-checks every field and validates the whole."""
@@ -398,12 +408,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: no such config file")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: malformed YAML: {e}") from None
+        loaded = read_yaml(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

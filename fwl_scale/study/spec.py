@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fwl_scale.config import Config, ConfigError, load_config
+from fwl_scale.config import Config, ConfigError, load_config, read_yaml
 
 ARMS = ("fwl", "baseline")
 TOP_KEYS = ("name", "arms", "common", "variants", "seeds", "eval_batches", "out_dir")
@@ -181,12 +179,7 @@ def validate_runs(spec: StudySpec) -> dict[str, Config]:
 
 def load_spec(path: str | Path, validate: bool = True) -> StudySpec:
     p = Path(path)
-    if not p.is_file():
-        raise StudyError(f"{p}: no such study spec")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise StudyError(f"{p}: malformed YAML: {e}") from None
+    data = read_yaml(p, "study spec", StudyError)
     spec = parse_spec(data if data is not None else {}, p)
     if validate:
         validate_runs(spec)
