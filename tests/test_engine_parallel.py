@@ -55,6 +55,16 @@ def embed_output_probe(module) -> list[torch.Tensor]:
     return outputs
 
 
+def accumulate_step(model, step: int) -> float:
+    """Backward of step `step`'s M micro-batches, averaged; returns the mean loss."""
+    total = 0.0
+    for k in range(M):
+        loss = model(*micro_batch(step, k).values()).loss
+        (loss / M).backward()
+        total += loss.item()
+    return total / M
+
+
 def reference() -> dict:
     cfg = make_cfg(1)
     torch.manual_seed(SEED)
@@ -66,12 +76,7 @@ def reference() -> dict:
     out = {"loss": []}
     for s in range(STEPS):
         opt.zero_grad()
-        total = 0.0
-        for k in range(M):
-            loss = model(*micro_batch(s, k).values()).loss
-            (loss / M).backward()
-            total += loss.item()
-        out["loss"].append(total / M)
+        out["loss"].append(accumulate_step(model, s))
         if s == 0:
             out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
             out["body_in"] = [x.grad.clone() for x in body_in]
@@ -104,12 +109,7 @@ def reference_bf16() -> dict:
     out: dict = {"loss": [], "params": [], "init": {n: m.detach().clone() for n, m in master.items()}}
     for s in range(STEPS):
         model.zero_grad()
-        total = 0.0
-        for k in range(M):
-            loss = model(*micro_batch(s, k).values()).loss
-            (loss / M).backward()
-            total += loss.item()
-        out["loss"].append(total / M)
+        out["loss"].append(accumulate_step(model, s))
         for n, m in master.items():
             m.grad = params[n].grad.float()
         if s == 0:
