@@ -135,17 +135,23 @@ def check_model(ps, fwl: bool, sp: bool, vocab_multiple: int = 64, tied: bool = 
     assert abs(logits.loss.item() - out_ref.loss.item()) < TOL, what
 
 
-def check_missing_step_size_reduce(ps) -> None:
-    """Without the all-reduce of the step sizes' gradient (η_W1, η_b1, η_W2 scale per-rank parts) the
-    forward is still right and the gradient silently wrong: the comparison above must catch it."""
-    tp = ps.tp_context()
-    cfg = make_cfg(True, ps.tp_size, False)
+def perturbed_pair(cfg, ps):
+    """The single-process model with perturbed parameters (float64) and the tensor-parallel model holding
+    the same weights."""
     torch.manual_seed(0)
     ref = build_model(cfg.model).double()
     perturb(ref)
     torch.manual_seed(0)
     model = build_model(cfg.model, tp_group=ps).double()
     load_full_state_dict(model, ref.state_dict())
+    return ref, model
+
+def check_missing_step_size_reduce(ps) -> None:
+    """Without the all-reduce of the step sizes' gradient (η_W1, η_b1, η_W2 scale per-rank parts) the
+    forward is still right and the gradient silently wrong: the comparison above must catch it."""
+    tp = ps.tp_context()
+    cfg = make_cfg(True, ps.tp_size, False)
+    ref, model = perturbed_pair(cfg, ps)
     ids, labels, docs = make_batch()
     original = FastWeightLayer.step_sizes_for_shards
     FastWeightLayer.step_sizes_for_shards = lambda self: self.step_sizes
@@ -166,12 +172,7 @@ def check_missing_decay_reduce(ps) -> None:
     """λ of W1, b1 and W2 scale sharded or partial sums like their step sizes: without the all-reduce of
     their gradient (replicated decay logits straight into the sharded work) the check above must fail."""
     cfg = make_cfg(True, ps.tp_size, False, extra=REMEDIES)
-    torch.manual_seed(0)
-    ref = build_model(cfg.model).double()
-    perturb(ref)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, tp_group=ps).double()
-    load_full_state_dict(model, ref.state_dict())
+    ref, model = perturbed_pair(cfg, ps)
     ids, labels, docs = make_batch()
     original = FastWeightLayer.log_decay
     FastWeightLayer.log_decay = lambda self: F.logsigmoid(self.decay_logits)
