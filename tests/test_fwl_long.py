@@ -165,17 +165,6 @@ def test_carried_count_round_trips_and_is_required():
         layer(x, U, labels, docs, state=no_count, pending_labels_b=labels[:, 0])
 
 
-@pytest.mark.parametrize("override, field", [
-    ("model.fwl.normalize=median", "model.fwl.normalize"),
-    ("model.fwl.decay=fixed", "model.fwl.decay"),
-    ("model.fwl.decay_init=1.0", "model.fwl.decay_init"),
-    ("model.fwl.decay_init=0", "model.fwl.decay_init"),
-])
-def test_bad_remedy_settings_name_the_field(override, field):
-    with pytest.raises(ConfigError, match=re.escape(field)):
-        load_config(None, [override])
-
-
 def test_mean_refuses_a_gradient_scale():
     with pytest.raises(ConfigError, match=re.escape("model.fwl.grad_scale")):
         load_config(None, ["model.fwl.normalize=mean", "model.fwl.grad_scale=0.5"])

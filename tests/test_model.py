@@ -154,6 +154,10 @@ def test_ladder_configs_land_within_ten_percent_of_their_name(path):
     ("train.lr=fast", "train.lr"),
     ("parallel.zero_stage=5", "parallel.zero_stage"),
     ("model.fwl.form=cubic", "model.fwl.form"),
+    ("model.fwl.normalize=median", "model.fwl.normalize"),
+    ("model.fwl.decay=fixed", "model.fwl.decay"),
+    ("model.fwl.decay_init=1.0", "model.fwl.decay_init"),
+    ("model.fwl.decay_init=0", "model.fwl.decay_init"),
 ])
 def test_bad_config_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=re.escape(field)):

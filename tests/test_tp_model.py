@@ -146,6 +146,7 @@ def perturbed_pair(cfg, ps):
     load_full_state_dict(model, ref.state_dict())
     return ref, model
 
+
 def check_missing_step_size_reduce(ps) -> None:
     """Without the all-reduce of the step sizes' gradient (η_W1, η_b1, η_W2 scale per-rank parts) the
     forward is still right and the gradient silently wrong: the comparison above must catch it."""
