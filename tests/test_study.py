@@ -165,8 +165,10 @@ def test_lost_result_collect_refuses_then_the_run_is_evaluated_again_without_tra
     ({"variants": {"s": ["train.seed=3"]}}, "variant 's': train.seed is set by the study"),
     ({"variants": {"off": ["model.fwl.enabled=false"]}}, "variant 'off': arm fwl needs model.fwl.enabled=true"),
     ({"seeds": []}, "spec.yaml: seeds: expected a non-empty list of integers"),
+    ({"variants": {"sweep": {"seeds": [2, 2]}}}, "variant 'sweep': seeds: [2, 2] repeats a seed"),
 ], ids=["unknown-key", "missing-config", "unknown-arm", "no-variants", "unknown-override", "invalid-override",
-        "unknown-variant-key", "variant-name", "reserved-override", "arm-mismatch", "no-seeds"])
+        "unknown-variant-key", "variant-name", "reserved-override", "arm-mismatch", "no-seeds",
+        "variant-seeds"])
 def test_bad_spec_is_named_and_leaves_the_results_alone(finished, tmp_path, capsys, monkeypatch, change, message):
     monkeypatch.chdir(REPO)  # the spec's config paths are relative to the working directory
     out = finished / "out"
@@ -229,6 +231,20 @@ def test_stop_signal_checkpoints_exits_75_and_the_next_invocation_resumes(tmp_pa
     assert [r["step"] for r in records(run_dir, "start")] == [0, stop[0]["step"]]
     assert [r["step"] for r in records(run_dir, "train")] == list(range(1, steps + 1))
     assert json.loads((tmp_path / "out" / "study.json").read_text())["complete"] == ["long-baseline-s1"]
+
+
+def test_a_variant_with_its_own_seeds_adds_only_those_runs(tmp_path, monkeypatch):
+    """A sweep point at one seed beside the chosen settings at three: the runs, and each row's count."""
+    monkeypatch.chdir(REPO)
+    variants = {"plain": {}, "lr6e-3": {"fwl": ["train.lr=6e-3"], "baseline": ["train.lr=6e-3"], "seeds": [2]}}
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", tmp_path / "out", variants=variants, seeds=[1, 2, 3]))
+    assert [r.name for r in spec.runs] == ["plain-fwl-s1", "plain-baseline-s1", "plain-fwl-s2", "plain-baseline-s2",
+                                           "plain-fwl-s3", "plain-baseline-s3", "lr6e-3-fwl-s2",
+                                           "lr6e-3-baseline-s2"]
+    assert spec.variant_seeds == {"plain": [1, 2, 3], "lr6e-3": [2]}
+    c = report.collect(spec)
+    assert {(g["variant"], g["arm"]): g["runs"] for g in c.summary["groups"]} == {
+        ("plain", "fwl"): 3, ("plain", "baseline"): 3, ("lr6e-3", "fwl"): 1, ("lr6e-3", "baseline"): 1}
 
 
 def test_collection_over_seeds_is_mean_and_sample_std_and_names_what_is_missing(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ def _group(spec: StudySpec, variant: str, arm: str, results: list[dict[str, Any]
            failed: list[dict[str, Any]]) -> dict[str, Any]:
     n_buckets = len(results[0]["valid"]["bucket_loss"]) if results else 0
     group: dict[str, Any] = {
-        "variant": variant, "arm": arm, "runs": len(spec.seeds), "seeds": [r["seed"] for r in results],
+        "variant": variant, "arm": arm, "runs": len(spec.variant_seeds[variant]), "seeds": [r["seed"] for r in results],
         "failed": [f["run"] for f in failed],
         "val_ppl": stats([r["valid"]["perplexity"] for r in results]),
         "val_loss": stats([r["valid"]["loss"] for r in results]),

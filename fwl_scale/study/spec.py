@@ -7,7 +7,8 @@
       plain: {}                                    # no extra overrides
       residual: {fwl: ["model.fwl.residual=true"]} # per arm (an arm not named gets none)
       lr1e-3: ["train.lr=1e-3"]                    # a plain list: both arms
-    seeds: [1, 2, 3]                               # train.seed of each run
+      lr6e-3: {fwl: ["train.lr=6e-3"], baseline: ["train.lr=6e-3"], seeds: [1]}  # a sweep point: fewer seeds
+    seeds: [1, 2, 3]                               # train.seed of each run (a variant's own `seeds` wins)
     eval_batches: 40                               # validation batches of the evaluations (default: config's)
     out_dir: runs/study_recipe                     # default: runs/study_<name>
 
@@ -58,6 +59,7 @@ class StudySpec:
     common: list[str]
     variants: dict[str, dict[str, list[str]]]  # variant -> arm -> overrides
     seeds: list[int]
+    variant_seeds: dict[str, list[int]]  # variant -> its seeds (the spec's unless the variant names its own)
     out_dir: Path
     eval_batches: int | None = None
     runs: list[Run] = field(default_factory=list)  # each distinct run once, in the order of the spec
@@ -87,21 +89,33 @@ def _overrides(value: Any, where: str) -> list[str]:
     return list(value)
 
 
-def _variant(name: Any, value: Any, arms: dict[str, str], src: str) -> dict[str, list[str]]:
+def _seeds(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in value):
+        raise StudyError(f"{where}: expected a non-empty list of integers, got {value!r}")
+    if len(set(value)) != len(value):
+        raise StudyError(f"{where}: {value} repeats a seed")
+    return list(value)
+
+
+def _variant(name: Any, value: Any, arms: dict[str, str], seeds: list[int],
+             src: str) -> tuple[dict[str, list[str]], list[int]]:
+    """A variant's overrides per arm and its seeds."""
     where = f"{src}: variant {name!r}"
     if not isinstance(name, str) or not _NAME.match(name):
         raise StudyError(f"{where}: a variant name is letters, digits and . _ + - (it names run directories)")
     if value is None or isinstance(value, list):
         both = _overrides(value, where)
-        return {arm: list(both) for arm in arms}
+        return {arm: list(both) for arm in arms}, seeds
     if not isinstance(value, dict):
         raise StudyError(f"{where}: expected a list of overrides or a mapping arm -> overrides, got {value!r}")
     for key in value:
-        if key not in ARMS:
-            raise StudyError(f"{where}: unknown key {key!r} (an arm: {', '.join(ARMS)})")
-        if key not in arms:
+        if key not in (*ARMS, "seeds"):
+            raise StudyError(f"{where}: unknown key {key!r} (an arm: {', '.join(ARMS)}; or seeds)")
+        if key in ARMS and key not in arms:
             raise StudyError(f"{where}: overrides for arm {key!r}, which the spec's `arms` does not have")
-    return {arm: _overrides(value.get(arm), f"{where}, arm {arm}") for arm in arms}
+    own_seeds = _seeds(value["seeds"], f"{where}: seeds") if "seeds" in value else seeds
+    return {arm: _overrides(value.get(arm), f"{where}, arm {arm}") for arm in arms}, own_seeds
 
 
 def parse_spec(data: Any, path: Path) -> StudySpec:
@@ -129,13 +143,10 @@ def parse_spec(data: Any, path: Path) -> StudySpec:
     variants = data.get("variants")
     if not isinstance(variants, dict) or not variants:
         raise StudyError(f"{src}: variants: needs at least one named variant (e.g. `plain: {{}}`), got {variants!r}")
-    parsed = {str(k): _variant(k, v, arms, src) for k, v in variants.items()}
-    seeds = data.get("seeds", [1])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                           for s in seeds):
-        raise StudyError(f"{src}: seeds: expected a non-empty list of integers, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise StudyError(f"{src}: seeds: {seeds} repeats a seed")
+    seeds = _seeds(data.get("seeds", [1]), f"{src}: seeds")
+    parsed_with_seeds = {str(k): _variant(k, v, arms, seeds, src) for k, v in variants.items()}
+    parsed = {k: per_arm for k, (per_arm, _) in parsed_with_seeds.items()}
+    variant_seeds = {k: own for k, (_, own) in parsed_with_seeds.items()}
     eval_batches = data.get("eval_batches")
     if eval_batches is not None and (not isinstance(eval_batches, int) or isinstance(eval_batches, bool)
                                      or eval_batches < 1):
@@ -143,13 +154,14 @@ def parse_spec(data: Any, path: Path) -> StudySpec:
     out_dir = data.get("out_dir", f"runs/study_{name}")
     if not isinstance(out_dir, str) or not out_dir:
         raise StudyError(f"{src}: out_dir: expected a directory path, got {out_dir!r}")
-    spec = StudySpec(path=path, name=name, arms=arms, common=common, variants=parsed, seeds=list(seeds),
+    spec = StudySpec(path=path, name=name, arms=arms, common=common, variants=parsed, seeds=seeds,
+                     variant_seeds=variant_seeds,
                      out_dir=Path(out_dir), eval_batches=eval_batches)
     # A run that another variant already has (same config, same overrides: e.g. the baseline of a
     # variant that only changes the FWL) is trained once and counted in both variants' rows.
     unique: dict[tuple[str, tuple[str, ...]], Run] = {}
     for variant, per_arm in parsed.items():
-        for seed in seeds:
+        for seed in variant_seeds[variant]:
             for arm, cfg in arms.items():
                 overrides = (*common, *per_arm[arm], f"train.seed={seed}")
                 run = unique.get((cfg, overrides))
