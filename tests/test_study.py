@@ -21,9 +21,10 @@ import yaml
 
 from fwl_scale.cli import main as fwl_main
 from fwl_scale.config import load_config
-from fwl_scale.data import prepare_data, valid_batches
+from fwl_scale.data import eval_documents, prepare_data, valid_batches
 from fwl_scale.eval.perplexity import evaluate_batches
 from fwl_scale.eval.run import load_for_eval
+from fwl_scale.eval.streaming import evaluate_stream_positions
 from fwl_scale.study import report, store
 from fwl_scale.study.spec import load_spec
 from tests.train_support import REPO, fwl_command, fwl_env, need_corpus, records, run_fwl, tiny_overrides
@@ -131,6 +132,47 @@ def test_second_invocation_reruns_nothing(finished):
     assert (out / "study.json").read_text().count('"complete"') == 1
 
 
+def test_long_docs_added_to_a_finished_study_stream_without_training_again(finished, tmp_path):
+    """A spec that gains long_docs after its runs finished: each result gains the streamed documents (equal
+    to evaluate_stream_positions on the checkpoint), no step is trained again, and the verdict is the
+    windows' comparison of the means."""
+    spec = copy_study(finished, tmp_path)
+    spec_data = yaml.safe_load(spec.read_text())
+    spec_data["long_docs"] = {"windows": 3, "documents": 2}
+    spec.write_text(yaml.safe_dump(spec_data, sort_keys=False))
+    out = tmp_path / "out"
+    steps = {name: len(records(out / "runs" / name, "train")) for name in ("plain-fwl-s1", "plain-baseline-s1")}
+    proc = run_fwl("study", str(spec))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "training" not in proc.stdout
+    assert steps == {name: len(records(out / "runs" / name, "train")) for name in steps}
+    results = {name: json.loads((out / "results" / f"{name}.json").read_text()) for name in steps}
+    for name, arm_config in (("plain-fwl-s1", "tiny.yaml"), ("plain-baseline-s1", "base_tiny.yaml")):
+        cfg = load_config(REPO / "configs" / arm_config, COMMON)
+        model, _ = load_for_eval(cfg, out / "runs" / name, torch.device("cpu"))
+        modes = results[name]["long_docs"]["modes"]
+        assert results[name]["long_docs"]["spec"] == {"windows": 3, "documents": 2}
+        assert sorted(modes) == (["state carried", "windows alone"] if "fwl" in name else ["windows alone"])
+        for mode, streamed in modes.items():
+            docs = [d for d in eval_documents(cfg, prepare_data(cfg, log=lambda *a: None))
+                    if d.numel() >= 3 * cfg.model.seq_len + 1][:2]
+            assert len(docs) == 2 == streamed["documents"]
+            ref = evaluate_stream_positions(model, docs, cfg.model.seq_len, torch.device("cpu"), 3, 1,
+                                            carry_state=mode == "state carried")
+            assert streamed["loss"] == pytest.approx(ref.loss, rel=1e-6) and len(ref.loss) == 3
+    verdict = json.loads((out / "study.json").read_text())["long_docs"]["plain"]
+    carried = results["plain-fwl-s1"]["long_docs"]["modes"]["state carried"]["loss"]
+    reset = results["plain-fwl-s1"]["long_docs"]["modes"]["windows alone"]["loss"]
+    base = results["plain-baseline-s1"]["long_docs"]["modes"]["windows alone"]["loss"]
+    assert verdict["windows"] == 3
+    assert verdict["carried_le_reset"] == sum(c <= r for c, r in zip(carried, reset))
+    assert verdict["carried_lt_baseline"] == sum(c < b for c, b in zip(carried, base))
+    assert verdict["worst_vs_baseline"] == pytest.approx(max(c - b for c, b in zip(carried, base)), abs=1e-12)
+    assert (out / "long_docs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"| plain | 3 | {verdict['carried_le_reset']}/3 | {verdict['carried_lt_baseline']}/3 |" in \
+        (out / "study.md").read_text()
+
+
 def test_lost_result_collect_refuses_then_the_run_is_evaluated_again_without_training(finished, tmp_path):
     spec = copy_study(finished, tmp_path)
     out = tmp_path / "out"
@@ -165,9 +207,10 @@ def test_lost_result_collect_refuses_then_the_run_is_evaluated_again_without_tra
     ({"variants": {"s": ["train.seed=3"]}}, "variant 's': train.seed is set by the study"),
     ({"variants": {"off": ["model.fwl.enabled=false"]}}, "variant 'off': arm fwl needs model.fwl.enabled=true"),
     ({"seeds": []}, "spec.yaml: seeds: expected a non-empty list of integers"),
+    ({"long_docs": {"windows": 0}}, "spec.yaml: long_docs.windows: expected an integer >= 1, got 0"),
     ({"variants": {"sweep": {"seeds": [2, 2]}}}, "variant 'sweep': seeds: [2, 2] repeats a seed"),
 ], ids=["unknown-key", "missing-config", "unknown-arm", "no-variants", "unknown-override", "invalid-override",
-        "unknown-variant-key", "variant-name", "reserved-override", "arm-mismatch", "no-seeds",
+        "unknown-variant-key", "variant-name", "reserved-override", "arm-mismatch", "no-seeds", "long-docs-windows",
         "variant-seeds"])
 def test_bad_spec_is_named_and_leaves_the_results_alone(finished, tmp_path, capsys, monkeypatch, change, message):
     monkeypatch.chdir(REPO)  # the spec's config paths are relative to the working directory

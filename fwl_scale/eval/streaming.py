@@ -18,6 +18,7 @@ the same carried-state computation as fwl_scale.eval.perplexity.evaluate_documen
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, key.sub=value")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--buckets", type=int, default=4, help="buckets per window")
-    ap.add_argument("--docs", type=int, default=None, help="at most this many validation documents")
+    ap.add_argument("--docs", type=int, default=None,
+                    help="the first this many validation documents that are long enough for --windows")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -133,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     T = cfg.model.seq_len
     modes = [True, False] if cfg.model.fwl.enabled else [False]
     results = []
+    need = args.windows * T + 1
     for carry in modes:
-        docs = eval_documents(cfg, paths, args.docs)
+        docs = itertools.islice((d for d in eval_documents(cfg, paths) if d.numel() >= need), args.docs)
         name = "state carried" if carry else "windows alone"
         results.append((name, evaluate_stream_positions(model, docs, T, device, args.windows, args.buckets, carry)))
     f = cfg.model.fwl

@@ -1,8 +1,10 @@
-"""Collects a study's run results into one table: OUT/study.md, OUT/study.json, OUT/loss_by_position.png.
+"""Collects a study's run results into one table: OUT/study.md, OUT/study.json, OUT/loss_by_position.png
+(and, with the spec's long_docs, OUT/long_docs.png).
 
 Per variant and arm, mean ± sample std over the seeds that finished: validation perplexity and loss, loss
 by position bucket, the slow head alone (step sizes at zero) and its gap to the same variant's baseline,
-the learned step sizes, tokens/s; and per variant the FWL-vs-baseline perplexity ratio. Works on partial
+the learned step sizes, tokens/s, the loss per window over streamed whole documents; and per variant the
+FWL-vs-baseline perplexity ratio and the long-document verdict (long_doc_verdict). Works on partial
 results (it lists the missing and failed runs) and refuses to replace a collection that holds a finished
 run which has no result now.
 """
@@ -45,12 +47,44 @@ def _group(spec: StudySpec, variant: str, arm: str, results: list[dict[str, Any]
         "tokens_per_s": stats([r["tokens_per_s"] for r in results if r["tokens_per_s"] is not None]),
         "slow_head_loss": None, "slow_head_gap": None, "step_sizes": None,
     }
+    streamed = [r["long_docs"] for r in results if r.get("long_docs")]
+    group["long_docs"] = None
+    if streamed:
+        # python -m fwl_scale.eval.streaming's modes ("state carried", "windows alone"); one bucket per window.
+        group["long_docs"] = {
+            "runs": len(streamed), "edges": next(iter(streamed[0]["modes"].values()))["edges"],
+            "documents": [next(iter(m["modes"].values()))["documents"] for m in streamed],
+            "loss": {mode: [stats([m["modes"][mode]["loss"][w] for m in streamed]) for w in range(len(res["loss"]))]
+                     for mode, res in streamed[0]["modes"].items()}}
     if arm == "fwl" and results:
         group["slow_head_loss"] = stats([r["slow_head"]["loss"] for r in results])
         # In the order of model.fwl.FAST_TENSORS, as the checkpoint's step_size_dict() wrote them.
         group["step_sizes"] = {name: stats([r["step_sizes"][name] for r in results])
                                for name in results[0]["step_sizes"]}
     return group
+
+
+CARRIED, RESET = "state carried", "windows alone"
+
+
+def long_doc_verdict(fwl: dict[str, Any] | None, base: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Issue 9's test past the training length, on the means over seeds: in how many windows the FWL
+    with its state carried is no worse than with the state reset at each window, and below the
+    baseline; with the worst window of each (carried − reset, carried − baseline)."""
+    if not (fwl and base and fwl["long_docs"] and base["long_docs"]):
+        return None
+    carried = [s["mean"] for s in fwl["long_docs"]["loss"][CARRIED]]
+    reset = [s["mean"] for s in fwl["long_docs"]["loss"][RESET]]
+    baseline = [s["mean"] for s in base["long_docs"]["loss"][RESET]]
+    if not len(carried) == len(reset) == len(baseline):
+        return None
+    vs_reset = [c - r for c, r in zip(carried, reset)]
+    vs_base = [c - b for c, b in zip(carried, baseline)]
+    return {"windows": len(carried), "carried_le_reset": sum(d <= 0 for d in vs_reset),
+            "carried_lt_baseline": sum(d < 0 for d in vs_base), "worst_vs_reset": max(vs_reset),
+            "worst_vs_baseline": max(vs_base), "mean": {"carried": statistics.fmean(carried),
+                                                        "reset": statistics.fmean(reset),
+                                                        "baseline": statistics.fmean(baseline)}}
 
 
 def summarize(spec: StudySpec) -> Collection:
@@ -83,12 +117,14 @@ def summarize(spec: StudySpec) -> Collection:
             fwl["slow_head_gap"] = fwl["slow_head_loss"]["mean"] - base["val_loss"]["mean"]
         ratios[variant] = (fwl["val_ppl"]["mean"] / base["val_ppl"]["mean"]
                            if fwl["val_ppl"] and base["val_ppl"] else None)
+    long_docs = {variant: v for variant in spec.variants
+                 if (v := long_doc_verdict(by_key.get((variant, "fwl")), by_key.get((variant, "baseline"))))}
     complete = [run.name for run in spec.runs if run.name in results]
     missing = [run.name for run in spec.runs if run.name not in results and run.name not in failures]
     failed = list(failures.values())
     summary = {"name": spec.name, "spec": str(spec.path), "out_dir": str(spec.out_dir),
                "runs_total": len(spec.runs), "complete": complete, "failed": failed, "missing": missing,
-               "groups": groups, "fwl_vs_baseline_ppl": ratios, "results": results}
+               "groups": groups, "fwl_vs_baseline_ppl": ratios, "long_docs": long_docs, "results": results}
     return Collection(summary, complete, failed, missing)
 
 
@@ -134,6 +170,17 @@ def markdown(c: Collection) -> str:
         lines += ["", "| variant | FWL ppl / baseline ppl |", "|---|---|"]
         for variant, ratio in s["fwl_vs_baseline_ppl"].items():
             lines.append(f"| {variant} | {'–' if ratio is None else f'{ratio:.4f}'} |")
+    if s["long_docs"]:
+        lines += ["", "Whole validation documents streamed window after window past the training length "
+                  "(loss per window, means over seeds): FWL state carried vs reset at each window vs baseline.",
+                  "", "| variant | windows | carried ≤ reset | carried < baseline | worst carried − reset | "
+                  "worst carried − baseline | mean carried / reset / baseline |", "|---|---|---|---|---|---|---|"]
+        for variant, v in s["long_docs"].items():
+            m = v["mean"]
+            lines.append(f"| {variant} | {v['windows']} | {v['carried_le_reset']}/{v['windows']} | "
+                         f"{v['carried_lt_baseline']}/{v['windows']} | {v['worst_vs_reset']:+.4f} | "
+                         f"{v['worst_vs_baseline']:+.4f} | {m['carried']:.4f} / {m['reset']:.4f} / "
+                         f"{m['baseline']:.4f} |")
     if c.failed:
         lines += ["", "Failed runs:", ""]
         lines += [f"- `{f['run']}` (variant {f['variant']}): {f['stage']}: {f['detail']}; log `{f['log']}`"
@@ -143,12 +190,45 @@ def markdown(c: Collection) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_png(c: Collection) -> bytes | None:
-    """Loss by position bucket, FWL solid and baseline dashed, one colour per variant."""
+def _axes() -> tuple[Any, Any]:
     # matplotlib is imported only to draw (seconds of import); the object API needs no backend or pyplot.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _png(fig: Any, ax: Any) -> bytes:
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return buf.getvalue()
+
+
+def plot_long_docs_png(c: Collection) -> bytes | None:
+    """Loss per window of the streamed documents: FWL state carried solid, reset dotted, baseline dashed."""
+    groups = [g for g in c.summary["groups"] if g["long_docs"] and not g["same_runs_as"]]
+    if not groups:
+        return None
+    fig, ax = _axes()
+    variants = list(dict.fromkeys(g["variant"] for g in c.summary["groups"]))
+    for g in groups:
+        x = [(a + b - 1) / 2 for a, b in g["long_docs"]["edges"]]
+        for mode, losses in g["long_docs"]["loss"].items():
+            style = ("-" if mode == CARRIED else ":") if g["arm"] == "fwl" else "--"
+            ax.plot(x, [s["mean"] for s in losses], linestyle=style, color=f"C{variants.index(g['variant']) % 10}",
+                    label=f"{g['variant']} {g['arm']}" + (f", {mode}" if g["arm"] == "fwl" else ""))
+    ax.set_xlabel("document position (window centre)")
+    ax.set_ylabel("validation loss (nats)")
+    ax.set_title(f"study {c.summary['name']}: FWL state carried solid, reset dotted, baseline dashed")
+    return _png(fig, ax)
+
+
+def plot_png(c: Collection) -> bytes | None:
+    """Loss by position bucket, FWL solid and baseline dashed, one colour per variant."""
     # A group that shares another variant's runs (same config and overrides) would hide that one's line.
     groups = [g for g in c.summary["groups"] if g["bucket_loss"] and not g["same_runs_as"]]
     if not groups:
@@ -157,9 +237,7 @@ def plot_png(c: Collection) -> bytes | None:
     for g in c.summary["groups"]:
         if g["same_runs_as"]:
             sharing.setdefault((g["same_runs_as"], g["arm"]), []).append(g["variant"])
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = _axes()
     variants = list(dict.fromkeys(g["variant"] for g in c.summary["groups"]))
     for g in groups:
         x = [(a + b - 1) / 2 for a, b in g["bucket_edges"]]
@@ -170,11 +248,7 @@ def plot_png(c: Collection) -> bytes | None:
     ax.set_xlabel("position in the window (bucket centre)")
     ax.set_ylabel("validation loss (nats)")
     ax.set_title(f"study {c.summary['name']}: FWL solid, baseline dashed")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    return buf.getvalue()
+    return _png(fig, ax)
 
 
 def collect(spec: StudySpec) -> Collection:
@@ -195,6 +269,9 @@ def collect(spec: StudySpec) -> Collection:
     png = plot_png(c)
     if png is not None:
         store.write_bytes(spec.out_dir / "loss_by_position.png", png)
+    long_png = plot_long_docs_png(c)
+    if long_png is not None:
+        store.write_bytes(spec.out_dir / "long_docs.png", long_png)
     store.write_bytes(spec.out_dir / "study.md", markdown(c).encode())
     store.write_json(out, c.summary)
     return c

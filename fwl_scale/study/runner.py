@@ -1,5 +1,6 @@
 """Runs a study's runs, one after another in this process's children: `fwl train` then `fwl eval` (and,
-for the FWL arm, `fwl eval` with model.fwl.step_scale=0: the slow head alone), then the run's result.
+for the FWL arm, `fwl eval` with model.fwl.step_scale=0: the slow head alone; with the spec's long_docs,
+whole validation documents streamed window after window), then the run's result.
 
 A run whose result exists is skipped; one whose training directory holds checkpoints resumes there (the
 trainer resumes from train.out_dir by itself), and a finished training is not repeated. A stop signal
@@ -135,11 +136,46 @@ def prepare_data(spec: StudySpec, run: Run, children: Children) -> int:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def stream_long_docs(spec: StudySpec, run: Run, children: Children) -> dict[str, Any] | str:
+    """The run's loss by window over whole validation documents (state carried and reset): its JSON,
+    or the status to return (stopped, failed)."""
+    assert spec.long_docs is not None
+    path = store.eval_path(spec, run, long=True)
+    path.unlink(missing_ok=True)
+    rc = children.call([sys.executable, "-m", "fwl_scale.eval.streaming", run.config, str(spec.run_dir(run)),
+                        *spec.train_overrides(run), "--windows", str(spec.long_docs["windows"]), "--buckets", "1",
+                        "--docs", str(spec.long_docs["documents"]), "--json", str(path)], store.log_path(spec, run))
+    if children.stop_reason is not None:
+        return "stopped"
+    if rc != 0:
+        return _fail(spec, run, "long documents", f"python -m fwl_scale.eval.streaming exited with {rc}")
+    streamed = store.read_json(path)
+    if streamed is None:
+        return _fail(spec, run, "long documents", f"python -m fwl_scale.eval.streaming wrote no {path}")
+    return streamed
+
+
+def add_long_docs(spec: StudySpec, run: Run, children: Children) -> str:
+    """A finished run's result gains the long documents the spec asks for and it lacks (a spec that
+    added long_docs after the run): measured without training or evaluating it again."""
+    result = store.read_json(store.result_path(spec, run))
+    if spec.long_docs is None or result.get("long_docs", {}).get("spec") == spec.long_docs:
+        return "skipped"
+    print(f"fwl study: run {run.index} {run.name}: long documents", flush=True)
+    streamed = stream_long_docs(spec, run, children)
+    if isinstance(streamed, str):
+        return streamed
+    result["long_docs"] = {"spec": spec.long_docs, "modes": streamed}
+    store.write_json(store.result_path(spec, run), result)
+    store.failure_path(spec, run).unlink(missing_ok=True)
+    return "done"
+
+
 def run_one(spec: StudySpec, run: Run, children: Children, concurrent: bool = False) -> str:
     """Trains and evaluates one run; returns done | skipped | failed | stopped. `concurrent`: other
     runs of the study may be starting at the same time (a job array)."""
     if store.result_path(spec, run).is_file():
-        return "skipped"
+        return add_long_docs(spec, run, children)
     log = store.log_path(spec, run)
     log.parent.mkdir(parents=True, exist_ok=True)
     store.eval_path(spec, run).parent.mkdir(parents=True, exist_ok=True)
@@ -174,10 +210,17 @@ def run_one(spec: StudySpec, run: Run, children: Children, concurrent: bool = Fa
             return _fail(spec, run, stage, f"fwl eval wrote no {path}")
     valid = evals[False]
     assert valid is not None
+    streamed = None
+    if spec.long_docs is not None:
+        streamed = stream_long_docs(spec, run, children)
+        if isinstance(streamed, str):
+            return streamed
     try:
         result = build_result(spec, run, valid, evals[True])
     except Exception as e:  # noqa: BLE001 — a run that cannot be read is one failed run, not a failed study
         return _fail(spec, run, "reading the results", f"{type(e).__name__}: {e}")
+    if streamed is not None:
+        result["long_docs"] = {"spec": spec.long_docs, "modes": streamed}
     store.write_json(store.result_path(spec, run), result)
     store.failure_path(spec, run).unlink(missing_ok=True)
     ppl = result["valid"]["perplexity"]

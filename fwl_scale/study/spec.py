@@ -10,6 +10,7 @@
       lr6e-3: {fwl: ["train.lr=6e-3"], baseline: ["train.lr=6e-3"], seeds: [1]}  # a sweep point: fewer seeds
     seeds: [1, 2, 3]                               # train.seed of each run (a variant's own `seeds` wins)
     eval_batches: 40                               # validation batches of the evaluations (default: config's)
+    long_docs: {windows: 32, documents: 5}         # also stream whole validation documents (optional)
     out_dir: runs/study_recipe                     # default: runs/study_<name>
 
 Relative paths (configs, out_dir) are relative to the working directory, as everywhere in `fwl`.
@@ -26,7 +27,8 @@ from typing import Any
 from fwl_scale.config import Config, ConfigError, load_config, read_yaml
 
 ARMS = ("fwl", "baseline")
-TOP_KEYS = ("name", "arms", "common", "variants", "seeds", "eval_batches", "out_dir")
+TOP_KEYS = ("name", "arms", "common", "variants", "seeds", "eval_batches", "long_docs", "out_dir")
+LONG_DOC_KEYS = ("windows", "documents")
 # Set by the study itself for every run; a spec that sets them would silently lose them.
 RESERVED = ("train.seed", "train.out_dir")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -62,6 +64,9 @@ class StudySpec:
     variant_seeds: dict[str, list[int]]  # variant -> its seeds (the spec's unless the variant names its own)
     out_dir: Path
     eval_batches: int | None = None
+    # Stream the first `documents` validation documents that are this long for `windows` windows of
+    # seq_len, the FWL state carried and reset (python -m fwl_scale.eval.streaming); None: not measured.
+    long_docs: dict[str, int] | None = None
     runs: list[Run] = field(default_factory=list)  # each distinct run once, in the order of the spec
     members: dict[tuple[str, str], list[Run]] = field(default_factory=dict)  # (variant, arm) -> its runs, by seed
 
@@ -151,12 +156,21 @@ def parse_spec(data: Any, path: Path) -> StudySpec:
     if eval_batches is not None and (not isinstance(eval_batches, int) or isinstance(eval_batches, bool)
                                      or eval_batches < 1):
         raise StudyError(f"{src}: eval_batches: expected an integer >= 1, got {eval_batches!r}")
+    long_docs = data.get("long_docs")
+    if long_docs is not None:
+        if not isinstance(long_docs, dict) or set(long_docs) - set(LONG_DOC_KEYS):
+            raise StudyError(f"{src}: long_docs: expected a mapping with keys {', '.join(LONG_DOC_KEYS)}, "
+                             f"got {long_docs!r}")
+        long_docs = {"windows": long_docs.get("windows", 32), "documents": long_docs.get("documents", 5)}
+        for key, v in long_docs.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise StudyError(f"{src}: long_docs.{key}: expected an integer >= 1, got {v!r}")
     out_dir = data.get("out_dir", f"runs/study_{name}")
     if not isinstance(out_dir, str) or not out_dir:
         raise StudyError(f"{src}: out_dir: expected a directory path, got {out_dir!r}")
     spec = StudySpec(path=path, name=name, arms=arms, common=common, variants=parsed, seeds=seeds,
                      variant_seeds=variant_seeds,
-                     out_dir=Path(out_dir), eval_batches=eval_batches)
+                     out_dir=Path(out_dir), eval_batches=eval_batches, long_docs=long_docs)
     # A run that another variant already has (same config, same overrides: e.g. the baseline of a
     # variant that only changes the FWL) is trained once and counted in both variants' rows.
     unique: dict[tuple[str, tuple[str, ...]], Run] = {}

@@ -2,11 +2,12 @@
 
     runs/<run>/            the run's train.out_dir (checkpoints, metrics.jsonl)
     logs/<run>.log         the output of its training and evaluations (appended across attempts)
-    evals/<run>.json       `fwl eval --json` of the run; <run>.slow.json with the step sizes at zero
+    evals/<run>.json       `fwl eval --json` of the run; <run>.slow.json with the step sizes at zero;
+                           <run>.long.json the streamed long documents (spec key long_docs)
     results/<run>.json     the run's result: written last, so a run with a result is done
     failed/<run>.json      why the last attempt failed (removed when the run succeeds)
     data.lock              serializes data preparation between the tasks of a job array
-    study.md study.json loss_by_position.png    the collection
+    study.md study.json loss_by_position.png long_docs.png    the collection
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def log_path(spec: StudySpec, run: Run) -> Path:
     return spec.out_dir / "logs" / f"{run.name}.log"
 
 
-def eval_path(spec: StudySpec, run: Run, slow: bool = False) -> Path:
-    return spec.out_dir / "evals" / f"{run.name}{'.slow' if slow else ''}.json"
+def eval_path(spec: StudySpec, run: Run, slow: bool = False, long: bool = False) -> Path:
+    return spec.out_dir / "evals" / f"{run.name}{'.slow' if slow else ''}{'.long' if long else ''}.json"
 
 
 def result_path(spec: StudySpec, run: Run) -> Path:
