@@ -12,12 +12,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     # Each area registers its own subcommands; heavy imports happen inside the command functions.
     from fwl_scale.data import cli as data_cli
+    from fwl_scale.plan import cli as plan_cli
     from fwl_scale.study import cli as study_cli
     from fwl_scale.train import cli as train_cli
 
     train_cli.register(sub)
     data_cli.register(sub)
     study_cli.register(sub)
+    plan_cli.register(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Scaling studies: the layout planner (memory model + step-time ranking) and the scaling-law fits."""
