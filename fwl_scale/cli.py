@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.register(sub)
     study_cli.register(sub)
     plan_cli.register(sub)
+    plan_cli.register_scaling(sub)
     return parser
 
 

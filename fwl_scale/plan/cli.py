@@ -63,3 +63,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=10, help="how many fitting layouts to print")
     p.add_argument("--show-refused", action="store_true", help="list every refused layout with its reason")
     p.set_defaults(func=cmd_plan)
+
+
+def cmd_scaling(ns: argparse.Namespace) -> int:
+    # Function-level: the fits and the study machinery are not needed by `fwl plan`.
+    from pathlib import Path
+
+    import yaml
+
+    from fwl_scale.atomic import atomic_write_bytes
+    from fwl_scale.plan import scaling, scaling_report
+    from fwl_scale.study.spec import StudyError, load_spec
+
+    try:
+        if ns.action == "grid":
+            spec, out = scaling.grid_to_study(ns.file)
+            out = Path(ns.out) if ns.out else out
+            atomic_write_bytes(out, yaml.safe_dump(spec, sort_keys=False).encode())
+            print(f"wrote {out}: {len(spec['variants'])} variants x {len(spec['arms'])} arm(s) x "
+                  f"{len(spec['seeds'])} seed(s); next: fwl study {out}, then fwl scaling fit {out}")
+            return 0
+        spec = load_spec(ns.file, validate=False)
+        points = scaling.collect_points(spec)
+        if not points:
+            raise StudyError(f"{ns.file}: no finished runs under {spec.out_dir}/results yet; run fwl study {ns.file}")
+        report = scaling.fit_study(points, scaling.ladder_sizes())
+        paths = scaling_report.write(report, spec.out_dir, spec.name)
+    except (StudyError, ValueError) as e:
+        print(f"fwl scaling: error: {e}", file=sys.stderr)
+        return 2
+    print(scaling_report.markdown(report, spec.name))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def register_scaling(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scaling", help="sizes x token budgets x lrs: a study spec from a grid, then the fits",
+                       description="grid GRID.yaml: write the study spec (run it with fwl study); "
+                                   "fit SPEC.yaml: fit L(N), L(N, D), the frontier and the FWL's gain from its results")
+    p.add_argument("action", choices=["grid", "fit"])
+    p.add_argument("file", help="the grid file (grid) or the study spec it wrote (fit)")
+    p.add_argument("--out", default=None, help="grid: where to write the spec (default: GRID.study.yaml)")
+    p.set_defaults(func=cmd_scaling)
