@@ -18,7 +18,8 @@ A grid file:
 
 N is the non-embedding parameter count (body + FWL; Kaplan et al. 2020), of the baseline arm when the
 grid has one (both arms train the same steps, so they see the same data); steps = round(ratio·N /
-(micro_batch·grad_accum·seq_len)), warm-up at most a fifth of them. Variants are `<size>-t<ratio>-lr<lr>`.
+(micro_batch·grad_accum·seq_len)), warm-up at most a fifth of them, a validation and a checkpoint
+every quarter. Variants are `<size>-t<ratio>-lr<lr>`.
 """
 from __future__ import annotations
 
@@ -84,8 +85,10 @@ def grid_to_study(path: str | Path) -> tuple[dict[str, Any], Path]:
             warmup = min(cfg.train.warmup_steps, steps // 5)
             for lr in lrs:
                 name = f"{size}-t{ratio:g}" + (f"-lr{lr:g}" if lr is not None else "")
+                # Four validations per run: the intermediate losses of scaling.json's curves.
+                every = max(1, steps // 4)
                 variants[name] = list(overrides) + [f"train.steps={steps}", f"train.warmup_steps={warmup}",
-                                                    f"train.eval_every={steps}", f"train.save_every={steps}"]
+                                                    f"train.eval_every={every}", f"train.save_every={every}"]
                 if lr is not None:
                     variants[name].append(f"train.lr={lr}")
     spec = {"name": data["name"], "arms": arms, "common": common, "variants": variants,
