@@ -3,7 +3,6 @@ its results collected and fitted (fwl_scale/plan/scaling.py). The runs' results 
 known law, as the study's runner writes them, so the collection and the fits are checked against it."""
 import json
 
-import numpy as np
 import pytest
 import yaml
 

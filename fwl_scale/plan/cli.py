@@ -4,7 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from pathlib import Path
 
+import yaml
+
+from fwl_scale.atomic import atomic_write_bytes
 from fwl_scale.config import ConfigError, load_config
 from fwl_scale.plan.planner import GIB, Hardware, parse_bytes, plan
 
@@ -67,11 +71,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_scaling(ns: argparse.Namespace) -> int:
     # Function-level: the fits and the study machinery are not needed by `fwl plan`.
-    from pathlib import Path
-
-    import yaml
-
-    from fwl_scale.atomic import atomic_write_bytes
     from fwl_scale.plan import scaling, scaling_report
     from fwl_scale.study.spec import StudyError, load_spec
 

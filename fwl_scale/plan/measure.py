@@ -11,8 +11,9 @@ from __future__ import annotations
 import weakref
 
 import torch
+# TorchDispatchMode is torch's documented hook for seeing every op (the torch.utils.checkpoint and
+# FlopCounterMode machinery uses it); it lives in a module torch names private.
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from fwl_scale.config import Config
 from fwl_scale.model import build_model
@@ -41,7 +42,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
+        for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 self.track(t.untyped_storage())
         return out

@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fwl_scale.config import Config
+from fwl_scale.train.flops import fast_chunk
 
 STATE_BYTES = {True: (2, 2, 12), False: (4, 4, 8)}  # bf16 → (weights, gradients, optimizer) per parameter
 
@@ -93,9 +94,6 @@ def body_block_elements(cfg: Config, tokens: int) -> tuple[float, float]:
 
 def fwl_elements(cfg: Config, tokens: int) -> float:
     """Saved elements of the FWL head for `tokens` tokens of T_r-long sequence chunks."""
-    # Function-level: flops imports ModelConfig only, but keep plan/memory importable without it.
-    from fwl_scale.train.flops import fast_chunk
-
     m, p = cfg.model, cfg.parallel
     d, s = m.d_model, m.fwl_width
     h = m.fwl.hidden_mult * s

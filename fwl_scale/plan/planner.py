@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from fwl_scale.config import Config, ConfigError, check_layout
 from fwl_scale.plan.memory import MemoryEstimate, ParamSplit, estimate, param_split
+from fwl_scale.train.flops import train_flops_per_token
 
 GIB = 2 ** 30
 _UNITS = {"": 1, "b": 1, "kib": 2 ** 10, "mib": 2 ** 20, "gib": GIB, "tib": 2 ** 40,
@@ -91,9 +92,6 @@ def apply(cfg: Config, lay: Layout) -> Config:
 
 
 def step_time(cfg: Config, lay: Layout, hw: Hardware) -> float:
-    # Function-level: flops imports torch-free config types only, but the planner's import stays light.
-    from fwl_scale.train.flops import train_flops_per_token
-
     m = cfg.model
     flops = train_flops_per_token(m)
     world = lay.tp * lay.cp * lay.pp * lay.dp

@@ -33,7 +33,8 @@ from fwl_scale.config import ConfigError, load_config, read_yaml
 from fwl_scale.plan import fits
 from fwl_scale.plan.memory import param_split
 from fwl_scale.study import store
-from fwl_scale.study.spec import StudyError, StudySpec, load_spec
+from fwl_scale.study.spec import StudyError, StudySpec
+from fwl_scale.train.flops import train_flops_per_token
 
 GRID_KEYS = ("name", "arms", "common", "sizes", "tokens_per_param", "lrs", "seeds", "eval_batches", "out_dir")
 LADDER = ["125m", "350m", "760m", "1b", "3b", "7b", "13b"]
@@ -102,7 +103,6 @@ def collect_points(spec: StudySpec) -> list[dict[str, Any]]:
     """One point per finished run: arm, N, D (tokens trained), F (FLOPs per token), C = F·D, the final
     validation loss, and the trainer's intermediate validation losses (step, D, loss)."""
     # Function-level: the metrics reader lives with the trainer (torch); collection needs it only here.
-    from fwl_scale.train.flops import train_flops_per_token
     from fwl_scale.train.metrics import read_metrics
 
     points = []

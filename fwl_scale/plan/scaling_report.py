@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from fwl_scale.atomic import atomic_write, atomic_write_bytes
+from fwl_scale.plan.fits import Chinchilla, PowerLaw
 
 
 def _law_line(entry: dict[str, Any]) -> str:
@@ -52,8 +53,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from fwl_scale.plan.fits import Chinchilla, PowerLaw
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     colours = {"fwl": "tab:red", "baseline": "tab:blue"}
