@@ -18,7 +18,7 @@ from fwl_scale.config import load_config
 from fwl_scale.data import DataError, Manifest, Tokenizer, TrainLoader, eval_documents, prepare_data, valid_batches
 from fwl_scale.atomic import atomic_write_json
 from fwl_scale.data.common import sha256_file
-from fwl_scale.data.shards import read_shard
+from fwl_scale.data.shard_read import read_shard
 from tests.corpus import sample_records
 
 VOCAB, T, M = 512, 64, 2

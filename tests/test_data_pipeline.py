@@ -11,7 +11,7 @@ import pytest
 
 from fwl_scale.config import load_config
 from fwl_scale.data import DataError, Manifest, Tokenizer, prepare_data, train_tokenizer
-from fwl_scale.data.shards import read_shard
+from fwl_scale.data.shard_read import read_shard
 from fwl_scale.data.sources import BUILTIN_WHEEL
 from tests.corpus import sample_records
 

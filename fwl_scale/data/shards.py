@@ -1,4 +1,4 @@
-"""Tokenized webdataset shards: writing (parallel tokenization, resumable) and verified reading.
+"""Tokenized webdataset shards: writing (parallel tokenization, resumable) and the full check of a split.
 
 Layout of one split directory (e.g. `<data.root>/train/`):
 
@@ -7,7 +7,8 @@ Layout of one split directory (e.g. `<data.root>/train/`):
                         and `json` ({"doc", "id", "source", "tokens"})
     shard-000000.json   sidecar, written after the tar is complete (sha256, sizes, what it was built from)
     manifest.json       written last: every shard with its documents, tokens, bytes, sha256 and the
-                        tokenizer checksum; the loader reads nothing that the manifest does not list
+                        tokenizer checksum (manifest.py); the loader reads nothing it does not list
+    index.npz           where each document lies, and block checksums (shard_index.py; by prepare_data)
 
 A shard is written under a temporary name, fsynced and renamed; its sidecar follows. An interrupted run
 therefore leaves at most a `.tmp` file (removed on the next run) or a tar without sidecar (rewritten):
@@ -18,257 +19,27 @@ an error instead of overwriting it.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing as mp
 import os
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from fwl_scale.atomic import atomic_write_json, commit, temp_path
-from fwl_scale.data.common import DataError, fingerprint, read_json, sha256_bytes, sha256_file
+from fwl_scale.data.common import DataError, read_json, sha256_file
+from fwl_scale.data.manifest import IDS_EXT, MANIFEST, NP_DTYPE, SHARD_FORMAT, Manifest, ShardEntry
+from fwl_scale.data.shard_read import TAR_BLOCK, read_shard
 from fwl_scale.data.sources import Document, ReadStats
 from fwl_scale.data.tokenizer import Tokenizer, token_dtype
 from fwl_scale.train.signals import signal_point
 
-SHARD_FORMAT = "fwl_scale.shards/1"
-MANIFEST = "manifest.json"
-IDS_EXT = {"uint16": "ids.u16", "uint32": "ids.u32"}
-NP_DTYPE = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-TAR_BLOCK = 512
-
 Log = Callable[[str], None]
 
-
-@dataclass
-class ShardEntry:
-    name: str
-    documents: int
-    first_doc: int  # index (within the split) of the shard's first document
-    tokens: int
-    bytes: int
-    sha256: str
-    tokenizer_checksum: str
-
-
-@dataclass
-class Manifest:
-    path: Path
-    split: str
-    dtype: str
-    vocab_size: int
-    tokenizer_checksum: str
-    documents: int
-    tokens: int
-    shards: list[ShardEntry]
-    request: dict[str, Any] = field(default_factory=dict)
-    replaced_invalid_utf8: dict[str, int] = field(default_factory=dict)
-    empty_documents_skipped: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def dir(self) -> Path:
-        return self.path.parent
-
-    def shard_path(self, entry: ShardEntry) -> Path:
-        return self.dir / entry.name
-
-    @property
-    def dataset_id(self) -> str:
-        """Identifies the exact token content (what a loader position refers to)."""
-        return fingerprint([[s.name, s.sha256] for s in self.shards])
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("path")
-        return {"format": SHARD_FORMAT, **d}
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Manifest":
-        path = Path(path)
-        d = read_json(path, "shard manifest")
-        if not isinstance(d, dict) or d.get("format") != SHARD_FORMAT:
-            raise DataError(f"{path}: not a {SHARD_FORMAT} manifest (format {d.get('format') if isinstance(d, dict) else None!r})")
-        try:
-            shards = [ShardEntry(**s) for s in d["shards"]]
-            m = cls(path=path, split=d["split"], dtype=d["dtype"], vocab_size=int(d["vocab_size"]),
-                    tokenizer_checksum=d["tokenizer_checksum"], documents=int(d["documents"]),
-                    tokens=int(d["tokens"]), shards=shards, request=d.get("request", {}),
-                    replaced_invalid_utf8=d.get("replaced_invalid_utf8", {}),
-                    empty_documents_skipped=d.get("empty_documents_skipped", {}))
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{path}: malformed shard manifest ({type(e).__name__}: {e})") from None
-        if m.dtype not in NP_DTYPE:
-            raise DataError(f"{path}: unknown token dtype {m.dtype!r}")
-        if not m.shards:
-            raise DataError(f"{path}: lists no shards")
-        return m
-
-    def check_files(self) -> None:
-        """Cheap check that every listed shard is there with its recorded size (catches truncation)."""
-        for s in self.shards:
-            p = self.shard_path(s)
-            try:
-                size = p.stat().st_size
-            except FileNotFoundError:
-                raise DataError(f"shard {p}: missing (listed in {self.path})") from None
-            if size != s.bytes:
-                raise DataError(f"shard {p}: {size} bytes but {self.path} records {s.bytes}: "
-                                f"truncated or replaced since it was written")
-
-    def check_tokenizer(self, tokenizer_checksum: str, tokenizer_name: str, vocab_size: int) -> None:
-        for s in self.shards:
-            if s.tokenizer_checksum != tokenizer_checksum:
-                raise DataError(
-                    f"shard {self.shard_path(s)}: tokenized with tokenizer {s.tokenizer_checksum[:16]}, but the "
-                    f"model's tokenizer {tokenizer_name} is {tokenizer_checksum[:16]}; rebuild the shards "
-                    f"(fwl data shards) or use the matching tokenizer")
-        if self.vocab_size > vocab_size:
-            raise DataError(f"{self.path}: shards use a vocabulary of {self.vocab_size}, larger than the "
-                            f"model's model.vocab_size = {vocab_size}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading
-
-
-@dataclass
-class ShardDoc:
-    index: int  # the document's index within its split
-    key: str
-    tokens: np.ndarray  # 1-D uint16/uint32, the document-end token last
-
-
-class _NotPlainTar(Exception):
-    """A member the fast reader does not handle (PAX/GNU headers, links): use webdataset's reader."""
-
-
-def _plain_tar_samples(data: bytes) -> Iterator[dict[str, Any]]:
-    """Samples of a tar made of plain ustar members, grouped like webdataset's `group_by_keys`
-    (key = name up to the first dot of the base name, extension = the rest).
-
-    Why not only webdataset here: its reader goes through Python's tarfile, measured at ~100 us per
-    member on this machine, ~25x this parser; with short documents (two members each) that, not I/O,
-    would bound the loader. Anything but plain file members raises _NotPlainTar, and the caller falls
-    back to webdataset's reader. The bytes have passed the manifest's sha256 before they get here."""
-    mv = memoryview(data)
-    pos, end = 0, len(data)
-    cur: dict[str, Any] | None = None
-    while pos + TAR_BLOCK <= end:
-        hdr = data[pos:pos + TAR_BLOCK]
-        if hdr[0] == 0:  # end-of-archive blocks
-            break
-        if hdr[156] not in (0x30, 0):  # '0' or NUL: a regular file; anything else: not plain
-            raise _NotPlainTar(f"member type {chr(hdr[156])!r} at byte {pos}")
-        name = hdr[:100].split(b"\0", 1)[0].decode()
-        if hdr[257:262] == b"ustar" and hdr[345] != 0:
-            name = hdr[345:500].split(b"\0", 1)[0].decode() + "/" + name
-        try:
-            size = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        except ValueError:
-            raise _NotPlainTar(f"size field at byte {pos}") from None
-        body = pos + TAR_BLOCK
-        if body + size > end:
-            raise ValueError(f"member {name!r} runs past the end of the file (truncated tar)")
-        base = name.rsplit("/", 1)[-1]
-        if "." not in base:
-            raise _NotPlainTar(f"member name {name!r}")
-        dot = len(name) - len(base) + base.index(".")
-        key, ext = name[:dot], name[dot + 1:].lower()
-        if cur is None or cur["__key__"] != key:
-            if cur is not None:
-                yield cur
-            cur = {"__key__": key}
-        if ext in cur:
-            raise ValueError(f"duplicate member {name!r}")
-        cur[ext] = mv[body:body + size]
-        pos = body + (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
-    else:
-        if pos < end:
-            raise ValueError("tar ends inside a header (truncated)")
-    if cur is not None:
-        yield cur
-
-
-def _webdataset_samples(path: Path, data: bytes) -> Iterator[dict[str, Any]]:
-    import webdataset as wds  # the import is heavy; only readers need it
-
-    files = wds.tariterators.tar_file_expander([{"url": str(path), "stream": io.BytesIO(data)}])
-    return wds.tariterators.group_by_keys(files)
-
-
-def read_shard(manifest: Manifest, entry: ShardEntry, vocab_size: int, verify_checksum: bool = True,
-               reader: str = "fast") -> list[ShardDoc]:
-    """Reads and checks one whole shard: size and sha256 against the manifest, one well-formed sample
-    per document in index order, every token id < vocab_size. reader="webdataset" iterates the tar with
-    webdataset's own reader; "fast" parses plain ustar headers directly (same samples; it falls back to
-    webdataset for any tar it does not handle)."""
-    path = manifest.shard_path(entry)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise DataError(f"shard {path}: missing (listed in {manifest.path})") from None
-    except OSError as e:
-        raise DataError(f"shard {path}: cannot read ({e})") from None
-    if len(data) != entry.bytes:
-        raise DataError(f"shard {path}: {len(data)} bytes but {manifest.path} records {entry.bytes}: "
-                        f"truncated or replaced since it was written")
-    if verify_checksum:
-        digest = sha256_bytes(data)
-        if digest != entry.sha256:
-            raise DataError(f"shard {path}: corrupt: sha256 {digest[:16]}... differs from {entry.sha256[:16]}... "
-                            f"recorded in {manifest.path}")
-    if reader == "fast":
-        try:
-            return _check_samples(manifest, entry, path, _plain_tar_samples(data), vocab_size)
-        except _NotPlainTar:
-            pass
-    return _check_samples(manifest, entry, path, _webdataset_samples(path, data), vocab_size)
-
-
-def _check_samples(manifest: Manifest, entry: ShardEntry, path: Path, samples: Iterator[dict[str, Any]],
-                   vocab_size: int) -> list[ShardDoc]:
-    ids_ext = IDS_EXT[manifest.dtype]
-    dtype = NP_DTYPE[manifest.dtype]
-    docs: list[ShardDoc] = []
-    try:
-        for sample in samples:
-            key = sample["__key__"]
-            if ids_ext not in sample or "json" not in sample:
-                raise DataError(f"shard {path}: sample {key!r} lacks {ids_ext} or json "
-                                f"(has {', '.join(k for k in sample if not k.startswith('__'))})")
-            meta = json.loads(bytes(sample["json"]))
-            raw = sample[ids_ext]
-            if len(raw) % dtype.itemsize:
-                raise DataError(f"shard {path}: sample {key!r}: {len(raw)} bytes is not a whole number of {manifest.dtype}")
-            ids = np.frombuffer(raw, dtype=dtype)
-            want_index = entry.first_doc + len(docs)
-            if meta.get("doc") != want_index or meta.get("tokens") != len(ids):
-                raise DataError(f"shard {path}: sample {key!r} is document {meta.get('doc')} with "
-                                f"{len(ids)} tokens (metadata says {meta.get('tokens')}); expected document {want_index}")
-            if len(ids) == 0:
-                raise DataError(f"shard {path}: document {meta.get('id')!r} has no tokens")
-            top = int(ids.max())
-            if top >= vocab_size:
-                raise DataError(f"shard {path}: document {meta.get('id')!r} (sample {key}) has token id {top} "
-                                f">= vocabulary size {vocab_size}")
-            docs.append(ShardDoc(want_index, str(meta.get("id")), ids))
-    except (DataError, _NotPlainTar):
-        raise
-    except Exception as e:  # tarfile.ReadError, ValueError from webdataset, JSON errors
-        raise DataError(f"shard {path}: corrupt tar or sample ({type(e).__name__}: {e.args[0] if e.args else e})") from None
-    if len(docs) != entry.documents:
-        raise DataError(f"shard {path}: holds {len(docs)} documents, {manifest.path} records {entry.documents}")
-    return docs
-
-
-# ----------------------------------------------------------------------------------------------------
-# Writing
 
 _WORKER_TOKENIZER: Tokenizer | None = None
 

@@ -39,7 +39,7 @@ from fwl_scale.checkpoint.native import resolve_checkpoint
 from fwl_scale.checkpoint.optimizer import STATE_KEYS, optimizer_adapter
 from fwl_scale.checkpoint.weights import read_consolidated
 from fwl_scale.config import Config, ConfigError, config_from_dict, config_to_nested
-from fwl_scale.data.shards import MANIFEST, Manifest
+from fwl_scale.data.manifest import MANIFEST, Manifest
 from fwl_scale.data.tokenizer import EOS_PIECE, Tokenizer
 from fwl_scale.hf.body_import import body_weights
 from fwl_scale.hf.configuration_fwl import MODEL_FIELDS, FWLConfig
