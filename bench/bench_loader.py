@@ -4,9 +4,10 @@
     python bench/bench_loader.py --train 'corpus/*.jsonl' --dp 1 8 64 --workers 0 1 2
 
 Builds (once, under --root) a tokenizer with the config's vocabulary and shards of the chosen corpus,
-then times TrainLoader.next_batch for one data-parallel rank at several dp sizes and prefetch-worker
-counts. Every rank follows the whole global stream and builds only its own rows, so at dp = D one rank
-reads D times the tokens it delivers; the table shows both.
+then times TrainLoader.next_batch for one data-parallel rank (the last, rank dp - 1) at several dp sizes
+and prefetch-worker counts, in one process: rank r of dp reads its part. A rank locates its rows by
+arithmetic on the document index and reads only their bytes, so its rate should not depend on dp; the
+table shows the rate and the bytes the rank read per token it got (in-process rows only).
 
 Training consumption is analytic, not measured: tokens/s per GPU = peak bf16 FLOP/s x MFU / training
 FLOPs per token, with the FLOP count of fwl_scale.train.flops (body + FWL head) at the config's shape.
@@ -47,8 +48,6 @@ def main() -> None:
     ap.add_argument("--mode", default="packed", choices=["packed", "contiguous"])
     ap.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU bf16 peak (H100 SXM: 989)")
-    ap.add_argument("--readers", nargs="+", default=["fast", "webdataset"], choices=["fast", "webdataset"],
-                    help="shard readers to time (webdataset: its own tar iteration; fast: direct ustar parse)")
     args = ap.parse_args()
 
     import torch
@@ -79,32 +78,37 @@ def main() -> None:
           f"{'FWL' if cfg.model.fwl.enabled else 'baseline'} head {flops.head / 1e9:.2f}); at {args.peak_tflops:.0f} "
           f"TFLOP/s x MFU {args.mfu:.0%} one GPU consumes {need:,.0f} tokens/s")
     print()
-    import functools
-
     import fwl_scale.data.loader as loader_mod
-    from fwl_scale.data.shards import read_shard
 
-    print(f"{'reader':>10} {'dp':>4} {'workers':>7} {'calls':>6} {'tokens/s to this rank':>22} "
-          f"{'stream tokens/s read':>21} {'vs one GPU':>11}")
-    rows = [(r, dp, w) for r in args.readers for dp in args.dp for w in args.workers
-            if r == "fast" or w == 0]  # the reader comparison in-process only
-    for reader, dp, w in rows:
-        loader_mod.read_shard = functools.partial(read_shard, reader=reader)
-        if True:
-            c = load_config(args.config, [f"data.train={train}", "data.valid=[]", f"data.root={paths.root}",
-                                          f"data.shard_bytes={int(args.shard_mib * 2**20)}",
-                                          f"data.loader_workers={w}", "data.prefetch=4", f"data.mode={args.mode}"])
-            loader = TrainLoader(c, paths, dp_rank=dp - 1, dp_size=dp)
-            loader.next_batch()  # start-up (worker processes, first shard) is not part of the rate
-            n, t1 = 0, time.perf_counter()
-            while time.perf_counter() - t1 < args.seconds:
-                b = loader.next_batch()
-                n += 1
-            dt = time.perf_counter() - t1
-            loader.close()
-            rate = n * b["input_ids"].numel() / dt
-            print(f"{reader:>10} {dp:>4} {w:>7} {n:>6} {rate:>22,.0f} {rate * dp:>21,.0f} {rate / need:>10.1f}x",
-                  flush=True)
+    read = {"bytes": 0}
+    real_reader = loader_mod.BlockReader
+
+    class CountingReader(real_reader):  # counts what a rank fetches from its shards
+        def _fetch(self, s, start, end):
+            out = super()._fetch(s, start, end)
+            read["bytes"] += len(out)
+            return out
+
+    loader_mod.BlockReader = CountingReader
+    print(f"{'mode':>10} {'dp':>4} {'workers':>7} {'calls':>6} {'tokens/s to this rank':>22} "
+          f"{'bytes read/token':>17} {'vs one GPU':>11}")
+    for dp, w in [(dp, w) for w in args.workers for dp in args.dp]:
+        c = load_config(args.config, [f"data.train={train}", "data.valid=[]", f"data.root={paths.root}",
+                                      f"data.shard_bytes={int(args.shard_mib * 2**20)}",
+                                      f"data.loader_workers={w}", "data.prefetch=4", f"data.mode={args.mode}"])
+        loader = TrainLoader(c, paths, dp_rank=dp - 1, dp_size=dp)
+        loader.next_batch()  # start-up (worker processes, first blocks) is not part of the rate
+        read["bytes"] = 0
+        n, t1 = 0, time.perf_counter()
+        while time.perf_counter() - t1 < args.seconds:
+            b = loader.next_batch()
+            n += 1
+        dt = time.perf_counter() - t1
+        loader.close()
+        rate = n * b["input_ids"].numel() / dt
+        per_token = f"{read['bytes'] / (n * b['input_ids'].numel()):.2f}" if w == 0 else "-"
+        print(f"{args.mode:>10} {dp:>4} {w:>7} {n:>6} {rate:>22,.0f} {per_token:>17} {rate / need:>10.1f}x",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ class _Spec:
     """Everything a producer needs; picklable for loader worker processes."""
     manifest: Manifest
     index: ShardIndex
-    vocab_size: int
     seed: int
     mode: str
     seq_len: int
@@ -72,7 +71,7 @@ class _Producer:
         self.spec = spec
         st = spec.state
         self.order = Order(spec.manifest, spec.index.doc_tokens, spec.seed, shuffle=True)
-        self.reader = BlockReader(spec.manifest, spec.index, spec.vocab_size)
+        self.reader = BlockReader(spec.manifest, spec.index)
         self.consumed = int(st["consumed_samples"])
         self.steps = int(st["steps"])
         m, d = spec.micro_batch, spec.dp_rank
@@ -219,7 +218,7 @@ class TrainLoader:
         return st
 
     def _spec(self) -> _Spec:
-        return _Spec(self.manifest, self.index, self.cfg.model.vocab_size, self.seed, self.mode, self.seq_len,
+        return _Spec(self.manifest, self.index, self.seed, self.mode, self.seq_len,
                      self.micro_batch, self.dp_rank, self.dp_size, dict(self._state))
 
     def _start(self) -> None:
@@ -313,7 +312,7 @@ def valid_batches(cfg: Config, paths: Any, max_batches: int | None, dp_rank: int
     manifest, index = _open_split(paths.valid_manifest, cfg, paths, "validation")
     m, T = cfg.parallel.micro_batch, cfg.model.seq_len
     order = Order(manifest, index.doc_tokens, seed=0, shuffle=False)
-    reader = BlockReader(manifest, index, cfg.model.vocab_size)
+    reader = BlockReader(manifest, index)
     n = math.ceil(math.ceil(manifest.tokens / T) / (m * dp_size))
     if max_batches is not None:
         n = min(n, max_batches)

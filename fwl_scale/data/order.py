@@ -12,6 +12,7 @@ lengths. A data-parallel rank therefore locates its own rows directly and reads 
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ class Order:
         self.doc_tokens = doc_tokens
         self.total_docs = int(self.counts.sum())
         self.epoch_tokens = int(doc_tokens.sum())
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
 
     def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(documents in stream order, token offset where each starts (+ the end), the stream position
@@ -47,9 +48,11 @@ class Order:
                                  if self.shuffle else np.arange(self.counts[s])) for s in shards])
             starts = np.concatenate([[0], np.cumsum(self.doc_tokens[docs])])
             shard_before = np.concatenate([[0], np.cumsum(self.counts[shards])])
-            if len(self._epochs) > 2:
-                self._epochs.clear()
             self._epochs[e] = (docs, starts, shard_before)
+            if len(self._epochs) > 4:  # a position and a resume point may lie epochs apart; keep a few
+                self._epochs.popitem(last=False)
+        else:
+            self._epochs.move_to_end(e)
         return self._epochs[e]
 
     def locate(self, p: int) -> tuple[int, int, int] | None:

@@ -242,7 +242,7 @@ def prepare_data(cfg: Config, log: Log = print) -> DataPaths:
             m = Manifest.load(root / split / MANIFEST) if req is not None else None
             if m is not None and load_index(m, tok.vocab_size, build=False) is None:
                 t0 = time.time()
-                write_index(m, cfg.model.vocab_size)
+                write_index(m)
                 log(f"{split}: document index -> {root / split / INDEX} ({time.time() - t0:.1f}s)")
     assert tok.path is not None
     return DataPaths(root=root, tokenizer=tok.path, tokenizer_checksum=tok.checksum, vocab_size=tok.vocab_size,
