@@ -12,7 +12,7 @@ import pytest
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.data import DataError, Manifest, TrainLoader
 from fwl_scale.data import shard_index
-from fwl_scale.data.shard_index import BLOCK, load_index
+from fwl_scale.data.shard_index import BLOCK, BlockReader, load_index
 from fwl_scale.data.shard_read import read_shard
 from tests.test_data_loader import M, T, VOCAB, data, with_  # noqa: F401  (data: the shared fixture)
 
@@ -145,3 +145,15 @@ def test_a_shard_changed_after_indexing_is_named(data, tmp_path):
         ld = TrainLoader(c, new, 1, 2)
         for _ in range(300):
             ld.next_batch()
+
+
+def test_index_offsets_read_back_every_document(data):
+    """The index's offsets point at each document's ids: reading them back by range gives read_shard's tokens."""
+    cfg, paths = data
+    m = Manifest.load(paths.train_manifest)
+    index = load_index(m, VOCAB)
+    reader = BlockReader(m, index)
+    docs = [d.tokens for e in m.shards for d in read_shard(m, e, VOCAB)]
+    for i, d in enumerate(docs):
+        assert np.array_equal(reader.tokens(i, 0, len(d)), d)
+        assert np.array_equal(reader.tokens(i, len(d) // 3, len(d) // 2 + 1), d[len(d) // 3:len(d) // 2 + 1])

@@ -5,6 +5,10 @@
     fwl data shards    [CONFIG] [key=value ...]                 tokenizer + train/valid shards (prepare_data)
     fwl data verify    [CONFIG] [key=value ...]                 re-check every shard (sha256, ids, tokenizer)
 
+data.train / data.valid may name a prebuilt split's manifest by URL (`https://.../train/manifest.json`,
+`"pipe:aws s3 cp s3://bucket/train/manifest.json -"`, see fwl_scale/data/remote.py): `shards` then checks
+and summarises it (nothing is built; data.tokenizer names its tokenizer), `verify` reads it all.
+
 CONFIG defaults to the built-in `tiny` settings; overrides use the dotted form of `fwl train`, e.g.
 `fwl data shards configs/tiny.yaml data.root=data/mine data.train=[corpus/*.jsonl] model.vocab_size=8192`.
 """
@@ -17,7 +21,9 @@ from fwl_scale.atomic import atomic_write_json
 from fwl_scale.config import load_config
 from fwl_scale.data.common import DataError
 from fwl_scale.data.prepare import ensure_tokenizer, prepare_data
-from fwl_scale.data.shards import MANIFEST, Manifest, verify_manifest
+from fwl_scale.data.manifest import MANIFEST, Manifest
+from fwl_scale.data.remote import is_url
+from fwl_scale.data.shards import verify_manifest
 from fwl_scale.data.sources import Corpus, ReadStats
 from fwl_scale.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -86,14 +92,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     root = Path(cfg.data.root)
     tok_path = Path(cfg.data.tokenizer) if cfg.data.tokenizer else root / "tokenizer" / "spm.model"
     tok = Tokenizer.load(tok_path)
-    found = False
-    for split in ("train", "valid"):
-        mpath = root / split / MANIFEST
-        if mpath.is_file():
-            found = True
-            verify_manifest(Manifest.load(mpath), tok, cfg.model.vocab_size)
-    if not found:
+    if any(is_url(x) for x in cfg.data.train + cfg.data.valid):  # prebuilt remote splits
+        manifests = [x for x in (cfg.data.train[:1] + cfg.data.valid[:1]) if is_url(x)]
+    else:
+        manifests = [root / split / MANIFEST for split in ("train", "valid") if (root / split / MANIFEST).is_file()]
+    if not manifests:
         raise DataError(f"{root}: no shard manifests (run `fwl data shards` first)")
+    for mpath in manifests:
+        verify_manifest(Manifest.load(mpath), tok, cfg.model.vocab_size)
     return 0
 
 

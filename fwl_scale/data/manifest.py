@@ -65,7 +65,8 @@ class Manifest:
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":
         if is_url(path):
-            raw = fetch(path, "shard manifest")
+            sibling(path, "")  # the shards must be locatable from it: refused before any request
+            raw = fetch(path, f"shard manifest {path}")
             try:
                 d = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
