@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.data import DataError, Manifest, TrainLoader
@@ -157,3 +158,21 @@ def test_index_offsets_read_back_every_document(data):
     for i, d in enumerate(docs):
         assert np.array_equal(reader.tokens(i, 0, len(d)), d)
         assert np.array_equal(reader.tokens(i, len(d) // 3, len(d) // 2 + 1), d[len(d) // 3:len(d) // 2 + 1])
+
+
+def test_contiguous_state_through_workers_and_a_restart(data):
+    """The carry travels raw from the producer and is made JSON-able only by state_dict: through a prefetch
+    worker, and after close() (which restarts from the raw form), the rows and saved states are the same."""
+    cfg, paths = data
+    c = with_(cfg, **{"data.mode": "contiguous"})
+    plain = TrainLoader(c, paths, 1, 3)
+    ref = [(plain.next_batch(), plain.state_dict()) for _ in range(12)]
+    w = TrainLoader(with_(c, **{"data.loader_workers": 1}), paths, 1, 3)
+    for j, (b_ref, s_ref) in enumerate(ref):
+        if j == 6:
+            w.close()  # the next call restarts from the raw position
+        b = w.next_batch()
+        assert all(torch.equal(b[k], b_ref[k]) for k in b_ref)
+        if j % 4 == 3:
+            assert w.state_dict() == s_ref
+    w.close()

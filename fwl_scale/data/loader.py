@@ -42,7 +42,7 @@ import torch
 from fwl_scale.config import Config
 from fwl_scale.data.common import DataError, sha256_file
 from fwl_scale.data.manifest import Manifest
-from fwl_scale.data.order import ContiguousStreams, Order, packed_row
+from fwl_scale.data.order import ContiguousStreams, Order, packed_row, saved_carry
 from fwl_scale.data.remote import is_url
 from fwl_scale.data.shard_index import BlockReader, ShardIndex, load_index
 from fwl_scale.data.shard_read import read_shard
@@ -78,8 +78,7 @@ class _Producer:
         if spec.mode == "packed":
             self.p = self.order.position(st["cursor"])  # stream token where the next global batch starts
         else:
-            self.streams = ContiguousStreams(self.order, self.reader, spec.seq_len, range(d * m, (d + 1) * m),
-                                             st["queue"], st["slots"])
+            self.streams = ContiguousStreams(self.order, self.reader, spec.seq_len, range(d * m, (d + 1) * m), st)
 
     def state(self) -> dict[str, Any]:
         st = dict(self.spec.state)
@@ -87,6 +86,8 @@ class _Producer:
         if self.spec.mode == "packed":
             st["cursor"] = self.order.cursor(self.p)
         else:
+            for key in ("queue", "slots"):
+                st.pop(key, None)
             st.update(self.streams.carry())
         return st
 
@@ -255,6 +256,10 @@ class TrainLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch returned: identical on every dp rank; JSON-able."""
+        if "raw_slots" in self._state:  # contiguous mode: made JSON-able only when asked
+            raw = {k: self._state.pop(k) for k in ("raw_slots", "raw_queue")}
+            order = Order(self.manifest, self.index.doc_tokens, self.seed, shuffle=True)
+            self._state.update(saved_carry(order, raw))
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self._state.items()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:

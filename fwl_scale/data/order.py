@@ -35,20 +35,30 @@ class Order:
         self.doc_tokens = doc_tokens
         self.total_docs = int(self.counts.sum())
         self.epoch_tokens = int(doc_tokens.sum())
-        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._shard_before: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
-    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(documents in stream order, token offset where each starts (+ the end), the stream position
-        of each shard-permutation entry's first document (+ the end))."""
-        if e not in self._epochs:
+    def shard_before(self, e: int) -> np.ndarray:
+        """The stream position of the first document of each entry of epoch e's shard permutation (+ the
+        end). Cheap, and cached apart from the documents' order: saved positions span many epochs when a
+        split is small next to a global batch."""
+        if e not in self._shard_before:
             n = len(self.counts)
-            shards = (np.random.default_rng([self.seed, e, 0]).permutation(n) if self.shuffle else np.arange(n))
+            shards = np.random.default_rng([self.seed, e, 0]).permutation(n) if self.shuffle else np.arange(n)
+            self._shard_before[e] = (shards, np.concatenate([[0], np.cumsum(self.counts[shards])]))
+            if len(self._shard_before) > 64:
+                self._shard_before.popitem(last=False)
+        return self._shard_before[e][1]
+
+    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(documents in stream order, token offset where each starts (+ the end))."""
+        if e not in self._epochs:
+            self.shard_before(e)
+            shards = self._shard_before[e][0]
             docs = np.concatenate([
                 self.first[s] + (np.random.default_rng([self.seed, e, 1, int(s)]).permutation(int(self.counts[s]))
                                  if self.shuffle else np.arange(self.counts[s])) for s in shards])
-            starts = np.concatenate([[0], np.cumsum(self.doc_tokens[docs])])
-            shard_before = np.concatenate([[0], np.cumsum(self.counts[shards])])
-            self._epochs[e] = (docs, starts, shard_before)
+            self._epochs[e] = (docs, np.concatenate([[0], np.cumsum(self.doc_tokens[docs])]))
             if len(self._epochs) > 4:  # a position and a resume point may lie epochs apart; keep a few
                 self._epochs.popitem(last=False)
         else:
@@ -73,13 +83,13 @@ class Order:
 
     def to_loc(self, e: int, i: int) -> list[int]:
         """[epoch, shard position, document position]: the saved form of a place in the order."""
-        sb = self.epoch(e)[2]
+        sb = self.shard_before(e)
         sp = int(np.searchsorted(sb, i, side="right")) - 1
         return [e, sp, i - int(sb[sp])]
 
     def from_loc(self, loc: list[int]) -> tuple[int, int]:
         e, sp, dpos = (int(x) for x in loc)
-        return e, int(self.epoch(e)[2][sp]) + dpos
+        return e, int(self.shard_before(e)[sp]) + dpos
 
     def cursor(self, p: int) -> list[int]:
         """The packed stream's saved position: [epoch, shard position, document position, token offset]."""
@@ -125,38 +135,87 @@ def packed_row(order: Order, reader: BlockReader, p: int, ids: np.ndarray, label
 class ContiguousStreams:
     """One document stream per global slot; every call advances every slot by T tokens. A slot that
     finishes a document takes the next one from the global order (slots served in slot order). Other
-    ranks' slots are followed by length alone."""
+    ranks' slots are followed by length alone, as arrays: only the slots that need a new document in a
+    call are visited one by one (in slot order, which is the order they are served in)."""
 
-    def __init__(self, order: Order, reader: BlockReader, seq_len: int, keep: range, queue: list[int],
-                 slots: list[list[int] | None]):
+    def __init__(self, order: Order, reader: BlockReader, seq_len: int, keep: range, carry: dict[str, Any]):
+        """carry: the saved form ("queue", "slots") or the raw one of `carry()`."""
         self.order, self.reader, self.T, self.keep = order, reader, seq_len, keep
-        self.queue = order.from_loc(queue)  # (epoch, position) of the next document to hand out
-        # per slot: [epoch, position, offset] or None (takes the next document)
-        self.slots: list[list[int] | None] = [
-            None if s is None else [*order.from_loc(s[:3]), int(s[3])] for s in slots]
+        if "raw_slots" not in carry:
+            carry = raw_carry(order, carry)
+        self.queue = tuple(int(x) for x in carry["raw_queue"])  # (epoch, position) of the next document to hand out
+        # per slot: epoch, position in it, token offset, document, its length; doc -1: takes the next one
+        # np.array: a copy, and an ndarray again when a loader worker's transfer made it a tensor
+        self.e, self.i, self.off = np.array(carry["raw_slots"], dtype=np.int64)
+        self.doc = np.full(len(self.e), -1, dtype=np.int64)
+        for ep in np.unique(self.e[self.e >= 0]).tolist():
+            ks = np.flatnonzero(self.e == ep)
+            self.doc[ks] = order.epoch(ep)[0][self.i[ks]]
+        self.len = np.where(self.doc >= 0, order.doc_tokens[np.maximum(self.doc, 0)], 0)
+
+    def _assign(self, k: int, e: int, i: int, offset: int) -> None:
+        doc = self.order.doc(e, i)
+        self.e[k], self.i[k], self.doc[k], self.len[k], self.off[k] = e, i, doc, self.order.doc_tokens[doc], offset
 
     def carry(self) -> dict[str, Any]:
-        return {"queue": self.order.to_loc(*self.queue),
-                "slots": [None if s is None else self.order.to_loc(s[0], s[1]) + [s[2]] for s in self.slots]}
+        """The position in its raw form (arrays; taken after every call, and there are micro_batch * dp
+        slots); `saved_carry` turns it into the saved one when a checkpoint asks for it."""
+        return {"raw_slots": np.stack([np.where(self.doc >= 0, self.e, -1), self.i, self.off]),
+                "raw_queue": list(self.queue)}
+
+    def _fill(self, k: int, pos: int, n: int, ids: Any, labels: Any, doc_ids: Any) -> None:
+        row = k - self.keep.start
+        fill_piece(self.reader, int(self.doc[k]), int(self.len[k]), int(self.off[k]), n, ids[row], labels[row], pos)
+        doc_ids[row, pos:pos + n] = self.order.doc_id(int(self.e[k]), int(self.i[k]))
 
     def step(self, build: bool, ids: Any, labels: Any, doc_ids: Any) -> None:
-        order = self.order
-        for k, s in enumerate(self.slots):
+        T = self.T
+        rem = np.where(self.doc >= 0, self.len - self.off, 0)
+        if build:
+            for k in self.keep:
+                if rem[k] >= T:
+                    self._fill(k, 0, T, ids, labels, doc_ids)
+        stay = rem >= T  # these slots' documents last the whole call
+        self.off[stay] += T
+        self.doc[stay & (self.off == self.len)] = -1
+        for k in np.flatnonzero(~stay).tolist():
             fill = build and k in self.keep
-            pos = 0
-            while pos < self.T:
-                if s is None:
-                    e, i = self.queue
-                    s = self.slots[k] = [e, i, 0]
-                    self.queue = (e, i + 1) if i + 1 < order.total_docs else (e + 1, 0)
-                doc = order.doc(s[0], s[1])
-                length = int(order.doc_tokens[doc])
-                n = min(self.T - pos, length - s[2])
+            pos = int(rem[k])
+            if fill and pos:
+                self._fill(k, 0, pos, ids, labels, doc_ids)
+            while pos < T:
+                e, i = self.queue
+                self._assign(k, e, i, 0)
+                self.queue = (e, i + 1) if i + 1 < self.order.total_docs else (e + 1, 0)
+                n = min(T - pos, int(self.len[k]))
                 if fill:
-                    row = k - self.keep.start
-                    fill_piece(self.reader, doc, length, s[2], n, ids[row], labels[row], pos)
-                    doc_ids[row, pos:pos + n] = order.doc_id(s[0], s[1])
+                    self._fill(k, pos, n, ids, labels, doc_ids)
+                self.off[k] = n
                 pos += n
-                s[2] += n
-                if s[2] == length:
-                    s = self.slots[k] = None
+            if self.off[k] == self.len[k]:
+                self.doc[k] = -1
+
+
+def saved_carry(order: Order, raw: dict[str, Any]) -> dict[str, Any]:
+    """{"queue": [epoch, shard position, document position], "slots": [[..., token offset] or None]}."""
+    e, i, off = np.asarray(raw["raw_slots"], dtype=np.int64)
+    loc = np.zeros((len(e), 4), dtype=np.int64)
+    for ep in np.unique(e[e >= 0]).tolist():
+        ks = np.flatnonzero(e == ep)
+        sb = order.shard_before(ep)
+        sp = np.searchsorted(sb, i[ks], side="right") - 1
+        loc[ks] = np.stack([e[ks], sp, i[ks] - sb[sp], off[ks]], axis=1)
+    slots: list[list[int] | None] = loc.tolist()
+    for k in np.flatnonzero(e < 0).tolist():
+        slots[k] = None
+    return {"queue": order.to_loc(*(int(x) for x in raw["raw_queue"])), "slots": slots}
+
+
+def raw_carry(order: Order, saved: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of saved_carry."""
+    raw = np.full((3, len(saved["slots"])), -1, dtype=np.int64)
+    for k, sl in enumerate(saved["slots"]):
+        if sl is not None:
+            e, i = order.from_loc(sl[:3])
+            raw[:, k] = (e, i, int(sl[3]))
+    return {"raw_slots": raw, "raw_queue": list(order.from_loc(saved["queue"]))}
