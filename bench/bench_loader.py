@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--seconds", type=float, default=4.0, help="timing window per row")
     ap.add_argument("--mode", default="packed", choices=["packed", "contiguous"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more config overrides, e.g. data.tokenizer_sample_chars=20000000")
     ap.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU bf16 peak (H100 SXM: 989)")
     args = ap.parse_args()
@@ -60,7 +62,7 @@ def main() -> None:
     name = f"{Path(args.config).stem}_{hashlib.sha256(repr(args.train).encode()).hexdigest()[:10]}"
     cfg = load_config(args.config, [f"data.train={train}", "data.valid=[]", f"data.root={Path(args.root) / name}",
                                     f"data.shard_bytes={int(args.shard_mib * 2**20)}", f"data.workers={os.cpu_count() or 1}",
-                                    f"data.mode={args.mode}"])
+                                    f"data.mode={args.mode}", *args.set])
     t0 = time.time()
     paths = prepare_data(cfg, log=lambda s: print("  " + s))
     m = Manifest.load(paths.train_manifest)
@@ -95,7 +97,8 @@ def main() -> None:
     for dp, w in [(dp, w) for w in args.workers for dp in args.dp]:
         c = load_config(args.config, [f"data.train={train}", "data.valid=[]", f"data.root={paths.root}",
                                       f"data.shard_bytes={int(args.shard_mib * 2**20)}",
-                                      f"data.loader_workers={w}", "data.prefetch=4", f"data.mode={args.mode}"])
+                                      f"data.loader_workers={w}", "data.prefetch=4", f"data.mode={args.mode}",
+                                      *args.set])
         loader = TrainLoader(c, paths, dp_rank=dp - 1, dp_size=dp)
         loader.next_batch()  # start-up (worker processes, first blocks) is not part of the rate
         read["bytes"] = 0

@@ -42,7 +42,7 @@ import torch
 from fwl_scale.config import Config
 from fwl_scale.data.common import DataError, sha256_file
 from fwl_scale.data.manifest import Manifest
-from fwl_scale.data.order import ContiguousStreams, Order, packed_row, saved_carry
+from fwl_scale.data.order import ContiguousStreams, Order, packed_rows, saved_carry
 from fwl_scale.data.remote import is_url
 from fwl_scale.data.shard_index import BlockReader, ShardIndex, load_index
 from fwl_scale.data.shard_read import read_shard
@@ -101,8 +101,7 @@ class _Producer:
             ids, labels, doc_ids = block[0], block[1], block[2]
         if sp.mode == "packed":
             if build:
-                for r in range(m):
-                    packed_row(self.order, self.reader, self.p + (d * m + r) * T, ids[r], labels[r], doc_ids[r])
+                packed_rows(self.order, self.reader, self.p + d * m * T, ids, labels, doc_ids)
             self.p += m * D * T
         elif build:
             self.streams.step(True, ids, labels, doc_ids)
@@ -324,8 +323,7 @@ def valid_batches(cfg: Config, paths: Any, max_batches: int | None, dp_rank: int
     out = []
     for j in range(n):
         block = np.empty((3, m, T), dtype=np.int64)
-        for r in range(m):
-            packed_row(order, reader, ((j * dp_size + dp_rank) * m + r) * T, block[0, r], block[1, r], block[2, r])
+        packed_rows(order, reader, (j * dp_size + dp_rank) * m * T, block[0], block[1], block[2])
         t = torch.from_numpy(block)
         out.append({"input_ids": t[0], "labels": t[1], "doc_ids": t[2]})
     return out

@@ -112,11 +112,15 @@ def fill_piece(reader: BlockReader, doc: int, length: int, offset: int, n: int, 
     labels[pos + len(nxt):pos + n] = IGNORE_INDEX
 
 
-def packed_row(order: Order, reader: BlockReader, p: int, ids: np.ndarray, labels: np.ndarray,
-               doc_ids: np.ndarray) -> None:
-    """Fills the row of stream tokens [p, p + T); past the end of a finite split the rest is padding."""
-    T, pos = len(ids), 0
-    while pos < T:
+def packed_rows(order: Order, reader: BlockReader, p: int, ids: np.ndarray, labels: np.ndarray,
+                doc_ids: np.ndarray) -> None:
+    """Fills rows [n, T] with stream tokens [p, p + n * T): consecutive rows are consecutive tokens, so
+    they are filled as one span, a piece per document. Past the end of a finite split: padding."""
+    # Views of the rows: reshape would copy a non-contiguous array and the writes would be lost.
+    assert ids.flags.c_contiguous and labels.flags.c_contiguous and doc_ids.flags.c_contiguous
+    ids, labels, doc_ids = ids.reshape(-1), labels.reshape(-1), doc_ids.reshape(-1)
+    span, pos = len(ids), 0
+    while pos < span:
         where = order.locate(p + pos)
         if where is None:
             ids[pos:] = 0
@@ -126,7 +130,7 @@ def packed_row(order: Order, reader: BlockReader, p: int, ids: np.ndarray, label
         e, i, off = where
         doc = order.doc(e, i)
         length = int(order.doc_tokens[doc])
-        n = min(T - pos, length - off)
+        n = min(span - pos, length - off)
         fill_piece(reader, doc, length, off, n, ids, labels, pos)
         doc_ids[pos:pos + n] = order.doc_id(e, i)
         pos += n
