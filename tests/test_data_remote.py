@@ -129,6 +129,10 @@ def test_transient_failures_are_retried_and_lasting_ones_name_the_shard(served, 
         for _ in range(400):
             ld.next_batch()
     assert sum(p.endswith("shard-000003.tar") for p, _ in server.requests[before:]) == 1
+    # An index that cannot be fetched (as opposed to one not published) is an error, not a silent rebuild.
+    server.fail["index.npz"] = 10 ** 6
+    with pytest.raises(DataError, match=rf"document index {url}/train/index.npz: cannot read after"):
+        TrainLoader(c, rp)
 
 
 def test_a_remote_shard_that_changed_is_named(served, tmp_path):

@@ -48,8 +48,16 @@ def sibling(location: str | Path, name: str) -> str | Path:
     return location[:at] + name + location[at + len(MANIFEST):]
 
 
+class MissingFile(DataError):
+    """The file is not there (HTTP 404 or 410, no such local file)."""
+
+
 class _Permanent(Exception):
-    """A failure that retrying cannot fix (HTTP 404, a file that is not there)."""
+    """A failure that retrying cannot fix (HTTP 4xx, a file that is not there)."""
+
+    def __init__(self, msg: str, missing: bool):
+        super().__init__(msg)
+        self.missing = missing
 
 
 def _http(url: str, start: int | None, end: int | None) -> bytes:
@@ -63,7 +71,7 @@ def _http(url: str, start: int | None, end: int | None) -> bytes:
             length = resp.headers.get("Content-Length")
     except urllib.error.HTTPError as e:
         if 400 <= e.code < 500 and e.code not in (408, 429):
-            raise _Permanent(f"HTTP {e.code} {e.reason}") from None
+            raise _Permanent(f"HTTP {e.code} {e.reason}", missing=e.code in (404, 410)) from None
         raise
     if length is not None and len(body) != int(length):
         raise OSError(f"connection closed after {len(body)} of {length} bytes")
@@ -87,7 +95,7 @@ def _local(path: Path, start: int | None, end: int | None) -> bytes:
                 return f.read()
             return os.pread(f.fileno(), end - start, start)
     except FileNotFoundError:
-        raise _Permanent("missing") from None
+        raise _Permanent("missing", missing=True) from None
 
 
 def fetch(location: str | Path, what: str, start: int | None = None, end: int | None = None) -> bytes:
@@ -106,7 +114,7 @@ def fetch(location: str | Path, what: str, start: int | None = None, end: int | 
                 return data if start is None else data[start:end]
             return _http(location, start, end)
         except _Permanent as e:
-            raise DataError(f"{what}: cannot read ({e})") from None
+            raise (MissingFile if e.missing else DataError)(f"{what}: cannot read ({e})") from None
         except (OSError, urllib.error.URLError, ValueError) as e:
             last = e
     raise DataError(f"{what}: cannot read after {RETRIES} attempts ({type(last).__name__}: {last})")

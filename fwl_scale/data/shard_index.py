@@ -24,7 +24,7 @@ import numpy as np
 from fwl_scale.atomic import atomic_write
 from fwl_scale.data.common import DataError
 from fwl_scale.data.manifest import NP_DTYPE, Manifest
-from fwl_scale.data.remote import fetch, sibling
+from fwl_scale.data.remote import MissingFile, fetch, sibling
 from fwl_scale.data.shard_read import ids_layout, read_shard, shard_bytes
 
 INDEX = "index.npz"
@@ -104,9 +104,14 @@ def load_index(manifest: Manifest, vocab_size: int, build: bool = True) -> Shard
     index = None
     if manifest.remote or Path(where).is_file():
         try:
-            index = ShardIndex.from_bytes(fetch(where, f"document index {where}"), str(where))
-        except DataError:
-            index = None  # a derived file: absent, unreadable or of another format, it is made again
+            raw = fetch(where, f"document index {where}")
+        except MissingFile:
+            raw = None  # not published beside the remote shards: built below
+        if raw is not None:
+            try:
+                index = ShardIndex.from_bytes(raw, str(where))
+            except DataError:
+                index = None  # a derived file of another format: made again
     if index is not None and index.dataset_id == manifest.dataset_id:
         if len(index.doc_tokens) != manifest.documents or len(index.block_start) != len(manifest.shards) + 1:
             raise DataError(f"{where}: does not fit {manifest.path} ({len(index.doc_tokens)} documents)")
