@@ -26,70 +26,80 @@ PAD_DOC_ID = -1  # doc id of padding positions in the last validation batch (the
 
 class Order:
     """Where every document of a split stands in the global order. shuffle=False: manifest order, one
-    pass (positions past its end are None)."""
+    pass (positions past its end are None).
+
+    Two levels, so that a rank pays only for the shards it touches: an epoch's shard permutation with
+    each entry's first document and first token (cheap: one entry per shard), and, computed when a shard
+    is reached, the permutation of that shard's documents with their token offsets."""
 
     def __init__(self, manifest: Manifest, doc_tokens: np.ndarray, seed: int, shuffle: bool):
         self.seed, self.shuffle = seed, shuffle
         self.counts = np.array([s.documents for s in manifest.shards], dtype=np.int64)
         self.first = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+        self.shard_tokens = np.add.reduceat(doc_tokens, self.first)
         self.doc_tokens = doc_tokens
         self.total_docs = int(self.counts.sum())
         self.epoch_tokens = int(doc_tokens.sum())
-        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._shard_before: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._shards: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
-    def shard_before(self, e: int) -> np.ndarray:
-        """The stream position of the first document of each entry of epoch e's shard permutation (+ the
-        end). Cheap, and cached apart from the documents' order: saved positions span many epochs when a
-        split is small next to a global batch."""
-        if e not in self._shard_before:
+    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(the shard permutation, the position of each entry's first document (+ the end), the stream
+        token where each entry starts within the epoch (+ the end))."""
+        if e not in self._epochs:
             n = len(self.counts)
             shards = np.random.default_rng([self.seed, e, 0]).permutation(n) if self.shuffle else np.arange(n)
-            self._shard_before[e] = (shards, np.concatenate([[0], np.cumsum(self.counts[shards])]))
-            if len(self._shard_before) > 64:
-                self._shard_before.popitem(last=False)
-        return self._shard_before[e][1]
-
-    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-        """(documents in stream order, token offset where each starts (+ the end))."""
-        if e not in self._epochs:
-            self.shard_before(e)
-            shards = self._shard_before[e][0]
-            docs = np.concatenate([
-                self.first[s] + (np.random.default_rng([self.seed, e, 1, int(s)]).permutation(int(self.counts[s]))
-                                 if self.shuffle else np.arange(self.counts[s])) for s in shards])
-            self._epochs[e] = (docs, np.concatenate([[0], np.cumsum(self.doc_tokens[docs])]))
-            if len(self._epochs) > 4:  # a position and a resume point may lie epochs apart; keep a few
+            self._epochs[e] = (shards, np.concatenate([[0], np.cumsum(self.counts[shards])]),
+                               np.concatenate([[0], np.cumsum(self.shard_tokens[shards])]))
+            if len(self._epochs) > 64:  # saved slot positions may span many epochs of a small split
                 self._epochs.popitem(last=False)
-        else:
-            self._epochs.move_to_end(e)
         return self._epochs[e]
+
+    def shard(self, e: int, sp: int) -> tuple[np.ndarray, np.ndarray]:
+        """The documents of entry sp of epoch e's shard permutation, in stream order, and the token
+        where each starts within the shard (+ the end)."""
+        key = (e, sp)
+        if key not in self._shards:
+            s = int(self.epoch(e)[0][sp])
+            n = int(self.counts[s])
+            perm = np.random.default_rng([self.seed, e, 1, s]).permutation(n) if self.shuffle else np.arange(n)
+            docs = self.first[s] + perm
+            self._shards[key] = (docs, np.concatenate([[0], np.cumsum(self.doc_tokens[docs])]))
+            if len(self._shards) > 256:
+                self._shards.popitem(last=False)
+        else:
+            self._shards.move_to_end(key)
+        return self._shards[key]
 
     def locate(self, p: int) -> tuple[int, int, int] | None:
         """(epoch, position of the document in the epoch, token offset in it) of stream token p."""
         e, q = divmod(p, self.epoch_tokens)
         if e > 0 and not self.shuffle:
             return None
-        starts = self.epoch(e)[1]
-        i = int(np.searchsorted(starts, q, side="right")) - 1
-        return e, i, q - int(starts[i])
+        _, doc_before, tok_before = self.epoch(e)
+        sp = int(np.searchsorted(tok_before, q, side="right")) - 1
+        starts = self.shard(e, sp)[1]
+        q -= int(tok_before[sp])
+        j = int(np.searchsorted(starts, q, side="right")) - 1
+        return e, int(doc_before[sp]) + j, q - int(starts[j])
 
     def doc_id(self, e: int, i: int) -> int:
         """A number unique to this visit of the document in the stream."""
         return e * self.total_docs + i
 
-    def doc(self, e: int, i: int) -> int:
-        return int(self.epoch(e)[0][i])
-
     def to_loc(self, e: int, i: int) -> list[int]:
         """[epoch, shard position, document position]: the saved form of a place in the order."""
-        sb = self.shard_before(e)
+        sb = self.epoch(e)[1]
         sp = int(np.searchsorted(sb, i, side="right")) - 1
         return [e, sp, i - int(sb[sp])]
 
     def from_loc(self, loc: list[int]) -> tuple[int, int]:
         e, sp, dpos = (int(x) for x in loc)
-        return e, int(self.shard_before(e)[sp]) + dpos
+        return e, int(self.epoch(e)[1][sp]) + dpos
+
+    def doc(self, e: int, i: int) -> int:
+        _, sp, dpos = self.to_loc(e, i)
+        return int(self.shard(e, sp)[0][dpos])
 
     def cursor(self, p: int) -> list[int]:
         """The packed stream's saved position: [epoch, shard position, document position, token offset]."""
@@ -97,8 +107,8 @@ class Order:
         return self.to_loc(e, i) + [off]
 
     def position(self, cursor: list[int]) -> int:
-        e, i = self.from_loc(cursor[:3])
-        return e * self.epoch_tokens + int(self.epoch(e)[1][i]) + int(cursor[3])
+        e, sp, dpos, off = (int(x) for x in cursor)
+        return e * self.epoch_tokens + int(self.epoch(e)[2][sp]) + int(self.shard(e, sp)[1][dpos]) + off
 
 
 def fill_piece(reader: BlockReader, doc: int, length: int, offset: int, n: int, ids: np.ndarray,
@@ -152,9 +162,8 @@ class ContiguousStreams:
         # np.array: a copy, and an ndarray again when a loader worker's transfer made it a tensor
         self.e, self.i, self.off = np.array(carry["raw_slots"], dtype=np.int64)
         self.doc = np.full(len(self.e), -1, dtype=np.int64)
-        for ep in np.unique(self.e[self.e >= 0]).tolist():
-            ks = np.flatnonzero(self.e == ep)
-            self.doc[ks] = order.epoch(ep)[0][self.i[ks]]
+        for k in np.flatnonzero(self.e >= 0).tolist():
+            self.doc[k] = order.doc(int(self.e[k]), int(self.i[k]))
         self.len = np.where(self.doc >= 0, order.doc_tokens[np.maximum(self.doc, 0)], 0)
 
     def _assign(self, k: int, e: int, i: int, offset: int) -> None:
@@ -206,7 +215,7 @@ def saved_carry(order: Order, raw: dict[str, Any]) -> dict[str, Any]:
     loc = np.zeros((len(e), 4), dtype=np.int64)
     for ep in np.unique(e[e >= 0]).tolist():
         ks = np.flatnonzero(e == ep)
-        sb = order.shard_before(ep)
+        sb = order.epoch(ep)[1]
         sp = np.searchsorted(sb, i[ks], side="right") - 1
         loc[ks] = np.stack([e[ks], sp, i[ks] - sb[sp], off[ks]], axis=1)
     slots: list[list[int] | None] = loc.tolist()
