@@ -13,7 +13,7 @@ lengths. A data-parallel rank therefore locates its own rows directly and reads 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -166,9 +166,19 @@ class ContiguousStreams:
             self.doc[k] = order.doc(int(self.e[k]), int(self.i[k]))
         self.len = np.where(self.doc >= 0, order.doc_tokens[np.maximum(self.doc, 0)], 0)
 
-    def _assign(self, k: int, e: int, i: int, offset: int) -> None:
-        doc = self.order.doc(e, i)
-        self.e[k], self.i[k], self.doc[k], self.len[k], self.off[k] = e, i, doc, self.order.doc_tokens[doc], offset
+    def _queue_docs(self) -> Iterator[tuple[int, int, int, int]]:
+        """(epoch, position, document, length) from the queue on, a shard's documents at a time: every
+        rank hands out the documents of all slots, so this is the contiguous mode's cost per call."""
+        order = self.order
+        e, i = self.queue
+        while True:
+            _, sp, dpos = order.to_loc(e, i)
+            docs = order.shard(e, sp)[0][dpos:]
+            for d, length in zip(docs.tolist(), order.doc_tokens[docs].tolist()):
+                yield e, i, d, length
+                i += 1
+            if i == order.total_docs:
+                e, i = e + 1, 0
 
     def carry(self) -> dict[str, Any]:
         """The position in its raw form (arrays; taken after every call, and there are micro_batch * dp
@@ -191,23 +201,24 @@ class ContiguousStreams:
         stay = rem >= T  # these slots' documents last the whole call
         self.off[stay] += T
         self.doc[stay & (self.off == self.len)] = -1
+        queue = self._queue_docs()
+        total = self.order.total_docs
         for k in np.flatnonzero(~stay).tolist():
             fill = build and k in self.keep
             pos = int(rem[k])
             if fill and pos:
                 self._fill(k, 0, pos, ids, labels, doc_ids)
             while pos < T:
-                e, i = self.queue
-                self._assign(k, e, i, 0)
-                self.queue = (e, i + 1) if i + 1 < self.order.total_docs else (e + 1, 0)
-                n = min(T - pos, int(self.len[k]))
+                e, i, doc, length = next(queue)
+                self.queue = (e, i + 1) if i + 1 < total else (e + 1, 0)
+                self.e[k], self.i[k], self.doc[k], self.len[k], self.off[k] = e, i, doc, length, 0
+                n = min(T - pos, length)
                 if fill:
                     self._fill(k, pos, n, ids, labels, doc_ids)
                 self.off[k] = n
                 pos += n
             if self.off[k] == self.len[k]:
                 self.doc[k] = -1
-
 
 def saved_carry(order: Order, raw: dict[str, Any]) -> dict[str, Any]:
     """{"queue": [epoch, shard position, document position], "slots": [[..., token offset] or None]}."""

@@ -88,7 +88,7 @@ def _pipe(command: str) -> bytes:
     return proc.stdout
 
 
-def _local(path: Path, start: int | None, end: int | None) -> bytes:
+def _local(path: str | Path, start: int | None, end: int | None) -> bytes:
     try:
         with open(path, "rb") as f:
             if start is None:
@@ -107,7 +107,7 @@ def fetch(location: str | Path, what: str, start: int | None = None, end: int | 
             time.sleep(BACKOFF_S * 2 ** (attempt - 1))
         try:
             if not is_url(location):
-                return _local(Path(location), start, end)
+                return _local(location, start, end)  # no Path(): it costs more than a cached read
             assert isinstance(location, str)
             if location.startswith("pipe:"):
                 data = _pipe(location[len("pipe:"):])
