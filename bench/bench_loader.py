@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--dp", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--seconds", type=float, default=4.0, help="timing window per row")
+    ap.add_argument("--rounds", type=int, default=1, help="windows per row (interleaved); the best is shown")
     ap.add_argument("--mode", default="packed", choices=["packed", "contiguous"])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more config overrides, e.g. data.tokenizer_sample_chars=20000000")
@@ -94,25 +95,31 @@ def main() -> None:
     loader_mod.BlockReader = CountingReader
     print(f"{'mode':>10} {'dp':>4} {'workers':>7} {'calls':>6} {'tokens/s to this rank':>22} "
           f"{'bytes read/token':>17} {'vs one GPU':>11}")
-    for dp, w in [(dp, w) for w in args.workers for dp in args.dp]:
-        c = load_config(args.config, [f"data.train={train}", "data.valid=[]", f"data.root={paths.root}",
-                                      f"data.shard_bytes={int(args.shard_mib * 2**20)}",
-                                      f"data.loader_workers={w}", "data.prefetch=4", f"data.mode={args.mode}",
-                                      *args.set])
-        loader = TrainLoader(c, paths, dp_rank=dp - 1, dp_size=dp)
-        loader.next_batch()  # start-up (worker processes, first blocks) is not part of the rate
-        read["bytes"] = 0
-        n, t1 = 0, time.perf_counter()
-        while time.perf_counter() - t1 < args.seconds:
-            b = loader.next_batch()
-            n += 1
-        dt = time.perf_counter() - t1
-        loader.close()
-        rate = n * b["input_ids"].numel() / dt
-        per_token = f"{read['bytes'] / (n * b['input_ids'].numel()):.2f}" if w == 0 else "-"
+    best: dict[tuple[int, int], tuple[float, int, str]] = {}
+    # Rounds over all rows, the best window of each kept: other work on a shared machine only slows a
+    # window down, so the fastest is the closest to the loader's own rate, and rounds spread it evenly.
+    for _ in range(args.rounds):
+        for dp, w in [(dp, w) for w in args.workers for dp in args.dp]:
+            c = load_config(args.config, [f"data.train={train}", "data.valid=[]", f"data.root={paths.root}",
+                                          f"data.shard_bytes={int(args.shard_mib * 2**20)}",
+                                          f"data.loader_workers={w}", "data.prefetch=4", f"data.mode={args.mode}",
+                                          *args.set])
+            loader = TrainLoader(c, paths, dp_rank=dp - 1, dp_size=dp)
+            loader.next_batch()  # start-up (worker processes, first blocks) is not part of the rate
+            read["bytes"] = 0
+            n, t1 = 0, time.perf_counter()
+            while time.perf_counter() - t1 < args.seconds:
+                b = loader.next_batch()
+                n += 1
+            dt = time.perf_counter() - t1
+            loader.close()
+            rate = n * b["input_ids"].numel() / dt
+            per_token = f"{read['bytes'] / (n * b['input_ids'].numel()):.2f}" if w == 0 else "-"
+            if rate > best.get((dp, w), (0.0,))[0]:
+                best[(dp, w)] = (rate, n, per_token)
+    for (dp, w), (rate, n, per_token) in best.items():
         print(f"{args.mode:>10} {dp:>4} {w:>7} {n:>6} {rate:>22,.0f} {per_token:>17} {rate / need:>10.1f}x",
               flush=True)
-
 
 if __name__ == "__main__":
     main()
