@@ -138,7 +138,7 @@ class BlockReader:
         self.doc_shard = np.repeat(np.arange(len(counts)), counts)
         self._paths = [manifest.shard_path(e) for e in manifest.shards]
         self.whole = manifest.remote and str(manifest.path).startswith("pipe:")  # a command cannot seek
-        self._cache: OrderedDict[tuple[int, int], memoryview] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._shard_cache: OrderedDict[int, bytes] = OrderedDict()
 
     def __getstate__(self) -> dict:
@@ -159,7 +159,7 @@ class BlockReader:
                 self._shard_cache.popitem(last=False)
         return self._shard_cache[s][start:end]
 
-    def _blocks(self, s: int, b0: int, b1: int) -> bytes | memoryview:
+    def _blocks(self, s: int, b0: int, b1: int) -> bytes:
         """Blocks [b0, b1) of shard s, each checked against its hash."""
         cache = self._cache
         got = {b: cache[(s, b)] for b in range(b0, b1) if (s, b) in cache}
@@ -174,9 +174,8 @@ class BlockReader:
                 raise DataError(f"shard {self._paths[s]}: corrupt: sha256 of the shard no longer matches "
                                 f"{self.manifest.path} (bytes {bad * BLOCK}.. differ from the checksum recorded "
                                 f"when it was indexed): changed since it was written")
-            mv = memoryview(data)  # blocks as views of the one read: no copy each
-            for b in range(lo, hi):
-                got[b] = cache[(s, b)] = mv[(b - lo) * BLOCK:(b - lo + 1) * BLOCK]
+            for b in range(lo, hi):  # copies: a view would keep its whole read alive in the cache
+                got[b] = cache[(s, b)] = data[(b - lo) * BLOCK:(b - lo + 1) * BLOCK]
             while len(cache) > CACHE_BLOCKS:
                 cache.popitem(last=False)
         for b in range(b0, b1):
