@@ -13,6 +13,7 @@ import torch
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.data import DataError, Manifest, TrainLoader
 from fwl_scale.data import shard_index
+from fwl_scale.data.order import Order
 from fwl_scale.data.shard_index import BLOCK, BlockReader, load_index
 from fwl_scale.data.shard_read import read_shard
 from tests.test_data_loader import M, T, VOCAB, data, with_  # noqa: F401  (data: the shared fixture)
@@ -75,12 +76,11 @@ def test_resume_across_dp_sizes_follows_the_reference(data):
 
 
 def needed_blocks(cfg, paths, rank: int, dp: int, steps: int) -> set[tuple[int, int]]:
-    """The (shard, block) pairs that hold the tokens of rank's rows (and each row's next label)."""
+    """The (shard, block) pairs that hold the tokens of rank's rows (and each row's next label). Rows are
+    mapped to documents by Order, whose mapping test_every_rank_gets_the_reference_rows checks."""
     m = Manifest.load(paths.train_manifest)
     index = load_index(m, VOCAB)
     first = np.cumsum([0] + [e.documents for e in m.shards])
-    from fwl_scale.data.order import Order  # the arithmetic under test only maps rows to documents here
-
     order = Order(m, index.doc_tokens, cfg.data.seed, shuffle=True)
     need = set()
     for j in range(steps):

@@ -8,6 +8,7 @@ import functools
 import http.server
 import os
 import shutil
+import socket
 import threading
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from fwl_scale.cli import main
 from fwl_scale.config import load_config
 from fwl_scale.data import DataError, TrainLoader, eval_documents, prepare_data, remote, valid_batches
-from tests.test_data_loader import M, T, VOCAB, data, with_  # noqa: F401  (data: the shared fixture)
+from tests.test_data_loader import M, T, VOCAB, data  # noqa: F401  (data: the shared fixture)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -161,7 +162,7 @@ def test_missing_index_unreachable_url_and_bad_specs(served, tmp_path):
     rp = prepare_data(c, log=notes.append)
     assert any("no index.npz beside it" in n for n in notes)
     same_rows(cfg, paths, c, rp, dp=2, steps=8)  # the index built in memory gives the same rows
-    with socket_closed_port() as port:
+    with ClosedPort() as port:
         bad = remote_cfg(cfg, paths, tmp_path, f"http://127.0.0.1:{port}/train/manifest.json")
         with pytest.raises(DataError, match=rf"shard manifest http://127.0.0.1:{port}/train/manifest.json: "
                                             rf"cannot read after {remote.RETRIES} attempts \(URLError"):
@@ -179,12 +180,10 @@ def test_missing_index_unreachable_url_and_bad_specs(served, tmp_path):
         prepare_data(fails, log=lambda s: None)
 
 
-class socket_closed_port:
+class ClosedPort:
     """A local port nothing listens on (bound, then closed)."""
 
     def __enter__(self) -> int:
-        import socket
-
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         self.port = s.getsockname()[1]
