@@ -102,6 +102,10 @@ def test_http_and_pipe_splits_give_the_local_rows(served, tmp_path, capsys):
         ("data.root", tmp_path / "local"), ("data.train", f"[{url}/train/manifest.json]"), ("data.valid", "[]"),
         ("data.tokenizer", paths.tokenizer), ("model.vocab_size", VOCAB)]]]) == 0
     assert f"-> {url}/train/manifest.json" in capsys.readouterr().out
+    # `fwl data verify` reads the remote split whole (sha256, samples, token range).
+    assert main(["data", "verify", f"data.root={tmp_path / 'local'}", f"data.train=[{url}/train/manifest.json]",
+                 f"data.tokenizer={paths.tokenizer}", f"model.vocab_size={VOCAB}"]) == 0
+    assert f"{url}/train/manifest.json: OK, " in capsys.readouterr().out
     # A command (an object-store CLI in practice) through `pipe:`: it cannot seek, whole shards are read.
     cp = remote_cfg(cfg, paths, tmp_path, f"pipe:cat {root}/train/manifest.json")
     same_rows(cfg, paths, cp, prepare_data(cp, log=lambda s: None), dp=3, steps=10)
