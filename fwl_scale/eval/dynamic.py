@@ -1,0 +1,206 @@
+"""Dynamic evaluation (Krause et al. 2018, "Dynamic Evaluation of Neural Sequence Models"; 2019, "Dynamic
+Evaluation of Transformer Language Models"): the baseline an FWL has to beat, since both adapt to the
+document being read, one by gradient steps on real weights, the other by its fast weights.
+
+Every document starts from the trained weights θ0 (a per-document copy: nothing of one document reaches
+the next). The document is read in consecutive segments of `segment` tokens (the body sees the segment,
+as in the windowed evaluation of the other methods); each segment is first scored, then the model takes
+one step on that segment's mean loss, so a token's score never depends on itself or on later tokens.
+
+    sgd:  θ ← θ − η g + λ (θ0 − θ)
+    rms:  θ ← θ − η g / (√MS + ε) + min(λ · RMS_norm, 1) ⊙ (θ0 − θ),   RMS_norm = √MS / mean(√MS)
+
+MS is the mean squared gradient over segments of training (or validation) text, a global prior: each
+parameter moves in proportion to how much it moves in training, and decays back to θ0 at a rate that grows
+with it. η and λ are chosen on validation documents by a small grid (`tune`) and then frozen. Only the
+parameters of the chosen subset (`PARAM_SUBSETS`) change; the others do not even get gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from fwl_scale.parallel.world import all_reduce_sum
+
+VARIANTS = ("sgd", "rms")
+PARAM_SUBSETS = ("all", "head", "last")  # everything; what follows the body; the last block and the head
+
+
+@dataclass(frozen=True)
+class DynamicSettings:
+    variant: str = "rms"
+    lr: float = 1e-4
+    decay: float = 0.0
+    segment: int = 256
+    params: str = "all"
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"dynamic evaluation variant {self.variant!r}: use one of {', '.join(VARIANTS)}")
+        if self.params not in PARAM_SUBSETS:
+            raise ValueError(f"dynamic evaluation parameters {self.params!r}: use one of {', '.join(PARAM_SUBSETS)}")
+        if self.segment < 1 or self.lr < 0 or self.decay < 0:
+            raise ValueError(f"dynamic evaluation: segment ({self.segment}) must be >= 1, lr ({self.lr}) and "
+                             f"decay ({self.decay}) >= 0")
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def select_parameters(model: torch.nn.Module, subset: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """The named parameters dynamic evaluation updates. `head`: the final norm, the FWL, the unembedding
+    (with tied embeddings that is the embedding matrix, so the input embedding moves too); `last`: the last
+    transformer block as well."""
+    if subset not in PARAM_SUBSETS:
+        raise ValueError(f"dynamic evaluation parameters {subset!r}: use one of {', '.join(PARAM_SUBSETS)}")
+    named = list(model.named_parameters())
+    if subset == "all":
+        return named
+    prefixes = ["norm_f.", "fwl.", "lm_head."]
+    if getattr(model, "lm_head", None) is None:
+        prefixes.append("embed.")
+    if subset == "last":
+        prefixes.append(f"blocks.{len(model.blocks) - 1}.")
+    return [(n, p) for n, p in named if n.startswith(tuple(prefixes))]
+
+
+def windows(doc: Tensor, segment: int, max_tokens: int | None = None) -> Iterable[tuple[Tensor, Tensor]]:
+    """(input ids [1, n], labels [1, n]) of consecutive segments of a 1-D document; the last may be shorter.
+    `max_tokens`: only the first that many predicted tokens."""
+    inputs, labels = doc[:-1], doc[1:]
+    n = inputs.numel() if max_tokens is None else min(inputs.numel(), max_tokens)
+    for a in range(0, n, segment):
+        b = min(a + segment, n)
+        yield inputs[a:b][None], labels[a:b][None]
+
+
+class DynamicEvaluator:
+    """Scores documents with dynamic evaluation. `ms`: parameter name → mean squared gradient (rms only;
+    see `mean_squared_gradients`). The model's own weights are θ0 again after every document."""
+
+    def __init__(self, model: torch.nn.Module, settings: DynamicSettings, ms: dict[str, Tensor] | None = None):
+        self.model, self.settings = model, settings
+        self.named = select_parameters(model, settings.params)
+        if not self.named:
+            raise ValueError(f"dynamic evaluation: the model has no parameters in subset {settings.params!r}")
+        self.theta0 = [p.detach().clone() for _, p in self.named]
+        self.scale: list[Tensor] | None = None  # 1/(√MS + ε)
+        self.decay: list[Tensor | float] = [settings.decay] * len(self.named)
+        if settings.variant == "rms":
+            if ms is None:
+                raise ValueError("dynamic evaluation rms: needs the mean squared gradients (ms)")
+            missing = [n for n, _ in self.named if n not in ms]
+            if missing:
+                raise ValueError(f"dynamic evaluation rms: no mean squared gradient for {missing[:3]}")
+            rms = [ms[n].to(p.device, torch.float64).sqrt() for n, p in self.named]
+            mean_rms = float(sum(r.sum() for r in rms)) / sum(r.numel() for r in rms)
+            self.scale = [(1.0 / (r + settings.eps)).to(p.dtype) for r, (_, p) in zip(rms, self.named)]
+            self.decay = [(settings.decay * r / max(mean_rms, 1e-30)).clamp(max=1.0).to(p.dtype)
+                          for r, (_, p) in zip(rms, self.named)]
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for (_, p), p0 in zip(self.named, self.theta0):
+                p.copy_(p0)
+
+    def step(self, ids: Tensor, labels: Tensor) -> Tensor:
+        """Scores one segment with the current weights and then updates them on it; returns the token
+        losses [n] (float64) of the scoring."""
+        params = [p for _, p in self.named]
+        with torch.enable_grad():
+            out = self.model(ids, labels, torch.zeros_like(ids))
+            grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+        s = self.settings
+        with torch.no_grad():
+            for i, (p, g, p0) in enumerate(zip(params, grads, self.theta0)):
+                pull = (p0 - p) * self.decay[i]  # from θ before this step, as in Krause et al.
+                if g is not None:
+                    p.sub_(g * self.scale[i] if self.scale is not None else g, alpha=s.lr)
+                p.add_(pull)
+        return out.token_loss.detach().to(torch.float64).flatten()
+
+    def document(self, doc: Tensor, max_tokens: int | None = None) -> Tensor:
+        """Token losses of one 1-D document, starting from θ0 and leaving θ0 behind."""
+        flags = [p.requires_grad for p in self.model.parameters()]
+        chosen = {id(p) for _, p in self.named}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in chosen)  # no gradients for parameters that are not updated
+        try:
+            self._restore()
+            losses = [self.step(ids, lab) for ids, lab in windows(doc, self.settings.segment, max_tokens)]
+        finally:
+            self._restore()
+            for p, f in zip(self.model.parameters(), flags):
+                p.requires_grad_(f)
+        return torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
+
+
+def mean_squared_gradients(model: torch.nn.Module, subset: str, documents: Iterable[Tensor], segment: int,
+                           max_segments: int) -> dict[str, Tensor]:
+    """MS of Krause et al.: the mean over segments of the squared gradient of the segment's mean loss,
+    over the first `max_segments` segments of `documents` (this rank's share under data parallelism:
+    the sums and the count are added over all ranks)."""
+    named = select_parameters(model, subset)
+    sums = [torch.zeros_like(p, dtype=torch.float64) for _, p in named]
+    n = 0
+    for doc in documents:
+        for ids, lab in windows(doc, segment):
+            if n >= max_segments:
+                break
+            with torch.enable_grad():
+                out = model(ids, lab, torch.zeros_like(ids))
+                grads = torch.autograd.grad(out.loss, [p for _, p in named], allow_unused=True)
+            for s, g in zip(sums, grads):
+                if g is not None:
+                    s.add_(g.detach().to(torch.float64) ** 2)
+            n += 1
+        if n >= max_segments:
+            break
+    flat = all_reduce_sum(torch.cat([s.flatten() for s in sums] + [torch.tensor([float(n)], dtype=torch.float64)]))
+    total = float(flat[-1])
+    if total == 0:
+        raise ValueError("dynamic evaluation rms: no segments to compute the mean squared gradients from")
+    out, i = {}, 0
+    for (name, p), s in zip(named, sums):
+        out[name] = (flat[i:i + s.numel()].view_as(s) / total)
+        i += s.numel()
+    return out
+
+
+@dataclass
+class TuneResult:
+    settings: DynamicSettings
+    grid: list[dict[str, float]]  # {"lr", "decay", "loss", "tokens"} for every point tried
+
+
+def tune(model: torch.nn.Module, base: DynamicSettings, lrs: Sequence[float], decays: Sequence[float],
+         documents: Sequence[Tensor], ms: dict[str, Tensor] | None, max_tokens: int | None = None,
+         log: Callable[[str], None] = lambda s: None) -> TuneResult:
+    """Chooses (lr, decay) with the lowest token-weighted loss on `documents` (this rank's share; the
+    losses are summed over ranks so every rank makes the same choice). Ties go to the earlier point."""
+    if not lrs or not decays:
+        raise ValueError("dynamic evaluation: the lr and decay grids must not be empty")
+    grid = []
+    best: tuple[float, DynamicSettings] | None = None
+    for lr in lrs:
+        for decay in decays:
+            s = DynamicSettings(base.variant, lr, decay, base.segment, base.params, base.eps)
+            ev = DynamicEvaluator(model, s, ms)
+            tot = torch.zeros(2, dtype=torch.float64)
+            for doc in documents:
+                losses = ev.document(doc, max_tokens)
+                tot += torch.tensor([float(losses.sum()), losses.numel()], dtype=torch.float64)
+            tot = all_reduce_sum(tot)
+            if tot[1] == 0:
+                raise ValueError("dynamic evaluation: no tokens in the tuning documents")
+            loss = float(tot[0] / tot[1])
+            grid.append({"lr": lr, "decay": decay, "loss": loss, "tokens": int(tot[1])})
+            log(f"dynamic evaluation tuning ({s.variant}, {s.params}): lr {lr:g} decay {decay:g} -> loss {loss:.4f}")
+            if best is None or loss < best[0]:
+                best = (loss, s)
+    assert best is not None
+    return TuneResult(settings=best[1], grid=grid)

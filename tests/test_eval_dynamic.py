@@ -1,0 +1,154 @@
+"""Dynamic evaluation (fwl_scale/eval/dynamic.py) against hand-written updates in float64: scoring before
+updating, one SGD and one RMS step, parameter subsets, documents that never leak into each other."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fwl_scale.config import load_config
+from fwl_scale.eval.dynamic import (DynamicEvaluator, DynamicSettings, mean_squared_gradients,
+                                    select_parameters, tune)
+from fwl_scale.model import build_model
+from tests.model_support import perturb
+
+T = 8
+
+
+def tiny_model(fwl: bool, tied: bool = True) -> torch.nn.Module:
+    cfg = load_config(None, ["model.d_model=16", "model.n_heads=2", "model.n_layers=2", f"model.seq_len={T}",
+                             "model.vocab_size=64", "model.vocab_multiple=8", "model.fwl.chunk_size=4",
+                             f"model.fwl.enabled={str(fwl).lower()}", f"model.tie_embeddings={str(tied).lower()}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, device="cpu").double()
+    perturb(model)
+    return model.eval()
+
+
+def doc_of(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def plain_losses(model, doc, segment):
+    out = []
+    with torch.no_grad():
+        for a in range(0, doc.numel() - 1, segment):
+            ids, lab = doc[a:a + segment][None], doc[a + 1:a + segment + 1][None]
+            ids = ids[:, :lab.shape[1]]
+            out.append(model(ids, lab, torch.zeros_like(ids)).token_loss.flatten())
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("fwl", [False, True])
+def test_one_sgd_step_equals_hand_written_update(fwl):
+    model = tiny_model(fwl)
+    doc = doc_of(2 * T + 1, 1)
+    lr, decay = 0.3, 0.1
+    ev = DynamicEvaluator(model, DynamicSettings("sgd", lr, decay, T, "all"))
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    # By hand: the gradient of the first segment's mean loss at θ0, one step, then the second segment.
+    ref = tiny_model(fwl)
+    ids, lab = doc[:T][None], doc[1:T + 1][None]
+    loss = ref(ids, lab, torch.zeros_like(ids)).loss
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    with torch.no_grad():
+        for p, g in zip(ref.parameters(), grads):
+            p.copy_(p - lr * g)  # θ0 − θ is zero at the first step: the decay term adds nothing yet
+    with torch.no_grad():
+        seg2 = ref(doc[T:2 * T][None], doc[T + 1:][None], torch.zeros(1, T, dtype=torch.long)).token_loss.flatten()
+
+    got = ev.document(doc)
+    assert got.dtype == torch.float64 and got.numel() == 2 * T
+    # The first segment is scored with θ0 (score first, then update): exactly the plain model's losses.
+    torch.testing.assert_close(got[:T], plain_losses(tiny_model(fwl), doc, T)[:T], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[T:], seg2, rtol=0, atol=1e-12)
+    for n, p in model.named_parameters():  # the model is θ0 again afterwards
+        assert torch.equal(p, theta0[n]), n
+
+
+def test_rms_step_and_decay_by_hand():
+    model = tiny_model(False)
+    doc = doc_of(3 * T + 1, 2)
+    ms = mean_squared_gradients(model, "head", [doc_of(4 * T + 1, 3)], T, max_segments=3)
+    names = [n for n, _ in select_parameters(model, "head")]
+    assert set(ms) == set(names) and all((v >= 0).all() for v in ms.values())
+    s = DynamicSettings("rms", 0.01, 0.5, T, "head", eps=1e-6)
+    ev = DynamicEvaluator(model, s, ms)
+
+    ref = tiny_model(False)
+    params = dict(ref.named_parameters())
+    theta0 = {n: params[n].detach().clone() for n in names}
+    rms = {n: ms[n].sqrt() for n in names}
+    mean_rms = sum(float(r.sum()) for r in rms.values()) / sum(r.numel() for r in rms.values())
+    losses = []
+    for a in (0, T, 2 * T):
+        ids, lab = doc[a:a + T][None], doc[a + 1:a + T + 1][None]
+        out = ref(ids, lab, torch.zeros_like(ids))
+        losses.append(out.token_loss.detach().flatten())
+        grads = torch.autograd.grad(out.loss, [params[n] for n in names])
+        with torch.no_grad():
+            for n, g in zip(names, grads):
+                p = params[n]
+                rate = torch.clamp(0.5 * rms[n] / mean_rms, max=1.0)
+                p.copy_(p - 0.01 * g / (rms[n] + 1e-6) + rate * (theta0[n] - p))
+    got = ev.document(doc)
+    torch.testing.assert_close(got, torch.cat(losses), rtol=0, atol=1e-12)
+
+
+def test_subsets_update_only_their_parameters():
+    model = tiny_model(True, tied=False)
+    head = {n for n, _ in select_parameters(model, "head")}
+    last = {n for n, _ in select_parameters(model, "last")}
+    every = {n for n, _ in model.named_parameters()}
+    assert head and all(n.startswith(("norm_f.", "fwl.", "lm_head.")) for n in head)
+    assert head < last < every and all(n.startswith("blocks.1.") for n in last - head)
+    assert not any(n.startswith("embed.") for n in head)  # untied: the input embedding is not the head
+    tied = tiny_model(True, tied=True)
+    assert "embed.weight" in {n for n, _ in select_parameters(tied, "head")}
+
+    # Updating only the head: a step taken by hand on the head alone gives the same second segment.
+    doc = doc_of(2 * T + 1, 4)
+    got = DynamicEvaluator(model, DynamicSettings("sgd", 0.5, 0.0, T, "head")).document(doc)
+    ref = tiny_model(True, tied=False)
+    named = [(n, p) for n, p in ref.named_parameters() if n in head]
+    out = ref(doc[:T][None], doc[1:T + 1][None], torch.zeros(1, T, dtype=torch.long))
+    grads = torch.autograd.grad(out.loss, [p for _, p in named])
+    with torch.no_grad():
+        for (_, p), g in zip(named, grads):
+            p.sub_(0.5 * g)
+        seg2 = ref(doc[T:2 * T][None], doc[T + 1:][None], torch.zeros(1, T, dtype=torch.long)).token_loss.flatten()
+    torch.testing.assert_close(got[T:], seg2, rtol=0, atol=1e-12)
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_documents_never_leak_into_each_other():
+    model = tiny_model(True)
+    a, b = doc_of(3 * T + 1, 5), doc_of(2 * T + 5, 6)
+    s = DynamicSettings("sgd", 1.0, 0.0, T, "all")
+    alone = DynamicEvaluator(model, s).document(b)
+    ev = DynamicEvaluator(model, s)
+    after_a = [ev.document(a), ev.document(b)][1]
+    assert torch.equal(alone, after_a)
+    # ...while inside a document the updates do change later segments (lr 1 is far from a no-op).
+    assert not torch.allclose(alone[T:], plain_losses(model, b, T)[T:])
+
+
+def test_tune_picks_the_best_grid_point():
+    model = tiny_model(False)
+    docs = [doc_of(4 * T + 1, 7), doc_of(3 * T + 1, 8)]
+    res = tune(model, DynamicSettings("sgd", segment=T), [0.0, 0.5, 50.0], [0.0], docs, None)
+    losses = {g["lr"]: g["loss"] for g in res.grid}
+    assert res.settings.lr == min(losses, key=losses.get)
+    assert res.grid[0]["tokens"] == 7 * T
+    # lr 0 is the plain model: its tuning loss is the plain token-weighted loss.
+    plain = torch.cat([plain_losses(model, d, T) for d in docs])
+    assert losses[0.0] == pytest.approx(float(plain.mean()), abs=1e-12)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="variant 'adam'"):
+        DynamicSettings("adam")
+    with pytest.raises(ValueError, match="parameters 'middle'"):
+        DynamicSettings(params="middle")
+    with pytest.raises(ValueError, match="needs the mean squared"):
+        DynamicEvaluator(tiny_model(False), DynamicSettings("rms", segment=T))
