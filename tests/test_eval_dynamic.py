@@ -7,7 +7,7 @@ import torch
 
 from fwl_scale.config import load_config
 from fwl_scale.eval.dynamic import (DynamicEvaluator, DynamicSettings, mean_squared_gradients,
-                                    select_parameters, tune)
+                                    select_parameters, tune, windows)
 from fwl_scale.model import build_model
 from tests.model_support import perturb
 
@@ -69,7 +69,7 @@ def test_one_sgd_step_equals_hand_written_update(fwl):
 def test_rms_step_and_decay_by_hand():
     model = tiny_model(False)
     doc = doc_of(3 * T + 1, 2)
-    ms = mean_squared_gradients(model, "head", [doc_of(4 * T + 1, 3)], T, max_segments=3)
+    ms = mean_squared_gradients(model, "head", list(windows(doc_of(4 * T + 1, 3), T))[:3])
     names = [n for n, _ in select_parameters(model, "head")]
     assert set(ms) == set(names) and all((v >= 0).all() for v in ms.values())
     s = DynamicSettings("rms", 0.01, 0.5, T, "head", eps=1e-6)

@@ -139,27 +139,22 @@ class DynamicEvaluator:
         return torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
 
 
-def mean_squared_gradients(model: torch.nn.Module, subset: str, documents: Iterable[Tensor], segment: int,
-                           max_segments: int) -> dict[str, Tensor]:
-    """MS of Krause et al.: the mean over segments of the squared gradient of the segment's mean loss,
-    over the first `max_segments` segments of `documents` (this rank's share under data parallelism:
-    the sums and the count are added over all ranks)."""
+def mean_squared_gradients(model: torch.nn.Module, subset: str,
+                           segments: Iterable[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """MS of Krause et al.: the mean over `segments` ((input ids, labels) as `windows` gives them, this
+    rank's share under data parallelism: sums and count are added over all ranks) of the squared gradient
+    of the segment's mean loss."""
     named = select_parameters(model, subset)
     sums = [torch.zeros_like(p, dtype=torch.float64) for _, p in named]
     n = 0
-    for doc in documents:
-        for ids, lab in windows(doc, segment):
-            if n >= max_segments:
-                break
-            with torch.enable_grad():
-                out = model(ids, lab, torch.zeros_like(ids))
-                grads = torch.autograd.grad(out.loss, [p for _, p in named], allow_unused=True)
-            for s, g in zip(sums, grads):
-                if g is not None:
-                    s.add_(g.detach().to(torch.float64) ** 2)
-            n += 1
-        if n >= max_segments:
-            break
+    for ids, lab in segments:
+        with torch.enable_grad():
+            out = model(ids, lab, torch.zeros_like(ids))
+            grads = torch.autograd.grad(out.loss, [p for _, p in named], allow_unused=True)
+        for s, g in zip(sums, grads):
+            if g is not None:
+                s.add_(g.detach().to(torch.float64) ** 2)
+        n += 1
     flat = all_reduce_sum(torch.cat([s.flatten() for s in sums] + [torch.tensor([float(n)], dtype=torch.float64)]))
     total = float(flat[-1])
     if total == 0:

@@ -95,13 +95,33 @@ class LongDocResult:
 
 
 @torch.no_grad()
+def document_token_losses(model: torch.nn.Module, doc: Tensor, window: int, carry_state: bool = False,
+                          max_tokens: int | None = None) -> Tensor:
+    """The loss of every predicted token of one 1-D document (float64, [len - 1] or the first `max_tokens`),
+    read in consecutive windows of `window` tokens. The body sees only its window. With `carry_state` the
+    FWL's running sums are carried from window to window (docs/design.md §1.4), so its fast weights keep
+    adapting over the whole document; without, every window starts afresh."""
+    inputs, labels = doc[:-1], doc[1:]
+    n = inputs.numel() if max_tokens is None else min(inputs.numel(), max_tokens)
+    state = None
+    out_losses = []
+    for a in range(0, n, window):
+        ids = inputs[a:min(a + window, n)][None]
+        lab = labels[a:min(a + window, n)][None]
+        kwargs = {"fwl_state": state, "return_state": True} if carry_state else {}
+        out = model(ids, lab, torch.zeros_like(ids), **kwargs)
+        if carry_state:
+            state = out.fwl_state
+        out_losses.append(out.token_loss.to(torch.float64).flatten())
+    return torch.cat(out_losses) if out_losses else torch.zeros(0, dtype=torch.float64)
+
+
+@torch.no_grad()
 def evaluate_documents(model: torch.nn.Module, documents: Iterable[Tensor], window: int, device: torch.device,
                        carry_state: bool = False, max_windows: int | None = None) -> LongDocResult:
-    """Whole documents in consecutive windows of `window` tokens. The body sees only its window. With
-    `carry_state` the FWL's running sums are carried from window to window (docs/design.md §1.4),
-    so its fast weights keep adapting over the whole document; without, every window starts afresh.
-    Reports the loss per window index, i.e. by document position in steps of `window` — the measure of
-    what happens past the training length."""
+    """Whole documents in consecutive windows of `window` tokens (see `document_token_losses`). Reports
+    the loss per window index, i.e. by document position in steps of `window` — the measure of what
+    happens past the training length."""
     sums: list[float] = []
     counts: list[int] = []
     n_docs = 0
@@ -110,26 +130,14 @@ def evaluate_documents(model: torch.nn.Module, documents: Iterable[Tensor], wind
         if doc.numel() < 2:
             continue
         n_docs += 1
-        inputs, labels = doc[:-1], doc[1:]
-        state = None
-        n_win = -(-inputs.numel() // window)
-        if max_windows is not None:
-            n_win = min(n_win, max_windows)
-        for w in range(n_win):
-            ids = inputs[w * window:(w + 1) * window][None]
-            lab = labels[w * window:(w + 1) * window][None]
-            docs = torch.zeros_like(ids)
-            kwargs = {}
-            if carry_state:
-                kwargs = {"fwl_state": state, "return_state": True}
-            out = model(ids, lab, docs, **kwargs)
-            if carry_state:
-                state = out.fwl_state
+        losses = document_token_losses(model, doc, window, carry_state,
+                                       None if max_windows is None else max_windows * window)
+        for w, part in enumerate(losses.split(window)):
             if w >= len(sums):
                 sums.append(0.0)
                 counts.append(0)
-            sums[w] += float(out.token_loss.to(torch.float64).sum())
-            counts[w] += int(lab.numel())
+            sums[w] += float(part.sum())
+            counts[w] += part.numel()
     if n_docs == 0:
         raise ValueError("no documents with at least two tokens to evaluate")
     window_loss = [s / c for s, c in zip(sums, counts)]

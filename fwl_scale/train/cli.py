@@ -2,6 +2,8 @@
 
     fwl train [CONFIG] [key.sub=value ...] [--no-resume | --resume-from CKPT]
     fwl eval CONFIG CKPT [key.sub=value ...] [--batches N] [--long-docs N] [--max-windows W] [--json FILE]
+    fwl eval CONFIG CKPT --out DIR [--docs FILE...] [--methods ...] [--dynamic rms|sgd] ...
+    fwl eval --compare RESULT_DIR... --out DIR
     fwl params CONFIG [key.sub=value ...]
     fwl ckpt convert CKPT OUT_RUN_DIR          (layout-free; resume it in any layout with --resume-from)
     fwl ckpt consolidate CKPT OUT.safetensors [--dtype float32|bfloat16]
@@ -71,11 +73,43 @@ def _shutdown() -> None:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from fwl_scale.eval.run import run_eval  # heavy: see EXIT_TRAINING_FAILED's comment
+    if ns.compare:
+        from fwl_scale.eval.compare import compare_runs  # heavy (matplotlib): see EXIT_TRAINING_FAILED's comment
 
+        if ns.out is None:
+            raise ConfigError("--compare: give --out DIR for the table, the JSON and the plots")
+        if ns.config is not None:
+            raise ConfigError(f"--compare takes results directories only, not {ns.config!r} before it")
+        compare_runs(ns.compare, ns.out)
+        return 0
+    if ns.config is None or ns.checkpoint is None:
+        raise ConfigError("fwl eval: give CONFIG and CHECKPOINT (or --compare RESULT_DIR ...)")
     cfg = _load([ns.config] + ns.overrides, need_config=True)
-    run_eval(cfg, ns.checkpoint, batches=ns.batches, long_docs=ns.long_docs, max_windows=ns.max_windows,
-             json_out=ns.json)
+    if ns.out is None:
+        if ns.docs:
+            raise ConfigError("--docs: give --out DIR for the results (and the tokenized documents' cache)")
+        from fwl_scale.eval.run import run_eval  # heavy: see EXIT_TRAINING_FAILED's comment
+
+        run_eval(cfg, ns.checkpoint, batches=ns.batches, long_docs=ns.long_docs, max_windows=ns.max_windows,
+                 json_out=ns.json)
+        return 0
+    from fwl_scale.eval.docrun import DocEvalOptions, init_distributed, run_document_eval  # heavy: see above
+
+    opts = DocEvalOptions(out=ns.out, docs=ns.docs, max_docs=ns.max_docs, max_tokens=ns.max_tokens,
+                          methods=ns.methods.split(",") if ns.methods else None, dynamic_variant=ns.dynamic,
+                          dynamic_params=ns.dynamic_params, tune_docs=ns.tune_docs, tune_tokens=ns.tune_tokens,
+                          stat_segments=ns.stat_segments)
+    if ns.dynamic_lr:
+        opts.lrs = [float(x) for x in ns.dynamic_lr.split(",")]
+    if ns.dynamic_decay:
+        opts.decays = [float(x) for x in ns.dynamic_decay.split(",")]
+    init_distributed()
+    try:
+        run_document_eval(cfg, ns.checkpoint, opts)
+    except ValueError as e:  # bad options or documents found once the checkpoint and data are read
+        raise ConfigError(str(e)) from None
+    finally:
+        _shutdown()
     return 0
 
 
@@ -132,15 +166,38 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start from this checkpoint (run dir, its checkpoints/ dir or a step_* dir)")
     p.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="validation perplexity and loss by position of a checkpoint")
-    e.add_argument("config")
-    e.add_argument("checkpoint", help="a run dir, its checkpoints/ dir or a step_* dir")
+    e = sub.add_parser("eval", help="perplexity, loss by position, FWL vs dynamic evaluation on any documents",
+                       description="Without --out: validation perplexity and loss by position (and --long-docs). "
+                                   "With --out DIR: every method (plain / slow_head, fwl_reset, fwl_carried, "
+                                   "dynamic) on the same documents (--docs FILE..., else the validation split), "
+                                   "with breakdowns by position, training frequency and repetition, and cost. "
+                                   "--compare RESULT_DIR...: one table, JSON and plots of such results.")
+    e.add_argument("config", nargs="?")
+    e.add_argument("checkpoint", nargs="?", help="a run dir, its checkpoints/ dir or a step_* dir")
     e.add_argument("overrides", nargs="*", metavar="key.sub=value")
     e.add_argument("--batches", type=int, default=None, help="validation batches (default train.eval_batches)")
     e.add_argument("--long-docs", type=int, default=0, metavar="N",
                    help="also evaluate N whole validation documents in consecutive windows of model.seq_len")
     e.add_argument("--max-windows", type=int, default=None, help="windows per document at most")
     e.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    e.add_argument("--out", default=None, metavar="DIR",
+                   help="results directory of the method comparison (results.json, report.md, cache/)")
+    e.add_argument("--docs", nargs="+", default=None, metavar="FILE",
+                   help="documents to evaluate: .txt/.md (one document), .jsonl[.xz/.gz/.bz2], .parquet")
+    e.add_argument("--max-docs", type=int, default=None, help="evaluate at most this many documents")
+    e.add_argument("--max-tokens", type=int, default=None, help="the first N predicted tokens of each document")
+    e.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    e.add_argument("--dynamic", default="rms", choices=["rms", "sgd"], help="dynamic evaluation variant")
+    e.add_argument("--dynamic-params", default="all", choices=["all", "head", "last"],
+                   help="parameters dynamic evaluation updates")
+    e.add_argument("--dynamic-lr", default=None, help="comma-separated learning-rate grid")
+    e.add_argument("--dynamic-decay", default=None, help="comma-separated decay grid")
+    e.add_argument("--tune-docs", type=int, default=1, help="validation documents to choose lr and decay on")
+    e.add_argument("--tune-tokens", type=int, default=4096, help="tokens of each tuning document")
+    e.add_argument("--stat-segments", type=int, default=32,
+                   help="training segments for the rms variant's mean squared gradients")
+    e.add_argument("--compare", nargs="+", default=None, metavar="RESULT_DIR",
+                   help="compare the results directories (of --out runs) into --out")
     e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("ckpt", help="convert a checkpoint to another layout, or consolidate its weights")

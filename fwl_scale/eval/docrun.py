@@ -1,0 +1,202 @@
+"""`fwl eval CONFIG CKPT --out DIR [--docs FILE...]`: every method (fwl_scale/eval/methods.py) on the same
+documents, with breakdowns and cost, into DIR/results.json and DIR/report.md; the tokenized documents
+and training token counts are cached in DIR/cache. Nothing is written under the run directory or the
+training data root.
+
+Dynamic evaluation's lr and decay are chosen on the first `tune_docs` validation documents (first
+`tune_tokens` tokens of each), which are then left out of the evaluated documents when those are the
+validation documents too; the RMS variant's mean squared gradients come from the first `stat_segments`
+segments of the training shards (or of the tuning documents when there are none).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fwl_scale.atomic import atomic_write_json, atomic_write_text
+from fwl_scale.config import Config
+from fwl_scale.data import Manifest
+from fwl_scale.data.shards import MANIFEST, read_shard
+from fwl_scale.device import resolve_device
+from fwl_scale.eval.breakdown import frequency_ranks
+from fwl_scale.eval.docs import checkpoint_tokenizer, load_documents, training_token_counts, validation_documents
+from fwl_scale.eval.dynamic import DynamicEvaluator, DynamicSettings, mean_squared_gradients, tune, windows
+from fwl_scale.eval.methods import check_methods, default_methods, rank_and_world, run_method
+from fwl_scale.eval.run import load_for_eval
+
+RESULTS = "results.json"
+REPORT = "report.md"
+
+
+@dataclass
+class DocEvalOptions:
+    out: str
+    docs: list[str] | None = None  # files; None: the checkpoint's validation documents
+    max_docs: int | None = None
+    max_tokens: int | None = None  # per document
+    methods: list[str] | None = None
+    dynamic_variant: str = "rms"
+    dynamic_params: str = "all"
+    lrs: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4])
+    decays: list[float] = field(default_factory=lambda: [0.0, 1e-2])
+    tune_docs: int = 1
+    tune_tokens: int = 4096
+    stat_segments: int = 32
+    progress: bool = True
+
+
+def documents_id(documents: list[torch.Tensor], max_tokens: int | None) -> str:
+    """What the methods read (the evaluated tokens of every document): runs compared must agree on it."""
+    h = hashlib.sha256()
+    for d in documents:
+        part = d if max_tokens is None else d[:max_tokens + 1]
+        h.update(part.cpu().numpy().astype("<i8").tobytes() + b"|")
+    return h.hexdigest()
+
+
+def init_distributed() -> None:
+    """A gloo group when started by a launcher with WORLD_SIZE > 1 (documents split over the ranks)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _training_segments(cfg: Config, segment: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    path = Path(cfg.data.root) / "train" / MANIFEST
+    m = Manifest.load(path)
+    for entry in m.shards:
+        for doc in read_shard(m, entry, cfg.model.vocab_size):
+            yield from windows(torch.from_numpy(doc.tokens.astype(np.int64)), segment)
+
+
+def _first(it, n: int) -> list:
+    out = []
+    for x in it:
+        if len(out) >= n:
+            break
+        out.append(x)
+    return out
+
+
+def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions, log=print) -> dict[str, Any]:
+    rank, world = rank_and_world()
+    say = log if rank == 0 else (lambda s: None)
+    out = Path(opts.out)
+    cache = out / "cache"
+    device = resolve_device(cfg)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's checkpoint converter may be imported
+    model, ref = load_for_eval(cfg, checkpoint, device)
+    methods = list(opts.methods or default_methods(cfg.model))
+    check_methods(methods, cfg.model)
+    tok = checkpoint_tokenizer(cfg)
+    # Rank 0 tokenizes and counts into the cache first; the others then read what it wrote.
+    for turn in ((0,) if world == 1 else (0, 1)):
+        if (rank == 0) == (turn == 0):
+            if opts.docs:
+                documents, source = load_documents(opts.docs, tok, cache, cfg.data.text_field, say)
+            else:
+                documents, source = None, {"validation": str(Path(cfg.data.root) / "valid" / MANIFEST)}
+            counts = training_token_counts(cfg, cache, say)
+        _barrier()
+    need_valid = documents is None or "dynamic" in methods
+    valid = [d.to(device) for d in validation_documents(cfg, tok)] if need_valid else []
+    n_tune = opts.tune_docs if "dynamic" in methods else 0
+    if "dynamic" in methods and len(valid) < n_tune + (1 if documents is None else 0):
+        raise ValueError(f"dynamic evaluation tunes on {n_tune} validation documents; the checkpoint's "
+                         f"validation split has {len(valid)}")
+    tune_docs = valid[:n_tune]
+    if documents is None:
+        documents = valid[n_tune:]
+    documents = [d.to(device) for d in documents if d.numel() >= 2]
+    if opts.max_docs is not None:
+        documents = documents[:opts.max_docs]
+    if not documents:
+        raise ValueError("no documents with at least two tokens to evaluate")
+    ranks = frequency_ranks(counts[0]) if counts is not None else None
+    report: dict[str, Any] = {
+        "checkpoint": str(ref.path), "step": ref.step, "model": cfg.name, "fwl": cfg.model.fwl.enabled,
+        "seq_len": cfg.model.seq_len, "documents": len(documents), "max_tokens": opts.max_tokens,
+        "documents_id": documents_id(documents, opts.max_tokens),
+        "source": source, "tokenizer_checksum": tok.checksum, "world_size": world,
+        "frequency_counts": counts[1] if counts is not None else "none (no training shards): no frequency breakdown",
+        "methods": [],
+    }
+    dyn = None
+    if "dynamic" in methods:
+        base = DynamicSettings(opts.dynamic_variant, segment=cfg.model.seq_len, params=opts.dynamic_params)
+        t0 = time.perf_counter()
+        ms = None
+        if base.variant == "rms":
+            if (Path(cfg.data.root) / "train" / MANIFEST).is_file():
+                segs = _first(_training_segments(cfg, base.segment), opts.stat_segments)
+                where = f"{len(segs)} training segments"
+            else:
+                segs = _first((s for d in tune_docs for s in windows(d, base.segment)), opts.stat_segments)
+                where = f"{len(segs)} tuning segments"
+            ms = mean_squared_gradients(model, base.params, [(i.to(device), l.to(device)) for i, l in segs[rank::world]])
+            say(f"dynamic evaluation: mean squared gradients over {where}")
+        tuned = tune(model, base, opts.lrs, opts.decays, tune_docs[rank::world], ms, opts.tune_tokens, say)
+        dyn = DynamicEvaluator(model, tuned.settings, ms)
+        report["dynamic_tuning"] = {"grid": tuned.grid, "chosen": tuned.settings.as_dict(),
+                                    "tune_documents": len(tune_docs), "tune_tokens": opts.tune_tokens,
+                                    "wall_s": time.perf_counter() - t0}
+        say(f"dynamic evaluation: chose lr {tuned.settings.lr:g} decay {tuned.settings.decay:g}")
+    for method in methods:
+        res = run_method(method, model, cfg.model, documents, ranks, opts.max_tokens, dyn, opts.progress)
+        report["methods"].append(res.as_dict())
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RESULTS, report)
+        atomic_write_text(out / REPORT, format_report(report))
+        say(format_report(report))
+    return report
+
+
+def _ppl(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [f"# {r['model']}: {r['checkpoint']} (step {r['step']})", "",
+             f"{r['documents']} documents, windows of {r['seq_len']} tokens"
+             + (f", first {r['max_tokens']} tokens of each" if r.get("max_tokens") else ""), "",
+             "| method | loss | ppl | tokens | wall s | tokens/s | GFLOPs/token |", "|---|---|---|---|---|---|---|"]
+    for m in r["methods"]:
+        lines.append(f"| {m['method']} | {m['loss']:.4f} | {_ppl(m['loss']):.2f} | {m['tokens']} | {m['wall_s']:.2f} | "
+                     f"{m['tokens_per_s'] or 0:,.0f} | {m['flops_per_token'] / 1e9:.4f} |")
+    names = [m["method"] for m in r["methods"]]
+    lines += ["", "Loss by document position (tokens):", "",
+              "| positions | " + " | ".join(names) + " | tokens |", "|---" * (len(names) + 2) + "|"]
+    for i, b in enumerate(r["methods"][0]["by_position"]):
+        lines.append(f"| {b['start']}-{b['end'] - 1} | " + " | ".join(
+            f"{m['by_position'][i]['loss']:.4f}" for m in r["methods"]) + f" | {b['tokens']} |")
+    for axis, label in (("by_frequency", "training-frequency rank"), ("by_repetition", "repetition")):
+        rows = r["methods"][0][axis]
+        if not rows:
+            continue
+        lines += ["", f"Loss by {label}:", "", f"| {label} | " + " | ".join(names) + " | tokens |",
+                  "|---" * (len(names) + 2) + "|"]
+        for i, b in enumerate(rows):
+            key = f"{b['ranks'][0]}-{b['ranks'][1]}" if "ranks" in b else b["name"]
+            lines.append(f"| {key} | " + " | ".join(f"{m[axis][i]['loss']:.4f}" for m in r["methods"])
+                         + f" | {b['tokens']} |")
+    if "dynamic_tuning" in r:
+        t = r["dynamic_tuning"]
+        lines += ["", f"Dynamic evaluation: {t['chosen']['variant']} on {t['chosen']['params']} parameters, chosen "
+                      f"lr {t['chosen']['lr']:g} decay {t['chosen']['decay']:g} on {t['tune_documents']} validation "
+                      f"documents ({t['wall_s']:.1f}s of tuning)"]
+    return "\n".join(lines) + "\n"
