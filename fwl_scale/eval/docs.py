@@ -80,7 +80,10 @@ def load_documents(files: list[str], tok: Tokenizer, cache_dir: Path, text_field
     naming it, raised before anything is written."""
     if not files:
         raise DataError("--docs: no files given")
-    corpora = [Corpus([f], f"--docs[{i}]", text_field, cache_dir, log) for i, f in enumerate(files)]
+    for f in files:
+        if "=" in Path(f).name and not Path(f).exists():
+            raise DataError(f"--docs: no such file {f!r}; put key=value overrides before --docs")
+    corpora = [Corpus([f], "--docs", text_field, cache_dir, log) for f in files]
     identity = [c.identity()[0] for c in corpora]
     key = fingerprint({"format": DOCS_FORMAT, "inputs": identity, "tokenizer": tok.checksum,
                        "text_field": text_field})

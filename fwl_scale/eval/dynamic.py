@@ -8,15 +8,18 @@ as in the windowed evaluation of the other methods); each segment is first score
 one step on that segment's mean loss, so a token's score never depends on itself or on later tokens.
 
     sgd:  θ ← θ − η g + λ (θ0 − θ)
-    rms:  θ ← θ − η g / (√MS + ε) + min(λ · RMS_norm, 1) ⊙ (θ0 − θ),   RMS_norm = √MS / mean(√MS)
+    rms:  θ ← θ − η g / (√MS + ε·mean(√MS)) + min(λ · RMS_norm, 1) ⊙ (θ0 − θ),   RMS_norm = √MS / mean(√MS)
 
 MS is the mean squared gradient over segments of training (or validation) text, a global prior: each
 parameter moves in proportion to how much it moves in training, and decays back to θ0 at a rate that grows
-with it. η and λ are chosen on validation documents by a small grid (`tune`) and then frozen. Only the
+with it. ε is relative to the mean √MS (the one departure from the paper): a parameter whose gradient
+was zero on the statistics' segments (the embedding row of a token they lack) would otherwise take a
+step of η g / ε and blow the model up. η and λ are chosen on validation documents by a small grid (`tune`) and then frozen. Only the
 parameters of the chosen subset (`PARAM_SUBSETS`) change; the others do not even get gradients.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -36,7 +39,7 @@ class DynamicSettings:
     decay: float = 0.0
     segment: int = 256
     params: str = "all"
-    eps: float = 1e-8
+    eps: float = 0.01  # relative to the mean √MS
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -98,7 +101,8 @@ class DynamicEvaluator:
                 raise ValueError(f"dynamic evaluation rms: no mean squared gradient for {missing[:3]}")
             rms = [ms[n].to(p.device, torch.float64).sqrt() for n, p in self.named]
             mean_rms = float(sum(r.sum() for r in rms)) / sum(r.numel() for r in rms)
-            self.scale = [(1.0 / (r + settings.eps)).to(p.dtype) for r, (_, p) in zip(rms, self.named)]
+            floor = settings.eps * max(mean_rms, 1e-30)
+            self.scale = [(1.0 / (r + floor)).to(p.dtype) for r, (_, p) in zip(rms, self.named)]
             self.decay = [(settings.decay * r / max(mean_rms, 1e-30)).clamp(max=1.0).to(p.dtype)
                           for r, (_, p) in zip(rms, self.named)]
 
@@ -195,6 +199,8 @@ def tune(model: torch.nn.Module, base: DynamicSettings, lrs: Sequence[float], de
             loss = float(tot[0] / tot[1])
             grid.append({"lr": lr, "decay": decay, "loss": loss, "tokens": int(tot[1])})
             log(f"dynamic evaluation tuning ({s.variant}, {s.params}): lr {lr:g} decay {decay:g} -> loss {loss:.4f}")
+            if not math.isfinite(loss):
+                loss = math.inf  # diverged: never chosen over a finite point
             if best is None or loss < best[0]:
                 best = (loss, s)
     assert best is not None
