@@ -99,7 +99,7 @@ def snapshot(d: Path) -> dict[str, tuple[int, int]]:
 FAST = dict(lrs=[0.0], decays=[0.0], tune_tokens=64, stat_segments=4, progress=False)
 
 
-def test_documents_of_every_format_and_the_methods(runs, tmp_path):
+def test_documents_of_every_format_and_the_methods(runs, tmp_path, capsys):
     (run_dir, cfg), files = runs[0]["fwl"], runs[1]
     before, data_before = snapshot(run_dir), snapshot(cfg.data.root)
     opts = DocEvalOptions(out=str(tmp_path / "r"), docs=files, **FAST)
@@ -138,8 +138,12 @@ def test_documents_of_every_format_and_the_methods(runs, tmp_path):
     cached = sorted((tmp_path / "r" / "cache").glob("docs-*.npz"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
+    capsys.readouterr()
     again = run_document_eval(cfg, run_dir, DocEvalOptions(out=str(tmp_path / "r"), docs=files, methods=["fwl_reset"],
-                                                           **FAST), log=lambda s: None)
+                                                           **{**FAST, "progress": True}), log=lambda s: None)
+    progress = capsys.readouterr().err.splitlines()
+    assert progress[-1] == (f"fwl_reset: {n_docs}/{n_docs} documents, {by['fwl_reset']['tokens']:,} tokens, "
+                            + progress[-1].split(" tokens, ")[1])
     assert cached[0].stat().st_mtime_ns == stamp
     assert again["methods"][0]["loss"] == by["fwl_reset"]["loss"] and again["documents_id"] == rep["documents_id"]
 

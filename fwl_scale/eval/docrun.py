@@ -46,7 +46,7 @@ class DocEvalOptions:
     methods: list[str] | None = None
     dynamic_variant: str = "rms"
     dynamic_params: str = "all"
-    lrs: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4])
+    lrs: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
     decays: list[float] = field(default_factory=lambda: [0.0, 1e-2])
     tune_docs: int = 1
     tune_tokens: int = 4096
@@ -64,7 +64,8 @@ def documents_id(documents: list[torch.Tensor], max_tokens: int | None) -> str:
 
 
 def init_distributed() -> None:
-    """A gloo group when started by a launcher with WORLD_SIZE > 1 (documents split over the ranks)."""
+    """A gloo group when started by a launcher with WORLD_SIZE > 1 (documents split over the ranks; the sums
+    exchanged are small CPU tensors, so gloo serves on GPUs too)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
 
@@ -97,6 +98,8 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
     out = Path(opts.out)
     cache = out / "cache"
     device = resolve_device(cfg)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's checkpoint converter may be imported
     model, ref = load_for_eval(cfg, checkpoint, device)

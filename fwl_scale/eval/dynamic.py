@@ -8,14 +8,15 @@ as in the windowed evaluation of the other methods); each segment is first score
 one step on that segment's mean loss, so a token's score never depends on itself or on later tokens.
 
     sgd:  θ ← θ − η g + λ (θ0 − θ)
-    rms:  θ ← θ − η g / (√MS + ε·mean(√MS)) + min(λ · RMS_norm, 1) ⊙ (θ0 − θ),   RMS_norm = √MS / mean(√MS)
+    rms:  θ ← θ − η g / (√MS + ε·mean_t(√MS)) + min(λ · RMS_norm, 1) ⊙ (θ0 − θ),   RMS_norm = √MS / mean(√MS)
 
 MS is the mean squared gradient over segments of training (or validation) text, a global prior: each
 parameter moves in proportion to how much it moves in training, and decays back to θ0 at a rate that grows
-with it. ε is relative to the mean √MS (the one departure from the paper): a parameter whose gradient
-was zero on the statistics' segments (the embedding row of a token they lack) would otherwise take a
-step of η g / ε and blow the model up. η and λ are chosen on validation documents by a small grid (`tune`) and then frozen. Only the
-parameters of the chosen subset (`PARAM_SUBSETS`) change; the others do not even get gradients.
+with it. ε is relative to the mean √MS of the parameter's own tensor (mean_t; the one departure from the
+paper, whose MS came from the whole training set): an embedding row of a token missing from the
+statistics' segments has MS = 0 and would otherwise take a step of η g / ε and blow the model up.
+η and λ are chosen on validation documents by a small grid (`tune`) and then frozen. Only the parameters
+of the chosen subset (`PARAM_SUBSETS`) change; the others do not even get gradients.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from fwl_scale.parallel.world import all_reduce_sum
 
 VARIANTS = ("sgd", "rms")
 PARAM_SUBSETS = ("all", "head", "last")  # everything; what follows the body; the last block and the head
+RULE_PARAMETERS = ("step_sizes", "decay_logits")  # the FWL's own update rule: never changed (select_parameters)
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class DynamicSettings:
     decay: float = 0.0
     segment: int = 256
     params: str = "all"
-    eps: float = 0.01  # relative to the mean √MS
+    eps: float = 0.1  # relative to the mean √MS of each tensor
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -55,12 +57,16 @@ class DynamicSettings:
 
 
 def select_parameters(model: torch.nn.Module, subset: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """The named parameters dynamic evaluation updates. `head`: the final norm, the FWL, the unembedding
+    """The named parameters dynamic evaluation updates (never the FWL's step sizes and forgetting factors).
+    `head`: the final norm, the FWL, the unembedding
     (with tied embeddings that is the embedding matrix, so the input embedding moves too); `last`: the last
     transformer block as well."""
     if subset not in PARAM_SUBSETS:
         raise ValueError(f"dynamic evaluation parameters {subset!r}: use one of {', '.join(PARAM_SUBSETS)}")
-    named = list(model.named_parameters())
+    # The FWL's step sizes and forgetting factors are the fast-weight rule itself, not weights of the
+    # model it adapts: a few scalars whose gradients on a long document dwarf their training statistics,
+    # so RMS steps send them negative (the fast update then ascends the loss) within a few segments.
+    named = [(n, p) for n, p in model.named_parameters() if not n.endswith(RULE_PARAMETERS)]
     if subset == "all":
         return named
     prefixes = ["norm_f.", "fwl.", "lm_head."]
@@ -101,8 +107,8 @@ class DynamicEvaluator:
                 raise ValueError(f"dynamic evaluation rms: no mean squared gradient for {missing[:3]}")
             rms = [ms[n].to(p.device, torch.float64).sqrt() for n, p in self.named]
             mean_rms = float(sum(r.sum() for r in rms)) / sum(r.numel() for r in rms)
-            floor = settings.eps * max(mean_rms, 1e-30)
-            self.scale = [(1.0 / (r + floor)).to(p.dtype) for r, (_, p) in zip(rms, self.named)]
+            self.scale = [(1.0 / (r + settings.eps * max(float(r.mean()), 1e-30))).to(p.dtype)
+                          for r, (_, p) in zip(rms, self.named)]
             self.decay = [(settings.decay * r / max(mean_rms, 1e-30)).clamp(max=1.0).to(p.dtype)
                           for r, (_, p) in zip(rms, self.named)]
 
@@ -159,7 +165,8 @@ def mean_squared_gradients(model: torch.nn.Module, subset: str,
             if g is not None:
                 s.add_(g.detach().to(torch.float64) ** 2)
         n += 1
-    flat = all_reduce_sum(torch.cat([s.flatten() for s in sums] + [torch.tensor([float(n)], dtype=torch.float64)]))
+    # On the CPU: evaluation's process group is gloo whatever the device (fwl_scale/eval/docrun.py).
+    flat = all_reduce_sum(torch.cat([s.flatten().cpu() for s in sums] + [torch.tensor([float(n)], dtype=torch.float64)]))
     total = float(flat[-1])
     if total == 0:
         raise ValueError("dynamic evaluation rms: no segments to compute the mean squared gradients from")
