@@ -89,7 +89,7 @@ def format_comparison(c: dict[str, Any]) -> str:
 
 
 def _plots(c: dict[str, Any], out: Path) -> list[Path]:
-    import matplotlib  # only plotting needs it: the rest of evaluation runs without matplotlib
+    import matplotlib  # heavy, and only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
