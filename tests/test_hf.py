@@ -208,11 +208,13 @@ def test_single_process_export(trained, tmp_path):
 
 
 PARALLEL = {"tp2": ("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=1"),
-            "zero3": ("parallel.zero_stage=3",)}
+            "zero3": ("parallel.zero_stage=3",),
+            "pp2": ("parallel.pp=2", "parallel.zero_stage=1")}
 
 
 def _parallel_checkpoint(rank: int, world: int, out: str, ids: torch.Tensor, layout: str) -> None:
-    """A checkpoint of `layout` on 2 ranks after two steps, and the parallel model's own logits."""
+    """A checkpoint of `layout` on 2 ranks after two steps, and the parallel model's own logits (a
+    pipeline's last stage gives per-token losses only: those instead)."""
     from fwl_scale.parallel import init_parallel_state
     from fwl_scale.checkpoint.native import CheckpointManager
     from fwl_scale.train.engine import DistInfo
@@ -227,13 +229,23 @@ def _parallel_checkpoint(rank: int, world: int, out: str, ids: torch.Tensor, lay
     te = build_training_engine(cfg, ps, info)
     for k in range(2):
         b = micro_batch(k, ps.dp_rank)
+        if te.is_pipeline:
+            te.pipeline_step.run([b])
+            continue
         out_ = te.engine(b["input_ids"], b["labels"], b["doc_ids"])
         te.engine.backward(out_.loss)
         te.engine.step()
     client = {"fwl_step": {"step": 1, "tokens": 0, "skipped_total": 0, "nonfinite_in_row": 0}, "data": {}, "rng": []}
     CheckpointManager(Path(out), 1, rank).save(te.engine, 1, client, cfg, ps.dp_size)
-    te.engine.eval()
     docs = document_ids(ids, 1)
+    if te.is_pipeline:
+        labels = next_token_labels(ids, docs)
+        forward = te.eval_forward([{"input_ids": ids, "labels": labels, "doc_ids": docs}])
+        got = forward(ids, labels, docs)
+        if te.is_last_stage:
+            torch.save(got.token_loss, Path(out) / "parallel_token_loss.pt")
+        return
+    te.engine.eval()
     with torch.no_grad():
         logits = te.engine.module(ids, next_token_labels(ids, docs), docs, return_logits=True).logits
     if rank == 0:
@@ -246,6 +258,20 @@ def test_zero3_checkpoint(trained, tmp_path):
     export_checkpoint(tmp_path / "zero3", tmp_path / "hf")
     got = hf_side(tmp_path / "hf", tmp_path, ids, [T])
     assert rel_err(got[f"logits{T}"], torch.load(tmp_path / "zero3" / "parallel_logits.pt")) <= TOL
+
+
+def test_pipeline_checkpoint(trained, tmp_path):
+    """pp=2: no rank holds the whole model, and the export joins the stages' layers (and the tied
+    embedding's two copies). The last stage's per-token losses, every position of a window holding a
+    document end, equal those of the exported model's logits."""
+    ids = trained[4][:, :T]
+    run_distributed(2, _parallel_checkpoint, str(tmp_path / "pp2"), ids, "pp2")
+    export_checkpoint(tmp_path / "pp2", tmp_path / "hf")
+    got = hf_side(tmp_path / "hf", tmp_path, ids, [T])
+    labels = next_token_labels(ids, document_ids(ids, 1))
+    assert (labels == -100).any() and (labels != -100).sum() > T // 2  # a document end, and a real window
+    token_loss = torch.nn.functional.cross_entropy(got[f"logits{T}"].transpose(1, 2), labels, reduction="none")
+    assert rel_err(token_loss, torch.load(tmp_path / "pp2" / "parallel_token_loss.pt")) <= TOL
 
 
 def test_tensor_parallel_checkpoint_and_baseline(trained, tmp_path):
@@ -374,8 +400,10 @@ def test_kv_cache_equals_recomputed_window():
 
 def test_import_transformers_body(trained, tmp_path):
     """A GPT-NeoX body made here: as fwl_scale's baseline its logits are NeoX's; with the FWL added on top
-    `import` makes a step-0 checkpoint holding its body and `fwl train` fine-tunes it; GPT-2 is refused."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+    `import` makes a step-0 checkpoint holding its body and `fwl train` fine-tunes it; GPT-2 and Llama are
+    refused."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                              LlamaForCausalLM)
 
     from fwl_scale.hf.body_import import BodyImportError, body_weights
     from fwl_scale.checkpoint.native import find_latest
@@ -409,7 +437,13 @@ def test_import_transformers_body(trained, tmp_path):
     assert Trainer(config(new_run, *fwl_cfg)).run() == 0
     assert sorted(step_losses(new_run)) == [1, 2]
 
-    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(BodyImportError, match=r"gpt2.config.json: unsupported architecture 'gpt2': GPT-2 adds learned"):
-        import_hf(tmp_path / "gpt2", config(tmp_path / "gpt2_run", *fwl_cfg))
-    assert not (tmp_path / "gpt2_run").exists()
+    # GPT-2 and Llama bodies of the same shape compute other functions than fwl_scale's body (learned
+    # absolute positions; RMSNorm and a gated SiLU MLP without biases): refused, naming why, nothing written.
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=128)).save_pretrained(tmp_path / "llama")
+    for name, why in [("gpt2", "GPT-2 adds learned absolute position embeddings"),
+                      ("llama", "Llama uses RMSNorm and a SwiGLU MLP without biases")]:
+        with pytest.raises(BodyImportError, match=rf"{name}.config.json: unsupported architecture '{name}': {why}"):
+            import_hf(tmp_path / name, config(tmp_path / f"{name}_run", *fwl_cfg))
+        assert not (tmp_path / f"{name}_run").exists()
