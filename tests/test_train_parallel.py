@@ -7,8 +7,9 @@ starts them), on real text, against one process with the same global batch:
 * exact resume (tp=2, pp=2): a run resumed from the step-3 checkpoint continues with the very same losses
   as the uninterrupted run (model, optimizer, schedule, RNG, data position);
 * conversion: `fwl ckpt convert` of the step-3 checkpoint of each layout, resumed by one process
-  (tp=2 -> 1, pp=2 -> 1, dp=2 -> 1), and the single process's resumed with dp=2 (1 -> 2): the next steps'
-  losses equal the uninterrupted run's;
+  (tp=2 -> 1, pp=2 -> 1, dp=2 -> 1), the single process's resumed with dp=2 (1 -> 2), and the tp=2 run's
+  resumed by 4 processes at tp=2 x dp=2 (2 -> 4: the loader at a larger dp, the optimizer state split
+  another way): the next steps' losses equal the uninterrupted run's;
 * bad input: the native tp=2 checkpoint resumed with tp=1 (refused, naming the conversion), a converted
   checkpoint of another model shape (refused), nothing written in either case; `fwl ckpt consolidate`
   gives the converted checkpoint's weights in one file.
@@ -136,3 +137,24 @@ def test_one_process_checkpoint_resumed_on_two(single, tmp_path):
     got = step_losses(converted)
     assert sorted(got) == [4, 5, 6] and records(converted, "start")[-1]["layout"][name] == 2
     close(got, step_losses(single), (4, 5, 6))
+
+
+@pytest.mark.parametrize("uninterrupted", ["tp"], indirect=True)
+def test_two_process_checkpoint_resumed_on_four(uninterrupted, single, tmp_path):
+    """2 -> 4: the tp=2 (ZeRO-2, dp=1) run's step-3 checkpoint, converted, resumed by 4 processes at
+    tp=2 x dp=2 with SP and ZeRO-1 (the same global batch of 4 rows: 2 per data-parallel rank). The next
+    steps' losses equal the single process's, and the 2-process run's own."""
+    name, out, _ = uninterrupted
+    converted = tmp_path / "converted"
+    proc = run_fwl("ckpt", "convert", str(out / "checkpoints" / "step_00000003"), str(converted))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    four = ("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=1", "parallel.micro_batch=2",
+            "parallel.grad_accum=1")
+    for code, log in launch_ranks(converted, *four, *STEPS, world=4):
+        assert code == 0, log[-4000:]
+    start = records(converted, "start")[-1]
+    assert start["world_size"] == 4 and start["layout"]["tp"] == 2 and start["layout"]["dp"] == 2, start
+    got = step_losses(converted)
+    assert sorted(got) == [4, 5, 6]
+    close(got, step_losses(single), (4, 5, 6))
+    close(got, step_losses(out), (4, 5, 6))
