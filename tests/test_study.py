@@ -27,6 +27,7 @@ from fwl_scale.eval.run import load_for_eval
 from fwl_scale.eval.streaming import evaluate_stream_positions
 from fwl_scale.study import report, store
 from fwl_scale.study.spec import load_spec
+from fwl_scale.train.signals import TEST_HOLD_ENV
 from tests.train_support import REPO, fwl_command, fwl_env, need_corpus, records, run_fwl, tiny_overrides
 
 # 3 steps with a validation at the last; one layer: seconds per run.
@@ -250,15 +251,21 @@ def test_failing_variant_is_reported_while_the_others_complete(finished, tmp_pat
 
 def test_stop_signal_checkpoints_exits_75_and_the_next_invocation_resumes(tmp_path):
     need_corpus()
-    steps = 400  # long enough to be signalled mid-run
+    steps, held = 10, 5
     spec = write_spec(tmp_path / "spec.yaml", tmp_path / "out", arms={"baseline": "configs/base_tiny.yaml"},
                       variants={"long": [f"train.steps={steps}", "train.eval_every=1000", "train.save_every=1000"]})
     run_dir = tmp_path / "out" / "runs" / "long-baseline-s1"
-    proc = subprocess.Popen(fwl_command("study", str(spec)), cwd=REPO, env=fwl_env(), stdout=subprocess.PIPE,
+    # The trainer waits after step 5 (the test hook, passed on by the study) until a stop signal arrives:
+    # the signal lands at a known step however slow the machine, and the run cannot finish first.
+    release = tmp_path / "release"
+    proc = subprocess.Popen(fwl_command("study", str(spec)), cwd=REPO,
+                            env=fwl_env(**{TEST_HOLD_ENV: f"step@{held + 1}:{release}"}), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        while not [r for r in records(run_dir, "train") if r["step"] >= 5]:
+        deadline = time.monotonic() + 300
+        while not Path(f"{release}.reached").exists():
             assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the trainer never reached the hold after step 5"
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGUSR1)  # to the study, which forwards it to the trainer
         output, _ = proc.communicate(timeout=300)
@@ -267,7 +274,7 @@ def test_stop_signal_checkpoints_exits_75_and_the_next_invocation_resumes(tmp_pa
     assert proc.returncode == 75, output
     assert "stopped (SIGUSR1) during long-baseline-s1" in output
     stop = records(run_dir, "stop")
-    assert len(stop) == 1 and stop[0]["step"] < steps
+    assert len(stop) == 1 and stop[0]["step"] == held
     assert not (tmp_path / "out" / "results" / "long-baseline-s1.json").exists()
     again = run_fwl("study", str(spec))
     assert again.returncode == 0, again.stderr[-3000:]
