@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import traceback
@@ -32,6 +33,9 @@ def reserved_port() -> Iterator[int]:
 
 
 def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
+    # A rank killed by a signal (SIGABRT from a C++ library, SIGSEGV) leaves no Python traceback for the
+    # error queue; faulthandler writes every thread's stack to the rank's stderr, which the test shows.
+    faulthandler.enable(all_threads=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)

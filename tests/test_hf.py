@@ -7,19 +7,21 @@
   trainer's; greedy generate() equals StreamingSession's greedy generation token for token (past a
   window end and a document end);
 * a tp=2 and a ZeRO-3 (dp=2) checkpoint (2 gloo processes, DeepSpeed's engine): the exported model's
-  logits equal the parallel model's own (fp32; bf16 export within 2e-2 of the largest logit); a baseline (FWL off)
-  exports with the same classes;
+  logits equal the parallel model's own (fp32; bf16 export within 2e-2 of the largest logit); a pp=2
+  checkpoint: its last stage's per-token losses equal the exported logits'; a baseline (FWL off) exports
+  with the same classes;
 * left padding: each row of a padded batch generates what it generates alone; beam search (the cache
   reordered) scores its best sequence as the whole forward does;
 * the key/value cache of streaming and generation equals the body on the whole window (float64);
 * round trip: the exported weights read back equal the checkpoint's exactly, `import` makes a step-0
   checkpoint of them, and training continues from them (its first loss is the exported model's);
 * bad input: an existing OUT_DIR, a foreign tokenizer, a missing weight shard, a changed tokenizer file.
+
+Import of other transformers bodies: tests/test_hf_import.py.
 """
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -27,64 +29,25 @@ from pathlib import Path
 import pytest
 import torch
 
+from fwl_scale.checkpoint.native import CheckpointManager, find_latest
+from fwl_scale.checkpoint.weights import load_model_weights
 from fwl_scale.config import load_config
-from fwl_scale.data import prepare_data
-from fwl_scale.data.tokenizer import Tokenizer
+from fwl_scale.data import train_tokenizer
 from fwl_scale.hf.convert import ExportError, export_checkpoint, import_hf, load_hf_weights
 from fwl_scale.hf.modeling_fwl import document_ids, next_token_labels
+from fwl_scale.hf.tokenization_fwl import FWLTokenizer
 from fwl_scale.model import StreamingSession, build_model
+from fwl_scale.model.gpt import KVCache
+from fwl_scale.parallel import init_parallel_state
+from fwl_scale.train.engine import DistInfo
+from fwl_scale.train.loop import Trainer
+from fwl_scale.train.parallel_engine import build_training_engine
 from tests.distributed import run_distributed
-from tests.train_support import REPO, fwl_env
+from tests.engine_support import micro_batch
+from tests.hf_support import T, TOL, config, rel_err, trained, write_text  # noqa: F401 (a fixture)
+from tests.train_support import REPO, fwl_env, step_losses
 
-DATA_ROOT = REPO / ".cache" / "tests" / "hf_data_v1"
-T = 16  # model.seq_len
-TOL = 1e-5
 TOL_BF16 = 2e-2
-
-
-def write_text(path: Path, n_docs: int, seed: int) -> None:
-    """Documents of pseudo-words (a fixed 300-word vocabulary, sentences, punctuation): real enough text
-    for a byte-fallback BPE, made here instead of downloaded."""
-    rng = random.Random(seed)
-    syll = ["ka", "lo", "mi", "ne", "tor", "vas", "ri", "un", "pel", "sa", "dor", "fi", "gu", "ham", "je", "wil"]
-    words = ["".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(300)]
-    with open(path, "w") as f:
-        for _ in range(n_docs):
-            sents = []
-            for _ in range(rng.randint(3, 12)):
-                s = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
-                sents.append(s[0].upper() + s[1:] + rng.choice([".", "!", "?", ","]))
-            f.write(json.dumps({"text": " ".join(sents) + "\n"}) + "\n")
-
-
-def overrides(out_dir: Path, *extra: str) -> list[str]:
-    return ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", f"model.seq_len={T}", "model.vocab_size=512",
-            "model.fwl.chunk_size=8", "model.fwl.step_size_init=0.3", f"data.train=[{DATA_ROOT / 'train.jsonl'}]",
-            f"data.root={DATA_ROOT}", "data.loader_workers=0", "data.workers=1", "parallel.micro_batch=2",
-            "train.steps=2", "train.warmup_steps=1", "train.lr=0.01", "train.eval_every=1000", "train.save_every=2",
-            "train.eval_batches=1", "train.log_every=1", "train.wandb.enabled=false", f"train.out_dir={out_dir}", *extra]
-
-
-def config(out_dir: Path, *extra: str):
-    if not (DATA_ROOT / "train.jsonl").is_file():
-        DATA_ROOT.mkdir(parents=True, exist_ok=True)
-        write_text(DATA_ROOT / "train.jsonl", 300, 0)
-    return load_config(None, overrides(out_dir, *extra))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(run dir, config, tokenizer, evaluation text ids): a 2-step single-process FWL run."""
-    from fwl_scale.train.loop import Trainer
-
-    out = tmp_path_factory.mktemp("run")
-    cfg = config(out)
-    paths = prepare_data(cfg)
-    assert Trainer(cfg).run() == 0
-    tok = Tokenizer.load(paths.tokenizer)
-    text = [json.loads(line)["text"] for line in open(DATA_ROOT / "train.jsonl")][-2:]
-    ids = tok.encode(text[0])[:10] + [tok.eos_id] + tok.encode(text[1])[:3 * T]
-    return out, cfg, tok, text, torch.tensor([ids])
 
 
 HF_SIDE = r"""
@@ -130,10 +93,6 @@ def hf_side(hf_dir: Path, tmp: Path, ids: torch.Tensor, lengths: list[int], text
                           cwd=tmp, env=fwl_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(tmp / "out.pt")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def reference(model, ids: torch.Tensor, eod: int):
@@ -215,12 +174,6 @@ PARALLEL = {"tp2": ("parallel.tp=2", "parallel.sequence_parallel=true", "paralle
 def _parallel_checkpoint(rank: int, world: int, out: str, ids: torch.Tensor, layout: str) -> None:
     """A checkpoint of `layout` on 2 ranks after two steps, and the parallel model's own logits (a
     pipeline's last stage gives per-token losses only: those instead)."""
-    from fwl_scale.parallel import init_parallel_state
-    from fwl_scale.checkpoint.native import CheckpointManager
-    from fwl_scale.train.engine import DistInfo
-    from fwl_scale.train.parallel_engine import build_training_engine
-    from tests.engine_support import micro_batch
-
     cfg = config(Path(out), *PARALLEL[layout])
     ps = init_parallel_state(cfg)
     info = DistInfo(rank=rank, world_size=world, local_rank=rank, dp=ps.dp_size, device=torch.device("cpu"),
@@ -287,9 +240,6 @@ def test_tensor_parallel_checkpoint_and_baseline(trained, tmp_path):
     assert rel_err(got[f"logits{T}"], torch.load(out / "parallel_logits.pt")) <= TOL
     # bf16 weights, run in bf16 (the single-process run's): 2e-2 of the largest logit (bf16 keeps 8 bits;
     # measured 0.8e-2).
-    from fwl_scale.checkpoint.native import find_latest
-    from fwl_scale.checkpoint.weights import load_model_weights
-
     hf_bf16 = tmp_path / "hf_bf16"
     export_checkpoint(run, hf_bf16, dtype="bfloat16")
     got = hf_side(hf_bf16, tmp_path, ids, [T])
@@ -299,8 +249,6 @@ def test_tensor_parallel_checkpoint_and_baseline(trained, tmp_path):
     assert rel_err(got[f"logits{T}"].float(), reference(fp32.eval(), ids, tok.eos_id).logits) <= TOL_BF16
 
     # A baseline (FWL off) exports with the same classes.
-    from fwl_scale.train.loop import Trainer
-
     base = tmp_path / "base"
     assert Trainer(config(base, "model.fwl.enabled=false")).run() == 0
     hf_base = tmp_path / "hf_base"
@@ -313,11 +261,6 @@ def test_tensor_parallel_checkpoint_and_baseline(trained, tmp_path):
 
 
 def test_round_trip_and_training_continues(trained, tmp_path):
-    from fwl_scale.checkpoint.native import find_latest
-    from fwl_scale.checkpoint.weights import load_model_weights
-    from fwl_scale.train.loop import Trainer
-    from tests.train_support import step_losses
-
     run, cfg, tok, text, ids = trained
     hf = tmp_path / "hf"
     export_checkpoint(run, hf)
@@ -346,8 +289,6 @@ def test_round_trip_and_training_continues(trained, tmp_path):
 
 
 def test_bad_input(trained, tmp_path):
-    from fwl_scale.data import train_tokenizer
-
     run, cfg, tok, text, ids = trained
     existing = tmp_path / "exists"
     existing.mkdir()
@@ -369,8 +310,6 @@ def test_bad_input(trained, tmp_path):
     with pytest.raises(ExportError, match=f"{shard.name}: missing"):
         load_hf_weights(hf)
     (hf / "spm.model").write_bytes(foreign.path.read_bytes())
-    from fwl_scale.hf.tokenization_fwl import FWLTokenizer
-
     sha = json.loads((hf / "tokenizer_config.json").read_text())["fwl_tokenizer_sha256"]
     with pytest.raises(ValueError, match=r"spm.model: sha256 .* differs from the .* recorded"):
         FWLTokenizer(str(hf / "spm.model"), fwl_tokenizer_sha256=sha)
@@ -379,8 +318,6 @@ def test_bad_input(trained, tmp_path):
 def test_kv_cache_equals_recomputed_window():
     """GPT.body_cached (keys and values of the window cached per layer) against the body recomputed on the
     whole window, float64, token by token and in a piece of 3, with documents starting inside the window."""
-    from fwl_scale.model.gpt import KVCache
-
     cfg = load_config(None, ["model.d_model=16", "model.n_heads=2", "model.n_layers=2", "model.seq_len=12",
                              "model.vocab_size=50", "model.vocab_multiple=64"]).model
     torch.manual_seed(0)
@@ -396,54 +333,3 @@ def test_kv_cache_equals_recomputed_window():
                          for a, b in zip(cuts[:-1], cuts[1:])], dim=1)
     assert float((got - whole).abs().max()) <= 1e-12 * float(whole.abs().max())
     assert kv[0].k.shape[2] == 12
-
-
-def test_import_transformers_body(trained, tmp_path):
-    """A GPT-NeoX body made here: as fwl_scale's baseline its logits are NeoX's; with the FWL added on top
-    `import` makes a step-0 checkpoint holding its body and `fwl train` fine-tunes it; GPT-2 and Llama are
-    refused."""
-    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                              LlamaForCausalLM)
-
-    from fwl_scale.hf.body_import import BodyImportError, body_weights
-    from fwl_scale.checkpoint.native import find_latest
-    from fwl_scale.checkpoint.weights import load_model_weights
-    from fwl_scale.train.loop import Trainer
-    from tests.train_support import step_losses
-
-    run, cfg, tok, text, ids = trained
-    torch.manual_seed(1)
-    neox = GPTNeoXForCausalLM(GPTNeoXConfig(
-        vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-        use_parallel_residual=False, rotary_pct=1.0, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=False)).eval()
-    with torch.no_grad():
-        for p in neox.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # away from the zero biases / unit norms of its initialisation
-    neox.save_pretrained(tmp_path / "neox")
-    base = config(tmp_path / "unused", "model.tie_embeddings=false", "model.fwl.enabled=false")
-    model = build_model(base.model)
-    model.load_state_dict(body_weights(tmp_path / "neox", base))
-    x = ids[:, 11:11 + T]  # one document (NeoX has no document masking)
-    with torch.no_grad():
-        assert rel_err(model.eval()(x, return_logits=True).logits, neox(x).logits) <= TOL
-
-    new_run = tmp_path / "neox_fwl"
-    fwl_cfg = ("model.tie_embeddings=false",)
-    import_hf(tmp_path / "neox", config(new_run, *fwl_cfg))
-    saved = load_model_weights(find_latest(new_run / "checkpoints"))
-    expected = body_weights(tmp_path / "neox", config(new_run, *fwl_cfg))
-    assert all(torch.equal(saved[k], expected[k]) for k in expected) and any(k.startswith("fwl.") for k in saved)
-    assert torch.equal(saved["blocks.1.mlp.fc.weight"], neox.state_dict()["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"])
-    assert Trainer(config(new_run, *fwl_cfg)).run() == 0
-    assert sorted(step_losses(new_run)) == [1, 2]
-
-    # GPT-2 and Llama bodies of the same shape compute other functions than fwl_scale's body (learned
-    # absolute positions; RMSNorm and a gated SiLU MLP without biases): refused, naming why, nothing written.
-    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / "gpt2")
-    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=128)).save_pretrained(tmp_path / "llama")
-    for name, why in [("gpt2", "GPT-2 adds learned absolute position embeddings"),
-                      ("llama", "Llama uses RMSNorm and a SwiGLU MLP without biases")]:
-        with pytest.raises(BodyImportError, match=rf"{name}.config.json: unsupported architecture '{name}': {why}"):
-            import_hf(tmp_path / name, config(tmp_path / f"{name}_run", *fwl_cfg))
-        assert not (tmp_path / f"{name}_run").exists()
