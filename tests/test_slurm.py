@@ -199,14 +199,29 @@ class Job:
                              timeout=30)
         assert out.returncode == 0, out.stderr
 
-    def kill_processes(self) -> None:
-        """SIGKILL to every process of the job on both nodes (by pid, from `scontrol listpids`)."""
+    def pids(self) -> list[int]:
+        """The job's processes on both nodes (`scontrol listpids`); [] once slurmd knows none of it."""
         pids = []
         for node in ("node1", "node2"):
             out = subprocess.run(["scontrol", "listpids", self.id, node], env=self.env, capture_output=True,
                                  text=True, timeout=30)
-            assert out.returncode == 0, out.stderr
+            if out.returncode != 0 and f"JobId={self.id} does not exist on node {node}" in out.stdout + out.stderr:
+                continue  # the node holds nothing of the job any more
+            assert out.returncode == 0, out.stdout + out.stderr
             pids += [int(line.split()[0]) for line in out.stdout.splitlines()[1:] if line.strip()]
+        return pids
+
+    def wait_gone(self, timeout: float = JOB_TIMEOUT) -> None:
+        """Waits until no process of the job is left on either node: nothing of it (its batch shell is
+        what would `scontrol requeue` it) can act on it any more."""
+        deadline = time.monotonic() + timeout
+        while pids := self.pids():
+            assert time.monotonic() < deadline, f"job {self.id} still has processes {pids} after {timeout}s"
+            time.sleep(0.2)
+
+    def kill_processes(self) -> None:
+        """SIGKILL to every process of the job on both nodes (by pid, from `scontrol listpids`)."""
+        pids = self.pids()
         assert len(pids) >= 3, f"expected the batch shell and two ranks, got pids {pids}"
         for pid in pids:
             try:
@@ -334,7 +349,9 @@ def run_cancelled(env: dict[str, str], work: Path) -> Outcome:
     seen = job.wait_step(work / "run", 15)
     job.scancel()
     info = job.wait_done()
-    time.sleep(15)  # longer than a requeued job's hold (cred_expire) plus a scheduling pass
+    # A requeue shows at once (Restarts counts it, the state leaves CANCELLED); only the job's own batch
+    # shell would ask for one. Once none of the job's processes is left, its state is final.
+    job.wait_gone()
     return Outcome(job, work / "run", info, {"step": seen, "later": job.info()})
 
 
@@ -462,7 +479,7 @@ def test_scancel_stops_the_job_for_good(scenarios):
     run = scenarios["cancelled"].outcome()
     text = run.job.text()
     assert run.info["JobState"] == "CANCELLED" and run.info["Restarts"] == "0", text[-4000:]
-    # Still cancelled well after a requeued job would have started again.
+    # Still cancelled once nothing of the job is left that could requeue it.
     assert run.seen["later"]["JobState"] == "CANCELLED" and run.seen["later"]["Restarts"] == "0"
     assert len(records(run.out_dir, "start")) == 1
     assert max(train_steps(run.out_dir)) < STEPS
