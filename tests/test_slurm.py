@@ -205,8 +205,10 @@ class Job:
         for node in ("node1", "node2"):
             out = subprocess.run(["scontrol", "listpids", self.id, node], env=self.env, capture_output=True,
                                  text=True, timeout=30)
-            if out.returncode != 0 and f"JobId={self.id} does not exist on node {node}" in out.stdout + out.stderr:
-                continue  # the node holds nothing of the job any more
+            said = out.stdout + out.stderr
+            if out.returncode != 0 and (f"JobId={self.id} does not exist on node {node}" in said
+                                        or f"There are no steps for job {self.id} on node {node}" in said):
+                continue  # the node runs nothing of the job (any more, or yet)
             assert out.returncode == 0, out.stdout + out.stderr
             pids += [int(line.split()[0]) for line in out.stdout.splitlines()[1:] if line.strip()]
         return pids
