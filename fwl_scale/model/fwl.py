@@ -22,7 +22,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.model.fast_weights import (ChunkLayout, causal_cumsum, causal_linear_attention,
@@ -32,81 +31,13 @@ from fwl_scale.model.fwl_cp import receive_keys_values, receive_state, replicate
 from fwl_scale.model.fwl_state import (DECAY, FAST_TENSORS, NORMALIZE, FWLState, count_normalisers,
                                        inverse_count)
 from fwl_scale.parallel.context import CPContext, choose_exchange, exclusive_state_scan
-from fwl_scale.parallel.layers import (init_normal_, set_replicated, set_sharded, tp_rank, tp_size,
-                                       vocab_parallel_cross_entropy, vocab_parallel_softmax_input_grad)
+from fwl_scale.model.vocab import unembedding_input_grad
+from fwl_scale.parallel.layers import init_normal_, set_replicated, set_sharded, tp_rank, tp_size
 from fwl_scale.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp, reduce_from_tp
 from fwl_scale.parallel.state import TPContext
 
 # The ones whose sums (and fast updates) are sharded or partial under tensor parallelism.
 _SHARDED_SUMS = 3
-
-
-def _at_least_fp32(t: Tensor) -> Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _unembedding_input_grad_chunk(u: Tensor, labels: Tensor, scale: Tensor, weight: Tensor,
-                                  bias: Tensor | None, vocab_size: int) -> Tensor:
-    """scale·Uᵀ(softmax(U u + c) - onehot(y)) for a chunk of tokens, never forming a one-hot."""
-    U = weight[:vocab_size]
-    z = u @ U.t()
-    if bias is not None:
-        z = z + bias[:vocab_size]
-    p = torch.softmax(_at_least_fp32(z), dim=-1).to(u.dtype)
-    g = p @ U - U[labels.clamp(min=0)]
-    return g * scale.unsqueeze(-1)
-
-
-def _cross_entropy_chunk(u: Tensor, labels: Tensor, weight: Tensor, bias: Tensor | None,
-                         vocab_size: int) -> Tensor:
-    z = u @ weight[:vocab_size].t()
-    if bias is not None:
-        z = z + bias[:vocab_size]
-    return F.cross_entropy(_at_least_fp32(z), labels, ignore_index=IGNORE_INDEX, reduction="none")
-
-
-def _over_token_chunks(fn, chunk: int, per_token: tuple[Tensor, ...], shared: tuple) -> Tensor:
-    """Applies a vocabulary-sized function to token chunks, recomputing each chunk in backward so at
-    most one [chunk, V] tensor is alive at a time. (Under tensor parallelism the chunk's collectives run
-    again in the recomputation, in the same order on every rank.)"""
-    outs = []
-    for s in range(0, per_token[0].shape[0], chunk):
-        args = [t[s:s + chunk] for t in per_token]
-        if torch.is_grad_enabled():
-            outs.append(checkpoint(fn, *args, *shared, use_reentrant=False))
-        else:
-            outs.append(fn(*args, *shared))
-    return torch.cat(outs)
-
-
-def unembedding_input_grad(u_btd: Tensor, weight: Tensor, bias: Tensor | None, labels_bt: Tensor,
-                           scale_bt: Tensor, vocab_size: int, chunk: int, tp: TPContext | None = None) -> Tensor:
-    """scale·Uᵀ(softmax(U u + c) - onehot(y)) per token. Under tensor parallelism `weight`/`bias` are
-    this rank's vocabulary rows, `u_btd` is replicated and the result is replicated."""
-    B, T, D = u_btd.shape
-    if tp_size(tp) > 1:
-        per_token = (copy_to_tp(u_btd, tp).reshape(B * T, D), labels_bt.reshape(-1), scale_bt.reshape(-1))
-        g = _over_token_chunks(vocab_parallel_softmax_input_grad, chunk, per_token, (weight, bias, vocab_size, tp))
-    else:
-        per_token = (u_btd.reshape(B * T, D), labels_bt.reshape(-1), scale_bt.reshape(-1))
-        g = _over_token_chunks(_unembedding_input_grad_chunk, chunk, per_token, (weight, bias, vocab_size))
-    return g.reshape(B, T, D)
-
-
-def token_cross_entropy(u_btd: Tensor, weight: Tensor, bias: Tensor | None, labels_bt: Tensor,
-                        vocab_size: int, chunk: int, tp: TPContext | None = None) -> Tensor:
-    """Per-token cross-entropy [B, T] (0 at ignored positions), in token chunks.
-
-    Under tensor parallelism (vocabulary-parallel `weight`/`bias`) `u_btd` must already be inside the
-    tensor-parallel region (copy_to_tp of a replicated tensor, or gather_from_sequence of sequence
-    chunks); the result is replicated."""
-    B, T, D = u_btd.shape
-    per_token = (u_btd.reshape(B * T, D), labels_bt.reshape(-1))
-    if tp_size(tp) > 1:
-        loss = _over_token_chunks(vocab_parallel_cross_entropy, chunk, per_token, (weight, bias, vocab_size, tp))
-    else:
-        loss = _over_token_chunks(_cross_entropy_chunk, chunk, per_token, (weight, bias, vocab_size))
-    return loss.reshape(B, T)
 
 
 def layer_norm_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor]:

@@ -42,11 +42,12 @@ from torch.utils.checkpoint import checkpoint
 
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import ModelConfig
-from fwl_scale.model.fwl import FastWeightLayer, FWLState, token_cross_entropy
+from fwl_scale.model.fwl import FastWeightLayer, FWLState
+from fwl_scale.model.vocab import VocabLoss
 from fwl_scale.parallel.layers import (ColumnParallelLinear, LayerNorm, RowParallelLinear, VocabParallelEmbedding,
                                        full_shape, init_normal_, is_sharded, tp_size)
 from fwl_scale.parallel.context import CPContext, cp_context, gather_sequence
-from fwl_scale.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp
+from fwl_scale.parallel.mappings import copy_to_tp, gather_from_sequence
 from fwl_scale.parallel.state import ParallelState, TPContext
 
 
@@ -164,40 +165,6 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class VocabLoss(nn.Module):
-    """Per-token cross-entropy (and, if asked, the logits) of the unembedding U u + c.
-
-    A module of its own, without parameters of its own, so that DeepSpeed ZeRO-3 can gather the tied
-    unembedding (and the FWL's output bias) for its forward *and* its backward: the losses are computed
-    in token chunks recomputed during backward, which under ZeRO-3 needs those parameters gathered
-    again (GPT registers them as this module's external parameters, see GPT._register_zero3_externals)."""
-
-    def __init__(self, cfg: ModelConfig, tp: TPContext | None):
-        super().__init__()
-        self.vocab_size = cfg.vocab_size
-        self.vocab_chunk = cfg.fwl.vocab_chunk
-        self.tp = tp
-
-    def forward(self, u: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                return_logits: bool = False) -> tuple[Tensor, Tensor | None]:
-        """`u` [B, T, s]: replicated, or under tensor parallelism inside the tensor-parallel region
-        (copy_to_tp / gather_from_sequence); `weight`/`bias` this rank's vocabulary rows."""
-        tp, V = self.tp, self.vocab_size
-        token_loss = token_cross_entropy(u, weight, bias, labels, V, self.vocab_chunk, tp)
-        logits = None
-        if return_logits:
-            if tp is None:
-                logits = u @ weight[:V].t()
-                if bias is not None:
-                    logits = logits + bias[:V]
-            else:
-                local = u @ weight.t()
-                if bias is not None:
-                    local = local + bias
-                logits = gather_from_tp(local, tp, dim=-1)[..., :V]
-        return token_loss, logits
-
-
 def _cp_context(tp_group, exchange: str) -> CPContext | None:
     if isinstance(tp_group, ParallelState):
         return cp_context(tp_group, exchange)
@@ -245,7 +212,7 @@ class GPT(nn.Module):
                 device=device, tp=tp, cp=self.cp, residual=f.residual, normalize=f.normalize, decay=f.decay,
                 decay_init=f.decay_init)
             self.fwl.step_scale = f.step_scale
-        self.vocab_loss = VocabLoss(cfg, tp)
+        self.vocab_loss = VocabLoss(cfg.vocab_size, cfg.fwl.vocab_chunk, tp)
         self._zero3_externals_registered = False
         self.activation_checkpointing = False
         if device is None or torch.device(device).type != "meta":

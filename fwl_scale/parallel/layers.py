@@ -20,9 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fwl_scale import IGNORE_INDEX
-from fwl_scale.parallel.mappings import (all_reduce_max_, all_reduce_tp, copy_to_tp, gather_from_sequence,
-                                         reduce_from_tp, reduce_scatter_to_sequence)
+from fwl_scale.parallel.mappings import (copy_to_tp, gather_from_sequence, reduce_from_tp,
+                                         reduce_scatter_to_sequence)
 from fwl_scale.parallel.state import TPContext
 
 
@@ -247,70 +246,3 @@ class LayerNorm(nn.LayerNorm):
         if self.tp is not None and self.tp.sequence_parallel:
             w, b = copy_to_tp(w, self.tp), copy_to_tp(b, self.tp)
         return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
-
-
-# --- vocabulary-parallel softmax functions ----------------------------------------------------------
-# `u` [N, s] below is already inside the tensor-parallel region (through copy_to_tp or
-# gather_from_sequence), labels [N], scale [N]; `weight` [V/tp, s] and `bias` [V/tp] are this rank's rows of the padded vocabulary. Columns of the
-# padding (global index >= vocab_size) are -inf in every softmax, so tp = 1 and tp > 1 are one function.
-
-def _at_least_fp32(t: Tensor) -> Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def vocab_parallel_logits(u: Tensor, weight: Tensor, bias: Tensor | None, vocab_size: int,
-                          tp: TPContext | None) -> Tensor:
-    """This rank's logits [N, V/tp] (fp32 or wider), padded columns -inf."""
-    z = u @ weight.t()
-    if bias is not None:
-        z = z + bias
-    z = _at_least_fp32(z)
-    start = tp_rank(tp) * weight.shape[0]
-    n_real = max(0, min(weight.shape[0], vocab_size - start))
-    if n_real < weight.shape[0]:
-        pad = torch.arange(weight.shape[0], device=z.device) >= n_real
-        z = z.masked_fill(pad, float("-inf"))
-    return z
-
-
-def _label_in_shard(labels: Tensor, weight: Tensor, tp: TPContext | None) -> tuple[Tensor, Tensor]:
-    start = tp_rank(tp) * weight.shape[0]
-    local = labels - start
-    inside = (local >= 0) & (local < weight.shape[0])
-    return local.clamp(0, weight.shape[0] - 1), inside
-
-
-def _softmax_stats(z: Tensor, tp: TPContext | None) -> Tensor:
-    """The global max over the vocabulary, detached: softmax and log-sum-exp do not depend on the shift."""
-    m = z.detach().amax(dim=-1)
-    return all_reduce_max_(m, tp)
-
-
-def vocab_parallel_cross_entropy(u: Tensor, labels: Tensor, weight: Tensor, bias: Tensor | None,
-                                 vocab_size: int, tp: TPContext) -> Tensor:
-    """Per-token cross-entropy [N] (0 where labels == IGNORE_INDEX), replicated over tp."""
-    z = vocab_parallel_logits(u, weight, bias, vocab_size, tp)
-    m = _softmax_stats(z, tp)
-    # The sum-exp and the label's logit only feed replicated values (the loss): reduce_from suffices.
-    sum_exp = reduce_from_tp(torch.exp(z - m.unsqueeze(-1)).sum(dim=-1), tp)
-    local, inside = _label_in_shard(labels, weight, tp)
-    z_label = z.gather(-1, local.unsqueeze(-1)).squeeze(-1)
-    z_label = reduce_from_tp(torch.where(inside, z_label, torch.zeros_like(z_label)), tp)
-    loss = torch.log(sum_exp) + m - z_label
-    return torch.where(labels == IGNORE_INDEX, torch.zeros_like(loss), loss)
-
-
-def vocab_parallel_softmax_input_grad(u: Tensor, labels: Tensor, scale: Tensor, weight: Tensor,
-                                      bias: Tensor | None, vocab_size: int, tp: TPContext) -> Tensor:
-    """scale·Uᵀ(softmax(U u + c) - onehot(y)) [N, s], replicated over tp, as differentiable ops (the
-    FWL's slow gradient is differentiated again by the outer loss). The sum-exp is consumed by this
-    rank's probabilities only, so its all-reduce is differentiable both ways (all_reduce_tp); Uᵀgz is a
-    sum of per-rank parts (reduce_from_tp)."""
-    z = vocab_parallel_logits(u, weight, bias, vocab_size, tp)
-    m = _softmax_stats(z, tp)
-    e = torch.exp(z - m.unsqueeze(-1))
-    p = (e / all_reduce_tp(e.sum(dim=-1, keepdim=True), tp)).to(u.dtype)
-    local, inside = _label_in_shard(labels, weight, tp)
-    label_rows = weight[local] * inside.unsqueeze(-1).to(u.dtype)
-    g = reduce_from_tp(p @ weight - label_rows, tp)
-    return g * scale.unsqueeze(-1)
