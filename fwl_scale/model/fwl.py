@@ -18,22 +18,23 @@ sequence on every rank, so each computes it for its positions.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fwl_scale import IGNORE_INDEX
-from fwl_scale.model.fast_weights import (ChunkLayout, causal_cumsum, causal_linear_attention,
-                                         cross_linear_attention, cumsum_totals, linear_attention_totals,
-                                         masked_state)
-from fwl_scale.model.fwl_cp import receive_keys_values, receive_state, replicate_last
+from fwl_scale.model.fast_weights import ChunkLayout, masked_state
+from fwl_scale.model.fwl_cp import replicate_last
 from fwl_scale.model.fwl_state import (DECAY, FAST_TENSORS, NORMALIZE, FWLState, count_normalisers,
                                        inverse_count)
-from fwl_scale.parallel.context import CPContext, choose_exchange, exclusive_state_scan
+from fwl_scale.model.fwl_sums import FastSums
+from fwl_scale.model.parallelize import enter_tp_region, whole_sequence
 from fwl_scale.model.vocab import unembedding_input_grad
+from fwl_scale.parallel.context import CPContext, choose_exchange, exclusive_state_scan
 from fwl_scale.parallel.layers import init_normal_, set_replicated, set_sharded, tp_rank, tp_size
-from fwl_scale.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp, reduce_from_tp
+from fwl_scale.parallel.mappings import copy_to_tp, reduce_from_tp
 from fwl_scale.parallel.state import TPContext
 
 # The ones whose sums (and fast updates) are sharded or partial under tensor parallelism.
@@ -47,38 +48,20 @@ def layer_norm_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return (h - mean) * rstd, rstd
 
 
+@dataclass
+class Segment:
+    """One forward's labels and document boundaries: the whole sequence, and this rank's positions."""
+    labels: Tensor  # [B, T], the last one IGNORE_INDEX when its label is pending
+    reset: Tensor  # [B, T], True where a document starts (also at 0 when the carried document ends)
+    start: int  # this rank's first position (context parallelism), else 0
+    local_labels: Tensor  # [B, T_loc]
+    loss_weight: Tensor  # [B, T_loc], 1 where a label carries a loss
+
+
 class FastWeightLayer(nn.Module):
-    """The FWL block. With a TPContext it is tensor-parallel by the rules of docs/design.md §3.2:
-
-    * W1 (and b1) column-parallel over the hidden width 4s, W2 row-parallel; b2, alpha, beta, the step
-      sizes replicated; the unembedding U and its bias c vocabulary-parallel.
-    * Every use of a replicated tensor by a sharded computation enters through copy_to_tp (backward
-      all-reduce): x as W1's input, key and query; gh2 as W2's fast value and as the input of W2ᵀgh2; u
-      as the input of the inner softmax; the step sizes of W1, b1 and W2 (their gradients are sums of
-      per-rank parts, so they are all-reduced inside autograd, where ZeRO-2/3 expect them).
-    * The partial dot products a_j·a'_i of each rank sum exactly, so one all-reduce serves W2's slow
-      product and its fast update together; b2 and η_b2·Σgh2 are added once, after it.
-    * The inner softmax's max and sum-exp are all-reduced (the sum-exp differentiably both ways), Uᵀgz
-      is all-reduced.
-    * Under sequence parallelism the input x arrives as this rank's sequence chunk and is all-gathered
-      like any column-parallel input. Everything after W2 (LayerNorm, alpha, beta, the running sums of
-      width s) is replicated over the full sequence; the output u' is replicated [B, T, s].
-
-    The state is sharded like the weights: w1 [B, d, 4s/tp], b1 [B, 4s/tp], w2 [B, 4s/tp, s]; b2, alpha,
-    beta and pending_x are replicated.
-
-    With a CPContext (context parallelism, orthogonal to tp) each rank holds a contiguous chunk of every
-    sequence. After the slow pass every key and value of the six running sums exists, so the state that
-    enters the rank is exchanged once for the whole block before any fast computation:
-    * `state`: each rank's contribution is its sums after its last document start (the first rank's
-      include a carried state), flagged where a document starts on it; one `exclusive_state_scan`
-      (segmented exclusive scan, reverse scan in backward) gives every rank its entering state;
-    * `kv`: one all-gather of the keys and values (x, gh1, a, gh2, gu, gu⊙xhat); the vector sums of the
-      earlier ranks' tokens in the continuing document are summed, the fast dense layers attend to those
-      tokens directly (the quadratic form across the boundary);
-    * `auto`: whichever sends fewer bytes per rank (state dk·dv in fp32 vs T_rank·(dk+dv) activations).
-    A returned state is the last rank's, broadcast over the group (replicated over cp).
-    """
+    """The FWL block. Under tensor, sequence and context parallelism it runs by the rules in
+    model/parallelize.py (docs/design.md §3.2); the state is sharded like the weights: w1 [B, d, 4s/tp],
+    b1 [B, 4s/tp], w2 [B, 4s/tp, s]; b2, alpha, beta and pending_x replicated."""
 
     def __init__(self, d_model: int, width: int, hidden_mult: int, vocab_size: int, padded_vocab_size: int,
                  step_size_init: float, grad_scale: float, eps: float, chunk_size: int, vocab_chunk: int,
@@ -196,16 +179,25 @@ class FastWeightLayer(nn.Module):
                               device=state.b2.device)
         return inverse_count(state.count)
 
+    def w2_out(self, a: Tensor, update: Tensor | None = None, bias_update: Tensor | None = None) -> Tensor:
+        """W2 a + b2 (the fast pass: minus W2's and b2's updates). Under tp `a` is this rank's slice of
+        4s: a_j·a'_i and W2 a are partial sums, so one all-reduce serves W2's product and its update
+        together; b2 and its update are added once, after it."""
+        if self.tp is None and update is None:
+            return F.linear(a, self.w2, self.b2)
+        if self.tp is None:
+            return F.linear(a, self.w2, self.b2) - update - bias_update
+        h2 = F.linear(a, self.w2) if update is None else F.linear(a, self.w2) - update
+        h2 = reduce_from_tp(h2, self.tp) + self.b2
+        return h2 if bias_update is None else h2 - bias_update
+
     def slow_pass(self, x: Tensor, skip: Tensor | None) -> dict[str, Tensor]:
         """`x` [B, T, d]: inside the tensor-parallel region (replicated values). `skip`: the same values
         outside it (added to W2's output by a residual FWL, else None)."""
         h1 = F.linear(x, self.w1, self.b1)
         r = F.relu(h1)
         a = r * r
-        if self.tp is None:
-            h2 = F.linear(a, self.w2, self.b2)
-        else:
-            h2 = reduce_from_tp(F.linear(a, self.w2), self.tp) + self.b2
+        h2 = self.w2_out(a)
         if skip is not None:
             h2 = h2 + skip
         xhat, rstd = layer_norm_stats(h2, self.eps)
@@ -227,6 +219,13 @@ class FastWeightLayer(nn.Module):
         ga = gh2_tp @ self.w2
         gh1 = ga * 2 * slow["r"]
         return {"gu": gu, "gh2": gh2, "gh2_tp": gh2_tp, "gh1": gh1}
+
+    @staticmethod
+    def keys_values(x: Tensor, slow: dict[str, Tensor],
+                    grads: dict[str, Tensor]) -> dict[str, tuple[Tensor | None, Tensor]]:
+        """Keys and values of the six running sums (key None: a plain sum of the values)."""
+        return {"w1": (x, grads["gh1"]), "b1": (None, grads["gh1"]), "w2": (slow["a"], grads["gh2_tp"]),
+                "b2": (None, grads["gh2"]), "alpha": (None, grads["gu"] * slow["xhat"]), "beta": (None, grads["gu"])}
 
     def exchange_for(self, tokens_per_rank: int, dtype: torch.dtype) -> str | None:
         """How the state crosses context-parallel rank boundaries (None without cp): `state` or `kv`,
@@ -270,14 +269,30 @@ class FastWeightLayer(nn.Module):
         x = copy_to_tp(pending, self.tp)
         slow = self.slow_pass(x, pending if self.residual else None)
         weight = (label != IGNORE_INDEX).to(dtype)
-        g = self.slow_gradients(slow, unembed, label, weight)
-        add = {"w1": (x, g["gh1"]), "b1": (None, g["gh1"]), "w2": (slow["a"], g["gh2_tp"]), "b2": (None, g["gh2"]),
-               "alpha": (None, g["gu"] * slow["xhat"]), "beta": (None, g["gu"])}
+        kv = self.keys_values(x, slow, self.slow_gradients(slow, unembed, label, weight))
         ones = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         if count is not None:
             count = count + weight.to(count.dtype)
-        return {name: sums[name] + masked_state(k, v, ones).to(sums[name].dtype)
-                for name, (k, v) in add.items()}, count
+        return {name: sums[name] + masked_state(k, v, ones).to(sums[name].dtype) for name, (k, v) in kv.items()}, count
+
+    def _segment(self, labels_bt: Tensor, doc_ids_bt: Tensor, state: FWLState | None, last_label_pending: bool,
+                 B: int, T_loc: int, dtype: torch.dtype) -> Segment:
+        T = T_loc * (self.cp.size if self.cp is not None else 1)
+        if labels_bt.shape != (B, T) or doc_ids_bt.shape != (B, T):
+            raise ValueError(f"FWL: labels {tuple(labels_bt.shape)} and document ids {tuple(doc_ids_bt.shape)} "
+                             f"must be [B, T] = {(B, T)} (the whole sequence, also under sequence and context "
+                             f"parallelism)")
+        labels = labels_bt
+        if last_label_pending:
+            labels = labels.clone()
+            labels[:, -1] = IGNORE_INDEX
+        reset = torch.ones_like(doc_ids_bt, dtype=torch.bool)
+        reset[:, 1:] = doc_ids_bt[:, 1:] != doc_ids_bt[:, :-1]
+        if state is not None:
+            reset[:, 0] = doc_ids_bt[:, 0] != state.doc_id
+        start = self.cp.rank * T_loc if self.cp is not None else 0
+        return Segment(labels, reset, start, labels[:, start:start + T_loc],
+                       (labels[:, start:start + T_loc] != IGNORE_INDEX).to(dtype))
 
     def forward(self, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor, doc_ids_bt: Tensor | None = None,
                 state: FWLState | None = None, pending_labels_b: Tensor | None = None,
@@ -291,135 +306,42 @@ class FastWeightLayer(nn.Module):
         `last_label_pending`: the label of the last position is not known yet; its gradient is held back
         as pending in the returned state.
 
-        Tensor parallel: `x_btd` is replicated, or this rank's sequence chunk [B, T/tp, d] under
-        sequence parallelism; `unembed` is this rank's vocabulary rows; labels and document ids are the
-        whole sequence on every rank; u' is replicated.
-
-        Context parallel (cp ranks): `x_btd` is this rank's contiguous chunk of the sequence ([B, T/cp, d],
-        under sequence parallelism [B, T/(cp·tp), d]), labels and document ids the whole sequence [B, T];
-        u' is this rank's chunk [B, T/cp, s]. The state entering this rank comes from the earlier ranks
-        (exchange `state`: one segmented scan of the six running sums; `kv`: the earlier ranks' keys and
-        values, attended to directly). A carried state is replicated over the cp group (the returned one
-        is the last rank's, broadcast)."""
-        tp, cp = self.tp, self.cp
-        seq_par = tp is not None and tp.sequence_parallel
-        # x enters the tensor-parallel region once for its three uses (W1's input, key and query).
-        x = gather_from_sequence(x_btd, tp) if seq_par else copy_to_tp(x_btd, tp)
+        Where the tensors live under tensor, sequence and context parallelism: model/parallelize.py
+        (labels and document ids are always the whole sequence [B, T] on every rank)."""
+        x = enter_tp_region(x_btd, self.tp)  # once for its three uses: W1's input, key and query
         B, T_loc, _ = x.shape
-        T = T_loc * (cp.size if cp is not None else 1)
         if doc_ids_bt is None:
-            doc_ids_bt = torch.zeros(B, T, dtype=torch.long, device=x_btd.device)
-        if labels_bt.shape != (B, T) or doc_ids_bt.shape != (B, T):
-            raise ValueError(f"FWL: labels {tuple(labels_bt.shape)} and document ids {tuple(doc_ids_bt.shape)} "
-                             f"must be [B, T] = {(B, T)} (the whole sequence, also under sequence and context "
-                             f"parallelism)")
-        labels = labels_bt
-        if last_label_pending:
-            labels = labels.clone()
-            labels[:, -1] = IGNORE_INDEX
-        docs = doc_ids_bt
-        reset = torch.ones_like(docs, dtype=torch.bool)
-        reset[:, 1:] = docs[:, 1:] != docs[:, :-1]
-        if state is not None:
-            reset[:, 0] = docs[:, 0] != state.doc_id
-        s_in, count_in = self._incoming_state(state, pending_labels_b, docs[:, 0], unembed, x.dtype)
-        start = cp.rank * T_loc if cp is not None else 0
-        labels_loc, reset_loc = labels[:, start:start + T_loc], reset[:, start:start + T_loc]
-        loss_weight = (labels_loc != IGNORE_INDEX).to(x.dtype)
+            doc_ids_bt = torch.zeros_like(labels_bt, dtype=torch.long)
+        seg = self._segment(labels_bt, doc_ids_bt, state, last_label_pending, B, T_loc, x.dtype)
+        s_in, count_in = self._incoming_state(state, pending_labels_b, doc_ids_bt[:, 0], unembed, x.dtype)
         log_decay = self.log_decay()
-        decay = dict(zip(FAST_TENSORS, log_decay)) if log_decay is not None else {}
         scale, count_out = None, None
         if self.normalize == "mean":
             # The whole sequence on every cp rank (its labels are known everywhere); this rank's slice.
-            scale, count_out = count_normalisers(labels, reset, count_in, log_decay, self.chunk_size,
+            scale, count_out = count_normalisers(seg.labels, seg.reset, count_in, log_decay, self.chunk_size,
                                                  torch.promote_types(x.dtype, torch.float32))
-            scale = scale[:, start:start + T_loc]
+            scale = scale[:, seg.start:seg.start + T_loc]
+        skip = whole_sequence(x_btd, self.tp) if self.residual else None
 
-        skip = None
-        if self.residual:
-            # The replicated body output, outside the tensor-parallel region (its gradient is not summed
-            # over tp); under sequence parallelism gathered with a backward that keeps this rank's part.
-            skip = gather_from_tp(x_btd, tp, dim=1) if seq_par else x_btd
         slow = self.slow_pass(x, skip)
-        grads = self.slow_gradients(slow, unembed, labels_loc, loss_weight)
-        layout = ChunkLayout(reset_loc, self.chunk_for(T_loc))
-        # Keys and values of the six running sums (None: a plain sum of the values). All exist now,
-        # before any fast computation: the slow-pass gradients are all taken at θ.
-        keys_values = {"w1": (x, grads["gh1"]), "b1": (None, grads["gh1"]), "w2": (slow["a"], grads["gh2_tp"]),
-                       "b2": (None, grads["gh2"]), "alpha": (None, grads["gu"] * slow["xhat"]),
-                       "beta": (None, grads["gu"])}
-        exchange = self.exchange_for(T_loc, x.dtype)
-        # The matrix sums' chunk totals (2·dk·dv per token each) serve only a state: one handed on
-        # (returned or exchanged) or entering a later chunk. In the quadratic form of a whole window with
-        # nothing carried in they are skipped (the vector sums' totals cost next to nothing).
-        need_states = return_state or exchange is not None or layout.n_chunks > 1 or s_in is not None
-        totals = {name: (linear_attention_totals(k, v, layout, decay.get(name)) if k is not None
-                         else cumsum_totals(v, layout, decay.get(name)))
-                  for name, (k, v) in keys_values.items() if k is None or need_states}
-        cross = None
-        if exchange == "state":
-            received = receive_state(self, s_in, totals, layout, log_decay)
-        elif exchange == "kv":
-            received, cross = receive_keys_values(self, s_in, grads, slow, x, reset, layout, start, decay)
-        else:
-            received = s_in
-        rc = received if received is not None else {}
-
-        def normalised(name, out):
-            # k_i = 1/n_i of this fast tensor, per query (the update is linear in the sums).
-            return out if scale is None else out * scale[..., FAST_TENSORS.index(name)].unsqueeze(-1).to(out.dtype)
-
-        def lin_attn(name, q, k, v):
-            out, st = causal_linear_attention(q, k, v, reset_loc, rc.get(name), layout=layout,
-                                              totals=totals.get(name), need_state=need_states,
-                                              log_decay=decay.get(name))
-            if cross is not None:
-                out = out + cross_linear_attention(q, *cross[name], cross["q_mask"], cross["k_mask"],
-                                                   cross.get("weight_" + name))
-            return normalised(name, out), st
-
-        def cumsum(name, v):
-            out, st = causal_cumsum(v, reset_loc, rc.get(name), layout=layout, totals=totals[name],
-                                    log_decay=decay.get(name))
-            return normalised(name, out), st
-
+        grads = self.slow_gradients(slow, unembed, seg.local_labels, seg.loss_weight)
+        sums = FastSums(self, self.keys_values(x, slow, grads), s_in, seg.reset, seg.start,
+                        ChunkLayout(seg.reset[:, seg.start:seg.start + T_loc], self.chunk_for(T_loc)), log_decay,
+                        scale, slow, grads, x.dtype, return_state)
         eta = self.step_scale * self.step_sizes.to(x.dtype)  # η_b2, η_alpha, η_beta: replicated computations
         eta_tp = self.step_scale * self.step_sizes_for_shards().to(x.dtype)  # η_W1, η_b1, η_W2
-        dw1, s_w1 = lin_attn("w1", x, x, grads["gh1"])
-        db1, s_b1 = cumsum("b1", grads["gh1"])
-        h1_fast = slow["h1"] - eta_tp[0] * dw1.to(x.dtype) - eta_tp[1] * db1.to(x.dtype)
+        h1_fast = slow["h1"] - eta_tp[0] * sums.attend("w1", x) - eta_tp[1] * sums.cumsum("b1")
         a_fast = F.relu(h1_fast).pow(2)
-        # Under tp, a_j·a'_i is this rank's partial dot product: the partial fast update and the partial
-        # slow product are summed by one all-reduce.
-        dw2, s_w2 = lin_attn("w2", a_fast, slow["a"], grads["gh2_tp"])
-        db2, s_b2 = cumsum("b2", grads["gh2"])
-        if tp is None:
-            h2_fast = F.linear(a_fast, self.w2, self.b2) - eta[2] * dw2.to(x.dtype) - eta[3] * db2.to(x.dtype)
-        else:
-            h2_part = F.linear(a_fast, self.w2) - eta_tp[2] * dw2.to(x.dtype)
-            h2_fast = reduce_from_tp(h2_part, tp) + self.b2 - eta[3] * db2.to(x.dtype)
+        h2_fast = self.w2_out(a_fast, eta_tp[2] * sums.attend("w2", a_fast), eta[3] * sums.cumsum("b2"))
         if skip is not None:
             h2_fast = h2_fast + skip
         xhat_fast, _ = layer_norm_stats(h2_fast, self.eps)
-        d_alpha, s_alpha = cumsum("alpha", keys_values["alpha"][1])
-        d_beta, s_beta = cumsum("beta", keys_values["beta"][1])
-        u_fast = (self.alpha - eta[4] * d_alpha.to(x.dtype)) * xhat_fast + (self.beta - eta[5] * d_beta.to(x.dtype))
-
-        new_state = None
-        if return_state:
-            sums = {"w1": s_w1, "b1": s_b1, "w2": s_w2, "b2": s_b2, "alpha": s_alpha, "beta": s_beta}
-            if cross is not None:
-                # kv exchange: the matrix sums of the earlier ranks were attended to, never summed.
-                no_reset = (~layout.has_reset).to(s_w1.dtype)[:, None, None]
-                for name in ("w1", "w2"):
-                    sums[name] = sums[name] + no_reset * masked_state(*cross[name], cross["k_mask"],
-                                                                      cross.get("end_weight_" + name))
-            pending_x = None
-            if last_label_pending:
-                # Replicated (its own gradient convention): under sequence parallelism the last token
-                # lives on the last rank, so gather it with a backward that keeps this rank's part.
-                pending_x = (gather_from_tp(x_btd, tp, dim=1) if seq_par else x_btd)[:, -1]
-            if cp is not None:
-                sums, pending_x = replicate_last(self, sums, pending_x)
-            new_state = FWLState(**sums, doc_id=doc_ids_bt[:, -1].clone(), pending_x=pending_x, count=count_out)
-        return u_fast, new_state
+        u_fast = ((self.alpha - eta[4] * sums.cumsum("alpha")) * xhat_fast
+                  + (self.beta - eta[5] * sums.cumsum("beta")))
+        if not return_state:
+            return u_fast, None
+        pending_x = whole_sequence(x_btd, self.tp)[:, -1] if last_label_pending else None
+        final = sums.final()
+        if self.cp is not None:
+            final, pending_x = replicate_last(self, final, pending_x)
+        return u_fast, FWLState(**final, doc_id=doc_ids_bt[:, -1].clone(), pending_x=pending_x, count=count_out)

@@ -7,8 +7,8 @@ document. The body and its initialisation are the same for both heads, so FWL vs
 Tensor parallelism (Megatron's, docs/design.md §3.2; `build_model(cfg, tp_group=ParallelState)`): attention split
 by heads (q|k|v column-parallel, output projection row-parallel), the MLP column/row-parallel, the tied
 embedding/unembedding vocabulary-parallel over the padded vocabulary (padding masked in every softmax),
-the FWL block by its own rules (fwl.py). With sequence parallelism the residual stream and the norms hold
-this rank's chunk of the sequence. Every rank is given the whole batch (input ids, labels, document ids);
+the FWL block by its own rules (model/parallelize.py). With sequence parallelism the residual stream and
+the norms hold this rank's chunk of the sequence. Every rank is given the whole batch (input ids, labels, document ids);
 the loss and the returned token losses and logits are replicated. At tp = 1 every layer runs the ops of
 its torch.nn counterpart under the same parameter names.
 
@@ -19,9 +19,9 @@ Attention all-gathers the keys and values of every rank of the group (one all-ga
 backward reduce-scatters their gradients): exact, simple, and for moderate cp cheaper in latency than a
 ring, at the price of holding the whole sequence's keys and values of one layer at a time (a ring would
 hold two chunks; worth it when T·d per layer stops fitting). The FWL exchanges its state between ranks
-(fwl.py). The token losses and logits are this rank's chunk; the loss is this rank's share, scaled so that
-averaging over the cp group — what DeepSpeed's gradient averaging over dp × cp does — gives the unsplit
-model's loss and gradients.
+(fwl_sums.py, fwl_cp.py). The token losses and logits are this rank's chunk; the loss is this rank's
+share, scaled so that averaging over the cp group — what DeepSpeed's gradient averaging over dp × cp
+does — gives the unsplit model's loss and gradients.
 
 Body window (streaming): the body attends within the tokens it is given; `context_ids` prepends tokens the
 body attends to but the FWL does not process again (they are in its carried state), so a long document can
@@ -35,19 +35,19 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import ModelConfig
+from fwl_scale.model.blocks import Block, KVCache, document_positions
 from fwl_scale.model.fwl import FastWeightLayer, FWLState
+from fwl_scale.model.parallelize import cp_context_of, enter_tp_region, tp_context_of
 from fwl_scale.model.vocab import VocabLoss
-from fwl_scale.parallel.layers import (ColumnParallelLinear, LayerNorm, RowParallelLinear, VocabParallelEmbedding,
-                                       full_shape, init_normal_, is_sharded, tp_size)
-from fwl_scale.parallel.context import CPContext, cp_context, gather_sequence
-from fwl_scale.parallel.mappings import copy_to_tp, gather_from_sequence
+from fwl_scale.parallel.context import CPContext
+from fwl_scale.parallel.layers import (ColumnParallelLinear, LayerNorm, VocabParallelEmbedding, full_shape,
+                                       init_normal_, is_sharded, tp_size)
+from fwl_scale.parallel.mappings import copy_to_tp
 from fwl_scale.parallel.state import ParallelState, TPContext
 
 
@@ -62,130 +62,6 @@ class ModelOutput:
     logits: Tensor | None = None  # [B, T, V] only when asked for (under cp: this rank's chunk)
     fwl_state: FWLState | None = None
     seq_start: int = 0  # position of token_loss[:, 0] in the sequence (cp rank · T/cp)
-
-
-def document_positions(doc_ids_bt: Tensor) -> Tensor:
-    """Position of each token inside its document (restarting at every document change)."""
-    B, T = doc_ids_bt.shape
-    idx = torch.arange(T, device=doc_ids_bt.device).expand(B, T)
-    starts = torch.ones_like(doc_ids_bt, dtype=torch.bool)
-    starts[:, 1:] = doc_ids_bt[:, 1:] != doc_ids_bt[:, :-1]
-    start_idx = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
-    return idx - start_idx
-
-
-class Rotary(nn.Module):
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, q: Tensor, k: Tensor, positions_bt: Tensor) -> tuple[Tensor, Tensor]:
-        angles = positions_bt.to(torch.float32)[..., None] * self.inv_freq.to(positions_bt.device)  # [B, T, hd/2]
-        cos = angles.cos()[:, None].to(q.dtype)
-        sin = angles.sin()[:, None].to(q.dtype)
-
-        def rotate(t: Tensor) -> Tensor:
-            t1, t2 = t[..., ::2], t[..., 1::2]
-            return torch.stack([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1).flatten(-2)
-
-        return rotate(q), rotate(k)
-
-
-class KVCache:
-    """One attention layer's rotated keys and values [B, heads, L, head_dim] of the tokens so far."""
-
-    def __init__(self):
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None, tp: TPContext | None = None):
-        super().__init__()
-        if cfg.n_heads % tp_size(tp):
-            raise ValueError(f"model.n_heads ({cfg.n_heads}) is not divisible by the tensor-parallel size {tp_size(tp)}")
-        self.n_heads = cfg.n_heads // tp_size(tp)  # this rank's heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        # The fused q|k|v rows: each of the three blocks split by heads (stride 3).
-        self.qkv = ColumnParallelLinear(cfg.d_model, 3 * cfg.d_model, tp=tp, stride=3, device=device)
-        self.proj = RowParallelLinear(cfg.d_model, cfg.d_model, tp=tp, device=device)
-        self.rotary = Rotary(self.head_dim, cfg.rope_theta)
-
-    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cp: CPContext | None = None,
-                kv: KVCache | None = None) -> Tensor:
-        """`kv` (streaming): this layer's keys and values of the window's earlier tokens; the new ones are
-        appended, and `mask` is [B, 1, T, earlier + T]."""
-        qkv = self.qkv(x)  # [B, T, 3·local width]: the whole sequence even under sequence parallelism
-        B, T = qkv.shape[:2]
-        q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rotary(q, k, positions)
-        if kv is not None:
-            k, v = kv.append(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif cp is not None:
-            # Every rank's keys and values (rotated at their global positions), one all-gather; `mask`
-            # is [B, 1, T/cp, end of this chunk]: global causality and documents; later keys are dropped.
-            kv = gather_sequence(torch.cat([k, v], dim=1), cp.group, dim=2)[:, :, :mask.shape[-1]]
-            k, v = kv.split(self.n_heads, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None, tp: TPContext | None = None):
-        super().__init__()
-        self.fc = ColumnParallelLinear(cfg.d_model, cfg.mlp_mult * cfg.d_model, tp=tp, device=device)
-        self.proj = RowParallelLinear(cfg.mlp_mult * cfg.d_model, cfg.d_model, tp=tp, device=device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None, tp: TPContext | None = None):
-        super().__init__()
-        self.norm1 = LayerNorm(cfg.d_model, eps=cfg.norm_eps, tp=tp, device=device)
-        self.attn = Attention(cfg, device, tp)
-        self.norm2 = LayerNorm(cfg.d_model, eps=cfg.norm_eps, tp=tp, device=device)
-        self.mlp = MLP(cfg, device, tp)
-
-    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cp: CPContext | None = None,
-                kv: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), positions, mask, cp, kv)
-        return x + self.mlp(self.norm2(x))
-
-
-def _cp_context(tp_group, exchange: str) -> CPContext | None:
-    if isinstance(tp_group, ParallelState):
-        return cp_context(tp_group, exchange)
-    if isinstance(tp_group, CPContext):
-        return tp_group if tp_group.size > 1 else None
-    return None
-
-
-def _tp_context(tp_group) -> TPContext | None:
-    """None at tp = 1; accepts a ParallelState, a TPContext or a bare process group (no sequence
-    parallelism)."""
-    if tp_group is None:
-        return None
-    if isinstance(tp_group, ParallelState):
-        return tp_group.tp_context()
-    if isinstance(tp_group, TPContext):
-        return tp_group if tp_group.size > 1 else None
-    if isinstance(tp_group, CPContext):
-        return None
-    size = dist.get_world_size(tp_group)
-    return TPContext(tp_group, size, dist.get_rank(tp_group), False) if size > 1 else None
 
 
 class GPT(nn.Module):
@@ -408,7 +284,7 @@ class GPT(nn.Module):
             bias = self.fwl.out_bias
             h_tp = copy_to_tp(h, tp)  # replicated u' into the vocabulary-parallel unembedding
         else:
-            h_tp = gather_from_sequence(h, tp) if self.sequence_parallel else copy_to_tp(h, tp)
+            h_tp = enter_tp_region(h, tp)
         token_loss, logits = self.vocab_loss(h_tp if tp is not None else h, self.unembedding, bias, local_labels,
                                              return_logits)
         n_valid = (labels != IGNORE_INDEX).sum()
@@ -426,4 +302,4 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None,
     context-parallel part, the FWL exchanging state across ranks by `cp_exchange` (auto | state | kv:
     the config's parallel.cp_exchange). Seed the global generator identically on every rank first:
     each rank draws the whole tensors and keeps its slices, so every layout gives the same model."""
-    return GPT(cfg, device=device, tp=_tp_context(tp_group), cp=_cp_context(tp_group, cp_exchange))
+    return GPT(cfg, device=device, tp=tp_context_of(tp_group), cp=cp_context_of(tp_group, cp_exchange))

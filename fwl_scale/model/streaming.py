@@ -9,7 +9,8 @@ from torch import Tensor
 
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.model.fwl import FWLState
-from fwl_scale.model.gpt import GPT, KVCache
+from fwl_scale.model.blocks import KVCache
+from fwl_scale.model.gpt import GPT
 
 
 class StreamingSession:

@@ -1,0 +1,90 @@
+"""The six running sums of one FWL forward (docs/design.md §1.1): Σ_{j<i} of the per-token gradients of
+W1, b1, W2, b2, α, β, read by the fast pass at every position i.
+
+All keys and values exist once the slow pass is done (the gradients are taken at θ), so the sums are
+built in one go: each sum's chunk totals, the state entering this rank — the carried state, and under
+context parallelism what the earlier ranks hand on (fwl_cp.py) — and then, per fast tensor, the update
+the fast pass subtracts. Where the sums run (the exchange over cp ranks, the decay, the normaliser) stays
+here, so that FastWeightLayer.forward reads as the math.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fwl_scale.model.fast_weights import (ChunkLayout, causal_cumsum, causal_linear_attention,
+                                         cross_linear_attention, cumsum_totals, linear_attention_totals,
+                                         masked_state)
+from fwl_scale.model.fwl_cp import receive_keys_values, receive_state
+from fwl_scale.model.fwl_state import FAST_TENSORS
+
+
+class FastSums:
+    """`keys_values`: by fast tensor, (key or None, value) — a dense layer's sum is causal linear
+    attention over (key, value), a vector's a plain sum of the values. `s_in`: the carried sums (None
+    when nothing is carried). `scale`: [B, T_loc, 6] per-query normalisers 1/n_i (normalize="mean"), or
+    None. `need_state`: the sums after the last position will be asked for (`final`)."""
+
+    def __init__(self, layer, keys_values: dict[str, tuple[Tensor | None, Tensor]], s_in: dict[str, Tensor] | None,
+                 reset_bt: Tensor, start: int, layout: ChunkLayout, log_decay: Tensor | None, scale: Tensor | None,
+                 slow: dict[str, Tensor], grads: dict[str, Tensor], dtype: torch.dtype, need_state: bool):
+        self.keys_values = keys_values
+        self.layout = layout
+        self.reset_loc = reset_bt[:, start:start + layout.T]
+        self.decay = dict(zip(FAST_TENSORS, log_decay)) if log_decay is not None else {}
+        self.scale = scale
+        self.dtype = dtype
+        x = keys_values["w1"][0]
+        exchange = layer.exchange_for(layout.T, dtype)
+        # The matrix sums' chunk totals (2·dk·dv per token each) serve only a state: one handed on
+        # (returned or exchanged) or entering a later chunk. In the quadratic form of a whole window with
+        # nothing carried in they are skipped (the vector sums' totals cost next to nothing).
+        self.need_states = need_state or exchange is not None or layout.n_chunks > 1 or s_in is not None
+        self.totals = {name: (linear_attention_totals(k, v, layout, self.decay.get(name)) if k is not None
+                              else cumsum_totals(v, layout, self.decay.get(name)))
+                       for name, (k, v) in keys_values.items() if k is None or self.need_states}
+        self.cross = None
+        if exchange == "state":
+            received = receive_state(layer, s_in, self.totals, layout, log_decay)
+        elif exchange == "kv":
+            received, self.cross = receive_keys_values(layer, s_in, grads, slow, x, reset_bt, layout, start,
+                                                       self.decay)
+        else:
+            received = s_in
+        self.received = received if received is not None else {}
+        self.states: dict[str, Tensor] = {}
+
+    def _normalised(self, name: str, out: Tensor) -> Tensor:
+        # k_i = 1/n_i of this fast tensor, per query (the update is linear in the sums).
+        if self.scale is not None:
+            out = out * self.scale[..., FAST_TENSORS.index(name)].unsqueeze(-1).to(out.dtype)
+        return out.to(self.dtype)
+
+    def attend(self, name: str, q: Tensor) -> Tensor:
+        """Σ_{j<i} (k_j·q_i) v_j of a fast dense layer's sum, for the queries `q` of this rank's positions."""
+        k, v = self.keys_values[name]
+        out, self.states[name] = causal_linear_attention(
+            q, k, v, self.reset_loc, self.received.get(name), layout=self.layout, totals=self.totals.get(name),
+            need_state=self.need_states, log_decay=self.decay.get(name))
+        if self.cross is not None:
+            out = out + cross_linear_attention(q, *self.cross[name], self.cross["q_mask"], self.cross["k_mask"],
+                                               self.cross.get("weight_" + name))
+        return self._normalised(name, out)
+
+    def cumsum(self, name: str) -> Tensor:
+        """Σ_{j<i} v_j of a vector's sum."""
+        out, self.states[name] = causal_cumsum(self.keys_values[name][1], self.reset_loc, self.received.get(name),
+                                               layout=self.layout, totals=self.totals[name],
+                                               log_decay=self.decay.get(name))
+        return self._normalised(name, out)
+
+    def final(self) -> dict[str, Tensor]:
+        """The sums after this rank's last position (after every `attend`/`cumsum`)."""
+        sums = dict(self.states)
+        if self.cross is not None:
+            # kv exchange: the matrix sums of the earlier ranks were attended to, never summed.
+            no_reset = (~self.layout.has_reset).to(sums["w1"].dtype)[:, None, None]
+            for name in ("w1", "w2"):
+                sums[name] = sums[name] + no_reset * masked_state(*self.cross[name], self.cross["k_mask"],
+                                                                  self.cross.get("end_weight_" + name))
+        return sums
