@@ -39,7 +39,8 @@ from .configuration_fwl import FWLConfig
 try:
     from fwl_scale import IGNORE_INDEX
     from fwl_scale.model import StreamingSession
-    from fwl_scale.model.gpt import GPT, Rotary, build_model
+    from fwl_scale.model.blocks import Rotary
+    from fwl_scale.model.gpt import GPT, build_model
 except ImportError as _e:
     raise ImportError("this model's code runs fwl_scale's own model: install the fwl_scale package (pip install "
                       f"fwl_scale, or the repository it was exported from) where the model is loaded ({_e})") from None
