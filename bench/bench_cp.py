@@ -112,7 +112,7 @@ def model_saved_bytes(args, T: int, cp: CPContext | None) -> int:
                              f"model.seq_len={T}", f"model.vocab_size={args.vocab}",
                              f"model.fwl.chunk_size={args.chunk}", "model.fwl.form=auto"])
     torch.manual_seed(0)
-    model = build_model(cfg.model, tp_group=cp)
+    model = build_model(cfg.model, parallel=cp)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, args.vocab, (1, T), generator=g)
     saved = SavedBytes()

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from fwl_scale.config import load_config
 from fwl_scale.model import build_model
 from fwl_scale.parallel import init_parallel_state
+from fwl_scale.train.engine import register_zero3_externals
 from tests.distributed import run_distributed
 
 STEPS = 4
@@ -54,6 +55,7 @@ def train_losses(model, stage: int, ps, dp_rank: int) -> list[float]:
               "zero_allow_untested_optimizer": True}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=ps)
+    register_zero3_externals(engine, model)  # what the engine builder does
     losses = []
     for ids, labels, docs in batches(dp_rank):
         out = engine(ids, labels, docs)
@@ -84,7 +86,7 @@ def _checks(rank: int, world: int) -> None:
             refs[ps.dp_size] = reference(world, ps.dp_rank)
         ref = refs[ps.dp_size]
         torch.manual_seed(0)
-        model = build_model(cfg.model, tp_group=ps, cp_exchange=exchange)
+        model = build_model(cfg.model, parallel=ps, cp_exchange=exchange)
         got = train_losses(model, stage, ps, ps.dp_rank)
         err = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
         assert err < TOL, f"tp={tp} cp={cp} dp={ps.dp_size} {exchange} ZeRO-{stage}: {got} vs unsplit {ref}"

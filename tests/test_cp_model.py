@@ -119,7 +119,7 @@ def models(ps, cfg, exchange: str):
     torch.manual_seed(0)
     ref = build_model(cfg.model).double()
     torch.manual_seed(0)
-    model = build_model(cfg.model, tp_group=ps, cp_exchange=exchange).double()
+    model = build_model(cfg.model, parallel=ps, cp_exchange=exchange).double()
     full = full_state_dict(model, ps.tp_context())
     for name, t in ref.state_dict().items():
         assert torch.equal(full[name], t), f"init {name}"
@@ -186,7 +186,7 @@ def check_detached_exchange_is_caught(ps, exchange: str) -> None:
 
 def check_auto_rule(ps) -> None:
     cfg = make_cfg(True, ps.tp_size, ps.cp_size, exchange="auto")
-    model = build_model(cfg.model, tp_group=ps, cp_exchange="auto")
+    model = build_model(cfg.model, parallel=ps, cp_exchange="auto")
     # d = s = 16, 4s = 64: state (fp32) 2160·4 bytes vs kv 192·T_rank·2 bytes (bf16): crossover 22.5 tokens.
     assert model.fwl.exchange_for(22, torch.bfloat16) == "kv"
     assert model.fwl.exchange_for(23, torch.bfloat16) == "state"

@@ -77,7 +77,7 @@ def _tensor_parallel(rank: int, world: int) -> None:
     cfg = make_cfg("model.fwl.form=chunked", tp=world)
     ps = init_parallel_state(cfg)
     torch.manual_seed(0)
-    mine = torch.tensor([executed_flops_per_token(build_model(cfg.model, tp_group=ps))], dtype=torch.float64)
+    mine = torch.tensor([executed_flops_per_token(build_model(cfg.model, parallel=ps))], dtype=torch.float64)
     dist.all_reduce(mine)
     m = cfg.model
     repeated = (world - 1) * 6 * min(m.fwl.chunk_size, T) * (m.d_model + m.fwl_width)

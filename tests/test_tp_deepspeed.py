@@ -18,6 +18,7 @@ import torch
 from fwl_scale.config import load_config
 from fwl_scale.model import build_model
 from fwl_scale.parallel import init_parallel_state
+from fwl_scale.train.engine import register_zero3_externals
 from tests.distributed import run_distributed
 
 STEPS = 4
@@ -41,6 +42,7 @@ def train_losses(model, stage: int, mpu) -> list[float]:
     # would divide most of a wrong clipping factor out again).
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu)
+    register_zero3_externals(engine, model)  # what the engine builder does
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(STEPS):
@@ -61,7 +63,7 @@ def _checks(rank: int, world: int) -> None:
             cfg = make_cfg(2, fwl)
             ps = init_parallel_state(cfg)
             torch.manual_seed(0)
-            got = train_losses(build_model(cfg.model, tp_group=ps), stage, ps)
+            got = train_losses(build_model(cfg.model, parallel=ps), stage, ps)
             err = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
             assert err < TOL, f"fwl={fwl} tp=2 ZeRO-{stage}: losses {got} vs single-process {ref}"
 

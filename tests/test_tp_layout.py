@@ -124,7 +124,7 @@ def test_tensor_parallel_init_is_a_slice_of_the_single_process_init(fwl, tied):
     per_rank = []
     for rank in range(tp):
         torch.manual_seed(3)
-        m = build_model(cfg.model, tp_group=TPContext(group=None, size=tp, rank=rank))
+        m = build_model(cfg.model, parallel=TPContext(group=None, size=tp, rank=rank))
         assert m.param_counts() == ref.param_counts()
         assert m.param_counts(local=True)["total"] < ref.param_counts()["total"]
         assert list(dict(m.named_parameters())) == list(ref_params)

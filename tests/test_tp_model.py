@@ -96,7 +96,7 @@ def check_model(ps, fwl: bool, sp: bool, vocab_multiple: int = 64, tied: bool = 
     torch.manual_seed(0)
     ref = build_model(cfg.model).double()
     torch.manual_seed(0)
-    model = build_model(cfg.model, tp_group=ps).double()
+    model = build_model(cfg.model, parallel=ps).double()
     assert model.sequence_parallel == sp
     # Initialisation: the shards are the single-process tensors, bit for bit.
     full = full_state_dict(model, tp)
@@ -142,7 +142,7 @@ def perturbed_pair(cfg, ps):
     ref = build_model(cfg.model).double()
     perturb(ref)
     torch.manual_seed(0)
-    model = build_model(cfg.model, tp_group=ps).double()
+    model = build_model(cfg.model, parallel=ps).double()
     load_full_state_dict(model, ref.state_dict())
     return ref, model
 
@@ -206,7 +206,7 @@ def check_segments(ps, sp: bool, extra: tuple[str, ...] = ()) -> None:
     torch.manual_seed(0)
     ref = build_model(cfg.model).double()
     perturb(ref)
-    model = build_model(cfg.model, tp_group=ps).double()
+    model = build_model(cfg.model, parallel=ps).double()
     load_full_state_dict(model, ref.state_dict())
     ids, labels, docs = make_batch()
     docs[1, 8:] = 4  # a document starting exactly at the cut

@@ -4,7 +4,7 @@ Pre-norm blocks, rotary positions, causal attention through scaled_dot_product_a
 when no document mask is needed), optional document-masked attention with positions restarting at each
 document. The body and its initialisation are the same for both heads, so FWL vs baseline is fair.
 
-Tensor parallelism (Megatron's, docs/design.md §3.2; `build_model(cfg, tp_group=ParallelState)`): attention split
+Tensor parallelism (Megatron's, docs/design.md §3.2; `build_model(cfg, parallel=ParallelState)`): attention split
 by heads (q|k|v column-parallel, output projection row-parallel), the MLP column/row-parallel, the tied
 embedding/unembedding vocabulary-parallel over the padded vocabulary (padding masked in every softmax),
 the FWL block by its own rules (model/parallelize.py). With sequence parallelism the residual stream and
@@ -12,7 +12,7 @@ the norms hold this rank's chunk of the sequence. Every rank is given the whole 
 the loss and the returned token losses and logits are replicated. At tp = 1 every layer runs the ops of
 its torch.nn counterpart under the same parameter names.
 
-Context parallelism (cp ranks, orthogonal to tp; `build_model(cfg, tp_group=ParallelState)` with cp > 1):
+Context parallelism (cp ranks, orthogonal to tp; `build_model(cfg, parallel=ParallelState)` with cp > 1):
 every rank is given the whole batch and keeps its contiguous chunk of the sequence, [r·T/cp, (r+1)·T/cp).
 Rotary positions and document masks come from the whole sequence's document ids, so they are global.
 Attention all-gathers the keys and values of every rank of the group (one all-gather per layer; the
@@ -89,7 +89,6 @@ class GPT(nn.Module):
                 decay_init=f.decay_init)
             self.fwl.step_scale = f.step_scale
         self.vocab_loss = VocabLoss(cfg.vocab_size, cfg.fwl.vocab_chunk, tp)
-        self._zero3_externals_registered = False
         self.activation_checkpointing = False
         if device is None or torch.device(device).type != "meta":
             self.reset_parameters()
@@ -141,23 +140,12 @@ class GPT(nn.Module):
 
     def zero3_external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """(module, parameter) pairs where a module uses a parameter it does not own: the tied
-        unembedding in the FWL and in the loss, the FWL's output bias in the loss."""
+        unembedding in the FWL and in the loss, the FWL's output bias in the loss. The engine builder
+        registers them under ZeRO-3 (train/engine.py, register_zero3_externals)."""
         pairs = [(self.vocab_loss, self.unembedding)]
         if self.fwl is not None:
             pairs += [(self.vocab_loss, self.fwl.out_bias), (self.fwl, self.unembedding)]
         return pairs
-
-    def _register_zero3_externals(self) -> None:
-        """Under DeepSpeed ZeRO-3 (its partitioned parameters carry `ds_id`) registers the external
-        parameters once, so ZeRO-3 gathers them in those modules' forward and backward; without
-        DeepSpeed nothing happens and nothing is imported."""
-        if self._zero3_externals_registered or not hasattr(self.embed.weight, "ds_id"):
-            return
-        from deepspeed.runtime.zero.partition_parameters import register_external_parameter  # only under ZeRO-3
-
-        for module, param in self.zero3_external_parameters():
-            register_external_parameter(module, param)
-        self._zero3_externals_registered = True
 
     def attention_inputs(self, input_ids: Tensor, doc_ids: Tensor | None) -> tuple[Tensor, Tensor | None, int, int]:
         """What every block needs besides its input: (rotary positions [B, T_loc], attention mask
@@ -214,7 +202,6 @@ class GPT(nn.Module):
         whole [C + n] tokens, restricted to the last n, at O(C + n) work per new token."""
         if self.cp is not None or self.sequence_parallel:
             raise ValueError("a key/value cache is for one process or plain tensor parallelism")
-        self._register_zero3_externals()
         C, n = context_doc_ids.shape[1], input_ids.shape[1]
         docs = torch.cat([context_doc_ids, doc_ids], dim=1)
         rows = torch.arange(C, C + n, device=input_ids.device)
@@ -244,7 +231,6 @@ class GPT(nn.Module):
         `context_ids` [B, C] (streaming): tokens just before `input_ids` in the body's window, already
         processed by the FWL (their sums are in `fwl_state`); the body attends to them, nothing else
         sees them. `context_doc_ids` are their document ids (default: all 0, like `doc_ids`)."""
-        self._register_zero3_externals()
         if doc_ids is None and context_ids is not None:
             doc_ids = torch.zeros_like(input_ids)
         if context_ids is not None and context_ids.shape[1] > 0:
@@ -295,11 +281,11 @@ class GPT(nn.Module):
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None,
-                tp_group: ParallelState | TPContext | CPContext | object | None = None,
+                parallel: ParallelState | TPContext | CPContext | object | None = None,
                 cp_exchange: str = "auto") -> GPT:
-    """The model for `cfg`; with `tp_group` (a ParallelState from fwl_scale.parallel, or a TPContext)
+    """The model for `cfg`; with `parallel` (a ParallelState from fwl_scale.parallel, or a TPContext)
     this rank's tensor-parallel part of it, and with a ParallelState of cp > 1 (or a CPContext) its
     context-parallel part, the FWL exchanging state across ranks by `cp_exchange` (auto | state | kv:
     the config's parallel.cp_exchange). Seed the global generator identically on every rank first:
     each rank draws the whole tensors and keeps its slices, so every layout gives the same model."""
-    return GPT(cfg, device=device, tp=tp_context_of(tp_group), cp=cp_context_of(tp_group, cp_exchange))
+    return GPT(cfg, device=device, tp=tp_context_of(parallel), cp=cp_context_of(parallel, cp_exchange))

@@ -139,7 +139,8 @@ class VocabLoss(nn.Module):
     A module of its own, without parameters of its own, so that DeepSpeed ZeRO-3 can gather the tied
     unembedding (and the FWL's output bias) for its forward *and* its backward: the losses are computed
     in token chunks recomputed during backward, which under ZeRO-3 needs those parameters gathered
-    again (they are registered as this module's external parameters: GPT.zero3_external_parameters)."""
+    again (the engine builder registers them as this module's external parameters:
+    GPT.zero3_external_parameters)."""
 
     def __init__(self, vocab_size: int, vocab_chunk: int, tp: TPContext | None):
         super().__init__()

@@ -21,6 +21,7 @@ from torch import nn
 
 from fwl_scale.config import Config, ConfigError, check_layout
 from fwl_scale.device import resolve_device
+from fwl_scale.model.gpt import GPT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -206,7 +207,7 @@ def lr_schedule(cfg: Config):
     return schedule
 
 
-def build_engine(cfg: Config, model: nn.Module, dist: DistInfo, mpu=None):
+def build_engine(cfg: Config, model: GPT, dist: DistInfo, mpu=None):
     """`deepspeed.initialize` with our config (pp = 1; `mpu`: the ParallelState, whose groups tell
     DeepSpeed the tensor-parallel split and the data-parallel group dp × cp); returns (engine,
     lr_scheduler). The scheduler steps once per applied optimizer update (DeepSpeed does not step it on a
@@ -219,8 +220,21 @@ def build_engine(cfg: Config, model: nn.Module, dist: DistInfo, mpu=None):
         # share one batch, but DeepSpeed counts every member's micro-batch in train_batch_size).
         config=deepspeed_config(cfg, dist.dp * cfg.parallel.cp), lr_scheduler=lr_schedule(cfg),
         dist_init_required=False)
+    register_zero3_externals(engine, model)
     undo_initial_optimizer_step(engine)
     return engine, scheduler
+
+
+def register_zero3_externals(engine, model: GPT) -> None:
+    """Under ZeRO-3, tells DeepSpeed which modules use parameters they do not own (the tied unembedding,
+    the FWL's output bias: GPT.zero3_external_parameters), so that it gathers them for those modules'
+    forward and for the backward's recomputation. Once per engine, here, before any forward."""
+    if engine.zero_optimization_stage() != 3:
+        return
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter  # deepspeed loads lazily
+
+    for module, param in model.zero3_external_parameters():
+        register_external_parameter(module, param)
 
 
 def undo_initial_optimizer_step(engine) -> None:

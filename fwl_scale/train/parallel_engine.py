@@ -1,7 +1,7 @@
 """The model and the DeepSpeed engine for any layout (tp × cp × dp × pp), as the trainer, the checkpoint
 converter and the tests build them, behind one interface the training loop calls.
 
-    pp = 1   PlainEngine: build_model(tp_group=ParallelState) -> deepspeed.initialize(mpu=ParallelState),
+    pp = 1   PlainEngine: build_model(parallel=ParallelState) -> deepspeed.initialize(mpu=ParallelState),
              the plain engine (ZeRO 0-3); the mpu tells DeepSpeed the tensor-parallel split (clipping,
              ZeRO-3) and the data-parallel group dp × cp.
     pp > 1   PipelineEngine: this rank's stage as a PipelineModule (train/pipeline.py) -> DeepSpeed's
@@ -205,7 +205,7 @@ def build_training_engine(cfg: Config, ps: ParallelState, dist: DistInfo) -> Tra
             cfg, ps, deepspeed_config(cfg, ps.dp_size * ps.cp_size), param_groups, lr_schedule(cfg))
         return PipelineEngine(engine=engine, scheduler=scheduler, model=pm.gpt, ps=ps, dist=dist, grad_accum=gas,
                               names=dict(pm.gpt_names), pipeline=pm, pipeline_step=step)
-    model = build_model(cfg.model, tp_group=ps, cp_exchange=cfg.parallel.cp_exchange)
+    model = build_model(cfg.model, parallel=ps, cp_exchange=cfg.parallel.cp_exchange)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     engine, scheduler = build_engine(cfg, model, dist, mpu=ps)
     names = {n: n for n, _ in engine.module.named_parameters()}

@@ -205,7 +205,7 @@ def build_pipeline_model(cfg: Config, ps: ParallelState) -> PipelineModel:
     if not deepspeed.comm.is_initialized():  # PipelineModule uses DeepSpeed's communication layer at once
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False,
                                    verbose=False, dist_init_required=False)
-    gpt = build_model(cfg.model, device="meta", tp_group=ps, cp_exchange=cfg.parallel.cp_exchange)
+    gpt = build_model(cfg.model, device="meta", parallel=ps, cp_exchange=cfg.parallel.cp_exchange)
     gpt.set_activation_checkpointing(cfg.train.activation_checkpointing)
     layers = layer_specs(gpt)
     # The partition PipelineModule computes for "type:BlockStage" (checked below): this stage's layers are
