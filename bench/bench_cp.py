@@ -9,7 +9,7 @@ Spawns `--cp` gloo processes (one thread each) and measures, for each sequence l
      reduce-scatter of the gradients as much again), next to the analytic bytes per rank of docs/design.md §1.5
      (state: the six running sums, fp32; kv: T/cp·(d + 8s + 3s) activations);
    * step time (the slowest rank; best of --reps after a warm-up);
-   * which one `auto` picks (parallel/context.py, choose_exchange).
+   * which one `auto` picks (model/fwl_cp.py, choose_exchange).
    The crossover: the state costs dk·dv per boundary whatever T is; keys and values grow with T/cp.
 2. The whole model (body + FWL), forward + backward: memory per rank — bytes autograd saves for backward
    (a saved-tensor hook; exact and device-independent) — for the unsplit model and each exchange. The
@@ -31,15 +31,16 @@ import torch
 from saved_bytes import SavedBytes  # bench/ is on sys.path when run as a script
 import torch.distributed as dist
 
-import fwl_scale.parallel.context as context
+import fwl_scale.parallel.context_parallel as context
 from fwl_scale.config import load_config
 from fwl_scale.model import build_model
 from fwl_scale.model.fwl import FastWeightLayer
-from fwl_scale.parallel.context import CPContext, choose_exchange, fwl_exchange_bytes
+from fwl_scale.model.fwl_cp import choose_exchange, fwl_exchange_bytes
+from fwl_scale.parallel.context_parallel import CPContext
 
 
 class CommCounter:
-    """Bytes this rank receives in the collectives of parallel/context.py (patched in place)."""
+    """Bytes this rank receives in the collectives of parallel/context_parallel.py (patched in place)."""
 
     def __init__(self):
         self.bytes = 0

@@ -33,7 +33,7 @@ from fwl_scale.config import load_config
 from fwl_scale.model import build_model
 from fwl_scale.model.fwl import FastWeightLayer
 from fwl_scale.parallel import full_state_dict, init_parallel_state, load_full_state_dict
-from fwl_scale.parallel.layers import is_sharded, merge_shards, take_shard
+from fwl_scale.parallel.shards import is_sharded, merge_shards, take_shard
 from tests.distributed import run_distributed
 from tests.model_support import body_probes, perturb, worst
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from fwl_scale.model import build_model
-from fwl_scale.parallel.layers import is_sharded, merge_shards
+from fwl_scale.parallel.shards import is_sharded, merge_shards
 from fwl_scale.train.engine import lr_factor, param_groups
 from tests.distributed import run_distributed
 from tests.engine_support import M, SEED, build, make_cfg, micro_batch, train_step

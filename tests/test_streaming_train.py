@@ -14,10 +14,10 @@ import signal
 import pytest
 import torch
 
-from fwl_scale.model.fwl import FWLState
-from fwl_scale.parallel.layers import take_shard
-from fwl_scale.train.carried import CarriedState, CarriedStateError, state_file
 from fwl_scale.checkpoint.native import find_latest
+from fwl_scale.model.fwl import FWLState
+from fwl_scale.parallel.shards import take_shard
+from fwl_scale.train.carried import CarriedState, CarriedStateError, state_file
 from fwl_scale.train.loop import Trainer
 from fwl_scale.train.signals import EXIT_REQUEUE
 from tests.train_support import step_losses, tiny_config

@@ -16,7 +16,7 @@ import torch
 from fwl_scale.config import ConfigError, load_config
 from fwl_scale.model import build_model
 from fwl_scale.parallel import Layout, TPContext, init_parallel_state, merge_shards, plan_layout, take_shard
-from fwl_scale.parallel.layers import full_shape, is_sharded, shard_of
+from fwl_scale.parallel.shards import full_shape, is_sharded, shard_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.d_model=16", "model.n_heads=4", "model.n_layers=2", "model.seq_len=16", "model.vocab_size=50",

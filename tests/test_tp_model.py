@@ -25,7 +25,7 @@ from fwl_scale.model.fwl import FastWeightLayer
 from fwl_scale.parallel import (all_reduce_tp, copy_to_tp, full_state_dict, gather_from_sequence, gather_from_tp,
                                 init_parallel_state, load_full_state_dict, reduce_from_tp,
                                 reduce_scatter_to_sequence, scatter_to_tp)
-from fwl_scale.parallel.layers import is_sharded, merge_shards, take_shard
+from fwl_scale.parallel.shards import is_sharded, merge_shards, take_shard
 from tests.distributed import run_distributed
 from tests.model_support import body_probes, perturb, worst
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from fwl_scale.atomic import atomic_write, atomic_write_json
 from fwl_scale.checkpoint.native import CheckpointError, CheckpointRef
 from fwl_scale.checkpoint.optimizer import STATE_KEYS, optimizer_adapter
-from fwl_scale.parallel.layers import full_shape, is_sharded, merge_shards, shard_of
+from fwl_scale.parallel.shards import full_shape, is_sharded, merge_shards, shard_of
 
 UNIVERSAL_FORMAT = "fwl_scale.universal/1"
 INDEX = "universal.json"

@@ -44,7 +44,7 @@ from fwl_scale.data.tokenizer import EOS_PIECE, Tokenizer
 from fwl_scale.hf.body_import import body_weights
 from fwl_scale.hf.configuration_fwl import MODEL_FIELDS, FWLConfig
 from fwl_scale.model import build_model
-from fwl_scale.parallel.layers import shard_of
+from fwl_scale.parallel.shards import shard_of
 from fwl_scale.train.loop import Trainer
 
 HERE = Path(__file__).resolve().parent

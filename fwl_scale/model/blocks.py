@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fwl_scale.config import ModelConfig
-from fwl_scale.parallel.context import CPContext, gather_sequence
-from fwl_scale.parallel.layers import ColumnParallelLinear, LayerNorm, RowParallelLinear, tp_size
-from fwl_scale.parallel.state import TPContext
+from fwl_scale.parallel.context_parallel import CPContext, gather_sequence
+from fwl_scale.parallel.layers import ColumnParallelLinear, LayerNorm, RowParallelLinear
+from fwl_scale.parallel.layout import TPContext
+from fwl_scale.parallel.shards import tp_size
 
 
 def document_positions(doc_ids_bt: Tensor) -> Tensor:

@@ -26,16 +26,16 @@ from torch import Tensor, nn
 
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.model.fast_weights import ChunkLayout, masked_state
-from fwl_scale.model.fwl_cp import replicate_last
+from fwl_scale.model.fwl_cp import choose_exchange, replicate_last
 from fwl_scale.model.fwl_state import (DECAY, FAST_TENSORS, NORMALIZE, FWLState, count_normalisers,
                                        inverse_count)
 from fwl_scale.model.fwl_sums import FastSums
 from fwl_scale.model.parallelize import enter_tp_region, whole_sequence
 from fwl_scale.model.vocab import unembedding_input_grad
-from fwl_scale.parallel.context import CPContext, choose_exchange, exclusive_state_scan
-from fwl_scale.parallel.layers import init_normal_, set_replicated, set_sharded, tp_rank, tp_size
+from fwl_scale.parallel.context_parallel import CPContext, exclusive_state_scan
+from fwl_scale.parallel.layout import TPContext
 from fwl_scale.parallel.mappings import copy_to_tp, reduce_from_tp
-from fwl_scale.parallel.state import TPContext
+from fwl_scale.parallel.shards import init_normal_, set_replicated, set_sharded, tp_rank, tp_size
 
 # The ones whose sums (and fast updates) are sharded or partial under tensor parallelism.
 _SHARDED_SUMS = 3
@@ -229,7 +229,7 @@ class FastWeightLayer(nn.Module):
 
     def exchange_for(self, tokens_per_rank: int, dtype: torch.dtype) -> str | None:
         """How the state crosses context-parallel rank boundaries (None without cp): `state` or `kv`,
-        `auto` by the bytes each sends (parallel/context.py, choose_exchange)."""
+        `auto` by the bytes each sends (fwl_cp.py, choose_exchange)."""
         if self.cp is None:
             return None
         state_dtype = torch.promote_types(dtype, torch.float32)

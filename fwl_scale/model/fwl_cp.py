@@ -1,6 +1,9 @@
 """The FWL under context parallelism: how the state that enters a rank is received (docs/design.md §1.4,
-boundary 3; FastWeightLayer's docstring names the exchanges), and the state after the last
+boundary 3; model/parallelize.py names the exchanges), and the state after the last
 position replicated over the group. Each function takes the layer whose forward calls it.
+
+`choose_exchange` is the `auto` rule of docs/design.md §1.5: send whichever of the state (dk·dv per fast
+dense layer, fp32) and the keys and values (T_rank·(dk+dv), activation dtype) is smaller.
 """
 from __future__ import annotations
 
@@ -9,8 +12,33 @@ from torch import Tensor, nn
 
 from fwl_scale.model.fast_weights import ChunkLayout, masked_state
 from fwl_scale.model.fwl_state import FAST_TENSORS
-from fwl_scale.parallel.context import broadcast_from_last, gather_sequence
+from fwl_scale.parallel.context_parallel import broadcast_from_last, gather_sequence
 from fwl_scale.parallel.mappings import copy_to_tp
+
+
+def fwl_exchange_bytes(d_model: int, width: int, hidden: int, tokens_per_rank: int, tp: int = 1,
+                       activation_bytes: int = 2, state_bytes: int = 4) -> dict[str, int]:
+    """Bytes one rank contributes per sequence (an all-gather delivers (cp-1)× this to every rank).
+
+    state: the six running sums of the FWL block — Σx gh1ᵀ (d × 4s/tp), Σgh1 (4s/tp), Σa gh2ᵀ (4s/tp × s),
+    Σgh2, Σgu⊙xhat, Σgu (s each) — in fp32 or wider.
+    kv: per token the keys and values they are built from — x (d), gh1 and a (4s/tp each), gh2, gu,
+    gu⊙xhat (s each) — in the activation dtype."""
+    h = hidden // tp  # the FWL's hidden width (4s) on this tensor-parallel rank
+    state = (d_model * h + h + h * width + 3 * width) * state_bytes
+    kv = tokens_per_rank * (d_model + 2 * h + 3 * width) * activation_bytes
+    return {"state": state, "kv": kv}
+
+
+def choose_exchange(mode: str, d_model: int, width: int, hidden: int, tokens_per_rank: int, tp: int = 1,
+                    activation_bytes: int = 2, state_bytes: int = 4) -> str:
+    """`state` or `kv` for `mode` (auto: the one that sends fewer bytes; a tie goes to state). The compute
+    crosses over at about the same length: the state form costs ~2·T_rank·dk·dv per rank, attending to
+    the earlier ranks' keys ~T_rank·T_earlier·(dk+dv)."""
+    if mode != "auto":
+        return mode
+    b = fwl_exchange_bytes(d_model, width, hidden, tokens_per_rank, tp, activation_bytes, state_bytes)
+    return "state" if b["state"] <= b["kv"] else "kv"
 
 
 def receive_state(layer: nn.Module, s_in: dict[str, Tensor] | None, totals: dict[str, Tensor],

@@ -44,11 +44,11 @@ from fwl_scale.model.blocks import Block, KVCache, document_positions
 from fwl_scale.model.fwl import FastWeightLayer, FWLState
 from fwl_scale.model.parallelize import cp_context_of, enter_tp_region, tp_context_of
 from fwl_scale.model.vocab import VocabLoss
-from fwl_scale.parallel.context import CPContext
-from fwl_scale.parallel.layers import (ColumnParallelLinear, LayerNorm, VocabParallelEmbedding, full_shape,
-                                       init_normal_, is_sharded, tp_size)
+from fwl_scale.parallel.context_parallel import CPContext
+from fwl_scale.parallel.layers import ColumnParallelLinear, LayerNorm, VocabParallelEmbedding
+from fwl_scale.parallel.layout import ParallelState, TPContext
 from fwl_scale.parallel.mappings import copy_to_tp
-from fwl_scale.parallel.state import ParallelState, TPContext
+from fwl_scale.parallel.shards import full_shape, init_normal_, is_sharded, tp_size
 
 
 @dataclass

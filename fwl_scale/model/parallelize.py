@@ -41,9 +41,9 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
-from fwl_scale.parallel.context import CPContext, cp_context
+from fwl_scale.parallel.context_parallel import CPContext, cp_context
+from fwl_scale.parallel.layout import ParallelState, TPContext
 from fwl_scale.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp
-from fwl_scale.parallel.state import ParallelState, TPContext
 
 
 def enter_tp_region(x: Tensor, tp: TPContext | None) -> Tensor:

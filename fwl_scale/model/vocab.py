@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fwl_scale import IGNORE_INDEX
-from fwl_scale.parallel.layers import tp_rank
+from fwl_scale.parallel.layout import TPContext
 from fwl_scale.parallel.mappings import (all_reduce_max_, all_reduce_tp, copy_to_tp, gather_from_tp,
                                          reduce_from_tp)
-from fwl_scale.parallel.state import TPContext
+from fwl_scale.parallel.shards import tp_rank
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:

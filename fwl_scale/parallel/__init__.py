@@ -1,11 +1,12 @@
-"""Parallelism: the tp × cp × dp × pp layout and its groups (state), Megatron-style tensor/sequence
-parallel mappings (mappings) and layers (layers), context-parallel collectives (context)."""
-from fwl_scale.parallel.layers import (ColumnParallelLinear, LayerNorm, RowParallelLinear, VocabParallelEmbedding,
-                                       full_state_dict, load_full_state_dict, merge_shards, take_shard)
+"""Parallelism: the tp × cp × dp × pp layout and its process groups (layout), Megatron-style
+tensor/sequence-parallel mappings (mappings), layers (layers) and shard bookkeeping (shards),
+context-parallel collectives (context_parallel), sums over the whole world (world)."""
+from fwl_scale.parallel.layers import ColumnParallelLinear, LayerNorm, RowParallelLinear, VocabParallelEmbedding
+from fwl_scale.parallel.layout import Layout, ParallelState, TPContext, init_parallel_state, plan_layout
 from fwl_scale.parallel.mappings import (all_reduce_tp, copy_to_tp, gather_from_sequence, gather_from_tp,
                                          reduce_from_tp, reduce_scatter_to_sequence, scatter_to_sequence,
                                          scatter_to_tp)
-from fwl_scale.parallel.state import Layout, ParallelState, TPContext, init_parallel_state, plan_layout
+from fwl_scale.parallel.shards import full_state_dict, load_full_state_dict, merge_shards, take_shard
 
 __all__ = [
     "Layout", "ParallelState", "TPContext", "init_parallel_state", "plan_layout",

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fwl_scale.parallel.state import TPContext
+from fwl_scale.parallel.layout import TPContext
 
 
 # torch >= 2.13 renamed the tensor-in/tensor-out collectives; older versions (pyproject allows 2.4) have

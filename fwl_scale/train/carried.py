@@ -27,7 +27,7 @@ import torch
 from fwl_scale.atomic import atomic_write
 from fwl_scale.config import Config
 from fwl_scale.model.fwl import FWLState
-from fwl_scale.parallel.layers import merge_shards, take_shard
+from fwl_scale.parallel.shards import merge_shards, take_shard
 
 FORMAT = "fwl_scale.carried_state/1"
 # Tensor-parallel sharding of the state (FWLState): the hidden width 4s of w1, b1, w2.

@@ -24,8 +24,8 @@ from torch import nn
 
 from fwl_scale.config import Config
 from fwl_scale.model.gpt import GPT, build_model
-from fwl_scale.parallel.context import gather_along_sequence
-from fwl_scale.parallel.state import ParallelState
+from fwl_scale.parallel.context_parallel import gather_along_sequence
+from fwl_scale.parallel.layout import ParallelState
 from fwl_scale.parallel.world import all_reduce_min, all_reduce_sum
 from fwl_scale.train.carried import CarriedState
 from fwl_scale.train.engine import (DistInfo, build_engine, deepspeed_config, lr_schedule, param_groups,

@@ -51,8 +51,8 @@ from torch import Tensor, nn
 
 from fwl_scale.config import Config
 from fwl_scale.model.gpt import GPT, build_model
-from fwl_scale.parallel.layers import is_sharded
-from fwl_scale.parallel.state import ParallelState
+from fwl_scale.parallel.layout import ParallelState
+from fwl_scale.parallel.shards import is_sharded
 from fwl_scale.train.engine import check_layout_implemented
 
 TIE_KEY = "embed"

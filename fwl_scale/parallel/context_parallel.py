@@ -20,9 +20,8 @@ differentiable:
   state (streaming, training with state carried across segments) is replicated over the group, so the
   next segment's first rank has it. Backward: the ranks' gradients summed onto the last rank.
 
-`CPContext` is what a context-parallel module needs (group, size, rank, how the FWL exchanges its state).
-`choose_exchange` is the `auto` rule of docs/design.md §1.5: send whichever of the state (dk·dv per fast dense
-layer, fp32) and the keys and values (T_rank·(dk+dv), activation dtype) is smaller.
+`CPContext` is what a context-parallel module needs (group, size, rank, how the FWL exchanges its state;
+which exchange `auto` picks is the FWL's business: model/fwl_cp.py, choose_exchange).
 
 gloo has no uneven or stacked all-gather: every rank sends one flat tensor of the same size.
 """
@@ -59,31 +58,6 @@ def cp_context(parallel_state, exchange: str = "auto") -> CPContext | None:
     if parallel_state is None or parallel_state.cp_size == 1:
         return None
     return CPContext(parallel_state.groups["cp"], parallel_state.cp_size, parallel_state.cp_rank, exchange)
-
-
-def fwl_exchange_bytes(d_model: int, width: int, hidden: int, tokens_per_rank: int, tp: int = 1,
-                       activation_bytes: int = 2, state_bytes: int = 4) -> dict[str, int]:
-    """Bytes one rank contributes per sequence (an all-gather delivers (cp-1)× this to every rank).
-
-    state: the six running sums of the FWL block — Σx gh1ᵀ (d × 4s/tp), Σgh1 (4s/tp), Σa gh2ᵀ (4s/tp × s),
-    Σgh2, Σgu⊙xhat, Σgu (s each) — in fp32 or wider.
-    kv: per token the keys and values they are built from — x (d), gh1 and a (4s/tp each), gh2, gu,
-    gu⊙xhat (s each) — in the activation dtype."""
-    h = hidden // tp  # the FWL's hidden width (4s) on this tensor-parallel rank
-    state = (d_model * h + h + h * width + 3 * width) * state_bytes
-    kv = tokens_per_rank * (d_model + 2 * h + 3 * width) * activation_bytes
-    return {"state": state, "kv": kv}
-
-
-def choose_exchange(mode: str, d_model: int, width: int, hidden: int, tokens_per_rank: int, tp: int = 1,
-                    activation_bytes: int = 2, state_bytes: int = 4) -> str:
-    """`state` or `kv` for `mode` (auto: the one that sends fewer bytes; a tie goes to state). The compute
-    crosses over at about the same length: the state form costs ~2·T_rank·dk·dv per rank, attending to
-    the earlier ranks' keys ~T_rank·T_earlier·(dk+dv)."""
-    if mode != "auto":
-        return mode
-    b = fwl_exchange_bytes(d_model, width, hidden, tokens_per_rank, tp, activation_bytes, state_bytes)
-    return "state" if b["state"] <= b["kv"] else "kv"
 
 
 def _all_gather_flat(t: Tensor, group) -> list[Tensor]:
