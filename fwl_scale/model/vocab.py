@@ -14,7 +14,7 @@ are the identity, so the serial case is the same ops. `u` is already inside the 
 itself), except in unembedding_input_grad, whose replicated input enters it there.
 
 The per-token functions run over token chunks, each recomputed in backward, so that at most one
-[chunk, V] tensor is alive at a time (docs/design.md §3.3).
+[chunk, V] tensor is alive at a time (docs/design.md §1.5).
 """
 from __future__ import annotations
 
