@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import fwl_scale.model.fwl as fwl_module
+import fwl_scale.model.vocab as vocab_module
 from fwl_scale.config import load_config
 from fwl_scale.model import build_model
 from fwl_scale.train.flops import train_flops_per_token
@@ -63,7 +63,7 @@ def _direct(fn, *args, use_reentrant=False, **kwargs):
     ("model.fwl.form=quadratic", "model.fwl.decay=learned"),
 ])
 def test_analytic_count_equals_executed_matmul_flops(extra, monkeypatch):
-    monkeypatch.setattr(fwl_module, "checkpoint", _direct)  # no recomputation of vocabulary chunks
+    monkeypatch.setattr(vocab_module, "checkpoint", _direct)  # no recomputation of vocabulary chunks
     cfg = make_cfg(*extra)
     torch.manual_seed(0)
     executed = executed_flops_per_token(build_model(cfg.model))
@@ -73,7 +73,7 @@ def test_analytic_count_equals_executed_matmul_flops(extra, monkeypatch):
 def _tensor_parallel(rank: int, world: int) -> None:
     from fwl_scale.parallel import init_parallel_state
 
-    fwl_module.checkpoint = _direct  # (a spawned process: nothing to restore)
+    vocab_module.checkpoint = _direct  # (a spawned process: nothing to restore)
     cfg = make_cfg("model.fwl.form=chunked", tp=world)
     ps = init_parallel_state(cfg)
     torch.manual_seed(0)

@@ -7,8 +7,7 @@ Hugging Face wrapper (it runs GPT). The tests' references (model/naive.py, F.cro
 logits) stay independent on purpose.
 
 One code for every tensor-parallel size: `weight` [V/tp, s] and `bias` [V/tp] are this rank's rows of
-the padded vocabulary; columns of the padding (global index >= vocab_size) are -inf in every softmax;
-the max, the sum-exp and the label's logit are reduced over tp. At tp = 1 (tp=None) those reductions
+the padded vocabulary; the rows of the padding (global index >= vocab_size) are never multiplied; the max, the sum-exp and the label's logit are reduced over tp. At tp = 1 (tp=None) those reductions
 are the identity, so the serial case is the same ops. `u` is already inside the tensor-parallel region
 (copy_to_tp of a replicated tensor, or gather_from_sequence of sequence chunks; at tp = 1 the tensor
 itself), except in unembedding_input_grad, whose replicated input enters it there.
@@ -33,26 +32,33 @@ def _at_least_fp32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def shard_logits(u: Tensor, weight: Tensor, bias: Tensor | None, vocab_size: int,
-                 tp: TPContext | None) -> Tensor:
-    """This rank's logits [N, V/tp] (fp32 or wider), padded columns -inf."""
-    z = u @ weight.t()
-    if bias is not None:
-        z = z + bias
-    z = _at_least_fp32(z)
+def _real_rows(weight: Tensor, vocab_size: int, tp: TPContext | None) -> tuple[int, int, int]:
+    """(first global index, rows of the real vocabulary, rows multiplied) of this rank's shard: the
+    padding is never multiplied, except one row on a rank that holds nothing else (masked)."""
     start = tp_rank(tp) * weight.shape[0]
     n_real = max(0, min(weight.shape[0], vocab_size - start))
-    if n_real < weight.shape[0]:
-        pad = torch.arange(weight.shape[0], device=z.device) >= n_real
-        z = z.masked_fill(pad, float("-inf"))
+    return start, n_real, max(n_real, 1)
+
+
+def shard_logits(u: Tensor, weight: Tensor, bias: Tensor | None, vocab_size: int,
+                 tp: TPContext | None) -> Tensor:
+    """This rank's logits of the real vocabulary [N, ≤ V/tp] (fp32 or wider)."""
+    _, n_real, rows = _real_rows(weight, vocab_size, tp)
+    z = u @ weight[:rows].t()
+    if bias is not None:
+        z = z + bias[:rows]
+    z = _at_least_fp32(z)
+    if n_real < rows:
+        z = z.masked_fill(torch.ones_like(z, dtype=torch.bool), float("-inf"))
     return z
 
 
-def _label_in_shard(labels: Tensor, weight: Tensor, tp: TPContext | None) -> tuple[Tensor, Tensor]:
-    start = tp_rank(tp) * weight.shape[0]
+def _label_in_shard(labels: Tensor, weight: Tensor, vocab_size: int,
+                    tp: TPContext | None) -> tuple[Tensor, Tensor]:
+    start, n_real, rows = _real_rows(weight, vocab_size, tp)
     local = labels - start
-    inside = (local >= 0) & (local < weight.shape[0])
-    return local.clamp(0, weight.shape[0] - 1), inside
+    inside = (local >= 0) & (local < n_real)
+    return local.clamp(0, rows - 1), inside
 
 
 def _softmax_shift(z: Tensor, tp: TPContext | None) -> Tensor:
@@ -68,7 +74,7 @@ def cross_entropy_rows(u: Tensor, labels: Tensor, weight: Tensor, bias: Tensor |
     m = _softmax_shift(z, tp)
     # The sum-exp and the label's logit only feed replicated values (the loss): reduce_from suffices.
     sum_exp = reduce_from_tp(torch.exp(z - m.unsqueeze(-1)).sum(dim=-1), tp)
-    local, inside = _label_in_shard(labels, weight, tp)
+    local, inside = _label_in_shard(labels, weight, vocab_size, tp)
     z_label = z.gather(-1, local.unsqueeze(-1)).squeeze(-1)
     z_label = reduce_from_tp(torch.where(inside, z_label, torch.zeros_like(z_label)), tp)
     loss = torch.log(sum_exp) + m - z_label
@@ -85,9 +91,9 @@ def softmax_input_grad_rows(u: Tensor, labels: Tensor, scale: Tensor, weight: Te
     m = _softmax_shift(z, tp)
     e = torch.exp(z - m.unsqueeze(-1))
     p = (e / all_reduce_tp(e.sum(dim=-1, keepdim=True), tp)).to(u.dtype)
-    local, inside = _label_in_shard(labels, weight, tp)
+    local, inside = _label_in_shard(labels, weight, vocab_size, tp)
     label_rows = weight[local] * inside.unsqueeze(-1).to(u.dtype)
-    g = reduce_from_tp(p @ weight - label_rows, tp)
+    g = reduce_from_tp(p @ weight[:p.shape[-1]] - label_rows, tp)
     return g * scale.unsqueeze(-1)
 
 
