@@ -6,9 +6,11 @@ gradient (unembedding_input_grad), the pipeline's last stage and evaluation (the
 Hugging Face wrapper (it runs GPT). The tests' references (model/naive.py, F.cross_entropy on full
 logits) stay independent on purpose.
 
-One code for every tensor-parallel size: `weight` [V/tp, s] and `bias` [V/tp] are this rank's rows of
-the padded vocabulary; the rows of the padding (global index >= vocab_size) are never multiplied; the max, the sum-exp and the label's logit are reduced over tp. At tp = 1 (tp=None) those reductions
-are the identity, so the serial case is the same ops. `u` is already inside the tensor-parallel region
+One function per quantity for every tensor-parallel size: `weight` [V/tp, s] and `bias` [V/tp] are this rank's rows of
+the padded vocabulary; the rows of the padding (global index >= vocab_size) are never multiplied; the
+max, the sum-exp and the label's logit are reduced over tp. At tp = 1 (tp=None) there is nothing to
+reduce and the same function runs as torch's fused cross-entropy and softmax, which keep less for
+backward. `u` is already inside the tensor-parallel region
 (copy_to_tp of a replicated tensor, or gather_from_sequence of sequence chunks; at tp = 1 the tensor
 itself), except in unembedding_input_grad, whose replicated input enters it there.
 
@@ -18,6 +20,7 @@ The per-token functions run over token chunks, each recomputed in backward, so t
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -25,7 +28,7 @@ from fwl_scale import IGNORE_INDEX
 from fwl_scale.parallel.layout import TPContext
 from fwl_scale.parallel.mappings import (all_reduce_max_, all_reduce_tp, copy_to_tp, gather_from_tp,
                                          reduce_from_tp)
-from fwl_scale.parallel.shards import tp_rank
+from fwl_scale.parallel.shards import tp_rank, tp_size
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:
@@ -71,6 +74,10 @@ def cross_entropy_rows(u: Tensor, labels: Tensor, weight: Tensor, bias: Tensor |
                        tp: TPContext | None) -> Tensor:
     """Per-token cross-entropy [N] (0 where labels == IGNORE_INDEX), replicated over tp."""
     z = shard_logits(u, weight, bias, vocab_size, tp)
+    if tp_size(tp) == 1:
+        # The same function with nothing to reduce; the fused kernel keeps one [N, V] tensor for
+        # backward where the reductions below keep three (tests/test_plan_memory.py measures the peak).
+        return F.cross_entropy(z, labels, ignore_index=IGNORE_INDEX, reduction="none")
     m = _softmax_shift(z, tp)
     # The sum-exp and the label's logit only feed replicated values (the loss): reduce_from suffices.
     sum_exp = reduce_from_tp(torch.exp(z - m.unsqueeze(-1)).sum(dim=-1), tp)
@@ -88,6 +95,10 @@ def softmax_input_grad_rows(u: Tensor, labels: Tensor, scale: Tensor, weight: Te
     rank's probabilities only, so its all-reduce is differentiable both ways (all_reduce_tp); Uᵀgz is a
     sum of per-rank parts (reduce_from_tp)."""
     z = shard_logits(u, weight, bias, vocab_size, tp)
+    if tp_size(tp) == 1:
+        # As in cross_entropy_rows: softmax keeps only its output for backward.
+        p = torch.softmax(z, dim=-1).to(u.dtype)
+        return (p @ weight[:p.shape[-1]] - weight[labels.clamp(min=0)]) * scale.unsqueeze(-1)
     m = _softmax_shift(z, tp)
     e = torch.exp(z - m.unsqueeze(-1))
     p = (e / all_reduce_tp(e.sum(dim=-1, keepdim=True), tp)).to(u.dtype)
