@@ -37,7 +37,7 @@ from fwl_scale.hf.convert import ExportError, export_checkpoint, import_hf, load
 from fwl_scale.hf.modeling_fwl import document_ids, next_token_labels
 from fwl_scale.hf.tokenization_fwl import FWLTokenizer
 from fwl_scale.model import StreamingSession, build_model
-from fwl_scale.model.gpt import KVCache
+from fwl_scale.model.blocks import KVCache
 from fwl_scale.parallel import init_parallel_state
 from fwl_scale.train.engine import DistInfo
 from fwl_scale.train.loop import Trainer
