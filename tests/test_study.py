@@ -169,6 +169,7 @@ def test_long_docs_added_to_a_finished_study_stream_without_training_again(finis
     assert verdict["carried_le_reset"] == sum(c <= r for c, r in zip(carried, reset))
     assert verdict["carried_lt_baseline"] == sum(c < b for c, b in zip(carried, base))
     assert verdict["worst_vs_baseline"] == pytest.approx(max(c - b for c, b in zip(carried, base)), abs=1e-12)
+    assert verdict["ppl_ratio"]["reset"] == pytest.approx(np.exp(np.mean(reset) - np.mean(base)), rel=1e-12)
     assert (out / "long_docs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"| plain | 3 | {verdict['carried_le_reset']}/3 | {verdict['carried_lt_baseline']}/3 |" in \
         (out / "study.md").read_text()

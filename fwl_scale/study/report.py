@@ -11,6 +11,7 @@ run which has no result now.
 from __future__ import annotations
 
 import io
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -78,13 +79,17 @@ def long_doc_verdict(fwl: dict[str, Any] | None, base: dict[str, Any] | None) ->
     baseline = [s["mean"] for s in base["long_docs"]["loss"][RESET]]
     if not len(carried) == len(reset) == len(baseline):
         return None
+    mean = {"carried": statistics.fmean(carried), "reset": statistics.fmean(reset),
+            "baseline": statistics.fmean(baseline)}
     vs_reset = [c - r for c, r in zip(carried, reset)]
     vs_base = [c - b for c, b in zip(carried, baseline)]
     return {"windows": len(carried), "carried_le_reset": sum(d <= 0 for d in vs_reset),
             "carried_lt_baseline": sum(d < 0 for d in vs_base), "worst_vs_reset": max(vs_reset),
-            "worst_vs_baseline": max(vs_base), "mean": {"carried": statistics.fmean(carried),
-                                                        "reset": statistics.fmean(reset),
-                                                        "baseline": statistics.fmean(baseline)}}
+            "worst_vs_baseline": max(vs_base), "mean": mean,
+            # Every window holds the same tokens (the documents are at least that long): the mean of the
+            # window losses is the loss over all of them, and this its perplexity over the baseline's.
+            "ppl_ratio": {"carried": math.exp(mean["carried"] - mean["baseline"]),
+                          "reset": math.exp(mean["reset"] - mean["baseline"])}}
 
 
 def summarize(spec: StudySpec) -> Collection:
@@ -174,13 +179,14 @@ def markdown(c: Collection) -> str:
         lines += ["", "Whole validation documents streamed window after window past the training length "
                   "(loss per window, means over seeds): FWL state carried vs reset at each window vs baseline.",
                   "", "| variant | windows | carried ≤ reset | carried < baseline | worst carried − reset | "
-                  "worst carried − baseline | mean carried / reset / baseline |", "|---|---|---|---|---|---|---|"]
+                  "worst carried − baseline | mean carried / reset / baseline | ppl / baseline's, carried / reset |",
+                  "|---|---|---|---|---|---|---|---|"]
         for variant, v in s["long_docs"].items():
             m = v["mean"]
             lines.append(f"| {variant} | {v['windows']} | {v['carried_le_reset']}/{v['windows']} | "
                          f"{v['carried_lt_baseline']}/{v['windows']} | {v['worst_vs_reset']:+.4f} | "
                          f"{v['worst_vs_baseline']:+.4f} | {m['carried']:.4f} / {m['reset']:.4f} / "
-                         f"{m['baseline']:.4f} |")
+                         f"{m['baseline']:.4f} | {v['ppl_ratio']['carried']:.4f} / {v['ppl_ratio']['reset']:.4f} |")
     if c.failed:
         lines += ["", "Failed runs:", ""]
         lines += [f"- `{f['run']}` (variant {f['variant']}): {f['stage']}: {f['detail']}; log `{f['log']}`"
