@@ -3,8 +3,6 @@ global order (all shards read whole, documents concatenated); a rank reads only 
 rows; resumes across dp sizes; a shard that changes after indexing is named."""
 from __future__ import annotations
 
-import dataclasses
-import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from fwl_scale.data import shard_index
 from fwl_scale.data.order import Order
 from fwl_scale.data.shard_index import BLOCK, BlockReader, load_index
 from fwl_scale.data.shard_read import read_shard
-from tests.test_data_loader import M, T, VOCAB, data, with_  # noqa: F401  (data: the shared fixture)
+from tests.test_data_loader import M, T, VOCAB, copy, data, with_  # noqa: F401  (copy, data: shared fixtures)
 
 
 def reference_rows(manifest_path, seed: int, n_rows: int) -> dict[str, np.ndarray]:
@@ -123,14 +121,9 @@ def test_a_rank_reads_only_the_blocks_of_its_rows(data, monkeypatch):
         assert len(need) < len(all_blocks) / 2  # far from the whole stream, which every rank used to read
 
 
-def test_a_shard_changed_after_indexing_is_named(data, tmp_path):
-    cfg, paths = data
-    root = tmp_path / "root"
-    shutil.copytree(paths.root, root)
-    new = dataclasses.replace(paths, root=root, tokenizer=root / "tokenizer" / "spm.model",
-                              train_manifest=root / "train" / "manifest.json",
-                              valid_manifest=root / "valid" / "manifest.json")
-    c = with_(cfg, **{"data.root": str(root)})
+def test_a_shard_changed_after_indexing_is_named(copy):
+    c, new = copy
+    root = new.root
     loader = TrainLoader(c, new, 0, 2)
     loader.next_batch()
     for shard in sorted((root / "train").glob("shard-*.tar")):  # same sizes, other token bytes
