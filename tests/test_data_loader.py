@@ -293,7 +293,12 @@ def test_valid_batches_and_eval_documents(data):
     assert len(r0) == len(r1) == -(-len(a) // 2)
     merged = torch.cat([torch.cat([x["input_ids"], y["input_ids"]]) for x, y in zip(r0, r1)])
     assert torch.equal(merged[: len(a) * M], cat(a, "input_ids"))
-    assert len(valid_batches(cfg, paths, 2)) == 2
+    # A limit takes groups spread over the whole split (not its first rows), the same ones at dp = 1 and 2.
+    assert len(a) >= 4
+    two = valid_batches(cfg, paths, 2)
+    assert len(two) == 2 and all(torch.equal(x[k], a[g][k]) for x, g in zip(two, (0, len(a) // 2)) for k in x)
+    s0, s1 = valid_batches(cfg, paths, 1, 0, 2), valid_batches(cfg, paths, 1, 1, 2)
+    assert all(torch.equal(x[k], y[k]) for x, y in zip((s0[0], s1[0]), two) for k in x)
     docs = list(eval_documents(cfg, paths))
     assert [d.tolist() for d in docs] == [v.tolist() for v in valid] and all(d.dtype == torch.int64 for d in docs)
     assert len(list(eval_documents(cfg, paths, max_docs=1))) == 1

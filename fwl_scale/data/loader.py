@@ -305,10 +305,13 @@ class TrainLoader:
 
 def valid_batches(cfg: Config, paths: Any, max_batches: int | None, dp_rank: int = 0,
                   dp_size: int = 1) -> list[dict[str, torch.Tensor]]:
-    """Packed validation batches in manifest order (no shuffling, one pass): the same on every call.
-    Rank d gets rows [d * micro_batch, (d + 1) * micro_batch) of each global batch, and reads only them.
-    Every rank returns the same number of batches; the last is padded (labels IGNORE_INDEX, doc id -1)
-    where the split ends."""
+    """Packed validation batches in manifest order (no shuffling): the same on every call.
+    The split is cut into groups of micro_batch rows of seq_len tokens. Without a limit every group is
+    returned, rank d taking groups d, d + dp, ...; the last is padded (labels IGNORE_INDEX, doc id -1) where
+    the split ends. With max_batches per rank below that, the dp * max_batches groups taken are spread
+    evenly over the whole split, so that validation samples every document rather than the first one,
+    and the same groups are taken at any dp that divides the total. Every rank returns the same number
+    of batches and reads only its own rows."""
     if getattr(paths, "valid_manifest", None) is None:
         return []
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -317,13 +320,17 @@ def valid_batches(cfg: Config, paths: Any, max_batches: int | None, dp_rank: int
     m, T = cfg.parallel.micro_batch, cfg.model.seq_len
     order = Order(manifest, index.doc_tokens, seed=0, shuffle=False)
     reader = BlockReader(manifest, index)
-    n = math.ceil(math.ceil(manifest.tokens / T) / (m * dp_size))
-    if max_batches is not None:
-        n = min(n, max_batches)
+    groups = math.ceil(math.ceil(manifest.tokens / T) / m)
+    n = math.ceil(groups / dp_size)
+    taken = n * dp_size
+    if max_batches is not None and max_batches < n:
+        n, taken = max_batches, max_batches * dp_size
     out = []
     for j in range(n):
+        k = j * dp_size + dp_rank
+        group = k if taken >= groups else k * groups // taken
         block = np.empty((3, m, T), dtype=np.int64)
-        packed_rows(order, reader, (j * dp_size + dp_rank) * m * T, block[0], block[1], block[2])
+        packed_rows(order, reader, group * m * T, block[0], block[1], block[2])
         t = torch.from_numpy(block)
         out.append({"input_ids": t[0], "labels": t[1], "doc_ids": t[2]})
     return out
