@@ -82,3 +82,20 @@ def test_unknown_grid_key_is_named(tmp_path, capsys):
     assert main(["scaling", "grid", str(_grid(tmp_path, size=["typo"]))]) == 2
     assert "unknown key 'size'" in capsys.readouterr().err
     assert not (tmp_path / "grid.study.yaml").exists()
+
+
+def test_absolute_token_budgets_are_the_same_for_every_size(tmp_path, capsys):
+    from fwl_scale.plan import scaling
+
+    grid = _grid(tmp_path, tokens=[65536, 262144])
+    assert main(["scaling", "grid", str(grid)]) == 2  # both budget keys: which one is meant?
+    assert "exactly one of tokens_per_param" in capsys.readouterr().err
+    data = yaml.safe_load(grid.read_text())
+    del data["tokens_per_param"]
+    grid.write_text(yaml.safe_dump(data))
+    assert main(["scaling", "grid", str(grid)]) == 0
+    spec = load_spec(tmp_path / "grid.study.yaml")
+    budgets = {(run.variant.split("-")[0], run.variant.split("-")[1]):
+               spec.run_config(run).train.steps * scaling.tokens_per_step(spec.run_config(run)) for run in spec.runs}
+    assert set(budgets) == {(s, d) for s in SIZES for d in ("d65536", "d262144")}
+    assert all(tokens == int(d[1:]) for (_, d), tokens in budgets.items())

@@ -11,6 +11,7 @@ A grid file:
     common: ["data.train=[../shared/corpus/train.txt]"]   # overrides for every run
     sizes: {s1: ["model.d_model=32", "model.n_layers=1"], s2: [...]}
     tokens_per_param: [5, 20]     # each size's token budgets, as multiples of its parameter count N
+    # or  tokens: [250000, 1000000]   the same budgets for every size, in tokens (one of the two keys)
     lrs: [3.0e-3]                 # train.lr values (optional: the configs' own)
     seeds: [1]
     eval_batches: 20
@@ -19,7 +20,7 @@ A grid file:
 N is the non-embedding parameter count (body + FWL; Kaplan et al. 2020), of the baseline arm when the
 grid has one (both arms train the same steps, so they see the same data); steps = round(ratio·N /
 (micro_batch·grad_accum·seq_len)), warm-up at most a fifth of them, a validation and a checkpoint
-every quarter. Variants are `<size>-t<ratio>-lr<lr>`.
+every quarter. Variants are `<size>-t<ratio>-lr<lr>` (`<size>-d<tokens>-lr<lr>` with `tokens`).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ from fwl_scale.study import store
 from fwl_scale.study.spec import StudyError, StudySpec
 from fwl_scale.train.flops import train_flops_per_token
 
-GRID_KEYS = ("name", "arms", "common", "sizes", "tokens_per_param", "lrs", "seeds", "eval_batches", "out_dir")
+GRID_KEYS = ("name", "arms", "common", "sizes", "tokens_per_param", "tokens", "lrs", "seeds", "eval_batches",
+             "out_dir")
 LADDER = ["125m", "350m", "760m", "1b", "3b", "7b", "13b"]
 
 
@@ -59,14 +61,19 @@ def grid_to_study(path: str | Path) -> tuple[dict[str, Any], Path]:
     for key in data:
         if key not in GRID_KEYS:
             raise StudyError(f"{src}: unknown key {key!r} (known: {', '.join(GRID_KEYS)})")
-    for key in ("name", "arms", "sizes", "tokens_per_param", "out_dir"):
+    for key in ("name", "arms", "sizes", "out_dir"):
         if key not in data:
             raise StudyError(f"{src}: missing key {key!r}")
-    sizes, ratios, lrs = data["sizes"], data["tokens_per_param"], data.get("lrs") or [None]
+    if ("tokens_per_param" in data) == ("tokens" in data):
+        raise StudyError(f"{src}: give the token budgets as exactly one of tokens_per_param (multiples of each "
+                         f"size's N) or tokens (the same for every size)")
+    budget_key = "tokens" if "tokens" in data else "tokens_per_param"
+    sizes, budgets, lrs = data["sizes"], data[budget_key], data.get("lrs") or [None]
     if not isinstance(sizes, dict) or not sizes:
         raise StudyError(f"{src}: sizes: expected a mapping of size name -> list of overrides")
-    if not isinstance(ratios, list) or not ratios or not all(isinstance(r, (int, float)) and r > 0 for r in ratios):
-        raise StudyError(f"{src}: tokens_per_param: expected a list of positive numbers, got {ratios!r}")
+    if not isinstance(budgets, list) or not budgets or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in budgets):
+        raise StudyError(f"{src}: {budget_key}: expected a list of positive numbers, got {budgets!r}")
     arms = data["arms"]
     if not isinstance(arms, dict) or not arms:
         raise StudyError(f"{src}: arms: expected a mapping like {{fwl: CONFIG, baseline: CONFIG}}")
@@ -81,11 +88,12 @@ def grid_to_study(path: str | Path) -> tuple[dict[str, Any], Path]:
         except ConfigError as e:
             raise StudyError(f"{src}: sizes: {size}: {e}") from None
         n = non_embedding_params(cfg)
-        for ratio in ratios:
-            steps = max(1, round(ratio * n / tokens_per_step(cfg)))
+        for budget in budgets:
+            tokens, tag = (budget, f"d{budget:g}") if budget_key == "tokens" else (budget * n, f"t{budget:g}")
+            steps = max(1, round(tokens / tokens_per_step(cfg)))
             warmup = min(cfg.train.warmup_steps, steps // 5)
             for lr in lrs:
-                name = f"{size}-t{ratio:g}" + (f"-lr{lr:g}" if lr is not None else "")
+                name = f"{size}-{tag}" + (f"-lr{lr:g}" if lr is not None else "")
                 # Four validations per run: the intermediate losses of scaling.json's curves.
                 every = max(1, steps // 4)
                 variants[name] = list(overrides) + [f"train.steps={steps}", f"train.warmup_steps={warmup}",
