@@ -12,119 +12,38 @@
 - a launcher whose layout cannot fit its allocation fails before training with a clear message.
 
 The scenarios run at the same time (one thread each drives its job: waits for a step, signals, kills,
-resubmits), started by one fixture; each test then checks its scenario's outcome. The cluster is
-started here (root; Debian packages installed on demand). The tests skip only when Slurm cannot be
-installed (no root, no apt, no package mirror); FWL_REQUIRE_SLURM=1 (CI) turns that into a failure.
+resubmits), started by one fixture; each test then checks its scenario's outcome. The cluster and what
+the Slurm tests share: tests/slurm_support.py.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from fwl_scale.train.signals import TEST_HOLD_ENV
-from tests.train_support import need_corpus, records, step_losses, tiny_overrides
+from tests.slurm_support import (  # noqa: F401  (slurm_env: the module's cluster fixture)
+    ENDED, JOB_TIMEOUT, REPO, hold_at, logged_steps, records_safe, release, slurm_env)
+from tests.train_support import records, step_losses, tiny_overrides
 
 pytestmark = pytest.mark.slurm
 
-REPO = Path(__file__).resolve().parents[1]
-CLUSTER = REPO / "tools" / "slurm_cluster.sh"
 LAUNCHER = "launchers/tiny.slurm"
 STEPS = 100
 SAVE_EVERY = 20
 EXIT_REQUEUE = 75
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
-JOB_TIMEOUT = 420  # seconds; generous: up to five jobs share two CPU cores with whatever else runs
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("FWL_REQUIRE_SLURM") == "1":
-        pytest.fail(f"FWL_REQUIRE_SLURM=1 but the local Slurm cluster is unavailable: {reason}")
-    pytest.skip(reason)
 
 
 def _overrides(out_dir: Path, *extra: str) -> list[str]:
     return tiny_overrides(out_dir, f"train.steps={STEPS}", f"train.save_every={SAVE_EVERY}",
                           "train.eval_every=1000", *extra)
-
-
-@pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """Starts the local cluster (idempotent) and returns the environment for sbatch/squeue/scancel."""
-    need_corpus()
-    state_dir = os.environ.get("FWL_SLURM_DIR", "/tmp/fwl-slurm")
-    installed = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged"))
-    if not installed and os.geteuid() != 0:
-        _unavailable("Slurm is not installed and installing it needs root")
-    if not installed and not shutil.which("apt-get"):
-        _unavailable("Slurm is not installed and there is no apt-get to install it")
-    # Four CPUs per node: up to four of the 1-CPU-per-node test jobs run at once.
-    env = dict(os.environ, FWL_SLURM_DIR=state_dir, FWL_SLURM_CPUS="4")
-    # A cluster someone already runs is left running; one started here is stopped at the end.
-    was_running = installed and subprocess.run([str(CLUSTER), "status"], env=env, capture_output=True,
-                                               timeout=60).returncode == 0
-    proc = subprocess.run([str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        message = proc.stderr.strip()[-2000:]
-        if "apt-get" in message and not installed:  # no package mirror: the one acceptable reason to skip
-            _unavailable(f"cannot install Slurm: {message}")
-        pytest.fail(f"tools/slurm_cluster.sh start failed:\n{message}")
-    try:
-        env["SLURM_CONF"] = f"{state_dir}/slurm.conf"
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(k, None)
-        env.update(OMP_NUM_THREADS="1", FWL_PYTHON=sys.executable)
-        # Tokenizer and shards once, before any job: two jobs must not build them at the same time.
-        prep = subprocess.run([sys.executable, "-m", "fwl_scale.cli", "data", "shards", "configs/tiny.yaml",
-                               *_overrides(tmp_path_factory.mktemp("prep"))], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert prep.returncode == 0, prep.stderr[-3000:]
-        yield env
-    finally:
-        if not was_running:
-            subprocess.run([str(CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
-
-
-def records_safe(out_dir: Path, kind: str) -> list[dict[str, Any]]:
-    """Records of metrics.jsonl, read while the run may be appending (a torn last line is skipped)."""
-    path = out_dir / "metrics.jsonl"
-    found = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if r.get("kind") == kind:
-                found.append(r)
-    return found
-
-
-def logged_steps(out_dir: Path) -> list[int]:
-    return [r["step"] for r in records_safe(out_dir, "train")]
-
-
-def hold_at(work: Path, step: int) -> dict[str, str]:
-    """Environment that makes every rank wait at the end of step `step` (the test hook in
-    fwl_scale/train/signals.py) until it gets a stop signal or the test calls `release`: a signal or a
-    kill lands at a known step, however fast or slow the run and the signal's delivery are."""
-    return {TEST_HOLD_ENV: f"step@{step + 1}:{work / 'release'}"}
-
-
-def release(work: Path) -> None:
-    (work / "release").touch()
 
 
 class Job:
@@ -507,67 +426,3 @@ def test_time_limit_warning_checkpoints_and_requeues(scenarios):
     assert steps[: stops[0]["step"]] == list(range(1, stops[0]["step"] + 1))
     assert steps[stops[0]["step"]] == stops[0]["step"] + 1  # resumed at the next step
     assert run.seen["final"]["JobState"] == "CANCELLED"
-
-
-def _array_states(env: dict[str, str], job_id: str) -> dict[str, dict[str, str]]:
-    """`scontrol show job` of a job array: fields per task (ArrayTaskId), or of a plain job under ''."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
-                         timeout=30)
-    assert out.returncode == 0, out.stderr
-    tasks = {}
-    for line in out.stdout.splitlines():
-        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
-        tasks[fields.get("ArrayTaskId", "")] = fields
-    return tasks
-
-
-def test_study_runs_as_a_job_array_then_collects(slurm_env, tmp_path):
-    """`fwl study SPEC --slurm`: one array task per run (FWL and baseline), then the collection job
-    (afterany) writes the table from their results. The FWL run's task is signalled mid-training through
-    its batch shell (what `--signal=B:USR1@...` does before the time limit): the study forwards the signal
-    to the trainer, which saves; the task requeues itself and the run resumes where it stopped."""
-    out = tmp_path / "out"
-    common = [o for o in tiny_overrides("unused") if not o.startswith("train.out_dir=")]
-    long = ["train.steps=2000", "train.save_every=100000"]  # long enough to be signalled mid-run
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "slurm", "arms": {"fwl": "configs/tiny.yaml", "baseline": "configs/base_tiny.yaml"},
-        "common": common + ["train.steps=3", "train.eval_every=3"], "variants": {"plain": {"fwl": long}},
-        "seeds": [1], "out_dir": str(out)}))
-    proc = subprocess.run([sys.executable, "-m", "fwl_scale.cli", "study", str(spec), "--slurm", "--sbatch-args",
-                           "--time=10"], cwd=REPO, env=slurm_env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    array_id = proc.stdout.split("submitted job array ")[1].split()[0]
-    collect_id = proc.stdout.split("collection job ")[1].split()[0]
-    assert "#SBATCH --array=0-1" in (out / "study.sbatch").read_text()
-    fwl_dir = out / "runs" / "plain-fwl-s1"
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not [s for s in logged_steps(fwl_dir) if s >= 5]:
-        assert time.monotonic() < deadline and (out / "logs").is_dir(), "the FWL run did not reach step 5"
-        time.sleep(0.2)
-    signalled = subprocess.run(["scancel", "--batch", "--signal=USR1", f"{array_id}_0"], env=slurm_env,
-                               capture_output=True, text=True, timeout=30)
-    assert signalled.returncode == 0, signalled.stderr
-    while (state := _array_states(slurm_env, collect_id)[""])["JobState"] not in ENDED:
-        assert time.monotonic() < deadline, f"collection job {collect_id} did not end: {state}"
-        time.sleep(1)
-    tasks = _array_states(slurm_env, array_id)
-    logs = "\n".join(p.read_text() for p in sorted((out / "logs").glob("slurm-*.out")))
-    assert sorted(tasks) == ["0", "1"], tasks
-    for task in tasks.values():
-        assert task["JobState"] == "COMPLETED" and task["ExitCode"] == "0:0", logs[-4000:]
-    assert tasks["0"]["Restarts"] == "1" and tasks["1"]["Restarts"] == "0", tasks
-    assert "batch shell got SIGUSR1" in logs and "the run resumes from its checkpoint" in logs, logs[-4000:]
-    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", logs[-4000:]
-    assert "study slurm: run 0 exited with 0" in logs and "study slurm: run 1 exited with 0" in logs
-    stops = records(fwl_dir, "stop")
-    assert len(stops) == 1 and stops[0]["reason"] == "SIGUSR1", stops
-    assert [r["step"] for r in records(fwl_dir, "start")] == [0, stops[0]["step"]]
-    assert train_steps(fwl_dir) == list(range(1, 2001))  # resumed right after the saved step
-    summary = json.loads((out / "study.json").read_text())
-    assert summary["complete"] == ["plain-fwl-s1", "plain-baseline-s1"] and not summary["failed"]
-    for group in summary["groups"]:
-        result = json.loads((out / "results" / f"plain-{group['arm']}-s1.json").read_text())
-        trained = records(out / "runs" / f"plain-{group['arm']}-s1", "valid")[-1]
-        assert group["val_loss"]["mean"] == result["valid"]["loss"] == pytest.approx(trained["loss"], rel=1e-6)
-    assert "| plain | fwl | 1/1 |" in (out / "study.md").read_text()

@@ -92,13 +92,17 @@ def _check(values, name: str, positive: bool = True) -> np.ndarray:
     return arr
 
 
+def _distinct(values: np.ndarray) -> list[int]:
+    return sorted({int(v) for v in values})
+
+
 def fit_power_law(n, loss) -> PowerLaw:
     """L(N) = E + A·N^-α by Huber on log L; needs at least 3 points of distinct N."""
     import torch  # function-level: see _lbfgs
 
     n, loss = _check(n, "N"), _check(loss, "L")
     if len(set(n.tolist())) < 3:
-        raise ValueError(f"fit: L(N) has 3 parameters and needs >= 3 distinct sizes, got {sorted(set(n))}")
+        raise ValueError(f"fit: L(N) has 3 parameters and needs >= 3 distinct sizes, got {_distinct(n)}")
     logn, logl = torch.tensor(np.log(n)), torch.tensor(np.log(loss))
 
     def objective(x):
@@ -119,7 +123,7 @@ def fit_chinchilla(n, d, loss) -> Chinchilla:
     n, d, loss = _check(n, "N"), _check(d, "D"), _check(loss, "L")
     if not len(n) == len(d) == len(loss) or len(n) < 5 or len(set(n.tolist())) < 2 or len(set(d.tolist())) < 2:
         raise ValueError(f"fit: L(N, D) has 5 parameters and needs >= 5 points over >= 2 sizes and >= 2 token "
-                         f"budgets, got {len(n)} points, sizes {sorted(set(n))}, budgets {sorted(set(d))}")
+                         f"budgets, got {len(n)} points, sizes {_distinct(n)}, budgets {_distinct(d)}")
     logn, logd, logl = torch.tensor(np.log(n)), torch.tensor(np.log(d)), torch.tensor(np.log(loss))
 
     def objective(x):

@@ -170,8 +170,8 @@ def fit_study(points: list[dict[str, Any]], ladder: dict[str, dict[str, int]]) -
         ps = [p for p in best if p["arm"] == arm]
         n, d, loss = (np.array([p[k] for p in ps], dtype=float) for k in ("n", "d", "loss"))
         entry: dict[str, Any] = {}
-        ratio = d / n
-        top = np.isclose(ratio, ratio.max(), rtol=0.2)  # each size's largest budget: L(N) at ~fixed tokens/param
+        # L(N) from each size's largest budget (the same tokens per parameter in a tokens_per_param grid)
+        top = np.array([dd == d[n == nn].max() for nn, dd in zip(n, d)])
         try:
             entry["L(N)"] = fits.to_json(fits.fit_power_law(n[top], loss[top]))
         except ValueError as e:
