@@ -14,6 +14,7 @@ import pytest
 
 from fwl_scale.cli import main
 from fwl_scale.data import Manifest
+from fwl_scale.data.shard_index import ShardIndex
 from fwl_scale.train.signals import TEST_SIGNAL_ENV
 from tests.corpus import read_records
 
@@ -63,7 +64,17 @@ def test_shards_and_verify_commands(small, capsys):
     out = capsys.readouterr().out
     assert "train: " in out and "valid: 2 shards, 2 documents" in out
     assert main(["data", "verify", str(cfg)]) == 0
-    assert out.count("OK") == 0 and capsys.readouterr().out.count(": OK, ") == 2
+    said = capsys.readouterr().out
+    assert out.count("OK") == 0 and said.count(": OK, ") == 4 and said.count("index.npz: OK, ") == 2
+    # A damaged document index (one offset moved) is named; the shards themselves are fine.
+    index_path = tmp / "root" / "valid" / "index.npz"
+    good = index_path.read_bytes()
+    index = ShardIndex.from_bytes(good, "test")
+    index.doc_offset[-1] += 512
+    index_path.write_bytes(index.to_bytes())
+    assert main(["data", "verify", str(cfg)]) == 2
+    assert f"{index_path}: doc_offset does not match the shards" in capsys.readouterr().err
+    index_path.write_bytes(good)
     # Damage a shard (same size): verify fails with the shard's name and a non-zero exit.
     shard = tmp / "root" / "train" / "shard-000001.tar"
     data = shard.read_bytes()

@@ -3,7 +3,7 @@
     fwl data tokenizer [CONFIG] [key=value ...]                 train (or check) the tokenizer of a config
     fwl data tokenizer [CONFIG] [key=value ...] --input F... --out M.model   a standalone tokenizer
     fwl data shards    [CONFIG] [key=value ...]                 tokenizer + train/valid shards (prepare_data)
-    fwl data verify    [CONFIG] [key=value ...]                 re-check every shard (sha256, ids, tokenizer)
+    fwl data verify    [CONFIG] [key=value ...]                 re-check every shard (sha256, ids, tokenizer) and index.npz
 
 data.train / data.valid may name a prebuilt split's manifest by URL (`https://.../train/manifest.json`,
 `"pipe:aws s3 cp s3://bucket/train/manifest.json -"`, see fwl_scale/data/remote.py): `shards` then checks
@@ -23,6 +23,7 @@ from fwl_scale.data.common import DataError
 from fwl_scale.data.prepare import ensure_tokenizer, prepare_data
 from fwl_scale.data.manifest import MANIFEST, Manifest
 from fwl_scale.data.remote import is_url
+from fwl_scale.data.shard_index import verify_index
 from fwl_scale.data.shards import verify_manifest
 from fwl_scale.data.sources import Corpus, ReadStats
 from fwl_scale.data.tokenizer import Tokenizer, train_tokenizer
@@ -99,7 +100,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if not manifests:
         raise DataError(f"{root}: no shard manifests (run `fwl data shards` first)")
     for mpath in manifests:
-        verify_manifest(Manifest.load(mpath), tok, cfg.model.vocab_size)
+        manifest = Manifest.load(mpath)
+        verify_manifest(manifest, tok, cfg.model.vocab_size)
+        print(verify_index(manifest))
     return 0
 
 

@@ -127,6 +127,25 @@ def load_index(manifest: Manifest, vocab_size: int, build: bool = True) -> Shard
     return index
 
 
+def verify_index(manifest: Manifest) -> str:
+    """Checks the index beside a split (if one is there) against one built from its shards now: a
+    DataError naming the index and its first wrong field; else a line saying what was checked."""
+    where = sibling(manifest.path, INDEX)
+    try:
+        raw = fetch(where, f"document index {where}")
+    except MissingFile:
+        return f"{where}: none (it is built in memory when the data is read)"
+    stored, built = ShardIndex.from_bytes(raw, str(where)), build_index(manifest)
+    if stored.dataset_id != built.dataset_id:
+        raise DataError(f"{where}: indexes dataset {stored.dataset_id}, the manifest is {built.dataset_id} "
+                        f"(stale: rebuild with `fwl data shards`)")
+    for field in ("max_token", "doc_tokens", "doc_offset", "block_start", "block_hash"):
+        if not np.array_equal(getattr(stored, field), getattr(built, field)):
+            raise DataError(f"{where}: {field} does not match the shards (damaged or stale: delete it, and "
+                            f"`fwl data shards` writes it again)")
+    return f"{where}: OK, {len(built.doc_tokens)} documents, {len(built.block_hash)} block hashes"
+
+
 class BlockReader:
     """Token ranges of documents, read in checksummed blocks; a per-process cache of verified blocks.
     Picklable (loader workers): the cache stays behind."""
