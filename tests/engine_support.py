@@ -15,13 +15,14 @@ SEED = 5
 
 
 def make_cfg(world: int, tp: int = 1, pp: int = 1, sp: bool = False, zero: int = 0, bf16: bool = False,
-             act_ckpt: bool = False):
-    dp = world // (tp * pp)
+             act_ckpt: bool = False, cp: int = 1, exchange: str = "auto"):
+    dp = world // (tp * pp * cp)
     return load_config(None, [
         "model.d_model=16", "model.n_heads=4", "model.n_layers=2", f"model.seq_len={T}", f"model.vocab_size={VOCAB}",
         "model.vocab_multiple=64", "model.fwl.chunk_size=4", "model.fwl.vocab_chunk=7",
         "model.fwl.step_size_init=0.3", "data.loader_workers=0",
-        f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.sequence_parallel={str(sp).lower()}",
+        f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.cp={cp}", f"parallel.cp_exchange={exchange}",
+        f"parallel.sequence_parallel={str(sp).lower()}",
         f"parallel.zero_stage={zero}", "parallel.micro_batch=2", f"parallel.grad_accum={M // dp}",
         "train.lr=0.01", "train.warmup_steps=1", "train.steps=10", "train.grad_clip=1.0", "train.weight_decay=0.1",
         f"train.bf16={str(bf16).lower()}", f"train.activation_checkpointing={str(act_ckpt).lower()}",

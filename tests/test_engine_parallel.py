@@ -10,9 +10,13 @@ AdamW, warmup + cosine schedule and active gradient clipping (the norm at step 1
 The reference, computed in every process: the single-process model (same seed) in plain torch — the four
 micro-batches' losses averaged, torch's AdamW and clip_grad_norm_, the same LambdaLR.
 
-Layouts: 2 ranks — tp=2, tp=2+SP ZeRO-1, pp=2 ZeRO-0, pp=2 ZeRO-1 with activation checkpointing, dp=2
-ZeRO 1/2/3; 4 ranks — tp=2×pp=2+SP ZeRO-1, tp=2×dp=2 ZeRO-3. Checked per layout: the loss of steps 1-3; at step 1, after the gradients are reduced and before the
-optimizer step, the gradient of every parameter (tensor-parallel shards gathered, the step sizes among
+Layouts: 2 ranks — tp=2, tp=2+SP ZeRO-1, pp=2 ZeRO-0, pp=2 ZeRO-1 with activation checkpointing, pp=2
+with the FWL state carried across micro-batches (and steps), dp=2 ZeRO 1/2/3; 4 ranks — tp=2×pp=2+SP
+ZeRO-1, pp=2×cp=2 ZeRO-1 (the FWL's state exchange), pp=2×cp=2 with a carried state (the key/value
+exchange), tp=2×dp=2 ZeRO-3. The carried layouts are compared with the single process carrying its state
+through the same M micro-batches (it changes the step-1 gradients by up to 0.95 of a tensor's largest
+entry, so the check sees a state that is dropped or passed to the wrong micro-batch). Checked per layout:
+the loss of steps 1-3; at step 1, after the gradients are reduced and before the optimizer step, the gradient of every parameter (tensor-parallel shards gathered, the step sizes among
 them), the gradient norm the clipping uses, and the gradient at the body input (the embedding output) of
 every micro-batch. And the pipeline's non-finite-loss decision (check_pipeline_nonfinite).
 
@@ -36,7 +40,8 @@ from fwl_scale.model import build_model
 from fwl_scale.parallel.shards import is_sharded, merge_shards
 from fwl_scale.train.engine import lr_factor, param_groups
 from tests.distributed import run_distributed
-from tests.engine_support import M, SEED, build, make_cfg, micro_batch, train_step
+from fwl_scale.train.carried import CarriedState
+from tests.engine_support import B, M, SEED, build, make_cfg, micro_batch, train_step
 
 STEPS = 3
 TOL_LOSS, TOL_GRAD, TOL_NORM = 2e-5, 1e-4, 1e-5
@@ -55,18 +60,24 @@ def embed_output_probe(module) -> list[torch.Tensor]:
     return outputs
 
 
-def accumulate_step(model, step: int) -> float:
-    """Backward of step `step`'s M micro-batches, averaged; returns the mean loss."""
+def accumulate_step(model, step: int, carried: CarriedState | None = None) -> float:
+    """Backward of step `step`'s M micro-batches, averaged; returns the mean loss. `carried`: each micro-
+    batch starts from the FWL state the previous one (of this step or the last) left."""
     total = 0.0
     for k in range(M):
-        loss = model(*micro_batch(step, k).values()).loss
-        (loss / M).backward()
-        total += loss.item()
+        out = model(*micro_batch(step, k).values(), **(carried.forward_kwargs() if carried else {}))
+        if carried is not None:
+            carried.advance(out)
+        (out.loss / M).backward()
+        total += out.loss.item()
     return total / M
 
 
-def reference() -> dict:
+def reference(carried: bool = False) -> dict:
+    """`carried`: the FWL state carried from micro-batch to micro-batch (contiguous training), as by one
+    rank that sees all M micro-batches in order (the layouts compared with it have dp = 1)."""
     cfg = make_cfg(1)
+    state = CarriedState(True, B) if carried else None
     torch.manual_seed(SEED)
     model = build_model(cfg.model)
     t = cfg.train
@@ -76,7 +87,7 @@ def reference() -> dict:
     out = {"loss": []}
     for s in range(STEPS):
         opt.zero_grad()
-        out["loss"].append(accumulate_step(model, s))
+        out["loss"].append(accumulate_step(model, s, state))
         if s == 0:
             out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
             out["body_in"] = [x.grad.clone() for x in body_in]
@@ -156,10 +167,19 @@ def worst(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_layout(world: int, ref: dict, tp: int = 1, pp: int = 1, sp: bool = False, zero: int = 0,
-               bf16: bool = False, ref_bf16: dict | None = None, act_ckpt: bool = False) -> None:
-    what = (f"[tp={tp}{' SP' if sp else ''} pp={pp} dp={world // (tp * pp)} ZeRO-{zero}{' bf16' if bf16 else ''}"
-            f"{' activation checkpointing' if act_ckpt else ''}]")
-    cfg, ps, te = build(world, tp=tp, pp=pp, sp=sp, zero=zero, bf16=bf16, act_ckpt=act_ckpt)
+               bf16: bool = False, ref_bf16: dict | None = None, act_ckpt: bool = False, cp: int = 1,
+               exchange: str = "auto", carried: bool = False) -> None:
+    """`carried`: the FWL state carried across micro-batches where the FWL runs (compare with
+    reference(carried=True); dp = 1)."""
+    what = (f"[tp={tp}{' SP' if sp else ''} cp={cp}{f' {exchange}' if cp > 1 else ''} pp={pp} "
+            f"dp={world // (tp * pp * cp)} ZeRO-{zero}{' bf16' if bf16 else ''}"
+            f"{' activation checkpointing' if act_ckpt else ''}{' carried state' if carried else ''}]")
+    cfg, ps, te = build(world, tp=tp, pp=pp, sp=sp, zero=zero, bf16=bf16, act_ckpt=act_ckpt, cp=cp, exchange=exchange)
+    assert not carried or ps.dp_size == 1, "the carried reference is one stream of M micro-batches"
+    state = CarriedState(carried and te.is_last_stage, cfg.parallel.micro_batch, tp_rank=ps.tp_rank,
+                         tp_size=ps.tp_size, cp_rank=ps.cp_rank)
+    if te.is_pipeline and te.pipeline.head is not None and carried:
+        te.pipeline.head.carried = state  # what PipelineEngine.train_step does
     engine = te.engine
     gas, dp = cfg.parallel.grad_accum, ps.dp_size
     tol_loss, tol_grad = (BF16_TOL_LOSS, BF16_TOL_GRAD) if bf16 else (TOL_LOSS, TOL_GRAD)
@@ -175,14 +195,16 @@ def run_layout(world: int, ref: dict, tp: int = 1, pp: int = 1, sp: bool = False
             seen[name] = err
         for i, x in enumerate(body_in):
             g = x.grad.float()
-            if ps.sequence_parallel:
-                parts = [torch.empty_like(g) for _ in range(tp)]
-                dist.all_gather(parts, g.contiguous(), group=ps.groups["tp"])
-                g = torch.cat(parts, dim=1)
+            for axis, split in (("tp", ps.sequence_parallel), ("cp", cp > 1)):
+                if split:  # this rank's chunk of the sequence
+                    parts = [torch.empty_like(g) for _ in range(ps.layout.sizes()[axis])]
+                    dist.all_gather(parts, g.contiguous(), group=ps.groups[axis])
+                    g = torch.cat(parts, dim=1)
             # DeepSpeed scales each micro-batch loss by 1/grad_accum and averages parameter gradients over
-            # dp; the reference scales by 1/(dp · grad_accum): the activation gradient differs by dp.
+            # dp × cp; the reference scales by 1/(dp · grad_accum), and each cp rank's loss share is cp
+            # times its part: the activation gradient differs by dp · cp.
             k = ps.dp_rank * gas + i
-            err = worst(g / dp, step1["body_in"][k])
+            err = worst(g / (dp * cp), step1["body_in"][k])
             assert err < tol_grad, f"{what} gradient at the body input of micro-batch {k}: off by {err:.2e}"
 
     for s in range(STEPS):
@@ -195,7 +217,8 @@ def run_layout(world: int, ref: dict, tp: int = 1, pp: int = 1, sp: bool = False
             total = torch.zeros((), dtype=torch.float64)
             for i, b in enumerate(mine):
                 engine.set_gradient_accumulation_boundary(i == gas - 1)
-                out = engine(*b.values())
+                out = engine(*b.values(), **state.forward_kwargs())
+                state.advance(out)
                 engine.backward(out.loss)
                 total += out.loss.detach().double()
             if s == 0:
@@ -205,7 +228,7 @@ def run_layout(world: int, ref: dict, tp: int = 1, pp: int = 1, sp: bool = False
             reported = engine.get_global_grad_norm()
             norm = float(reported) if reported is not None else own_norm
             dist.all_reduce(total, group=ps.get_data_parallel_group())
-            loss = float(total) / (gas * dp)
+            loss = float(total) / (gas * ps.get_data_parallel_world_size())
         err = abs(loss - step1["loss"][s]) / step1["loss"][s]
         assert err < tol_loss, f"{what} step {s + 1}: loss {loss} vs single-process {step1['loss'][s]}"
         if bf16:
@@ -277,6 +300,7 @@ def _two_ranks(rank: int, world: int) -> None:
     run_layout(world, ref, tp=2, sp=True, zero=1)
     run_layout(world, ref, pp=2)
     run_layout(world, ref, pp=2, zero=1, act_ckpt=True)  # blocks recomputed in backward inside the stages
+    run_layout(world, reference(carried=True), pp=2, carried=True)
     for zero in (1, 2, 3):
         run_layout(world, ref, zero=zero)
     for zero in (0, 1):
@@ -286,6 +310,9 @@ def _two_ranks(rank: int, world: int) -> None:
 def _four_ranks(rank: int, world: int) -> None:
     ref = reference()
     run_layout(world, ref, tp=2, pp=2, sp=True, zero=1)
+    # Context-parallel stages: the body's all-gather and the FWL's exchange inside each stage's cp group.
+    run_layout(world, ref, pp=2, cp=2, exchange="state", zero=1)
+    run_layout(world, reference(carried=True), pp=2, cp=2, exchange="kv", carried=True)
     run_layout(world, ref, tp=2, zero=3)  # ZeRO-3 partitions tensor-parallel shards over dp = 2
 
 

@@ -154,9 +154,10 @@ class Trainer:
         ps = self.parallel
         dp_rank = ps.dp_rank
         self.loader = TrainLoader(cfg, self.paths, dp_rank, dist.dp)
-        # Contiguous mode: the FWL state carried from micro-batch to micro-batch (train/carried.py).
-        self.carried = CarriedState(carries_state(cfg), cfg.parallel.micro_batch, dp_rank, dist.dp, ps.tp_rank,
-                                    ps.tp_size, ps.cp_rank)
+        # Contiguous mode: the FWL state carried from micro-batch to micro-batch (train/carried.py), held
+        # (and saved) where the FWL runs: every rank, or a pipeline's last stage.
+        self.carried = CarriedState(carries_state(cfg) and self.te.is_last_stage, cfg.parallel.micro_batch, dp_rank,
+                                    dist.dp, ps.tp_rank, ps.tp_size, ps.cp_rank)
         self.state = TrainState()
         client: dict[str, Any] = {}
         if self.resume_ref is not None:

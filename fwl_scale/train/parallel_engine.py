@@ -175,10 +175,16 @@ class PipelineEngine(TrainingEngine):
     def train_step(self, next_batch, carried, stop_requested):
         """The non-finite decision is taken after the backward passes and before any gradient reduction
         (train/pipeline.py). Every stage reads the same batches, so the loader position is the same on
-        every rank. (No carried state: check_layout_implemented refuses it with pp > 1.)"""
+        every rank. A carried state lives where the FWL does, on the last stage (HeadStage.carried); a
+        skipped step drops it there, as the plain engine does."""
         lr = self.lr()
         batches = [next_batch() for _ in range(self.grad_accum)]
+        head = self.pipeline.head
+        if head is not None:
+            head.carried = carried if carried.enabled else None
         result = self.pipeline_step.run(batches)
+        if result.skipped:
+            carried.reset()
         flag = torch.tensor([1.0 if stop_requested() else 0.0], dtype=torch.float64, device=self.dist.device)
         stop = bool(all_reduce_sum(flag).item() > 0)
         return StepStats(loss=result.loss, skipped=result.skipped, grad_norm=result.grad_norm, lr=lr, stop=stop)
@@ -188,6 +194,8 @@ class PipelineEngine(TrainingEngine):
         hands out the last stage's losses in order."""
         n = all_reduce_min(len(batches), self.dist.device)
         losses = pipeline_token_losses(self.engine, batches[:n])
+        if losses is not None and self.ps.cp_size > 1:  # each last-stage rank holds its chunk of the sequence
+            losses = [gather_along_sequence(x, self.ps.groups["cp"]) for x in losses]
         it = iter(losses or [])
 
         def forward(ids, labels, docs):

@@ -106,7 +106,13 @@ class BlockStage(nn.Module):
 
 class HeadStage(nn.Module):
     """Final norm, FWL, unembedding and losses. Training: the micro-batch loss (what the pipeline engine
-    backpropagates); eval mode: the per-token losses [B, T] for validation by position."""
+    backpropagates); eval mode: the per-token losses [B, T] (under cp this rank's chunk) for validation by
+    position, never with a carried state.
+
+    `carried` (a CarriedState, set by the training step in contiguous mode): the FWL starts each micro-
+    batch from the state the previous one left. The last stage runs its forwards in micro-batch order
+    (1F1B: forward i, backward i, forward i + 1, ...), so the state passes from micro-batch to micro-batch
+    exactly as in one process."""
 
     def __init__(self, gpt: GPT):
         super().__init__()
@@ -116,11 +122,15 @@ class HeadStage(nn.Module):
         if gpt.lm_head is not None:
             self.lm_head = gpt.lm_head
         object.__setattr__(self, "gpt", gpt)
+        self.carried = None
 
     def forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
         x, ids, labels, docs = inputs
         gpt: GPT = self.gpt
-        out = gpt.head(gpt.norm_f(x), ids, labels, docs)
+        carried = self.carried if self.training else None
+        out = gpt.head(gpt.norm_f(x), ids, labels, docs, **(carried.forward_kwargs() if carried else {}))
+        if carried is not None:
+            carried.advance(out)
         return out.loss if self.training else out.token_loss
 
 
@@ -192,6 +202,11 @@ class PipelineModel:
     @property
     def is_first_stage(self) -> bool:
         return self.module.stage_id == 0
+
+    @property
+    def head(self) -> HeadStage | None:
+        """The last stage's HeadStage (None on the other stages)."""
+        return next((f for f in self.module.forward_funcs if isinstance(f, HeadStage)), None)
 
 
 def build_pipeline_model(cfg: Config, ps: ParallelState) -> PipelineModel:
