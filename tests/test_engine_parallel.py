@@ -12,7 +12,7 @@ micro-batches' losses averaged, torch's AdamW and clip_grad_norm_, the same Lamb
 
 Layouts: 2 ranks — tp=2, tp=2+SP ZeRO-1, pp=2 ZeRO-0, pp=2 ZeRO-1 with activation checkpointing, pp=2
 with the FWL state carried across micro-batches (and steps), dp=2 ZeRO 1/2/3; 4 ranks — tp=2×pp=2+SP
-ZeRO-1, pp=2×cp=2 ZeRO-1 (the FWL's state exchange), pp=2×cp=2 with a carried state (the key/value
+ZeRO-1 (also with a carried state), pp=2×cp=2 ZeRO-1 (the FWL's state exchange), pp=2×cp=2 with a carried state (the key/value
 exchange), tp=2×dp=2 ZeRO-3. The carried layouts are compared with the single process carrying its state
 through the same M micro-batches (it changes the step-1 gradients by up to 0.95 of a tensor's largest
 entry, so the check sees a state that is dropped or passed to the wrong micro-batch). Checked per layout:
@@ -310,6 +310,7 @@ def _two_ranks(rank: int, world: int) -> None:
 def _four_ranks(rank: int, world: int) -> None:
     ref = reference()
     run_layout(world, ref, tp=2, pp=2, sp=True, zero=1)
+    run_layout(world, reference(carried=True), tp=2, pp=2, sp=True, zero=1, carried=True)  # state sharded by tp
     # Context-parallel stages: the body's all-gather and the FWL's exchange inside each stage's cp group.
     run_layout(world, ref, pp=2, cp=2, exchange="state", zero=1)
     run_layout(world, reference(carried=True), pp=2, cp=2, exchange="kv", carried=True)

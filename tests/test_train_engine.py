@@ -113,7 +113,7 @@ def test_layouts_the_trainer_does_not_run_are_refused():
     for over in (["parallel.tp=2"], ["parallel.cp=2"], ["parallel.pp=2"], ["parallel.tp=2", "parallel.pp=2"],
                  ["parallel.pp=2", "parallel.cp=2"], ["parallel.pp=2", "data.mode=contiguous"],
                  ["parallel.pp=2", "parallel.cp=2", "data.mode=contiguous"],
-                 ["parallel.tp=2", "parallel.pp=2", "data.mode=contiguous", "model.fwl.enabled=false"]):
+                 ["parallel.tp=2", "parallel.pp=2", "data.mode=contiguous"]):
         check_layout_implemented(load_config(None, over))  # implemented: no error
     with pytest.raises(ConfigError, match=r"parallel\.tp: pipeline × context × tensor parallelism \(pp=2, cp=2, "
                                           r"tp=2\) is not supported"):
@@ -121,9 +121,6 @@ def test_layouts_the_trainer_does_not_run_are_refused():
     with pytest.raises(ConfigError, match=r"parallel\.zero_stage: pipeline parallelism with train.bf16 needs"):
         check_layout_implemented(load_config(None, ["parallel.pp=2", "train.bf16=true"]))
     check_layout_implemented(load_config(None, ["parallel.pp=2", "train.bf16=true", "parallel.zero_stage=1"]))
-    with pytest.raises(ConfigError, match=r"parallel\.tp: a carried FWL state .* pipeline × tensor parallelism "
-                                          r"\(pp=2, tp=2\) is not supported"):
-        check_layout_implemented(load_config(None, ["parallel.pp=2", "parallel.tp=2", "data.mode=contiguous"]))
 
 
 def test_flop_count():

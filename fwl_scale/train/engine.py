@@ -43,9 +43,9 @@ class DistInfo:
 def check_layout_implemented(cfg: Config) -> None:
     """Refuses, before any work, the combinations of the layout this trainer does not run (yet)."""
     p = cfg.parallel
-    # pp × cp and pp × carried state run (train/pipeline.py) and are tested against one process at tp = 1
-    # (tests/test_pipeline_cp.py); with tp > 1 as well they are untested (pp × cp × tp needs 8 ranks), so
-    # refused rather than served unchecked.
+    # pp × cp and pp × carried state (also with tp) run and are tested against one process
+    # (tests/test_engine_parallel.py, tests/test_pipeline_cp.py); pp × cp × tp needs 8 ranks to test, so it
+    # is refused rather than served unchecked.
     if p.pp > 1 and p.cp > 1 and p.tp > 1:
         raise ConfigError(f"parallel.tp: pipeline × context × tensor parallelism (pp={p.pp}, cp={p.cp}, tp={p.tp}) "
                           "is not supported yet (pp × cp and pp × tp are); drop one of the three")
@@ -54,10 +54,6 @@ def check_layout_implemented(cfg: Config) -> None:
                           "ZeRO, DeepSpeed's bf16 optimizer cannot load the checkpoints it writes under the pipeline "
                           "engine (DeepSpeed 0.19: its optimizer state is saved per data-parallel rank but loaded "
                           "as one), so the run could not be resumed")
-    if p.pp > 1 and p.tp > 1 and cfg.data.mode == "contiguous" and cfg.model.fwl.enabled:
-        raise ConfigError(f"parallel.tp: a carried FWL state (data.mode: contiguous) with pipeline × tensor "
-                          f"parallelism (pp={p.pp}, tp={p.tp}) is not supported yet (pp with a carried state is, "
-                          "at tp = 1); use parallel.tp: 1, parallel.pp: 1 or data.mode: packed")
 
 
 def free_port() -> int:
