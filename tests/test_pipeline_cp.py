@@ -7,8 +7,9 @@ gloo processes (pp = 2 × cp = 2, ZeRO-1, data.mode: contiguous), as one scenari
 * a signal to one rank (the test hook of train/signals.py) stops every rank after step 2 with a
   checkpoint; resumed at the same layout, the run continues bit for bit as the uninterrupted one (model,
   optimizer, data position, carried state);
-* `fwl ckpt convert` of the step-3 checkpoint, resumed by one process (pp = cp = 1): the carried state and
-  the stream go on, the next steps within round-off of the 4-process run's.
+* conversion both ways: `fwl ckpt convert` of the step-3 checkpoint resumed by one process (pp = cp = 1),
+  and the single process's resumed at pp = 2 × cp = 2: the carried state and the stream go on, the next
+  steps within round-off of the uninterrupted runs'.
 
 The gradients themselves (every parameter, the body input) are compared in tests/test_engine_parallel.py.
 """
@@ -62,6 +63,17 @@ def test_pp_cp_carried_state_trains_like_one_process(tmp_path, uninterrupted):
         assert all(abs(x - y) < TOL for x, y in zip(a["bucket_loss"], b["bucket_loss"]))
     ckpt = find_latest(uninterrupted / "checkpoints")
     assert sorted(p.name for p in ckpt.path.glob("fwl_state_*.pt")) == [state_file(0, 0)]
+
+    # The other direction: the single process's step-3 checkpoint, converted, resumed at pp = 2 × cp = 2
+    # (the last stage's ranks take the carried state, every stage its layers and Adam moments).
+    converted = tmp_path / "converted"
+    proc = run_fwl("ckpt", "convert", str(one / "checkpoints" / "step_00000003"), str(converted))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for code, log in launch(converted):
+        assert code == 0, log[-4000:]
+    resumed = step_losses(converted)
+    assert sorted(resumed) == [4, 5, 6] and records(converted, "start")[-1]["layout"]["pp"] == 2
+    close(resumed, ref, (4, 5, 6))
 
 
 def test_pp_cp_stop_resume_and_conversion(tmp_path, uninterrupted):
