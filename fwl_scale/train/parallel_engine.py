@@ -30,8 +30,8 @@ from fwl_scale.parallel.world import all_reduce_min, all_reduce_sum
 from fwl_scale.train.carried import CarriedState
 from fwl_scale.train.engine import (DistInfo, build_engine, deepspeed_config, lr_schedule, param_groups,
                                     zero_stage_discards_nonfinite)
-from fwl_scale.train.pipeline import (PipelineModel, PipelineStep, build_pipeline_engine, global_grad_norm,
-                                      pipeline_token_losses)
+from fwl_scale.train.pipeline import PipelineModel, build_pipeline_engine
+from fwl_scale.train.pipeline_step import PipelineStep, global_grad_norm, pipeline_token_losses
 
 Batch = dict[str, torch.Tensor]
 
@@ -174,7 +174,7 @@ class PipelineEngine(TrainingEngine):
 
     def train_step(self, next_batch, carried, stop_requested):
         """The non-finite decision is taken after the backward passes and before any gradient reduction
-        (train/pipeline.py). Every stage reads the same batches, so the loader position is the same on
+        (train/pipeline_step.py). Every stage reads the same batches, so the loader position is the same on
         every rank. A carried state lives where the FWL does, on the last stage (HeadStage.carried); a
         skipped step drops it there, as the plain engine does."""
         lr = self.lr()
