@@ -18,7 +18,8 @@ through the same M micro-batches (it changes the step-1 gradients by up to 0.95 
 entry, so the check sees a state that is dropped or passed to the wrong micro-batch). Checked per layout:
 the loss of steps 1-3; at step 1, after the gradients are reduced and before the optimizer step, the gradient of every parameter (tensor-parallel shards gathered, the step sizes among
 them), the gradient norm the clipping uses, and the gradient at the body input (the embedding output) of
-every micro-batch. And the pipeline's non-finite-loss decision (check_pipeline_nonfinite).
+every micro-batch. And the pipeline's non-finite-loss decision (check_pipeline_nonfinite), which drops a
+carried state (check_pipeline_skip_drops_carried_state).
 
 Tolerances (float32): losses 2e-5 relative; gradients 1e-4 of the tensor's largest entry; the norm 1e-5
 relative. That is reduction-order round-off (another all-reduce order, flat ZeRO buffers, another
@@ -294,6 +295,45 @@ def check_pipeline_nonfinite(world: int, zero: int) -> None:
     assert train_step(clean, ps2, cfg2, 2) == after_skip, f"{what} the skipped step left a trace"
 
 
+def check_pipeline_skip_drops_carried_state(world: int) -> None:
+    """pp=2 with a carried FWL state, through the trainer's PipelineEngine.train_step: a skipped step (a NaN
+    loss in its second micro-batch) drops the state on the last stage, as the plain engine does, so the
+    next step starts its slots afresh — bit for bit the step of a run that never saw the bad step and
+    reset its state there, and not that of a run that kept its state (which the check tells apart)."""
+    def run(mode: str) -> float:
+        cfg, ps, te = build(world, pp=2)
+        carried = CarriedState(te.is_last_stage, cfg.parallel.micro_batch)
+
+        def batches(step: int):
+            it = iter([micro_batch(step, i) for i in range(cfg.parallel.grad_accum)])
+            return lambda: next(it)
+
+        te.train_step(batches(0), carried, lambda: False)
+        head = te.pipeline.head
+        if mode == "skip":
+            calls = {"n": 0}
+            original = head.forward if head is not None else None
+
+            def poisoned(inputs):
+                out = original(inputs)
+                calls["n"] += 1
+                return out * float("nan") if calls["n"] == 2 else out
+
+            if head is not None:
+                head.forward = poisoned
+            assert te.train_step(batches(1), carried, lambda: False).skipped
+            if head is not None:
+                del head.forward
+                assert carried.state is None, "[pp=2 carried] the skipped step kept its state"
+        elif mode == "reset":
+            carried.reset()
+        return te.train_step(batches(2), carried, lambda: False).loss
+
+    after_skip, after_reset, kept = run("skip"), run("reset"), run("kept")
+    assert after_skip == after_reset, f"[pp=2 carried] after a skipped step {after_skip} vs {after_reset}"
+    assert kept != after_reset, "[pp=2 carried] the check cannot tell a kept state from a dropped one"
+
+
 def _two_ranks(rank: int, world: int) -> None:
     ref = reference()
     run_layout(world, ref, tp=2)
@@ -305,6 +345,7 @@ def _two_ranks(rank: int, world: int) -> None:
         run_layout(world, ref, zero=zero)
     for zero in (0, 1):
         check_pipeline_nonfinite(world, zero)
+    check_pipeline_skip_drops_carried_state(world)
 
 
 def _four_ranks(rank: int, world: int) -> None:
