@@ -99,3 +99,15 @@ def test_absolute_token_budgets_are_the_same_for_every_size(tmp_path, capsys):
                spec.run_config(run).train.steps * scaling.tokens_per_step(spec.run_config(run)) for run in spec.runs}
     assert set(budgets) == {(s, d) for s in SIZES for d in ("d65536", "d262144")}
     assert all(tokens == int(d[1:]) for (_, d), tokens in budgets.items())
+
+
+def test_fits_the_points_cannot_support_are_flagged():
+    from fwl_scale.plan.scaling import fit_warnings
+
+    points = [{"n": n, "d": d, "loss": loss} for n, d, loss in
+              [(1e5, 1e6, 5.0), (2e5, 1e6, 4.9), (4e5, 1e6, 5.1), (1e5, 3e6, 4.8), (2e5, 3e6, 4.7), (4e5, 3e6, 4.6)]]
+    sound = {"L(N)": {"alpha": 0.3}, "L(N,D)": {"alpha": 0.34, "beta": 0.28}}
+    assert fit_warnings(points[3:], sound) == []
+    said = fit_warnings(points, {"L(N)": {"error": "too few"}, "L(N,D)": {"alpha": 1.515, "beta": 0.28}})
+    assert len(said) == 2 and said[0].startswith("L(N,D): alpha = 1.515 is outside 0.05-1.0")
+    assert "rises with N at the same budget in 1 of 4 neighbouring sizes" in said[1]

@@ -162,6 +162,32 @@ def ladder_sizes() -> dict[str, dict[str, int]]:
     return out
 
 
+PLAUSIBLE_EXPONENTS = (0.05, 1.0)  # published LM fits: Kaplan et al. α_N 0.076, Chinchilla α 0.34 / β 0.28
+
+
+def fit_warnings(ps: list[dict[str, Any]], entry: dict[str, Any]) -> list[str]:
+    """What makes an arm's fits unfit for extrapolation: exponents outside the range language models
+    show, and losses that rise with N at a fixed budget (seed noise, or an lr that suits some sizes only)."""
+    warnings = []
+    lo, hi = PLAUSIBLE_EXPONENTS
+    for name, keys in (("L(N)", ("alpha",)), ("L(N,D)", ("alpha", "beta"))):
+        law = entry.get(name, {})
+        for key in keys:
+            if key in law and not lo <= law[key] <= hi:
+                warnings.append(f"{name}: {key} = {law[key]:.3f} is outside {lo}-{hi}, the range of published "
+                                f"language-model fits: the points do not pin the law down, so its extrapolation is "
+                                f"not evidence")
+    rising = total = 0
+    for d in sorted({p["d"] for p in ps}):
+        losses = [p["loss"] for p in sorted((p for p in ps if p["d"] == d), key=lambda p: p["n"])]
+        total += max(0, len(losses) - 1)
+        rising += sum(b > a for a, b in zip(losses, losses[1:]))
+    if rising:
+        warnings.append(f"the loss rises with N at the same budget in {rising} of {total} neighbouring sizes "
+                        f"(seed noise, or an lr that does not suit every size): more seeds or an lr per size")
+    return warnings
+
+
 def fit_study(points: list[dict[str, Any]], ladder: dict[str, dict[str, int]]) -> dict[str, Any]:
     """Per arm: L(N) at the largest budget ratio, L(N, D), F(N), the frontier; then the FWL's gain."""
     best = best_per_size_budget(points)
@@ -189,6 +215,7 @@ def fit_study(points: list[dict[str, Any]], ladder: dict[str, dict[str, int]]) -
         entry["ladder"] = {size: {"n": nn, **({"loss_20tpp": float(law(nn, 20 * nn))} if "L(N,D)" in entry and
                                               "error" not in entry["L(N,D)"] else {})}
                            for size, nn in ladder.get(arm, {}).items()}
+        entry["warnings"] = fit_warnings(ps, entry)
         report["arms"][arm] = entry
     arms = report["arms"]
     if {"fwl", "baseline"} <= set(arms) and all("frontier" in arms[a] for a in ("fwl", "baseline")):

@@ -32,14 +32,18 @@ def markdown(report: dict[str, Any], title: str) -> str:
         if "flops" in entry:
             lines.append(f"- FLOPs per token F(N) = {entry['flops']['k']:.4g}·N^{entry['flops']['gamma']:.3f} "
                          f"(train/flops.py, FWL's extra work included)")
+        lines += [f"- **warning**: {w}" for w in entry.get("warnings", [])]
         if entry["ladder"]:
             lines.append("- extrapolated to the ladder at 20 tokens/parameter: " + ", ".join(
                 f"{s} (N={v['n'] / 1e6:.0f}M) {v['loss_20tpp']:.3f}" if "loss_20tpp" in v else f"{s} not fitted"
                 for s, v in entry["ladder"].items()))
     gain = report.get("gain")
     if gain:
-        lines += ["", "## FWL gain (baseline loss − FWL loss; > 0: the FWL pays)", "",
-                  "| ladder size | gain at 20 tokens/param |", "|---|---:|"]
+        lines += ["", "## FWL gain (baseline loss − FWL loss; > 0: the FWL pays)", ""]
+        if any(entry.get("warnings") for entry in report["arms"].values()):
+            lines += ["Extrapolated from fits with the warnings above: read it as what those fits say, not as a "
+                      "prediction.", ""]
+        lines += ["| ladder size | gain at 20 tokens/param |", "|---|---:|"]
         lines += [f"| {s} | {g:+.4f} |" for s, g in gain["by_ladder_size"].items()]
         lines += ["", "| compute (FLOPs) | gain on the compute-optimal frontier |", "|---:|---:|"]
         lines += [f"| {c:.3g} | {g:+.4f} |" for c, g in zip(gain["by_compute"]["compute"],
