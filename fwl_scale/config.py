@@ -70,6 +70,20 @@ class ModelConfig:
     mlp_mult: int = 4
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Share of each head's width that rotary positions rotate (the first dims; NeoX's rotary_pct).
+    rope_fraction: float = 1.0
+    # The body's variants, so that transformers bodies can be imported exactly (fwl_scale/hf/body_import.py);
+    # the defaults are fwl_scale's own body. norm: layernorm | rmsnorm (Llama's, no bias). mlp: gelu (tanh
+    # GELU) | swiglu (down(SiLU(gate x) ⊙ up x), Llama's). bias: the body's linear layers have biases.
+    # positions: rotary | learned (absolute positions from a table of max_positions rows, GPT-2's; like the
+    # rotary ones they restart at each document when document_mask is on).
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    # The MLP's hidden width; None: mlp_mult × d_model (Llama's intermediate_size is rarely a multiple).
+    mlp_hidden: int | None = None
+    bias: bool = True
+    positions: str = "rotary"
+    max_positions: int | None = None  # learned positions: the table's rows; None: seq_len
     init_std: float = 0.02
     tie_embeddings: bool = True
     # Attention restricted to the token's own document, positions restarting at each document.
@@ -79,6 +93,19 @@ class ModelConfig:
     @property
     def padded_vocab_size(self) -> int:
         return int(math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple)
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_hidden if self.mlp_hidden is not None else self.mlp_mult * self.d_model
+
+    @property
+    def position_rows(self) -> int:
+        return self.max_positions if self.max_positions is not None else self.seq_len
+
+    @property
+    def rotary_dim(self) -> int:
+        """The rotated width of each head (an even number of its first dims)."""
+        return int(round(self.rope_fraction * (self.d_model // self.n_heads)))
 
     @property
     def fwl_width(self) -> int:
@@ -194,6 +221,19 @@ class Config:
         need(m.d_model % m.n_heads == 0, "model.n_heads",
              f"must divide model.d_model ({m.d_model} % {m.n_heads} = {m.d_model % m.n_heads})")
         need((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head width must be even for rotary positions")
+        need(m.norm in ("layernorm", "rmsnorm"), "model.norm", f"must be layernorm or rmsnorm, got {m.norm!r}")
+        need(m.mlp in ("gelu", "swiglu"), "model.mlp", f"must be gelu or swiglu, got {m.mlp!r}")
+        need(m.mlp_hidden is None or m.mlp_hidden > 0, "model.mlp_hidden", f"must be > 0, got {m.mlp_hidden}")
+        need(m.positions in ("rotary", "learned"), "model.positions",
+             f"must be rotary or learned, got {m.positions!r}")
+        need(m.max_positions is None or m.max_positions >= m.seq_len, "model.max_positions",
+             f"must be >= model.seq_len ({m.seq_len}), got {m.max_positions}")
+        need(m.max_positions is None or m.positions == "learned", "model.max_positions",
+             "is the size of the learned position table: only with model.positions=learned")
+        hd = m.d_model // m.n_heads
+        need(0 < m.rope_fraction <= 1 and abs(m.rope_fraction * hd - m.rotary_dim) < 1e-6 and m.rotary_dim % 2 == 0,
+             "model.rope_fraction", f"must be in (0, 1] and rotate an even number of the head's {hd} dims, "
+             f"got {m.rope_fraction}")
         need(f.width is None or f.width > 0, "model.fwl.width", f"must be > 0, got {f.width}")
         if m.tie_embeddings and f.enabled:
             need(m.fwl_width == m.d_model, "model.fwl.width",
@@ -262,7 +302,7 @@ def check_layout(cfg: Config, world_size: int | None = None, source: str = "conf
     need(m.n_heads % p.tp == 0, "parallel.tp", f"must divide model.n_heads ({m.n_heads})")
     need((m.fwl.hidden_mult * m.fwl_width) % p.tp == 0, "parallel.tp",
          f"must divide the FWL hidden width ({m.fwl.hidden_mult * m.fwl_width})")
-    need((m.mlp_mult * m.d_model) % p.tp == 0, "parallel.tp", "must divide the MLP width")
+    need(m.mlp_width % p.tp == 0, "parallel.tp", f"must divide the MLP width ({m.mlp_width})")
     need(m.n_layers % p.pp == 0, "parallel.pp", f"must divide model.n_layers ({m.n_layers})")
     need(not p.sequence_parallel or m.seq_len % (p.tp * p.cp) == 0, "parallel.sequence_parallel",
          f"model.seq_len ({m.seq_len}) must be divisible by parallel.tp × parallel.cp ({p.tp} × {p.cp}): "

@@ -1,6 +1,11 @@
-"""The transformer body's pieces: rotary positions, causal attention (document-masked, context-parallel,
-or over a key/value cache), the MLP and the pre-norm block. Tensor-parallel through the layers of
-parallel/layers.py (model/parallelize.py says where each tensor lives).
+"""The transformer body's pieces: rotary or learned positions, causal attention (document-masked,
+context-parallel, or over a key/value cache), the MLP and the pre-norm block. Tensor-parallel through the
+layers of parallel/layers.py (model/parallelize.py says where each tensor lives).
+
+The body's variants (ModelConfig.norm, mlp, bias, positions, rope_fraction) exist so that transformers
+bodies import exactly (fwl_scale/hf/body_import.py): LayerNorm or RMSNorm, a tanh-GELU or a SwiGLU MLP,
+linear layers with or without biases, rotary positions on all or the first part of each head, or learned
+absolute ones. The defaults build fwl_scale's own body, parameter for parameter as before they existed.
 """
 from __future__ import annotations
 
@@ -10,9 +15,10 @@ from torch import Tensor, nn
 
 from fwl_scale.config import ModelConfig
 from fwl_scale.parallel.context_parallel import CPContext, gather_sequence
-from fwl_scale.parallel.layers import ColumnParallelLinear, LayerNorm, RowParallelLinear
+from fwl_scale.parallel.layers import ColumnParallelLinear, LayerNorm, RMSNorm, RowParallelLinear
 from fwl_scale.parallel.layout import TPContext
-from fwl_scale.parallel.shards import tp_size
+from fwl_scale.parallel.mappings import copy_to_tp
+from fwl_scale.parallel.shards import set_replicated, tp_size
 
 
 def document_positions(doc_ids_bt: Tensor) -> Tensor:
@@ -26,21 +32,59 @@ def document_positions(doc_ids_bt: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, theta: float):
+    """Rotates the pairs (2i, 2i + 1) of the first `rotary_dim` dims of each head (all of them by default)
+    by position × theta^(-2i/rotary_dim); the other dims pass unchanged (NeoX's partial rotary)."""
+
+    def __init__(self, head_dim: int, theta: float, rotary_dim: int | None = None):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        rot = head_dim if rotary_dim is None else rotary_dim
+        self.partial = rot < head_dim
+        inv_freq = 1.0 / (theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, q: Tensor, k: Tensor, positions_bt: Tensor) -> tuple[Tensor, Tensor]:
-        angles = positions_bt.to(torch.float32)[..., None] * self.inv_freq.to(positions_bt.device)  # [B, T, hd/2]
+        angles = positions_bt.to(torch.float32)[..., None] * self.inv_freq.to(positions_bt.device)  # [B, T, rot/2]
         cos = angles.cos()[:, None].to(q.dtype)
         sin = angles.sin()[:, None].to(q.dtype)
+        rot = 2 * self.inv_freq.shape[0]
 
         def rotate(t: Tensor) -> Tensor:
-            t1, t2 = t[..., ::2], t[..., 1::2]
-            return torch.stack([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1).flatten(-2)
+            r = t[..., :rot] if self.partial else t
+            t1, t2 = r[..., ::2], r[..., 1::2]
+            out = torch.stack([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1).flatten(-2)
+            return torch.cat([out, t[..., rot:]], dim=-1) if self.partial else out
 
         return rotate(q), rotate(k)
+
+
+class LearnedPositions(nn.Module):
+    """Absolute position embeddings added to the token embeddings (GPT-2's), one row per position inside
+    the document (or the sequence without document masking). Replicated under tensor parallelism; under
+    sequence parallelism a rank adds the rows of its own sequence chunk, so the table's gradient is a
+    per-rank part, summed over tp inside autograd (as the norms' are)."""
+
+    def __init__(self, rows: int, dim: int, tp: TPContext | None = None, device=None):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(rows, dim, device=device))
+        set_replicated(self.weight)
+        self.weight.tp_rank = 0 if tp is None else tp.rank
+
+    def forward(self, x: Tensor, positions_bt: Tensor) -> Tensor:
+        """x [B, n, d] (under sequence parallelism this rank's chunk of the `positions_bt` [B, T] tokens)."""
+        w = self.weight
+        if self.tp is not None and self.tp.sequence_parallel:
+            n = x.shape[1]
+            positions_bt = positions_bt[:, self.tp.rank * n:(self.tp.rank + 1) * n]
+            w = copy_to_tp(w, self.tp)
+        return x + F.embedding(positions_bt, w)
+
+
+def norm_layer(cfg: ModelConfig, device=None, tp: TPContext | None = None) -> nn.Module:
+    """The body's norm: LayerNorm or RMSNorm (model.norm)."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps, tp=tp, device=device)
+    return LayerNorm(cfg.d_model, eps=cfg.norm_eps, tp=tp, device=device)
 
 
 class KVCache:
@@ -64,9 +108,9 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads // tp_size(tp)  # this rank's heads
         self.head_dim = cfg.d_model // cfg.n_heads
         # The fused q|k|v rows: each of the three blocks split by heads (stride 3).
-        self.qkv = ColumnParallelLinear(cfg.d_model, 3 * cfg.d_model, tp=tp, stride=3, device=device)
-        self.proj = RowParallelLinear(cfg.d_model, cfg.d_model, tp=tp, device=device)
-        self.rotary = Rotary(self.head_dim, cfg.rope_theta)
+        self.qkv = ColumnParallelLinear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias, tp=tp, stride=3, device=device)
+        self.proj = RowParallelLinear(cfg.d_model, cfg.d_model, bias=cfg.bias, tp=tp, device=device)
+        self.rotary = Rotary(self.head_dim, cfg.rope_theta, cfg.rotary_dim) if cfg.positions == "rotary" else None
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cp: CPContext | None = None,
                 kv: KVCache | None = None) -> Tensor:
@@ -75,7 +119,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x)  # [B, T, 3·local width]: the whole sequence even under sequence parallelism
         B, T = qkv.shape[:2]
         q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rotary(q, k, positions)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, positions)
         if kv is not None:
             k, v = kv.append(k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -93,21 +138,31 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """proj(GELU(fc x)), or with model.mlp = swiglu proj(SiLU(gate x) ⊙ fc x) (Llama's down, gate, up):
+    fc and gate column-parallel, proj row-parallel."""
+
     def __init__(self, cfg: ModelConfig, device=None, tp: TPContext | None = None):
         super().__init__()
-        self.fc = ColumnParallelLinear(cfg.d_model, cfg.mlp_mult * cfg.d_model, tp=tp, device=device)
-        self.proj = RowParallelLinear(cfg.mlp_mult * cfg.d_model, cfg.d_model, tp=tp, device=device)
+        h = cfg.mlp_width
+        self.fc = ColumnParallelLinear(cfg.d_model, h, bias=cfg.bias, tp=tp, device=device)
+        self.gate = (ColumnParallelLinear(cfg.d_model, h, bias=cfg.bias, tp=tp, device=device)
+                     if cfg.mlp == "swiglu" else None)
+        self.proj = RowParallelLinear(h, cfg.d_model, bias=cfg.bias, tp=tp, device=device)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        if self.gate is None:
+            return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        x = self.fc.enter(x)  # one copy (or sequence gather) into the tp region serves both projections
+        up = F.linear(x, self.fc.weight, self.fc.bias)
+        return self.proj(F.silu(F.linear(x, self.gate.weight, self.gate.bias)) * up)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, tp: TPContext | None = None):
         super().__init__()
-        self.norm1 = LayerNorm(cfg.d_model, eps=cfg.norm_eps, tp=tp, device=device)
+        self.norm1 = norm_layer(cfg, device, tp)
         self.attn = Attention(cfg, device, tp)
-        self.norm2 = LayerNorm(cfg.d_model, eps=cfg.norm_eps, tp=tp, device=device)
+        self.norm2 = norm_layer(cfg, device, tp)
         self.mlp = MLP(cfg, device, tp)
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cp: CPContext | None = None,

@@ -40,14 +40,14 @@ from torch.utils.checkpoint import checkpoint
 
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import ModelConfig
-from fwl_scale.model.blocks import Block, KVCache, document_positions
+from fwl_scale.model.blocks import Block, KVCache, LearnedPositions, document_positions, norm_layer
 # Hugging Face exports written before blocks.py existed import Rotary from here (their modeling_fwl.py).
 from fwl_scale.model.blocks import Rotary  # noqa: F401
 from fwl_scale.model.fwl import FastWeightLayer, FWLState
 from fwl_scale.model.parallelize import cp_context_of, enter_tp_region, tp_context_of
 from fwl_scale.model.vocab import VocabLoss
 from fwl_scale.parallel.context_parallel import CPContext
-from fwl_scale.parallel.layers import ColumnParallelLinear, LayerNorm, VocabParallelEmbedding
+from fwl_scale.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from fwl_scale.parallel.layout import ParallelState, TPContext
 from fwl_scale.parallel.mappings import copy_to_tp
 from fwl_scale.parallel.shards import full_shape, init_normal_, is_sharded, tp_size
@@ -75,8 +75,10 @@ class GPT(nn.Module):
         tp = self.tp
         V = cfg.padded_vocab_size
         self.embed = VocabParallelEmbedding(V, cfg.d_model, tp=tp, device=device)
+        self.pos_embed = (LearnedPositions(cfg.position_rows, cfg.d_model, tp, device)
+                          if cfg.positions == "learned" else None)
         self.blocks = nn.ModuleList([Block(cfg, device, tp) for _ in range(cfg.n_layers)])
-        self.norm_f = LayerNorm(cfg.d_model, eps=cfg.norm_eps, tp=tp, device=device)
+        self.norm_f = norm_layer(cfg, device, tp)
         head_width = cfg.fwl_width if cfg.fwl.enabled else cfg.d_model
         self.lm_head = None if cfg.tie_embeddings else ColumnParallelLinear(head_width, V, bias=False, tp=tp,
                                                                             device=device)
@@ -133,7 +135,7 @@ class GPT(nn.Module):
             n = p.numel() if local or not is_sharded(p) else full_shape(p).numel()
             if name.startswith("fwl."):
                 counts["fwl"] += n
-            elif name.startswith(("embed.", "lm_head.")):
+            elif name.startswith(("embed.", "pos_embed.", "lm_head.")):
                 counts["embeddings"] += n
             else:
                 counts["body"] += n
@@ -187,12 +189,20 @@ class GPT(nn.Module):
             return checkpoint(block, x, positions, mask, self.cp, use_reentrant=False)
         return block(x, positions, mask, self.cp)
 
+    def embed_tokens(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """The blocks' input: token embeddings, plus learned position embeddings with model.positions =
+        learned (rotary positions act inside attention instead)."""
+        x = self.embed(input_ids)
+        # Positions stay below seq_len <= max_positions (Config.validate): every path runs windows of
+        # at most seq_len tokens, so no check (a device sync) per forward.
+        return x if self.pos_embed is None else self.pos_embed(x, positions)
+
     def body(self, input_ids: Tensor, doc_ids: Tensor | None) -> Tensor:
         """The final-normed body output [B, T, d] (under sequence parallelism this rank's chunk
         [B, T/tp, d]; under context parallelism `input_ids`/`doc_ids` are the whole sequence and the
         output is this rank's chunk [B, T/cp, d], or [B, T/(cp·tp), d] with sequence parallelism)."""
         positions, mask, start, T_loc = self.attention_inputs(input_ids, doc_ids)
-        x = self.embed(input_ids[:, start:start + T_loc])
+        x = self.embed_tokens(input_ids[:, start:start + T_loc], positions)
         for block in self.blocks:
             x = self.run_block(block, x, positions, mask)
         return self.norm_f(x)
@@ -214,7 +224,7 @@ class GPT(nn.Module):
             mask = mask & (doc_ids[:, :, None] == docs[:, None, :])[:, None]
         else:
             positions = rows.expand(input_ids.shape[0], n)
-        x = self.embed(input_ids)
+        x = self.embed_tokens(input_ids, positions)
         for block, cache in zip(self.blocks, kv):
             x = block(x, positions, mask, None, cache)
         return self.norm_f(x)

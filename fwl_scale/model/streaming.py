@@ -31,6 +31,9 @@ class StreamingSession:
             raise ValueError(f"streaming window must be >= 1, got {window}")
         if model.cp is not None or model.sequence_parallel:
             raise ValueError("streaming runs without context or sequence parallelism")
+        if model.pos_embed is not None and window > model.cfg.position_rows:
+            raise ValueError(f"streaming window {window} is longer than the learned position table "
+                             f"(model.max_positions = {model.cfg.position_rows})")
         self.model = model
         self.window = window
         self.state: FWLState | None = None

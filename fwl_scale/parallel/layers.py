@@ -126,3 +126,22 @@ class LayerNorm(nn.LayerNorm):
         if self.tp is not None and self.tp.sequence_parallel:
             w, b = copy_to_tp(w, self.tp), copy_to_tp(b, self.tp)
         return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale and no shift (Llama's): x / sqrt(mean(x²) + eps) · w.
+    Its weight is handled under sequence parallelism as LayerNorm's."""
+
+    def __init__(self, dim: int, eps: float, tp: TPContext | None = None, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.tp = tp
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        set_replicated(self.weight)
+        _tag_rank(self.weight, tp)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if self.tp is not None and self.tp.sequence_parallel:
+            w = copy_to_tp(w, self.tp)
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)

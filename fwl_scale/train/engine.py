@@ -54,6 +54,9 @@ def check_layout_implemented(cfg: Config) -> None:
                           "ZeRO, DeepSpeed's bf16 optimizer cannot load the checkpoints it writes under the pipeline "
                           "engine (DeepSpeed 0.19: its optimizer state is saved per data-parallel rank but loaded "
                           "as one), so the run could not be resumed")
+    if p.pp > 1 and cfg.model.positions == "learned":
+        raise ConfigError("model.positions: learned position embeddings are not in the pipeline's first stage "
+                          "(train/pipeline.py EmbedStage) yet; use parallel.pp: 1")
 
 
 def free_port() -> int:
