@@ -4,8 +4,9 @@
                                   [--dtype float32|bfloat16] [--max-shard-mb N]
     python tools/convert_to_hf.py import HF_DIR [CONFIG] [key.sub=value ...]
 
-The second form starts a run from an exported model, or from a saved transformers GPT-NeoX body with the
-FWL added on top (fwl_scale/hf/body_import.py): a step-0 checkpoint in the config's train.out_dir with
+The second form starts a run from an exported model, or from a saved transformers GPT-NeoX, GPT-2 or Llama
+body with the FWL added on top (fwl_scale/hf/body_import.py; the config must describe that body: a config
+that does not is refused with the overrides it needs): a step-0 checkpoint in the config's train.out_dir with
 its weights, which `fwl train CONFIG [same overrides]` then continues. See fwl_scale/hf/convert.py for what OUT_DIR holds. Exit status 2 on bad input (the message names it).
 """
 from __future__ import annotations

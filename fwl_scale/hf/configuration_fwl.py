@@ -13,7 +13,8 @@ from transformers import PretrainedConfig
 
 # The fields of fwl_scale's ModelConfig stored in config.json (checked against the dataclass at export).
 MODEL_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads", "seq_len", "mlp_mult",
-                "norm_eps", "rope_theta", "init_std", "tie_embeddings", "document_mask", "fwl")
+                "norm_eps", "rope_theta", "rope_fraction", "norm", "mlp", "mlp_hidden", "bias", "positions",
+                "max_positions", "init_std", "tie_embeddings", "document_mask", "fwl")
 
 
 class FWLConfig(PretrainedConfig):
@@ -31,6 +32,15 @@ class FWLConfig(PretrainedConfig):
     mlp_mult: int = 4
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # The body's variant (an imported GPT-2 or Llama body); exports written before these existed lack them
+    # and get fwl_scale's own body, which they hold.
+    rope_fraction: float = 1.0
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    mlp_hidden: int | None = None
+    bias: bool = True
+    positions: str = "rotary"
+    max_positions: int | None = None
     init_std: float = 0.02
     tie_embeddings: bool = True
     document_mask: bool = True

@@ -263,8 +263,8 @@ def _model_type(hf_dir: str | Path) -> str | None:
 
 
 def import_hf(hf_dir: str | Path, cfg: Config) -> Path:
-    """Starts a run from an exported model, or from a transformers GPT-NeoX body (fwl_scale/hf/body_import.py:
-    body and embeddings loaded, the FWL added): a step-0 checkpoint in cfg.train.out_dir (which must hold no
+    """Starts a run from an exported model, or from a transformers GPT-NeoX, GPT-2 or Llama body
+    (fwl_scale/hf/body_import.py: body and embeddings loaded, the FWL added): a step-0 checkpoint in cfg.train.out_dir (which must hold no
     checkpoints) with the exported weights, fresh Adam moments and the config's schedule and data; `fwl
     train` with the same config continues from it. One process (another layout: `fwl ckpt convert` it)."""
     if _model_type(hf_dir) == "fwl_scale":
@@ -274,7 +274,7 @@ def import_hf(hf_dir: str | Path, cfg: Config) -> Path:
                  for k in saved if saved[k] != wanted[k]]
         if diffs:
             raise ExportError(f"{hf_dir} is another model than the config's: " + "; ".join(diffs[:6]))
-    else:  # a transformers body (GPT-NeoX): the FWL added on top, from fwl_scale's initialisation
+    else:  # a transformers body: the FWL added on top, from fwl_scale's initialisation
         weights = body_weights(hf_dir, cfg)
     trainer = Trainer(cfg, resume=False)
     try:

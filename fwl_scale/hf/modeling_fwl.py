@@ -106,9 +106,9 @@ class FWLForCausalLM(PreTrainedModel, GenerationMixin):
         # GPT initialises its parameters itself (seeded); the rotary frequencies are a non-persistent
         # buffer that a meta-device construction (from_pretrained) leaves empty.
         if isinstance(module, Rotary):
-            head_dim = 2 * module.inv_freq.shape[0]
+            rotary_dim = 2 * module.inv_freq.shape[0]  # the rotated width (the head's, or its first part)
             module.inv_freq = 1.0 / (self.config.rope_theta ** (
-                torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+                torch.arange(0, rotary_dim, 2, dtype=torch.float32, device="cpu") / rotary_dim))
 
     def get_input_embeddings(self):
         return self.model.embed
