@@ -1,0 +1,102 @@
+"""The body's variants (model.norm, mlp, mlp_hidden, bias, positions, rope_fraction; model/blocks.py), which
+imported GPT-2 and Llama bodies use (tests/test_hf_import.py compares them with transformers):
+
+* each new piece against its formula written out, float64: RMSNorm, the SwiGLU MLP, partial rotary
+  positions (and that attention scores still depend on relative positions only), learned positions
+  restarting at each document;
+* tensor parallelism (2 gloo ranks, with and without sequence parallelism): a Llama-like body (RMSNorm,
+  SwiGLU with gate/up column-parallel and down row-parallel, no biases, partial rotary) and a GPT-2-like
+  one (learned positions, replicated) equal the single-process model — initialisation, loss, every
+  gradient (tests/test_tp_model.py's check, 1e-10 relative);
+* bad settings refused naming the field.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fwl_scale.config import ConfigError, load_config
+from fwl_scale.model import build_model
+from fwl_scale.model.blocks import Rotary, document_positions
+from fwl_scale.parallel import init_parallel_state
+from fwl_scale.train.engine import check_layout_implemented
+from tests.distributed import run_distributed
+from tests.model_support import perturb
+from tests.test_tp_model import check_model, make_cfg
+
+LLAMA_LIKE = ("model.norm=rmsnorm", "model.mlp=swiglu", "model.mlp_hidden=24", "model.bias=false",
+              "model.rope_fraction=0.5")
+GPT2_LIKE = ("model.positions=learned", "model.max_positions=20", "model.mlp_hidden=40")
+
+
+def small(*over: str):
+    return load_config(None, ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.seq_len=12",
+                              "model.vocab_size=50", "model.vocab_multiple=64", *over]).model
+
+
+def test_variant_pieces_against_formulas():
+    torch.manual_seed(0)
+    model = build_model(small(*LLAMA_LIKE, "model.norm_eps=1e-3")).double()
+    perturb(model)
+    block = model.blocks[0]
+    assert block.attn.qkv.bias is None and block.mlp.proj.bias is None and not hasattr(block.norm1, "bias")
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    w = block.norm1.weight
+    assert torch.allclose(block.norm1(x), x / (x.pow(2).mean(-1, keepdim=True) + 1e-3).sqrt() * w, rtol=1e-12, atol=0)
+    mlp = block.mlp
+    want = (F.silu(x @ mlp.gate.weight.T) * (x @ mlp.fc.weight.T)) @ mlp.proj.weight.T
+    assert torch.allclose(mlp(x), want, rtol=1e-12, atol=1e-14)
+
+    # Partial rotary: the pairs (2i, 2i+1) of the first 4 of 8 dims turned by position·theta^(-2i/4), the rest kept.
+    rot = Rotary(8, 100.0, 4).double()
+    q, k = torch.randn(2, 1, 3, 8, dtype=torch.float64), torch.randn(2, 1, 3, 8, dtype=torch.float64)
+    pos = torch.tensor([[0, 5, 9], [2, 3, 4]])
+    rq, _ = rot(q, k, pos)
+    want = q.clone()
+    # The frequencies are made in float32, as transformers makes them (the import's reference).
+    assert torch.allclose(rot.inv_freq, torch.tensor([1.0, 100.0 ** -0.5], dtype=torch.float64), rtol=1e-7, atol=0)
+    for i in range(2):
+        a = pos[:, None, :].double() * rot.inv_freq[i]
+        want[..., 2 * i] = q[..., 2 * i] * a.cos() - q[..., 2 * i + 1] * a.sin()
+        want[..., 2 * i + 1] = q[..., 2 * i] * a.sin() + q[..., 2 * i + 1] * a.cos()
+    assert torch.allclose(rq, want, rtol=0, atol=1e-12)
+    # Attention scores depend on relative positions only: shifting every position changes nothing.
+    s1 = torch.einsum("bhqd,bhkd->bhqk", *rot(q, k, pos))
+    s2 = torch.einsum("bhqd,bhkd->bhqk", *rot(q, k, pos + 7))
+    assert torch.allclose(s1, s2, rtol=0, atol=1e-12)
+
+    # Learned positions: the table's row of each token's position inside its document is added.
+    torch.manual_seed(0)
+    gpt2 = build_model(small(*GPT2_LIKE)).double()
+    ids = torch.randint(0, 50, (2, 12))
+    docs = torch.zeros(2, 12, dtype=torch.long)
+    docs[0, 7:] = 1
+    got = gpt2.embed_tokens(ids, document_positions(docs))
+    want = gpt2.embed.weight[ids] + gpt2.pos_embed.weight[torch.cat([torch.arange(7), torch.arange(5)])]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], gpt2.embed.weight[ids[1]] + gpt2.pos_embed.weight[:12])
+    assert gpt2.pos_embed.weight.shape == (20, 16) and gpt2.param_counts()["embeddings"] == 64 * 16 + 20 * 16
+
+
+def test_bad_settings_name_the_field():
+    for over, field in [(("model.rope_fraction=0.3",), "model.rope_fraction"), (("model.norm=batchnorm",), "model.norm"),
+                        (("model.mlp=relu",), "model.mlp"), (("model.positions=alibi",), "model.positions"),
+                        (("model.positions=learned", "model.max_positions=8"), "model.max_positions"),
+                        (("model.max_positions=64",), "model.max_positions"),
+                        (("model.mlp_hidden=30", "parallel.tp=4"), "parallel.tp")]:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            small(*over)
+    cfg = load_config(None, ["model.positions=learned", "parallel.pp=2"])
+    with pytest.raises(ConfigError, match=r"model\.positions: learned position embeddings are not in the pipeline"):
+        check_layout_implemented(cfg)
+
+
+def _world2(rank: int, world: int) -> None:
+    for variant in (LLAMA_LIKE, GPT2_LIKE):
+        for sp in (False, True):
+            check_model(init_parallel_state(make_cfg(True, 2, sp, extra=variant)), True, sp, extra=variant)
+    check_model(init_parallel_state(make_cfg(False, 2, True, extra=LLAMA_LIKE)), False, True, extra=LLAMA_LIKE)
+
+
+def test_variants_tensor_parallel_equal_single_process():
+    run_distributed(2, _world2)
