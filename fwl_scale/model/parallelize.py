@@ -32,9 +32,12 @@ any fast computation (fwl_sums.py, fwl_cp.py):
 * `auto`: whichever sends fewer bytes per rank (state dk·dv in fp32 vs T_rank·(dk+dv) activations).
 A returned state is the last rank's, broadcast over the group (replicated over cp).
 
-The body (gpt.py) is Megatron's: attention split by heads, the MLP column/row-parallel, the tied
-embedding vocabulary-parallel, the residual stream in sequence chunks under sequence parallelism; under
-context parallelism attention all-gathers every rank's keys and values.
+The body (gpt.py, blocks.py) is Megatron's: attention split by heads, the MLP column/row-parallel (with
+model.mlp = swiglu the gate and up projections both column-parallel from one copy of their input, down
+row-parallel), the tied embedding vocabulary-parallel, the residual stream in sequence chunks under
+sequence parallelism; the norms (LayerNorm or RMSNorm) and learned position embeddings replicated, their
+gradients all-reduced inside autograd under sequence parallelism (each rank sees its chunk's tokens);
+under context parallelism attention all-gathers every rank's keys and values.
 """
 from __future__ import annotations
 
