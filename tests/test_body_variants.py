@@ -4,6 +4,7 @@ imported GPT-2 and Llama bodies use (tests/test_hf_import.py compares them with 
 * each new piece against its formula written out, float64: RMSNorm, the SwiGLU MLP, partial rotary
   positions (and that attention scores still depend on relative positions only), learned positions
   restarting at each document;
+* the key/value cache of streaming and generation equals the body on the whole window (float64);
 * tensor parallelism (2 gloo ranks, with and without sequence parallelism): a Llama-like body (RMSNorm,
   SwiGLU with gate/up column-parallel and down row-parallel, no biases, partial rotary) and a GPT-2-like
   one (learned positions, replicated) equal the single-process model — initialisation, loss, every
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from fwl_scale.config import ConfigError, load_config
 from fwl_scale.model import build_model
-from fwl_scale.model.blocks import Rotary, document_positions
+from fwl_scale.model.blocks import KVCache, Rotary, document_positions
 from fwl_scale.parallel import init_parallel_state
 from fwl_scale.train.engine import check_layout_implemented
 from tests.distributed import run_distributed
@@ -76,6 +77,25 @@ def test_variant_pieces_against_formulas():
     want = gpt2.embed.weight[ids] + gpt2.pos_embed.weight[torch.cat([torch.arange(7), torch.arange(5)])]
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], gpt2.embed.weight[ids[1]] + gpt2.pos_embed.weight[:12])
     assert gpt2.pos_embed.weight.shape == (20, 16) and gpt2.param_counts()["embeddings"] == 64 * 16 + 20 * 16
+
+
+@pytest.mark.parametrize("variant", [LLAMA_LIKE, GPT2_LIKE])
+def test_kv_cache_equals_recomputed_window(variant):
+    """Streaming and generation (GPT.body_cached, a key/value cache per layer) on a variant body: the body
+    on the whole window, float64, with documents starting inside it (learned positions restart there)."""
+    torch.manual_seed(0)
+    model = build_model(small(*variant, "model.n_layers=2")).double().eval()
+    perturb(model)
+    ids = torch.randint(0, 50, (2, 12))
+    docs = torch.zeros(2, 12, dtype=torch.long)
+    docs[0, 4:], docs[1, 7:] = 1, 1
+    with torch.no_grad():
+        whole = model.body(ids, docs)
+        kv = [KVCache() for _ in model.blocks]
+        cuts = [0, 3, 4, 5, 8, 9, 12]
+        got = torch.cat([model.body_cached(ids[:, a:b], docs[:, a:b], docs[:, :a], kv)
+                         for a, b in zip(cuts[:-1], cuts[1:])], dim=1)
+    assert float((got - whole).abs().max()) <= 1e-12 * float(whole.abs().max())
 
 
 def test_bad_settings_name_the_field():

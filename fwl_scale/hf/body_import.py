@@ -172,8 +172,6 @@ def _check(d: Path, hf: dict, kind: str, cfg: Config) -> None:
         raise BodyImportError(f"{where}: this {kind} body computes another function than the config's model: "
                               + "; ".join(f"{k} must be {_value(need)} (is {_value(have)})" for k, need, have in bad)
                               + ". Add: " + " ".join(f"{k}={_value(need)}" for k, need, _ in bad))
-    if cfg.model.seq_len > cfg.model.position_rows:  # also Config.validate's rule; named here for the body
-        raise BodyImportError(f"{where}: n_positions = {cfg.model.position_rows} is shorter than model.seq_len")
 
 
 def _rotary_perm(hd: int, rot: int) -> Tensor:
