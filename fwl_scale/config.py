@@ -66,6 +66,9 @@ class ModelConfig:
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
+    # Key/value heads (grouped-query attention: each shared by n_heads / n_kv_heads query heads, Llama's
+    # num_key_value_heads); None: n_heads.
+    n_kv_heads: int | None = None
     seq_len: int = 256
     mlp_mult: int = 4
     norm_eps: float = 1e-5
@@ -93,6 +96,10 @@ class ModelConfig:
     @property
     def padded_vocab_size(self) -> int:
         return int(math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
     @property
     def mlp_width(self) -> int:
@@ -221,6 +228,8 @@ class Config:
         need(m.d_model % m.n_heads == 0, "model.n_heads",
              f"must divide model.d_model ({m.d_model} % {m.n_heads} = {m.d_model % m.n_heads})")
         need((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head width must be even for rotary positions")
+        need(m.n_kv_heads is None or (m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0), "model.n_kv_heads",
+             f"must be > 0 and divide model.n_heads ({m.n_heads}), got {m.n_kv_heads}")
         need(m.norm in ("layernorm", "rmsnorm"), "model.norm", f"must be layernorm or rmsnorm, got {m.norm!r}")
         need(m.mlp in ("gelu", "swiglu"), "model.mlp", f"must be gelu or swiglu, got {m.mlp!r}")
         need(m.mlp_hidden is None or m.mlp_hidden > 0, "model.mlp_hidden", f"must be > 0, got {m.mlp_hidden}")
@@ -300,6 +309,7 @@ def check_layout(cfg: Config, world_size: int | None = None, source: str = "conf
     need(not (p.pp > 1 and p.zero_stage >= 2), "parallel.zero_stage",
          "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use zero_stage <= 1 with pp > 1")
     need(m.n_heads % p.tp == 0, "parallel.tp", f"must divide model.n_heads ({m.n_heads})")
+    need(m.kv_heads % p.tp == 0, "parallel.tp", f"must divide model.n_kv_heads ({m.kv_heads})")
     need((m.fwl.hidden_mult * m.fwl_width) % p.tp == 0, "parallel.tp",
          f"must divide the FWL hidden width ({m.fwl.hidden_mult * m.fwl_width})")
     need(m.mlp_width % p.tp == 0, "parallel.tp", f"must divide the MLP width ({m.mlp_width})")

@@ -5,10 +5,12 @@ imported GPT-2 and Llama bodies use (tests/test_hf_import.py compares them with 
   positions (and that attention scores still depend on relative positions only), learned positions
   restarting at each document;
 * the key/value cache of streaming and generation equals the body on the whole window (float64);
+* grouped-query attention is multi-head attention with each key/value head repeated (float64);
 * tensor parallelism (2 gloo ranks, with and without sequence parallelism): a Llama-like body (RMSNorm,
-  SwiGLU with gate/up column-parallel and down row-parallel, no biases, partial rotary) and a GPT-2-like
-  one (learned positions, replicated) equal the single-process model — initialisation, loss, every
-  gradient (tests/test_tp_model.py's check, 1e-10 relative);
+  SwiGLU with gate/up column-parallel and down row-parallel, no biases, partial rotary; with and without
+  grouped-query attention, q and k|v column-parallel by heads) and a GPT-2-like one (learned positions,
+  replicated) equal the single-process model — initialisation, loss, every gradient (tests/test_tp_model.py's
+  check, 1e-10 relative);
 * bad settings refused naming the field.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tests.test_tp_model import check_model, make_cfg
 LLAMA_LIKE = ("model.norm=rmsnorm", "model.mlp=swiglu", "model.mlp_hidden=24", "model.bias=false",
               "model.rope_fraction=0.5")
 GPT2_LIKE = ("model.positions=learned", "model.max_positions=20", "model.mlp_hidden=40")
+GQA = ("model.n_heads=4", "model.n_kv_heads=2")  # grouped-query attention, two query heads per key/value head
 
 
 def small(*over: str):
@@ -79,7 +82,7 @@ def test_variant_pieces_against_formulas():
     assert gpt2.pos_embed.weight.shape == (20, 16) and gpt2.param_counts()["embeddings"] == 64 * 16 + 20 * 16
 
 
-@pytest.mark.parametrize("variant", [LLAMA_LIKE, GPT2_LIKE])
+@pytest.mark.parametrize("variant", [LLAMA_LIKE, LLAMA_LIKE + GQA, GPT2_LIKE])
 def test_kv_cache_equals_recomputed_window(variant):
     """Streaming and generation (GPT.body_cached, a key/value cache per layer) on a variant body: the body
     on the whole window, float64, with documents starting inside it (learned positions restart there)."""
@@ -98,12 +101,37 @@ def test_kv_cache_equals_recomputed_window(variant):
     assert float((got - whole).abs().max()) <= 1e-12 * float(whole.abs().max())
 
 
+def test_grouped_query_attention_is_attention_with_repeated_heads():
+    """n_kv_heads = 2 of 4: the same function as full multi-head attention whose k and v rows are each key/value
+    head's repeated for its query heads (float64, documents inside the sequence)."""
+    torch.manual_seed(0)
+    gqa = build_model(small(*LLAMA_LIKE, *GQA)).double()
+    perturb(gqa)
+    mha = build_model(small(*LLAMA_LIKE, "model.n_heads=4")).double()
+    state = gqa.state_dict()
+    for i, block in enumerate(gqa.blocks):
+        k, v = block.attn.kv.weight.view(2, 2, 4, 16)  # (k, v), key/value head, head_dim, d
+        rep = lambda t: t.repeat_interleave(2, dim=0).reshape(16, 16)  # noqa: E731
+        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([block.attn.q.weight, rep(k), rep(v)])
+        del state[f"blocks.{i}.attn.q.weight"], state[f"blocks.{i}.attn.kv.weight"]
+    mha.load_state_dict(state)
+    ids = torch.randint(0, 50, (2, 12))
+    docs = torch.zeros(2, 12, dtype=torch.long)
+    docs[0, 5:] = 1
+    with torch.no_grad():
+        a, b = gqa(ids, doc_ids=docs, return_logits=True).logits, mha(ids, doc_ids=docs, return_logits=True).logits
+    assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+    assert gqa.blocks[0].attn.kv.weight.shape == (2 * 2 * 4, 16)
+
+
 def test_bad_settings_name_the_field():
     for over, field in [(("model.rope_fraction=0.3",), "model.rope_fraction"), (("model.norm=batchnorm",), "model.norm"),
                         (("model.mlp=relu",), "model.mlp"), (("model.positions=alibi",), "model.positions"),
                         (("model.positions=learned", "model.max_positions=8"), "model.max_positions"),
                         (("model.max_positions=64",), "model.max_positions"),
-                        (("model.mlp_hidden=30", "parallel.tp=4"), "parallel.tp")]:
+                        (("model.mlp_hidden=30", "parallel.tp=4"), "parallel.tp"),
+                        (("model.n_kv_heads=3",), "model.n_kv_heads"),
+                        (("model.n_heads=4", "model.n_kv_heads=2", "parallel.tp=4"), "parallel.tp")]:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             small(*over)
     cfg = load_config(None, ["model.positions=learned", "parallel.pp=2"])
@@ -112,7 +140,7 @@ def test_bad_settings_name_the_field():
 
 
 def _world2(rank: int, world: int) -> None:
-    for variant in (LLAMA_LIKE, GPT2_LIKE):
+    for variant in (LLAMA_LIKE, LLAMA_LIKE + GQA, GPT2_LIKE):
         for sp in (False, True):
             check_model(init_parallel_state(make_cfg(True, 2, sp, extra=variant)), True, sp, extra=variant)
     check_model(init_parallel_state(make_cfg(False, 2, True, extra=LLAMA_LIKE)), False, True, extra=LLAMA_LIKE)

@@ -1,13 +1,14 @@
 """Import of a transformers body saved on disk (tools/convert_to_hf.py import, fwl_scale/hf/body_import.py),
 the models made here from tiny configs (no hub download), their weights moved off their initialisation:
 
-* GPT-NeoX, GPT-2 and Llama bodies: as fwl_scale's baseline (the config that body_overrides gives) the
-  logits are transformers' own on real token ids (fp32, 1e-5 relative); with the FWL added on top, `import`
-  makes a step-0 checkpoint holding the body and `fwl train` fine-tunes it; GPT-2 and Llama runs export
-  back (tools/convert_to_hf.py) and load in transformers with fwl_scale's logits;
+* GPT-NeoX, GPT-2 and Llama (with and without grouped-query attention) bodies: as fwl_scale's baseline
+  (the config that body_overrides gives) the logits are transformers' own on real token ids (fp32, 1e-5
+  relative); with the FWL added on top, `import` makes a step-0 checkpoint holding the body and `fwl
+  train` fine-tunes it; GPT-2 and Llama runs export back (tools/convert_to_hf.py) and load in
+  transformers with fwl_scale's logits;
 * refused, naming the field, with nothing written: an unknown architecture, a config that describes
-  another body (every override it needs listed), grouped-query attention, rope scaling, GPT-2's
-  scale_attn_by_inverse_layer_idx.
+  another body (every override it needs listed), a head_dim other than hidden_size / heads, rope scaling,
+  GPT-2's scale_attn_by_inverse_layer_idx.
 """
 from __future__ import annotations
 
@@ -35,9 +36,12 @@ BODIES = {
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=2, n_positions=64)),
     # intermediate_size not a multiple of hidden_size (model.mlp_hidden), rope base not the default.
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE, intermediate_size=80, rope_theta=500.0)),
+    # Grouped-query attention: 4 query heads, 2 key/value heads (model.n_kv_heads).
+    "llama_gqa": lambda: LlamaForCausalLM(LlamaConfig(**{**SHAPE, "num_attention_heads": 4}, num_key_value_heads=2,
+                                                      intermediate_size=80)),
 }
 WHAT = {"neox": "gpt_neox.layers.1.mlp.dense_h_to_4h.weight", "gpt2": "transformer.h.1.mlp.c_fc.weight",
-        "llama": "model.layers.1.mlp.up_proj.weight"}
+        "llama": "model.layers.1.mlp.up_proj.weight", "llama_gqa": "model.layers.1.mlp.up_proj.weight"}
 
 
 def save_body(name: str, path):
@@ -50,7 +54,7 @@ def save_body(name: str, path):
     return model
 
 
-@pytest.mark.parametrize("name", ["neox", "gpt2", "llama"])
+@pytest.mark.parametrize("name", ["neox", "gpt2", "llama", "llama_gqa"])
 def test_import_transformers_body(trained, tmp_path, name):
     run, cfg, tok, text, ids = trained
     body = save_body(name, tmp_path / name)
@@ -88,7 +92,7 @@ def test_refused_bodies(tmp_path):
     save_body("llama", tmp_path / "llama")
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    LlamaConfig(**SHAPE, intermediate_size=80, num_key_value_heads=1).save_pretrained(tmp_path / "gqa")
+    LlamaConfig(**SHAPE, intermediate_size=80, head_dim=8).save_pretrained(tmp_path / "head_dim")
     LlamaConfig(**SHAPE, intermediate_size=80, rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                                 "rope_theta": 10000.0}).save_pretrained(tmp_path / "rope")
     GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=2, scale_attn_by_inverse_layer_idx=True
@@ -99,7 +103,7 @@ def test_refused_bodies(tmp_path):
         ("llama", [], r"llama.config.json: this llama body computes another function than the config.s model: .*"
                       r"model\.norm must be rmsnorm \(is layernorm\); model\.mlp must be swiglu \(is gelu\).*"
                       r"Add: .*model\.norm=rmsnorm model\.mlp=swiglu model\.bias=false"),
-        ("gqa", llama_over, r"gqa.config.json: num_key_value_heads = 1: grouped-query attention is not supported"),
+        ("head_dim", llama_over, r"head_dim.config.json: head_dim = 8: must be hidden_size / num_attention_heads = 16"),
         ("rope", llama_over, r"rope.config.json: rope_parameters.rope_type = 'linear': only the default rotary"),
         ("gpt2_scaled", [], r"gpt2_scaled.config.json: scale_attn_by_inverse_layer_idx = True: attention scaled by "
                             r"1/layer index is not supported"),

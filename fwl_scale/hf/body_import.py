@@ -10,7 +10,8 @@ config that differs is refused with all of them listed):
 * GPT-2 (`GPT2LMHeadModel`): learned absolute positions (model.positions: learned, max_positions =
   n_positions), tanh GELU, biases, LayerNorm; its Conv1D weights are stored [in, out], so transposed.
 * Llama (`LlamaForCausalLM`): RMSNorm, SwiGLU MLP (gate/up/down → mlp.gate/fc/proj), no biases
-  (attention_bias = mlp_bias, both false or both true), rotary; separate q, k, v projections fused here.
+  (attention_bias = mlp_bias, both false or both true), rotary, grouped-query attention or not; separate
+  q, k, v projections fused here.
 
 Conversion details: fwl_scale's fused q|k|v rows are [(q, k, v), head, head_dim] (GPT-2's c_attn is the
 same; NeoX's are [head, (q, k, v), head_dim]); NeoX and Llama rotate the pairs (i, i + r/2) of the first r
@@ -19,10 +20,10 @@ accordingly (their dot products, hence attention, are unchanged); the vocabulary
 zeros to model.vocab_multiple (padding is masked). The FWL's own parameters keep fwl_scale's seeded
 initialisation.
 
-Refused, naming the field: grouped-query attention (num_key_value_heads != num_attention_heads), rope
-scaling (a rope_type other than default), a head_dim other than hidden_size / heads, GPT-2's
-scale_attn_by_inverse_layer_idx or unscaled attention, cross-attention, other activations, NeoX's
-parallel residual.
+Grouped-query attention (Llama's num_key_value_heads < num_attention_heads) is model.n_kv_heads: k and v
+rows fused into attn.kv, q apart (attn.q). Refused, naming the field: rope scaling (a rope_type other
+than default), a head_dim other than hidden_size / heads, GPT-2's scale_attn_by_inverse_layer_idx or
+unscaled attention, cross-attention, other activations, NeoX's parallel residual.
 """
 from __future__ import annotations
 
@@ -106,13 +107,15 @@ def _model_fields(where: str, hf: dict, kind: str) -> dict[str, Any]:
             raise BodyImportError(f"{where}: activation_function = {hf.get('activation_function')!r}: the MLP "
                                   f"must be the tanh GELU ({', '.join(TANH_GELU)})")
         d = hf["n_embd"]
-        return {"d_model": d, "n_layers": hf["n_layer"], "n_heads": hf["n_head"], "vocab_size": hf["vocab_size"],
+        return {"d_model": d, "n_layers": hf["n_layer"], "n_heads": hf["n_head"], "kv_heads": hf["n_head"],
+                "vocab_size": hf["vocab_size"],
                 "norm_eps": hf.get("layer_norm_epsilon", 1e-5), "norm": "layernorm", "mlp": "gelu",
                 "mlp_width": hf.get("n_inner") or 4 * d, "bias": True, "positions": "learned",
                 "max_positions": hf.get("n_positions", 1024), "tie_embeddings": hf.get("tie_word_embeddings", True)}
     theta, fraction = _rope(where, hf, kind)
     d, H = hf["hidden_size"], hf["num_attention_heads"]
-    fields = {"d_model": d, "n_layers": hf["num_hidden_layers"], "n_heads": H, "vocab_size": hf["vocab_size"],
+    fields = {"d_model": d, "n_layers": hf["num_hidden_layers"], "n_heads": H, "kv_heads": H,
+              "vocab_size": hf["vocab_size"],
               "mlp_width": hf["intermediate_size"], "positions": "rotary", "rope_theta": theta,
               "rope_fraction": fraction, "tie_embeddings": hf.get("tie_word_embeddings", False)}
     if kind == "gpt_neox":
@@ -126,16 +129,20 @@ def _model_fields(where: str, hf: dict, kind: str) -> dict[str, Any]:
         return {**fields, "norm_eps": hf.get("layer_norm_eps", 1e-5), "norm": "layernorm", "mlp": "gelu",
                 "bias": True}
     kv_heads = hf.get("num_key_value_heads") or H
+    if H % kv_heads:
+        raise BodyImportError(f"{where}: num_key_value_heads = {kv_heads} does not divide num_attention_heads = {H}")
     _refuse(where, [
-        ("num_key_value_heads", kv_heads, H, f"grouped-query attention is not supported (needs "
-         f"num_attention_heads = {H})"),
         ("head_dim", hf.get("head_dim") or d // H, d // H, f"must be hidden_size / num_attention_heads = {d // H}"),
         ("hidden_act", hf.get("hidden_act"), "silu", "the gated MLP must be SiLU"),
         ("partial_rotary_factor", fraction, 1.0, "Llama rotates whole heads"),
         ("mlp_bias", hf.get("mlp_bias", False), hf.get("attention_bias", False),
          "must equal attention_bias (model.bias covers every linear layer of the body)")])
-    return {**fields, "norm_eps": hf.get("rms_norm_eps", 1e-6), "norm": "rmsnorm", "mlp": "swiglu",
+    return {**fields, "kv_heads": kv_heads, "norm_eps": hf.get("rms_norm_eps", 1e-6), "norm": "rmsnorm", "mlp": "swiglu",
             "bias": bool(hf.get("attention_bias", False))}
+
+
+# Settings compared through ModelConfig's resolved property, set through its field.
+RENAMED = {"mlp_width": "mlp_hidden", "kv_heads": "n_kv_heads"}
 
 
 def _mismatches(fields: dict[str, Any], cfg: Config) -> list[tuple[str, Any, Any]]:
@@ -143,9 +150,9 @@ def _mismatches(fields: dict[str, Any], cfg: Config) -> list[tuple[str, Any, Any
     m = cfg.model
     out = []
     for k, need in fields.items():
-        if k == "mlp_width":
-            if m.mlp_width != need:
-                out.append(("model.mlp_hidden", need, m.mlp_width))
+        if k in RENAMED:
+            if getattr(m, k) != need:
+                out.append((f"model.{RENAMED[k]}", need, getattr(m, k)))
         elif k == "max_positions":
             if m.position_rows != need:
                 out.append(("model.max_positions", need, m.position_rows))
@@ -162,7 +169,7 @@ def body_overrides(hf_dir: str | Path) -> list[str]:
     """The model overrides (`model.d_model=...`, ...) of the fwl_scale config whose body is this one."""
     d, hf, kind = _read(hf_dir)
     fields = _model_fields(str(d / "config.json"), hf, kind)
-    return [f"model.{'mlp_hidden' if k == 'mlp_width' else k}={_value(v)}" for k, v in fields.items()]
+    return [f"model.{RENAMED.get(k, k)}={_value(v)}" for k, v in fields.items()]
 
 
 def _check(d: Path, hf: dict, kind: str, cfg: Config) -> None:
@@ -181,12 +188,15 @@ def _rotary_perm(hd: int, rot: int) -> Tensor:
     return torch.cat([pairs, torch.arange(rot, hd)])
 
 
-def _layer_map(kind: str, i: int, H: int, hd: int, perm: Tensor) -> list[tuple[str, Any, Callable]]:
-    """(our name, their name or names, conversion) of one block's tensors."""
+def _layer_map(kind: str, i: int, H: int, KV: int, hd: int, perm: Tensor) -> list[tuple[str, Any, Callable]]:
+    """(our name, their name or names, conversion) of one block's tensors (KV: key/value heads)."""
     a = f"blocks.{i}."
     T = lambda t: t.t()  # noqa: E731 (GPT-2's Conv1D holds [in, out])
     same = lambda t: t  # noqa: E731
-    heads = lambda t: t.reshape(H, hd, *t.shape[1:])[:, perm].reshape(H * hd, *t.shape[1:])  # noqa: E731
+
+    def heads(t: Tensor) -> Tensor:  # q or k rows [n heads · hd, ...], each head's rows permuted
+        n = t.shape[0] // hd
+        return t.reshape(n, hd, *t.shape[1:])[:, perm].reshape(n * hd, *t.shape[1:])
 
     def neox_qkv(t: Tensor) -> Tensor:
         t = t.reshape(H, 3, hd, *t.shape[1:])
@@ -195,6 +205,9 @@ def _layer_map(kind: str, i: int, H: int, hd: int, perm: Tensor) -> list[tuple[s
 
     def llama_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return torch.cat([heads(q), heads(k), v])
+
+    def llama_kv(k: Tensor, v: Tensor) -> Tensor:
+        return torch.cat([heads(k), v])
 
     if kind == "gpt_neox":
         b = f"gpt_neox.layers.{i}."
@@ -208,8 +221,10 @@ def _layer_map(kind: str, i: int, H: int, hd: int, perm: Tensor) -> list[tuple[s
                 (a + "attn.qkv.", b + "attn.c_attn.", T), (a + "attn.proj.", b + "attn.c_proj.", T),
                 (a + "mlp.fc.", b + "mlp.c_fc.", T), (a + "mlp.proj.", b + "mlp.c_proj.", T)]
     b = f"model.layers.{i}."
-    return [(a + "norm1.", b + "input_layernorm.", same), (a + "norm2.", b + "post_attention_layernorm.", same),
-            (a + "attn.qkv.", tuple(b + f"self_attn.{x}_proj." for x in "qkv"), llama_qkv),
+    attn = ([(a + "attn.qkv.", tuple(b + f"self_attn.{x}_proj." for x in "qkv"), llama_qkv)] if KV == H else
+            [(a + "attn.q.", b + "self_attn.q_proj.", heads),
+             (a + "attn.kv.", (b + "self_attn.k_proj.", b + "self_attn.v_proj."), llama_kv)])
+    return attn + [(a + "norm1.", b + "input_layernorm.", same), (a + "norm2.", b + "post_attention_layernorm.", same),
             (a + "attn.proj.", b + "self_attn.o_proj.", same), (a + "mlp.gate.", b + "mlp.gate_proj.", same),
             (a + "mlp.fc.", b + "mlp.up_proj.", same), (a + "mlp.proj.", b + "mlp.down_proj.", same)]
 
@@ -265,7 +280,7 @@ def body_weights(hf_dir: str | Path, cfg: Config) -> dict[str, Tensor]:
         head = "embed_out.weight" if kind == "gpt_neox" and "embed_out.weight" in src else "lm_head.weight"
         put("lm_head.weight", get(head), head)
     for i in range(m.n_layers):
-        for ours, theirs, f in _layer_map(kind, i, H, hd, perm):
+        for ours, theirs, f in _layer_map(kind, i, H, m.kv_heads, hd, perm):
             load(ours, theirs, f)
     left = sorted(k for k in state if k not in loaded and not k.startswith("fwl."))
     if left:  # a body tensor would keep its random initialisation

@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 # The fields of fwl_scale's ModelConfig stored in config.json (checked against the dataclass at export).
 MODEL_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads", "seq_len", "mlp_mult",
                 "norm_eps", "rope_theta", "rope_fraction", "norm", "mlp", "mlp_hidden", "bias", "positions",
-                "max_positions", "init_std", "tie_embeddings", "document_mask", "fwl")
+                "max_positions", "n_kv_heads", "init_std", "tie_embeddings", "document_mask", "fwl")
 
 
 class FWLConfig(PretrainedConfig):
@@ -41,6 +41,7 @@ class FWLConfig(PretrainedConfig):
     bias: bool = True
     positions: str = "rotary"
     max_positions: int | None = None
+    n_kv_heads: int | None = None
     init_std: float = 0.02
     tie_embeddings: bool = True
     document_mask: bool = True

@@ -2,10 +2,11 @@
 context-parallel, or over a key/value cache), the MLP and the pre-norm block. Tensor-parallel through the
 layers of parallel/layers.py (model/parallelize.py says where each tensor lives).
 
-The body's variants (ModelConfig.norm, mlp, bias, positions, rope_fraction) exist so that transformers
-bodies import exactly (fwl_scale/hf/body_import.py): LayerNorm or RMSNorm, a tanh-GELU or a SwiGLU MLP,
-linear layers with or without biases, rotary positions on all or the first part of each head, or learned
-absolute ones. The defaults build fwl_scale's own body, parameter for parameter as before they existed.
+The body's variants (ModelConfig.norm, mlp, bias, positions, rope_fraction, n_kv_heads) exist so that
+transformers bodies import exactly (fwl_scale/hf/body_import.py): LayerNorm or RMSNorm, a tanh-GELU or a
+SwiGLU MLP, linear layers with or without biases, rotary positions on all or the first part of each head,
+or learned absolute ones, multi-head or grouped-query attention. The defaults build fwl_scale's own
+body, parameter for parameter as before they existed.
 """
 from __future__ import annotations
 
@@ -106,9 +107,15 @@ class Attention(nn.Module):
         if cfg.n_heads % tp_size(tp):
             raise ValueError(f"model.n_heads ({cfg.n_heads}) is not divisible by the tensor-parallel size {tp_size(tp)}")
         self.n_heads = cfg.n_heads // tp_size(tp)  # this rank's heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        # The fused q|k|v rows: each of the three blocks split by heads (stride 3).
-        self.qkv = ColumnParallelLinear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias, tp=tp, stride=3, device=device)
+        self.n_kv_heads = cfg.kv_heads // tp_size(tp)  # the key/value heads of this rank's query heads
+        self.head_dim = hd = cfg.d_model // cfg.n_heads
+        if cfg.kv_heads == cfg.n_heads:
+            # The fused q|k|v rows: each of the three blocks split by heads (stride 3).
+            self.qkv = ColumnParallelLinear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias, tp=tp, stride=3, device=device)
+        else:  # grouped-query attention: fewer k|v rows, split by key/value heads (stride 2)
+            self.q = ColumnParallelLinear(cfg.d_model, cfg.d_model, bias=cfg.bias, tp=tp, device=device)
+            self.kv = ColumnParallelLinear(cfg.d_model, 2 * cfg.kv_heads * hd, bias=cfg.bias, tp=tp, stride=2,
+                                           device=device)
         self.proj = RowParallelLinear(cfg.d_model, cfg.d_model, bias=cfg.bias, tp=tp, device=device)
         self.rotary = Rotary(self.head_dim, cfg.rope_theta, cfg.rotary_dim) if cfg.positions == "rotary" else None
 
@@ -116,25 +123,43 @@ class Attention(nn.Module):
                 kv: KVCache | None = None) -> Tensor:
         """`kv` (streaming): this layer's keys and values of the window's earlier tokens; the new ones are
         appended, and `mask` is [B, 1, T, earlier + T]."""
-        qkv = self.qkv(x)  # [B, T, 3·local width]: the whole sequence even under sequence parallelism
-        B, T = qkv.shape[:2]
-        q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.project(x)  # the whole sequence even under sequence parallelism
+        B, T = q.shape[0], q.shape[2]
         if self.rotary is not None:
             q, k = self.rotary(q, k, positions)
         if kv is not None:
             k, v = kv.append(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, self.expand(k), self.expand(v), attn_mask=mask)
         elif cp is not None:
             # Every rank's keys and values (rotated at their global positions), one all-gather; `mask`
             # is [B, 1, T/cp, end of this chunk]: global causality and documents; later keys are dropped.
             kv = gather_sequence(torch.cat([k, v], dim=1), cp.group, dim=2)[:, :, :mask.shape[-1]]
-            k, v = kv.split(self.n_heads, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            k, v = kv.split(self.n_kv_heads, dim=1)
+            y = F.scaled_dot_product_attention(q, self.expand(k), self.expand(v), attn_mask=mask)
         elif mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, self.expand(k), self.expand(v), is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, self.expand(k), self.expand(v), attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, heads, T, hd] and k, v [B, key/value heads, T, hd] of this rank's heads."""
+        hd = self.head_dim
+        if self.n_kv_heads == self.n_heads:
+            qkv = self.qkv(x)
+            B, T = qkv.shape[:2]
+            return tuple(qkv.view(B, T, 3, self.n_heads, hd).permute(2, 0, 3, 1, 4))
+        x = self.q.enter(x)  # one copy (or sequence gather) into the tp region serves both projections
+        B, T = x.shape[:2]
+        q = F.linear(x, self.q.weight, self.q.bias).view(B, T, self.n_heads, hd).transpose(1, 2)
+        k, v = F.linear(x, self.kv.weight, self.kv.bias).view(B, T, 2, self.n_kv_heads, hd).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def expand(self, t: Tensor) -> Tensor:
+        """Key/value heads repeated for their query heads (query head h uses key/value head h // group,
+        transformers' repeat_kv); the cache and the cp exchange hold them unrepeated."""
+        group = self.n_heads // self.n_kv_heads
+        return t if group == 1 else t.repeat_interleave(group, dim=1)
 
 
 class MLP(nn.Module):

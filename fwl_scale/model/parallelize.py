@@ -32,7 +32,8 @@ any fast computation (fwl_sums.py, fwl_cp.py):
 * `auto`: whichever sends fewer bytes per rank (state dk·dv in fp32 vs T_rank·(dk+dv) activations).
 A returned state is the last rank's, broadcast over the group (replicated over cp).
 
-The body (gpt.py, blocks.py) is Megatron's: attention split by heads, the MLP column/row-parallel (with
+The body (gpt.py, blocks.py) is Megatron's: attention split by heads (with grouped-query attention q and
+k|v each split by heads, tp dividing n_kv_heads, so a rank's query heads meet their own key/value heads), the MLP column/row-parallel (with
 model.mlp = swiglu the gate and up projections both column-parallel from one copy of their input, down
 row-parallel), the tied embedding vocabulary-parallel, the residual stream in sequence chunks under
 sequence parallelism; the norms (LayerNorm or RMSNorm) and learned position embeddings replicated, their

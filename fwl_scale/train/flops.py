@@ -83,7 +83,8 @@ def fwl_fwd_per_token(cfg: ModelConfig) -> float:
 
 def train_flops_per_token(cfg: ModelConfig) -> FlopCount:
     d, L, T, V = cfg.d_model, cfg.n_layers, cfg.seq_len, cfg.vocab_size
-    n_layer = 4 * d * d + (3 if cfg.mlp == "swiglu" else 2) * d * cfg.mlp_width
+    kv_width = cfg.kv_heads * (d // cfg.n_heads)
+    n_layer = 2 * d * d + 2 * d * kv_width + (3 if cfg.mlp == "swiglu" else 2) * d * cfg.mlp_width
     body = 6.0 * L * n_layer + 12.0 * L * T * d
     head = 3.0 * fwl_fwd_per_token(cfg) if cfg.fwl.enabled else 6.0 * d * V
     return FlopCount(body=body, head=head)
