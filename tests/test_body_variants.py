@@ -10,7 +10,7 @@ imported GPT-2 and Llama bodies use (tests/test_hf_import.py compares them with 
   SwiGLU with gate/up column-parallel and down row-parallel, no biases, partial rotary; with and without
   grouped-query attention, q and k|v column-parallel by heads) and a GPT-2-like one (learned positions,
   replicated) equal the single-process model — initialisation, loss, every gradient (tests/test_tp_model.py's
-  check, 1e-10 relative);
+  check, 1e-10 relative); the same bodies at cp=2 (tests/test_cp_model.py's check);
 * bad settings refused naming the field.
 """
 from __future__ import annotations
@@ -26,6 +26,8 @@ from fwl_scale.parallel import init_parallel_state
 from fwl_scale.train.engine import check_layout_implemented
 from tests.distributed import run_distributed
 from tests.model_support import perturb
+from tests.test_cp_model import check_model as check_cp_model
+from tests.test_cp_model import make_cfg as make_cp_cfg
 from tests.test_tp_model import check_model, make_cfg
 
 LLAMA_LIKE = ("model.norm=rmsnorm", "model.mlp=swiglu", "model.mlp_hidden=24", "model.bias=false",
@@ -144,7 +146,11 @@ def _world2(rank: int, world: int) -> None:
         for sp in (False, True):
             check_model(init_parallel_state(make_cfg(True, 2, sp, extra=variant)), True, sp, extra=variant)
     check_model(init_parallel_state(make_cfg(False, 2, True, extra=LLAMA_LIKE)), False, True, extra=LLAMA_LIKE)
+    # Context parallelism: the gathered keys and values are the unrepeated key/value heads; learned
+    # positions are the chunk's global ones.
+    for variant in (LLAMA_LIKE + GQA, GPT2_LIKE):
+        check_cp_model(init_parallel_state(make_cp_cfg(cp=2, extra=variant)), extra=variant)
 
 
-def test_variants_tensor_parallel_equal_single_process():
+def test_variants_parallel_equal_single_process():
     run_distributed(2, _world2)
