@@ -46,6 +46,7 @@ class DocEvalOptions:
     methods: list[str] | None = None
     dynamic_variant: str = "rms"
     dynamic_params: str = "all"
+    dynamic_segment: int | None = None  # tokens per update (None: model.seq_len)
     lrs: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
     decays: list[float] = field(default_factory=lambda: [0.0, 1e-2])
     tune_docs: int = 1
@@ -140,7 +141,8 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
     }
     dyn = None
     if "dynamic" in methods:
-        base = DynamicSettings(opts.dynamic_variant, segment=cfg.model.seq_len, params=opts.dynamic_params)
+        base = DynamicSettings(opts.dynamic_variant, segment=opts.dynamic_segment or cfg.model.seq_len,
+                               params=opts.dynamic_params, window=cfg.model.seq_len)
         t0 = time.perf_counter()
         ms = None
         if base.variant == "rms":
@@ -199,7 +201,8 @@ def format_report(r: dict[str, Any]) -> str:
                          + f" | {b['tokens']} |")
     if "dynamic_tuning" in r:
         t = r["dynamic_tuning"]
-        lines += ["", f"Dynamic evaluation: {t['chosen']['variant']} on {t['chosen']['params']} parameters, chosen "
+        lines += ["", f"Dynamic evaluation: {t['chosen']['variant']} on {t['chosen']['params']} parameters, "
+                      f"a step every {t['chosen']['segment']} tokens, chosen "
                       f"lr {t['chosen']['lr']:g} decay {t['chosen']['decay']:g} on {t['tune_documents']} validation "
                       f"documents ({t['wall_s']:.1f}s of tuning)"]
     return "\n".join(lines) + "\n"

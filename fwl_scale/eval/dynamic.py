@@ -3,9 +3,14 @@ Evaluation of Transformer Language Models"): the baseline an FWL has to beat, si
 document being read, one by gradient steps on real weights, the other by its fast weights.
 
 Every document starts from the trained weights θ0 (a per-document copy: nothing of one document reaches
-the next). The document is read in consecutive segments of `segment` tokens (the body sees the segment,
-as in the windowed evaluation of the other methods); each segment is first scored, then the model takes
-one step on that segment's mean loss, so a token's score never depends on itself or on later tokens.
+the next). The document is read in consecutive segments of `segment` tokens; each segment is first scored,
+then the model takes one step on that segment's mean loss, so a token's score never depends on itself or
+on later tokens. The body sees aligned windows of `window` tokens (model.seq_len, as in the windowed
+evaluation of the other methods). A segment as long as the window is scored on its own. Shorter segments
+(Krause et al. update every 20–100 tokens) see the window's earlier tokens through a key/value cache per
+layer, and an FWL's state carried within the window, both computed by the weights of their own segment
+and held fixed (the gradient stops there), as in Krause et al. 2019's Transformer-XL memory: every token
+goes through the body once.
 
     sgd:  θ ← θ − η g + λ (θ0 − θ)
     rms:  θ ← θ − η g / (√MS + ε·mean_t(√MS)) + min(λ · RMS_norm, 1) ⊙ (θ0 − θ),   RMS_norm = √MS / mean(√MS)
@@ -21,12 +26,14 @@ of the chosen subset (`PARAM_SUBSETS`) change; the others do not even get gradie
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
+from fwl_scale.model.blocks import KVCache
+from fwl_scale.model.fwl_state import FWLState
 from fwl_scale.parallel.world import all_reduce_sum
 
 VARIANTS = ("sgd", "rms")
@@ -42,8 +49,12 @@ class DynamicSettings:
     segment: int = 256
     params: str = "all"
     eps: float = 0.1  # relative to the mean √MS of each tensor
+    window: int | None = None  # the body's window (None: the segment)
 
     def __post_init__(self) -> None:
+        if self.window is not None and not 1 <= self.segment <= self.window:
+            raise ValueError(f"dynamic evaluation: the segment ({self.segment}) must be 1 to the body's window "
+                             f"({self.window}) tokens")
         if self.variant not in VARIANTS:
             raise ValueError(f"dynamic evaluation variant {self.variant!r}: use one of {', '.join(VARIANTS)}")
         if self.params not in PARAM_SUBSETS:
@@ -87,6 +98,23 @@ def windows(doc: Tensor, segment: int, max_tokens: int | None = None) -> Iterabl
         yield inputs[a:b][None], labels[a:b][None]
 
 
+class WindowContext:
+    """What a segment sees of its window's earlier segments: their keys and values per layer and their
+    document ids (GPT.body_cached), and the FWL state after them; all detached, as their own segment's
+    weights computed them."""
+
+    def __init__(self, n_layers: int, device: torch.device):
+        self.kv = [KVCache() for _ in range(n_layers)]
+        self.docs = torch.zeros(1, 0, dtype=torch.int64, device=device)
+        self.state: FWLState | None = None
+
+    def advance(self, docs: Tensor, state: FWLState | None) -> None:
+        for c in self.kv:
+            c.k, c.v = c.k.detach(), c.v.detach()
+        self.docs = torch.cat([self.docs, docs], dim=1)
+        self.state = state.detach() if state is not None else None
+
+
 class DynamicEvaluator:
     """Scores documents with dynamic evaluation. `ms`: parameter name → mean squared gradient (rms only;
     see `mean_squared_gradients`). The model's own weights are θ0 again after every document."""
@@ -117,13 +145,26 @@ class DynamicEvaluator:
             for (_, p), p0 in zip(self.named, self.theta0):
                 p.copy_(p0)
 
-    def step(self, ids: Tensor, labels: Tensor) -> Tensor:
+    def step(self, ids: Tensor, labels: Tensor, context: "WindowContext | None" = None) -> Tensor:
         """Scores one segment with the current weights and then updates them on it; returns the token
-        losses [n] (float64) of the scoring."""
+        losses [n] (float64) of the scoring. `context`: the window's earlier segments (keys and values,
+        FWL state), extended by this one; None: the segment is a window of its own."""
         params = [p for _, p in self.named]
+        docs = torch.zeros_like(ids)
         with torch.enable_grad():
-            out = self.model(ids, labels, torch.zeros_like(ids))
+            if context is None:
+                out = self.model(ids, labels, docs)
+            else:
+                h = self.model.body_cached(ids, docs, context.docs, context.kv)
+                out = self.model.head(h, ids, labels, docs, fwl_state=context.state,
+                                      return_state=self.model.fwl is not None)
             grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+        if context is not None:
+            context.advance(docs, out.fwl_state)
+        self._update(params, grads)
+        return out.token_loss.detach().to(torch.float64).flatten()
+
+    def _update(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> None:
         s = self.settings
         with torch.no_grad():
             for i, (p, g, p0) in enumerate(zip(params, grads, self.theta0)):
@@ -131,7 +172,6 @@ class DynamicEvaluator:
                 if g is not None:
                     p.sub_(g * self.scale[i] if self.scale is not None else g, alpha=s.lr)
                 p.add_(pull)
-        return out.token_loss.detach().to(torch.float64).flatten()
 
     def document(self, doc: Tensor, max_tokens: int | None = None) -> Tensor:
         """Token losses of one 1-D document, starting from θ0 and leaving θ0 behind."""
@@ -141,7 +181,15 @@ class DynamicEvaluator:
             p.requires_grad_(id(p) in chosen)  # no gradients for parameters that are not updated
         try:
             self._restore()
-            losses = [self.step(ids, lab) for ids, lab in windows(doc, self.settings.segment, max_tokens)]
+            s = self.settings
+            if s.window is None or s.segment == s.window:
+                losses = [self.step(ids, lab) for ids, lab in windows(doc, s.segment, max_tokens)]
+            else:
+                losses = []
+                for w_ids, w_lab in windows(doc, s.window, max_tokens):
+                    context = WindowContext(len(self.model.blocks), w_ids.device)
+                    for a in range(0, w_ids.shape[1], s.segment):
+                        losses.append(self.step(w_ids[:, a:a + s.segment], w_lab[:, a:a + s.segment], context))
         finally:
             self._restore()
             for p, f in zip(self.model.parameters(), flags):
@@ -194,7 +242,7 @@ def tune(model: torch.nn.Module, base: DynamicSettings, lrs: Sequence[float], de
     best: tuple[float, DynamicSettings] | None = None
     for lr in lrs:
         for decay in decays:
-            s = DynamicSettings(base.variant, lr, decay, base.segment, base.params, base.eps)
+            s = replace(base, lr=lr, decay=decay)
             ev = DynamicEvaluator(model, s, ms)
             tot = torch.zeros(2, dtype=torch.float64)
             for doc in documents:
