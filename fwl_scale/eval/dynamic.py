@@ -30,10 +30,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from fwl_scale.model.blocks import KVCache
 from fwl_scale.model.fwl_state import FWLState
+from fwl_scale.parallel.shards import is_sharded
 from fwl_scale.parallel.world import all_reduce_sum
 
 VARIANTS = ("sgd", "rms")
@@ -98,6 +100,20 @@ def windows(doc: Tensor, segment: int, max_tokens: int | None = None) -> Iterabl
         yield inputs[a:b][None], labels[a:b][None]
 
 
+def _rms_means(model: torch.nn.Module, params: list[Tensor], rms: list[Tensor]) -> tuple[list[float], float]:
+    """The mean √MS of each whole tensor and of all of them. Under tensor parallelism a rank holds shards
+    of some tensors: their sums and sizes are added over the tp group (one all-reduce), so every rank
+    uses the whole tensor's mean, as one process does."""
+    stats = torch.tensor([[float(r.sum()), float(r.numel())] for r in rms], dtype=torch.float64)
+    tp = getattr(model, "tp", None)
+    if tp is not None:
+        sharded = torch.tensor([is_sharded(p) for p in params])[:, None]
+        parts = stats * sharded
+        dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=tp.group)
+        stats = torch.where(sharded, parts, stats)
+    return (stats[:, 0] / stats[:, 1]).tolist(), float(stats[:, 0].sum() / stats[:, 1].sum())
+
+
 class WindowContext:
     """What a segment sees of its window's earlier segments: their keys and values per layer and their
     document ids (GPT.body_cached), and the FWL state after them; all detached, as their own segment's
@@ -134,9 +150,9 @@ class DynamicEvaluator:
             if missing:
                 raise ValueError(f"dynamic evaluation rms: no mean squared gradient for {missing[:3]}")
             rms = [ms[n].to(p.device, torch.float64).sqrt() for n, p in self.named]
-            mean_rms = float(sum(r.sum() for r in rms)) / sum(r.numel() for r in rms)
-            self.scale = [(1.0 / (r + settings.eps * max(float(r.mean()), 1e-30))).to(p.dtype)
-                          for r, (_, p) in zip(rms, self.named)]
+            tensor_mean, mean_rms = _rms_means(model, [p for _, p in self.named], rms)
+            self.scale = [(1.0 / (r + settings.eps * max(m, 1e-30))).to(p.dtype)
+                          for r, m, (_, p) in zip(rms, tensor_mean, self.named)]
             self.decay = [(settings.decay * r / max(mean_rms, 1e-30)).clamp(max=1.0).to(p.dtype)
                           for r, (_, p) in zip(rms, self.named)]
 
@@ -197,11 +213,11 @@ class DynamicEvaluator:
         return torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
 
 
-def mean_squared_gradients(model: torch.nn.Module, subset: str,
-                           segments: Iterable[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+def mean_squared_gradients(model: torch.nn.Module, subset: str, segments: Iterable[tuple[Tensor, Tensor]],
+                           reduce: Callable[[Tensor], Tensor] = all_reduce_sum) -> dict[str, Tensor]:
     """MS of Krause et al.: the mean over `segments` ((input ids, labels) as `windows` gives them, this
-    rank's share under data parallelism: sums and count are added over all ranks) of the squared gradient
-    of the segment's mean loss."""
+    rank's share under data parallelism: sums and count are added over the data-parallel ranks by
+    `reduce`, by default the whole world) of the squared gradient of the segment's mean loss."""
     named = select_parameters(model, subset)
     sums = [torch.zeros_like(p, dtype=torch.float64) for _, p in named]
     n = 0
@@ -214,7 +230,7 @@ def mean_squared_gradients(model: torch.nn.Module, subset: str,
                 s.add_(g.detach().to(torch.float64) ** 2)
         n += 1
     # On the CPU: evaluation's process group is gloo whatever the device (fwl_scale/eval/docrun.py).
-    flat = all_reduce_sum(torch.cat([s.flatten().cpu() for s in sums] + [torch.tensor([float(n)], dtype=torch.float64)]))
+    flat = reduce(torch.cat([s.flatten().cpu() for s in sums] + [torch.tensor([float(n)], dtype=torch.float64)]))
     total = float(flat[-1])
     if total == 0:
         raise ValueError("dynamic evaluation rms: no segments to compute the mean squared gradients from")
@@ -233,9 +249,11 @@ class TuneResult:
 
 def tune(model: torch.nn.Module, base: DynamicSettings, lrs: Sequence[float], decays: Sequence[float],
          documents: Sequence[Tensor], ms: dict[str, Tensor] | None, max_tokens: int | None = None,
-         log: Callable[[str], None] = lambda s: None) -> TuneResult:
+         log: Callable[[str], None] = lambda s: None,
+         reduce: Callable[[Tensor], Tensor] = all_reduce_sum) -> TuneResult:
     """Chooses (lr, decay) with the lowest token-weighted loss on `documents` (this rank's share; the
-    losses are summed over ranks so every rank makes the same choice). Ties go to the earlier point."""
+    losses are summed over the data-parallel ranks by `reduce`, so every rank makes the same choice).
+    Ties go to the earlier point."""
     if not lrs or not decays:
         raise ValueError("dynamic evaluation: the lr and decay grids must not be empty")
     grid = []
@@ -248,7 +266,7 @@ def tune(model: torch.nn.Module, base: DynamicSettings, lrs: Sequence[float], de
             for doc in documents:
                 losses = ev.document(doc, max_tokens)
                 tot += torch.tensor([float(losses.sum()), losses.numel()], dtype=torch.float64)
-            tot = all_reduce_sum(tot)
+            tot = reduce(tot)
             if tot[1] == 0:
                 raise ValueError("dynamic evaluation: no tokens in the tuning documents")
             loss = float(tot[0] / tot[1])
