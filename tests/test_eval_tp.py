@@ -93,3 +93,20 @@ def test_layouts_evaluation_cannot_run_are_refused(tp_runs, tmp_path):
     with pytest.raises(CheckpointError, match=r"split over tp=2, pp=1 ranks; convert it first"):
         _eval(0, 1, config, ["parallel.tp=1"], str(run_dir), str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+def _groups(rank, world):
+    where = eval_ranks(load_config(None, ["parallel.tp=2"]))
+    # tp fastest, as in training: ranks 2k and 2k+1 hold one model, data-parallel rank k.
+    assert (where.rank, where.size, where.tp.rank, where.tp.size, where.world) == (rank // 2, 2, rank % 2, 2, 4)
+    assert where.leader == (rank == 0) and where.share(list(range(5))) == list(range(5))[rank // 2::2]
+    t = where.sum(torch.tensor([float(rank)]))  # over the ranks holding the same shards
+    assert t.item() == 2 * (rank % 2) + 2
+    t = torch.tensor([float(rank)])
+    torch.distributed.all_reduce(t, group=where.tp.group)  # over the ranks of one model
+    assert t.item() == 4 * (rank // 2) + 1
+    assert where.max(float(rank)) == 3.0
+
+
+def test_groups_of_tp_2_by_dp_2():
+    run_distributed(4, _groups)
