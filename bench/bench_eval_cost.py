@@ -158,7 +158,8 @@ def main() -> None:
     for label, sec in parts.items():
         print(f"  {label:<62}{sec:8.3f}  {100 * sec / parts['total']:5.1f}%")
     print(f"where the forward time goes: baseline body {best['body_base']:.3f}s of {best['plain']:.3f}s; "
-          f"FWL body {best['body_fwl']:.3f}s of {best['fwl_carried']:.3f}s (head {best['fwl_carried'] - best['body_fwl']:.3f}s)")
+          f"FWL body {best['body_fwl']:.3f}s of {best['fwl_carried']:.3f}s "
+          f"(head {best['fwl_carried'] - best['body_fwl']:.3f}s)")
     rows = []
     for k in methods:
         if not k.startswith("dynamic"):
