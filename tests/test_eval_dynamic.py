@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fwl_scale.config import load_config
+from fwl_scale.eval.perplexity import document_token_losses
 from fwl_scale.eval.dynamic import (DynamicEvaluator, DynamicSettings, mean_squared_gradients,
                                     select_parameters, tune, windows)
 from fwl_scale.model import build_model
+from fwl_scale.model.streaming import StreamingSession
 from tests.model_support import perturb
 
 T = 8
 
 
-def tiny_model(fwl: bool, tied: bool = True) -> torch.nn.Module:
+def tiny_model(fwl: bool, tied: bool = True, extra: tuple[str, ...] = ()) -> torch.nn.Module:
     cfg = load_config(None, ["model.d_model=16", "model.n_heads=2", "model.n_layers=2", f"model.seq_len={T}",
                              "model.vocab_size=64", "model.vocab_multiple=8", "model.fwl.chunk_size=4",
-                             f"model.fwl.enabled={str(fwl).lower()}", f"model.tie_embeddings={str(tied).lower()}"])
+                             f"model.fwl.enabled={str(fwl).lower()}", f"model.tie_embeddings={str(tied).lower()}",
+                             *extra])
     torch.manual_seed(0)
     model = build_model(cfg.model, device="cpu").double()
     perturb(model)
@@ -156,7 +160,63 @@ def test_tune_picks_the_best_grid_point():
     assert losses[0.0] == pytest.approx(float(plain.mean()), abs=1e-12)
 
 
+RECIPE = ("model.fwl.residual=true", "model.fwl.normalize=mean", "model.fwl.decay=learned")
+
+
+@pytest.mark.parametrize("fwl,extra", [(False, ()), (True, ()), (True, RECIPE)])
+def test_short_segments_without_updates_are_the_windowed_evaluation(fwl, extra):
+    # Segments of 3 inside windows of T = 8: the key/value cache and the FWL state carried inside the
+    # window give exactly the whole window's scores (the state restarts with every window, as in fwl_reset).
+    model = tiny_model(fwl, extra=extra)
+    doc = doc_of(2 * T + 6, 9)
+    got = DynamicEvaluator(model, DynamicSettings("sgd", 0.0, 0.0, 3, "all", window=T)).document(doc)
+    torch.testing.assert_close(got, document_token_losses(model, doc, T), rtol=0, atol=1e-12)
+
+
+def streamed_reference(model, doc, segment, window, lr, decay):
+    """Dynamic evaluation with segments inside windows, by hand: for each segment a fresh StreamingSession
+    replays the window's earlier segments, each with the weights it was scored with (no gradient), then
+    scores this one with the current weights (full logits, F.cross_entropy), and one SGD step is taken."""
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    losses = []
+    for w in range(0, doc.numel() - 1, window):
+        ids_w, lab_w = doc[w:w + window + 1][:-1], doc[w + 1:w + window + 1]
+        ids_w = ids_w[:lab_w.numel()]
+        seen = []  # (weights, segment ids) of the window so far
+        for a in range(0, ids_w.numel(), segment):
+            session = StreamingSession(model, window)
+            now = {n: p.detach().clone() for n, p in params.items()}
+            with torch.no_grad():
+                for weights, ids in seen:
+                    model.load_state_dict(weights, strict=False)
+                    session.feed(ids)
+                model.load_state_dict(now, strict=False)
+            ids, lab = ids_w[a:a + segment][None], lab_w[a:a + segment]
+            token = F.cross_entropy(session.feed(ids)[0].double(), lab, reduction="none")
+            losses.append(token.detach())
+            grads = torch.autograd.grad(token.mean(), list(params.values()))
+            with torch.no_grad():
+                for (n, p), g in zip(params.items(), grads):
+                    p.copy_(p - lr * g + decay * (theta0[n] - p))
+            seen.append((now, ids))
+    return torch.cat(losses)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_short_segments_sgd_equal_a_streamed_reference(tied):
+    model = tiny_model(False, tied=tied)
+    doc = doc_of(2 * T + 4, 10)  # two windows, the second one short; segments of 3: 3, 3, 2 per window
+    got = DynamicEvaluator(model, DynamicSettings("sgd", 0.5, 0.1, 3, "all", window=T)).document(doc)
+    ref = streamed_reference(tiny_model(False, tied=tied), doc, 3, T, 0.5, 0.1)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    # The updates matter: the scores differ from the model without them after the first segment.
+    assert not torch.allclose(got[3:], document_token_losses(model, doc, T)[3:], atol=1e-3)
+
+
 def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match=r"segment \(9\) must be 1 to the body's window \(8\)"):
+        DynamicSettings(segment=9, window=8)
     with pytest.raises(ValueError, match="variant 'adam'"):
         DynamicSettings("adam")
     with pytest.raises(ValueError, match="parameters 'middle'"):

@@ -87,6 +87,13 @@ def test_decayed_state_operator_matches_loop(chunk):
     g = torch.autograd.grad((n * w[..., 0]).sum() + n_out.sum(), [log_decay])
     g_ref = torch.autograd.grad((ref[..., 0] * w[..., 0]).sum() + ref_st.sum(), [log_decay])
     assert _rel(g[0], g_ref[0]) < TOL
+    # Several λ at once (the FWL's six counts share one layout): each column is that λ's count.
+    decays = torch.stack([log_decay, log_decay.detach() * 3])
+    n0s = torch.stack([n0, n0 * 2], dim=-1)
+    n, n_out = causal_count(weights, reset, n0s, chunk, decays)
+    for f in range(2):
+        ref, ref_st = causal_count(weights, reset, n0s[:, f], chunk, decays[f])
+        assert _rel(n[..., f], ref) < TOL and _rel(n_out[:, f], ref_st) < TOL
 
 
 def test_decay_powers_stay_finite_far_past_the_chunk():

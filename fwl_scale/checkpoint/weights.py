@@ -47,6 +47,28 @@ def load_model_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
+def load_tp_shard_weights(ref: CheckpointRef, tp_rank: int) -> dict[str, torch.Tensor]:
+    """Tensor-parallel rank `tp_rank`'s weights (its shards, the replicated tensors whole) from a native
+    checkpoint written at that tp, without DeepSpeed's engine: the model state DeepSpeed saved for that
+    model-parallel rank. That state is the fp32 weights themselves only without bf16 and below ZeRO-3;
+    other checkpoints are refused with the conversion that makes them loadable at any tp."""
+    layout = ref.meta.get("layout") or {}
+    zero = int(ref.meta.get("zero_stage") or 0)
+    why = ("it is split over pipeline stages" if layout.get("pp", 1) > 1 else
+           "its fp32 weights are in the optimizer's state (bf16)" if ref.meta.get("bf16") else
+           "its weights are partitioned by ZeRO-3" if zero >= 3 else None)
+    if why is not None:
+        raise CheckpointError(f"checkpoint {ref.path}: {why}; convert it first (it starts the processes itself): "
+                              f"fwl ckpt convert {ref.path} NEW_RUN_DIR, then use NEW_RUN_DIR (at any parallel.tp)")
+    path = ref.path / f"mp_rank_{tp_rank:02d}_model_states.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    except (RuntimeError, OSError, KeyError, EOFError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {ref.path}: tensor-parallel rank {tp_rank}'s weights ({path.name}) "
+                              f"cannot be read: {type(e).__name__}: {str(e)[:400]}") from None
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
 def read_consolidated(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(weights, config dict) of a consolidated file (`fwl ckpt consolidate`)."""
     with safe_open(str(path), framework="pt", device="cpu") as f:

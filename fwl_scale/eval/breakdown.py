@@ -8,6 +8,7 @@ size so that data-parallel ranks add them with one all-reduce.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -87,8 +88,9 @@ class Breakdown:
             self.sums[row].index_add_(0, bucket, losses)
             self.counts[row].index_add_(0, bucket, torch.ones_like(losses))
 
-    def all_reduce(self) -> None:
-        flat = all_reduce_sum(torch.cat([self.sums.flatten(), self.counts.flatten(),
+    def all_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor] = all_reduce_sum) -> None:
+        """Adds every rank's sums (`reduce`: over the data-parallel ranks, by default the whole world)."""
+        flat = reduce(torch.cat([self.sums.flatten(), self.counts.flatten(),
                                          torch.tensor([float(self.documents)], dtype=torch.float64)]))
         k = self.sums.numel()
         self.sums = flat[:k].view_as(self.sums).clone()

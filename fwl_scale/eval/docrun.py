@@ -30,7 +30,8 @@ from fwl_scale.device import resolve_device
 from fwl_scale.eval.breakdown import frequency_ranks
 from fwl_scale.eval.docs import checkpoint_tokenizer, load_documents, training_token_counts, validation_documents
 from fwl_scale.eval.dynamic import DynamicEvaluator, DynamicSettings, mean_squared_gradients, tune, windows
-from fwl_scale.eval.methods import check_methods, default_methods, rank_and_world, run_method
+from fwl_scale.eval.methods import check_methods, default_methods, run_method
+from fwl_scale.eval.ranks import eval_ranks
 from fwl_scale.eval.run import load_for_eval
 
 RESULTS = "results.json"
@@ -46,6 +47,7 @@ class DocEvalOptions:
     methods: list[str] | None = None
     dynamic_variant: str = "rms"
     dynamic_params: str = "all"
+    dynamic_segment: int | None = None  # tokens per update (None: model.seq_len)
     lrs: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
     decays: list[float] = field(default_factory=lambda: [0.0, 1e-2])
     tune_docs: int = 1
@@ -93,8 +95,9 @@ def _first(it, n: int) -> list:
 
 
 def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions, log=print) -> dict[str, Any]:
-    rank, world = rank_and_world()
-    say = log if rank == 0 else (lambda s: None)
+    where = eval_ranks(cfg)
+    world = where.world
+    say = log if where.leader else (lambda s: None)
     out = Path(opts.out)
     cache = out / "cache"
     device = resolve_device(cfg)
@@ -102,13 +105,13 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's checkpoint converter may be imported
-    model, ref = load_for_eval(cfg, checkpoint, device)
+    model, ref = load_for_eval(cfg, checkpoint, device, where.tp)
     methods = list(opts.methods or default_methods(cfg.model))
     check_methods(methods, cfg.model)
     tok = checkpoint_tokenizer(cfg)
     # Rank 0 tokenizes and counts into the cache first; the others then read what it wrote.
     for turn in ((0,) if world == 1 else (0, 1)):
-        if (rank == 0) == (turn == 0):
+        if where.leader == (turn == 0):
             if opts.docs:
                 documents, source = load_documents(opts.docs, tok, cache, cfg.data.text_field, say)
             else:
@@ -135,33 +138,36 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
         "seq_len": cfg.model.seq_len, "documents": len(documents), "max_tokens": opts.max_tokens,
         "documents_id": documents_id(documents, opts.max_tokens),
         "source": source, "tokenizer_checksum": tok.checksum, "world_size": world,
+        "tensor_parallel": where.tp.size if where.tp is not None else 1,
         "frequency_counts": counts[1] if counts is not None else "none (no training shards): no frequency breakdown",
         "methods": [],
     }
     dyn = None
     if "dynamic" in methods:
-        base = DynamicSettings(opts.dynamic_variant, segment=cfg.model.seq_len, params=opts.dynamic_params)
+        base = DynamicSettings(opts.dynamic_variant, segment=opts.dynamic_segment or cfg.model.seq_len,
+                               params=opts.dynamic_params, window=cfg.model.seq_len)
         t0 = time.perf_counter()
         ms = None
         if base.variant == "rms":
             if (Path(cfg.data.root) / "train" / MANIFEST).is_file():
                 segs = _first(_training_segments(cfg, base.segment), opts.stat_segments)
-                where = f"{len(segs)} training segments"
+                stat_source = f"{len(segs)} training segments"
             else:
                 segs = _first((s for d in tune_docs for s in windows(d, base.segment)), opts.stat_segments)
-                where = f"{len(segs)} tuning segments"
-            ms = mean_squared_gradients(model, base.params, [(i.to(device), l.to(device)) for i, l in segs[rank::world]])
-            say(f"dynamic evaluation: mean squared gradients over {where}")
-        tuned = tune(model, base, opts.lrs, opts.decays, tune_docs[rank::world], ms, opts.tune_tokens, say)
+                stat_source = f"{len(segs)} tuning segments"
+            ms = mean_squared_gradients(model, base.params, [(i.to(device), l.to(device)) for i, l in where.share(segs)],
+                                        where.sum)
+            say(f"dynamic evaluation: mean squared gradients over {stat_source}")
+        tuned = tune(model, base, opts.lrs, opts.decays, where.share(tune_docs), ms, opts.tune_tokens, say, where.sum)
         dyn = DynamicEvaluator(model, tuned.settings, ms)
         report["dynamic_tuning"] = {"grid": tuned.grid, "chosen": tuned.settings.as_dict(),
                                     "tune_documents": len(tune_docs), "tune_tokens": opts.tune_tokens,
                                     "wall_s": time.perf_counter() - t0}
         say(f"dynamic evaluation: chose lr {tuned.settings.lr:g} decay {tuned.settings.decay:g}")
     for method in methods:
-        res = run_method(method, model, cfg.model, documents, ranks, opts.max_tokens, dyn, opts.progress)
+        res = run_method(method, model, cfg.model, documents, ranks, opts.max_tokens, dyn, opts.progress, where)
         report["methods"].append(res.as_dict())
-    if rank == 0:
+    if where.leader:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / RESULTS, report)
         atomic_write_text(out / REPORT, format_report(report))
@@ -199,7 +205,8 @@ def format_report(r: dict[str, Any]) -> str:
                          + f" | {b['tokens']} |")
     if "dynamic_tuning" in r:
         t = r["dynamic_tuning"]
-        lines += ["", f"Dynamic evaluation: {t['chosen']['variant']} on {t['chosen']['params']} parameters, chosen "
+        lines += ["", f"Dynamic evaluation: {t['chosen']['variant']} on {t['chosen']['params']} parameters, "
+                      f"a step every {t['chosen']['segment']} tokens, chosen "
                       f"lr {t['chosen']['lr']:g} decay {t['chosen']['decay']:g} on {t['tune_documents']} validation "
                       f"documents ({t['wall_s']:.1f}s of tuning)"]
     return "\n".join(lines) + "\n"

@@ -6,8 +6,9 @@
     fwl_carried  an FWL checkpoint with its state carried from window to window over the whole document
     dynamic      dynamic evaluation (fwl_scale/eval/dynamic.py) of either, on windows of the same length
 
-Documents are split over data-parallel ranks (document i on rank i mod world); the sums are added over
-ranks, so the result is that of one process up to the order of float64 additions.
+Documents are split over data-parallel ranks (document i on rank i mod dp; the model over tp ranks as
+trained: fwl_scale/eval/ranks.py); the sums are added over the data-parallel ranks, so the result is that of
+one process up to the order of float64 additions (and, split over tp, of the float32 sums inside the model).
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from fwl_scale.config import ModelConfig
 from fwl_scale.eval.breakdown import Breakdown
 from fwl_scale.eval.dynamic import DynamicEvaluator, DynamicSettings, select_parameters
 from fwl_scale.eval.perplexity import document_token_losses
+from fwl_scale.eval.ranks import SINGLE, EvalRanks
+from fwl_scale.parallel.shards import full_shape
 from fwl_scale.train.flops import fwl_fwd_per_token, train_flops_per_token
 
 BASELINE_METHODS = ("plain", "dynamic")
@@ -54,7 +56,7 @@ def dynamic_flops_per_token(cfg: ModelConfig, model: torch.nn.Module, settings: 
     head_fwd = fwl_fwd_per_token(cfg) if cfg.fwl.enabled else 2.0 * d * cfg.vocab_size
     layer_fwd = 2.0 * (4 + 2 * cfg.mlp_mult) * d * d + 4.0 * T * d
     through = {"all": forward_flops_per_token(cfg), "head": head_fwd, "last": head_fwd + layer_fwd}[settings.params]
-    n_updated = sum(p.numel() for _, p in select_parameters(model, settings.params))
+    n_updated = sum(full_shape(p).numel() for _, p in select_parameters(model, settings.params))  # tp: whole tensors
     per_param = 6.0 if settings.variant == "rms" else 4.0
     return forward_flops_per_token(cfg) + 2.0 * through + per_param * n_updated / settings.segment
 
@@ -74,28 +76,14 @@ class MethodResult:
                 "flops_per_token": self.flops_per_token, **self.extra}
 
 
-def _max_over_ranks(x: float) -> float:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([x], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
-    return x
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class Progress:
     """One line per document on stderr (rank 0, its own share): documents and tokens done."""
 
-    def __init__(self, method: str, total_docs: int, enabled: bool):
+    def __init__(self, method: str, total_docs: int, enabled: bool, data_ranks: int = 1):
         self.method, self.total, self.enabled = method, total_docs, enabled
         self.docs = self.tokens = 0
         self.t0 = time.perf_counter()
-        _, self.world = rank_and_world()
+        self.world = data_ranks
 
     def update(self, tokens: int) -> None:
         self.docs += 1
@@ -122,14 +110,14 @@ def scorer_for(method: str, model: torch.nn.Module, window: int,
 
 def run_method(method: str, model: torch.nn.Module, cfg: ModelConfig, documents: Sequence[Tensor],
                ranks: Tensor | None, max_tokens: int | None = None, dynamic: DynamicEvaluator | None = None,
-               progress: bool = True) -> MethodResult:
-    """`documents`: all of them (every rank gets the same list and takes its share)."""
-    rank, world = rank_and_world()
-    mine = documents[rank::world]
+               progress: bool = True, where: EvalRanks = SINGLE) -> MethodResult:
+    """`documents`: all of them (every rank gets the same list and takes its share). `ranks`: training
+    frequency rank of every token (the breakdown's); `where`: the evaluation's layout."""
+    mine = where.share(list(documents))
     window = cfg.seq_len
     score = scorer_for(method, model, window, dynamic)
     bd = Breakdown(window, cfg.vocab_size, ranks)
-    prog = Progress(method, len(mine), progress and rank == 0)
+    prog = Progress(method, len(mine), progress and where.leader, where.size)
     fwl = getattr(model, "fwl", None)
     saved = fwl.step_scale if fwl is not None else None
     if method == "slow_head":
@@ -144,8 +132,8 @@ def run_method(method: str, model: torch.nn.Module, cfg: ModelConfig, documents:
     finally:
         if fwl is not None:
             fwl.step_scale = saved
-    bd.all_reduce()
-    wall = _max_over_ranks(wall)
+    bd.all_reduce(where.sum)
+    wall = where.max(wall)
     if method == "dynamic":
         flops = dynamic_flops_per_token(cfg, model, dynamic.settings)
         extra: dict[str, object] = {"dynamic": dynamic.settings.as_dict()}

@@ -10,31 +10,47 @@ import torch
 
 from fwl_scale.atomic import atomic_write_json
 from fwl_scale.checkpoint.native import CheckpointError, check_compatible, resolve_checkpoint
-from fwl_scale.checkpoint.weights import load_model_weights
+from fwl_scale.checkpoint.weights import load_model_weights, load_tp_shard_weights
 from fwl_scale.config import Config
 from fwl_scale.data import eval_documents, prepare_data, valid_batches
 from fwl_scale.device import resolve_device
 from fwl_scale.eval.perplexity import (LongDocResult, evaluate_batches, evaluate_documents, format_eval,
                                        format_long_docs)
 from fwl_scale.model import build_model
+from fwl_scale.parallel.layout import TPContext
+from fwl_scale.parallel.shards import load_full_state_dict
 
 
-def load_for_eval(cfg: Config, checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """The model of `cfg` with the weights of `checkpoint` (refused if it belongs to another model)."""
-    ref = resolve_checkpoint(checkpoint)
-    check_compatible(ref, cfg)
-    state = load_model_weights(ref)
-    model = build_model(cfg.model, device="meta")
+def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], ref: Any, cfg: Config,
+                  what: str = "") -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))[:3]
         extra = sorted(set(got) - set(expected))[:3]
         shape = [k for k in expected if k in got and expected[k] != got[k]][:3]
-        raise CheckpointError(f"checkpoint {ref.path} does not fit model {cfg.name}: missing {missing}, "
+        raise CheckpointError(f"checkpoint {ref.path}{what} does not fit model {cfg.name}: missing {missing}, "
                               f"unexpected {extra}, other shapes {shape}")
-    model = build_model(cfg.model, device="cpu")
-    model.load_state_dict(state, strict=True)
+
+
+def load_for_eval(cfg: Config, checkpoint: str | Path, device: torch.device,
+                  tp: TPContext | None = None) -> tuple[torch.nn.Module, Any]:
+    """The model of `cfg` with the weights of `checkpoint` (refused if it belongs to another model); with
+    `tp`, this rank's tensor-parallel part of it: the rank's own shards of a checkpoint written at that
+    tp, or its slices of whole weights (a tp = 1 or a converted checkpoint)."""
+    ref = resolve_checkpoint(checkpoint)
+    check_compatible(ref, cfg)
+    saved_tp = 1 if ref.meta.get("universal") else (ref.meta.get("layout") or {}).get("tp", 1)
+    if tp is not None and tp.size > 1 and saved_tp == tp.size:
+        state = load_tp_shard_weights(ref, tp.rank)
+        model = build_model(cfg.model, device="cpu", parallel=tp)
+        _check_shapes(model, state, ref, cfg, f" (tensor-parallel rank {tp.rank})")
+        model.load_state_dict(state, strict=True)
+    else:
+        state = load_model_weights(ref)  # refuses a split checkpoint with the conversion command
+        _check_shapes(build_model(cfg.model, device="meta"), state, ref, cfg)
+        model = build_model(cfg.model, device="cpu", parallel=tp)
+        load_full_state_dict(model, state)
     model.to(device)
     if device.type == "cuda" and cfg.train.bf16:
         model.to(torch.bfloat16)

@@ -82,7 +82,5 @@ def count_normalisers(labels_bt: Tensor, reset_bt: Tensor, count_in: Tensor | No
         n, n_out = causal_count(w, reset_bt, count_in[:, 0] if count_in is not None else None, chunk)
         n, n_out = n.unsqueeze(-1).expand(-1, -1, n_fast), n_out.unsqueeze(-1).expand(-1, n_fast)
     else:
-        pairs = [causal_count(w, reset_bt, count_in[:, f] if count_in is not None else None, chunk, log_decay[f])
-                 for f in range(n_fast)]
-        n, n_out = torch.stack([p[0] for p in pairs], dim=-1), torch.stack([p[1] for p in pairs], dim=-1)
+        n, n_out = causal_count(w, reset_bt, count_in, chunk, log_decay)
     return inverse_count(n), n_out

@@ -97,7 +97,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
     opts = DocEvalOptions(out=ns.out, docs=ns.docs, max_docs=ns.max_docs, max_tokens=ns.max_tokens,
                           methods=ns.methods.split(",") if ns.methods else None, dynamic_variant=ns.dynamic,
-                          dynamic_params=ns.dynamic_params, tune_docs=ns.tune_docs, tune_tokens=ns.tune_tokens,
+                          dynamic_params=ns.dynamic_params, dynamic_segment=ns.dynamic_segment,
+                          tune_docs=ns.tune_docs, tune_tokens=ns.tune_tokens,
                           stat_segments=ns.stat_segments)
     if ns.dynamic_lr:
         opts.lrs = [float(x) for x in ns.dynamic_lr.split(",")]
@@ -190,6 +191,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--dynamic", default="rms", choices=["rms", "sgd"], help="dynamic evaluation variant")
     e.add_argument("--dynamic-params", default="all", choices=["all", "head", "last"],
                    help="parameters dynamic evaluation updates")
+    e.add_argument("--dynamic-segment", type=int, default=None, metavar="N",
+                   help="dynamic evaluation steps after every N tokens (default model.seq_len; shorter segments "
+                        "see their window's earlier tokens through a key/value cache)")
     e.add_argument("--dynamic-lr", default=None, help="comma-separated learning-rate grid")
     e.add_argument("--dynamic-decay", default=None, help="comma-separated decay grid")
     e.add_argument("--tune-docs", type=int, default=1, help="validation documents to choose lr and decay on")
