@@ -69,7 +69,7 @@ def load_tp_shard_weights(ref: CheckpointRef, tp_rank: int) -> dict[str, torch.T
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def read_consolidated(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def read_consolidated(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(weights, config dict) of a consolidated file (`fwl ckpt consolidate`)."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
