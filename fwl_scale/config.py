@@ -190,6 +190,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     bf16: bool = False
     activation_checkpointing: bool = False
+    # Run the transformer blocks and the FWL through torch.compile (train/engine.py, compile_model).
+    compile: bool = False
     seed: int = 1234
     log_every: int = 10
     eval_every: int = 200

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,46 @@ def check_layout_implemented(cfg: Config) -> None:
     if p.pp > 1 and cfg.model.positions == "learned":
         raise ConfigError("model.positions: learned position embeddings are not in the pipeline's first stage "
                           "(train/pipeline.py EmbedStage) yet; use parallel.pp: 1")
+
+
+def check_compile(cfg: Config, device: torch.device) -> None:
+    """Refuses, before any work, train.compile where it is not supported: the compiled modules are tested
+    in one process and under plain data parallelism with ZeRO 0-2 (tests/test_compile.py). Tensor and
+    context parallelism run collectives inside the blocks and the FWL, the pipeline engine builds its own
+    stage modules, and ZeRO-3 gathers parameters in hooks of every submodule, inside what would be traced."""
+    if not cfg.train.compile:
+        return
+    p = cfg.parallel
+    for fld, value, why in (("parallel.tp", p.tp, "tensor parallelism"), ("parallel.cp", p.cp, "context parallelism"),
+                            ("parallel.pp", p.pp, "pipeline parallelism")):
+        if value > 1:
+            raise ConfigError(f"train.compile: not supported with {why} ({fld}={value}) yet; "
+                              "use train.compile=false or a layout without it")
+    if p.zero_stage == 3:
+        raise ConfigError("train.compile: not supported with parallel.zero_stage=3 (its parameter-gathering hooks "
+                          "would run inside the compiled modules); use zero_stage 0-2 or train.compile=false")
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        raise ConfigError("train.compile: torch.compile's Inductor backend needs a C++ compiler on CPU and none was "
+                          "found (set CXX or install g++); or use train.compile=false")
+
+
+def compile_model(model: GPT, backend: str = "inductor") -> GPT:
+    """train.compile: the transformer blocks and the FWL through torch.compile (`backend`: Inductor; the
+    benchmarks' smoke run passes aot_eager, tracing without code generation), in place.
+
+    In place (nn.Module.compile) so that parameter names, the state dict and therefore checkpoints are
+    those of the eager model: a run can resume compiled from an eager checkpoint and back. Block by block
+    rather than the whole GPT: every block runs the same code on the same shapes with its parameters as
+    graph inputs, so one graph serves them all and compile time does not grow with depth; the FWL is one
+    graph without breaks (its chunk loop unrolled, the per-chunk work fused). The embedding and the
+    vocabulary loss stay eager: their token chunks are recomputed in backward by torch.utils.checkpoint
+    and they are memory-bound lookups and one matmul each. Before deepspeed.initialize, which then wraps
+    the compiled modules like any other."""
+    for block in model.blocks:
+        block.compile(backend=backend)
+    if model.fwl is not None:
+        model.fwl.compile(backend=backend)
+    return model
 
 
 def free_port() -> int:
@@ -124,6 +165,7 @@ def init_distributed(cfg: Config) -> DistInfo:
     """Starts (or joins an already started) process group: gloo on CPU, nccl on CUDA."""
     check_layout_implemented(cfg)
     device = resolve_device(cfg)
+    check_compile(cfg, device)
     rank, world, local_rank = prepare_environment(device)
     dp = check_layout(cfg, world)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -217,6 +259,8 @@ def build_engine(cfg: Config, model: GPT, dist: DistInfo, mpu=None):
     skipped update) and is saved in DeepSpeed's checkpoints."""
     import deepspeed  # after init_distributed set the environment: the accelerator is chosen on first use
 
+    if cfg.train.compile:
+        compile_model(model)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg), mpu=mpu,
         # DeepSpeed's data-parallel group is dp × cp (context-parallel peers hold the same parameters and
