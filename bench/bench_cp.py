@@ -71,8 +71,11 @@ class CommCounter:
                                                                            self._broadcast)
 
 
+DEVICE = {"device": torch.device("cpu")}  # this rank's device, set by worker (cuda under NCCL)
+
+
 def slowest(seconds: float) -> float:
-    t = torch.tensor([seconds], dtype=torch.float64)
+    t = torch.tensor([seconds], dtype=torch.float64, device=DEVICE["device"])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
@@ -85,12 +88,13 @@ def fwl_step(layer, x, U, labels, docs) -> None:
 def bench_fwl(rank: int, cp: CPContext, args, T: int) -> dict[str, object]:
     d, V = args.width, args.vocab
     torch.manual_seed(0)
-    layer = FastWeightLayer(d, d, 4, V, V, 0.01, 1.0 / T, 1e-5, args.chunk, 1024, 0.02, form="auto", cp=cp)
-    U = torch.nn.Parameter(torch.randn(V, d) * 0.02)
+    dev = DEVICE["device"]
+    layer = FastWeightLayer(d, d, 4, V, V, 0.01, 1.0 / T, 1e-5, args.chunk, 1024, 0.02, form="auto", cp=cp).to(dev)
+    U = torch.nn.Parameter((torch.randn(V, d) * 0.02).to(dev))
     g = torch.Generator().manual_seed(1)
-    x_full = torch.randn(1, T, d, generator=g)
-    labels = torch.randint(0, V, (1, T), generator=g)
-    docs = torch.zeros(1, T, dtype=torch.long)
+    x_full = torch.randn(1, T, d, generator=g).to(dev)
+    labels = torch.randint(0, V, (1, T), generator=g).to(dev)
+    docs = torch.zeros(1, T, dtype=torch.long, device=dev)
     T_loc = T // cp.size
     x = x_full[:, rank * T_loc:(rank + 1) * T_loc].clone().requires_grad_()
     row: dict[str, object] = {"auto": choose_exchange("auto", d, d, 4 * d, T_loc, activation_bytes=4)}
@@ -103,6 +107,8 @@ def bench_fwl(rank: int, cp: CPContext, args, T: int) -> dict[str, object]:
             dist.barrier()
             t0 = time.perf_counter()
             fwl_step(layer, x, U, labels, docs)
+            if x.is_cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         row[exchange] = (counter.bytes, slowest(min(times)))
     return row
@@ -113,9 +119,9 @@ def model_saved_bytes(args, T: int, cp: CPContext | None) -> int:
                              f"model.seq_len={T}", f"model.vocab_size={args.vocab}",
                              f"model.fwl.chunk_size={args.chunk}", "model.fwl.form=auto"])
     torch.manual_seed(0)
-    model = build_model(cfg.model, parallel=cp)
+    model = build_model(cfg.model, parallel=cp).to(DEVICE["device"])
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, args.vocab, (1, T), generator=g)
+    ids = torch.randint(0, args.vocab, (1, T), generator=g).to(DEVICE["device"])
     saved = SavedBytes()
     docs = torch.zeros_like(ids)  # document ids given, as the loader always does: document-masked attention
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
@@ -127,14 +133,18 @@ def model_saved_bytes(args, T: int, cp: CPContext | None) -> int:
 def worker(rank: int, world: int, port: int, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if args.device == "cuda":
+        DEVICE["device"] = torch.device("cuda", rank)
+        torch.cuda.set_device(DEVICE["device"])
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", rank=rank, world_size=world)
     cp = CPContext(dist.group.WORLD, world, rank, "state")
     d, h = args.width, 4 * args.width
     lengths = [int(t) for t in args.lengths.split(",")]
     if rank == 0:
         b = fwl_exchange_bytes(d, d, h, 1, activation_bytes=4)
         cross = b["state"] / b["kv"]
-        print(f"context parallelism over cp = {world} gloo ranks (CPU, 1 thread each), FWL d = s = {d}, "
+        where = "NCCL ranks, one GPU each" if args.device == "cuda" else "gloo ranks (CPU, 1 thread each)"
+        print(f"context parallelism over cp = {world} {where}, FWL d = s = {d}, "
               f"4s = {h}, V = {args.vocab}, fp32, chunk {args.chunk}, batch 1, one document across all ranks")
         print(f"analytic exchange per rank: state {b['state'] / 1024:.1f} KiB (fixed), kv {b['kv'] / 1024:.2f} KiB "
               f"per token -> crossover at T/cp ~ {cross:.0f} tokens (T ~ {cross * world:.0f}); with bf16 "
@@ -159,7 +169,7 @@ def worker(rank: int, world: int, port: int, args) -> None:
         per = {}
         for exchange in ("state", "kv"):
             per[exchange] = model_saved_bytes(args, T, CPContext(dist.group.WORLD, world, rank, exchange))
-        t = torch.tensor([per["state"], per["kv"]], dtype=torch.float64)
+        t = torch.tensor([per["state"], per["kv"]], dtype=torch.float64, device=DEVICE["device"])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the fullest rank
         if rank == 0:
             s, k = t.tolist()
@@ -176,6 +186,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--lengths", default="32,64,128,256,512,1024,2048,4096")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per rank over NCCL")
     args = ap.parse_args()
     import socket
 

@@ -44,20 +44,23 @@ def main() -> None:
     ap.add_argument("--lengths", default="512,1024,2048,4096,8192")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="of the layer and its activations (the running sums accumulate in fp32 either way)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     d = args.width
     layer = FastWeightLayer(d, d, 4, args.vocab, args.vocab, 0.01, 1e-3, 1e-5, args.chunk, 2048, 0.02,
-                            device=device)
-    U = torch.nn.Parameter(torch.randn(args.vocab, d, device=device) * 0.02)
+                            device=device).to(dtype)
+    U = torch.nn.Parameter(torch.randn(args.vocab, d, device=device, dtype=dtype) * 0.02)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"FWL operator, d = s = {d}, V = {args.vocab}, chunk C = {args.chunk}, batch 1, fwd+bwd, {name}")
+    print(f"FWL operator, d = s = {d}, V = {args.vocab}, chunk C = {args.chunk}, batch 1, fwd+bwd, {args.dtype}, {name}")
     print(f"analytic time crossover (W1 layer, C + 2dk.dv/(dk+dv)): T ~ {args.chunk + 2 * d * 4 * d / (5 * d):.0f}")
     print(f"{'T':>6} {'quad s':>9} {'chunk s':>9} {'quad/chunk':>10} {'quad saved MB':>14} {'chunk saved MB':>15}"
           + (f" {'quad peak MB':>13} {'chunk peak MB':>14}" if device.type == "cuda" else ""))
     for T in [int(t) for t in args.lengths.split(",")]:
-        x = torch.randn(1, T, d, device=device, requires_grad=True)
+        x = torch.randn(1, T, d, device=device, dtype=dtype, requires_grad=True)
         labels = torch.randint(0, args.vocab, (1, T), device=device)
         row = {}
         for form in ("quadratic", "chunked"):

@@ -117,7 +117,7 @@ LAYOUTS = [
 ]
 
 
-def make_cfg(args, tp=1, pp=1, sp=False, zero=0, micro=4, gas=1):
+def make_cfg(args, tp=1, pp=1, sp=False, zero=0, micro=4, gas=1, device="cpu"):
     from fwl_scale.config import load_config
 
     return load_config(None, [
@@ -125,7 +125,7 @@ def make_cfg(args, tp=1, pp=1, sp=False, zero=0, micro=4, gas=1):
         f"model.seq_len={args.seq}", "model.vocab_size=4096", "model.fwl.vocab_chunk=1024",
         f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.sequence_parallel={str(sp).lower()}",
         f"parallel.zero_stage={zero}", f"parallel.micro_batch={micro}", f"parallel.grad_accum={gas}",
-        "train.wandb.enabled=false", "train.steps=100", "train.warmup_steps=1"])
+        "train.wandb.enabled=false", "train.steps=100", "train.warmup_steps=1", f"train.device={device}"])
 
 
 def analytic(cfg, layout: dict, params: int) -> dict[str, float]:
@@ -162,16 +162,21 @@ def analytic(cfg, layout: dict, params: int) -> dict[str, float]:
 
 
 def worker(rank: int, world: int, port: int, args, results_path: str) -> None:
+    cuda = args.device == "cuda"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cuda" if cuda else "cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     install_counters()
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    backend = "nccl" if cuda else "gloo"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     import deepspeed
 
-    deepspeed.init_distributed("gloo", dist_init_required=False, verbose=False)
+    deepspeed.init_distributed(backend, dist_init_required=False, verbose=False)
     from deepspeed.utils import logger
 
     logger.setLevel("ERROR")
@@ -181,9 +186,9 @@ def worker(rank: int, world: int, port: int, args, results_path: str) -> None:
 
     report = []
     for name, layout, micro, gas in LAYOUTS:
-        cfg = make_cfg(args, micro=micro, gas=gas, **layout)
+        cfg = make_cfg(args, micro=micro, gas=gas, device=args.device, **layout)
         ps = init_parallel_state(cfg)
-        info = DistInfo(rank, world, rank, ps.dp_size, torch.device("cpu"), "gloo")
+        info = DistInfo(rank, world, rank, ps.dp_size, device, backend)
         torch.manual_seed(0)
         te = build_training_engine(cfg, ps, info)
         from fwl_scale.model import build_model
@@ -194,7 +199,7 @@ def worker(rank: int, world: int, port: int, args, results_path: str) -> None:
         def batches():
             out = []
             for _ in range(gas):
-                ids = torch.randint(0, 4096, (micro, cfg.model.seq_len), generator=g)
+                ids = torch.randint(0, 4096, (micro, cfg.model.seq_len), generator=g).to(device)
                 out.append({"input_ids": ids, "labels": ids.roll(-1, 1), "doc_ids": torch.zeros_like(ids)})
             return out
 
@@ -234,18 +239,21 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: one GPU per rank over NCCL (fp32, so that the bytes match the analytic figures)")
     args = ap.parse_args()
     import tempfile
 
     import torch.multiprocessing as mp
 
-    from tests.distributed import free_port
+    from fwl_scale.train.engine import free_port
 
     results = Path(tempfile.mkdtemp()) / "bench_parallel.json"
     mp.start_processes(worker, args=(2, free_port(), args, str(results)), nprocs=2, start_method="spawn")
     report = json.loads(results.read_text())
     mb = 1e6
-    print(f"bench_parallel: 2 gloo ranks on CPU, 1 thread each | FWL model d={args.d}, {args.layers} layers, "
+    where = "2 NCCL ranks, one GPU each" if args.device == "cuda" else "2 gloo ranks on CPU, 1 thread each"
+    print(f"bench_parallel: {where} | FWL model d={args.d}, {args.layers} layers, "
           f"T={args.seq}, V=4096, fp32 | {report[0]['params'] / 1e6:.2f}M parameters | global batch "
           f"8 × {args.seq} tokens per step | {args.steps} steps timed after 1 warm-up")
     print(f"\n{'layout':<18}{'step (s)':>10}{'tokens/s':>12}")

@@ -26,6 +26,8 @@ from tests.train_support import step_losses, tiny_config
 
 REL = 1e-5
 STEPS = 6
+# The recipe of configs/tiny.yaml in the mixed-chunk form (two chunks per window): every path of the FWL.
+RECIPE = ("model.fwl.form=chunked", "model.fwl.residual=true", "model.fwl.normalize=mean", "model.fwl.decay=learned")
 
 
 def batch(cfg, seed: int = 0):
@@ -53,7 +55,7 @@ def worst_relative(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("fwl", [True, False], ids=["fwl", "baseline"])
 def test_compiled_values_and_gradients_equal_eager(tmp_path, fwl):
-    cfg = tiny_config(tmp_path, f"model.fwl.enabled={str(fwl).lower()}")
+    cfg = tiny_config(tmp_path, *RECIPE, f"model.fwl.enabled={str(fwl).lower()}")
     torch.manual_seed(0)
     eager = build_model(cfg.model)
     compiled = compile_model(copy.deepcopy(eager))
@@ -75,8 +77,26 @@ def test_compiled_values_and_gradients_equal_eager(tmp_path, fwl):
         assert worst_relative(grads_off, grads_e) > 10 * REL
 
 
+def test_no_graph_breaks(tmp_path):
+    """The FWL is one graph (its chunk loop unrolled, so the per-chunk work fuses) in the mixed-chunk form
+    with a carried state and a pending position, and so is a block (graph capture only: seconds)."""
+    cfg = tiny_config(tmp_path, *RECIPE)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    ids, labels, docs = batch(cfg)
+    assert model.fwl.chunk_for(cfg.model.seq_len) < cfg.model.seq_len  # two chunks: the state path is traced
+    h = model.body(ids, docs)
+    _, state = model.fwl(h, model.unembedding, labels, docs, return_state=True, last_label_pending=True)
+    runs = [(model.fwl, (h, model.unembedding, labels, docs)),
+            (model.fwl, (h, model.unembedding, labels, docs, state, ids[:, 0], True, True)),
+            (model.blocks[0], (h, *model.attention_inputs(ids, docs)[:2]))]
+    for module, args in runs:
+        report = torch._dynamo.explain(module)(*args)
+        assert (report.graph_count, report.graph_break_count) == (1, 0), report.break_reasons
+
+
 def test_compiled_training_equals_eager_and_resumes(tmp_path):
-    common = (f"train.steps={STEPS}", "train.warmup_steps=2")
+    common = (*RECIPE, f"train.steps={STEPS}", "train.warmup_steps=2")
     assert Trainer(tiny_config(tmp_path / "eager", *common)).run() == 0
     assert Trainer(tiny_config(tmp_path / "compiled", *common, "train.compile=true")).run() == 0
     eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
