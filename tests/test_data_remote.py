@@ -16,7 +16,7 @@ import torch
 
 from fwl_scale.cli import main
 from fwl_scale.config import load_config
-from fwl_scale.data import DataError, TrainLoader, eval_documents, prepare_data, remote, valid_batches
+from fwl_scale.data import DataError, Manifest, TrainLoader, eval_documents, prepare_data, remote, valid_batches
 from tests.test_data_loader import M, T, VOCAB, data  # noqa: F401  (data: the shared fixture)
 
 
@@ -116,7 +116,8 @@ def test_transient_failures_are_retried_and_lasting_ones_name_the_shard(served, 
     c = remote_cfg(cfg, paths, tmp_path, f"{url}/train/manifest.json")
     server.fail.update({"manifest.json": 2, "index.npz": 3, "shard-000001.tar": 3})
     rp = prepare_data(c, log=lambda s: None)
-    same_rows(cfg, paths, c, rp, dp=1, steps=200)  # more than an epoch: every shard is read
+    epoch = -(-Manifest.load(paths.train_manifest).tokens // (M * T))
+    same_rows(cfg, paths, c, rp, dp=1, steps=epoch + 10)  # more than an epoch: every shard is read
     assert server.fail == {"manifest.json": 0, "index.npz": 0, "shard-000001.tar": 0}  # met and retried
     # Lasting 503s: after RETRIES attempts, an error naming the shard.
     server.fail["shard-000002.tar"] = 10 ** 6
