@@ -37,6 +37,7 @@ from fwl_scale.model import build_model
 from fwl_scale.model.fwl import FastWeightLayer
 from fwl_scale.model.fwl_cp import choose_exchange, fwl_exchange_bytes
 from fwl_scale.parallel.context_parallel import CPContext
+from fwl_scale.parallel.spawned import exit_spawned_rank
 
 
 class CommCounter:
@@ -176,6 +177,7 @@ def worker(rank: int, world: int, port: int, args) -> None:
             print(f"{T:>6} {unsplit / 2**20:>9.2f} {s / 2**20:>9.2f} {k / 2**20:>9.2f} {s / unsplit:>13.2f}",
                   flush=True)
     dist.destroy_process_group()
+    exit_spawned_rank()
 
 
 def main() -> None:

@@ -183,6 +183,7 @@ def worker(rank: int, world: int, port: int, args, results_path: str) -> None:
     from fwl_scale.parallel import init_parallel_state
     from fwl_scale.train.engine import DistInfo
     from fwl_scale.train.parallel_engine import build_training_engine
+    from fwl_scale.parallel.spawned import exit_spawned_rank
 
     report = []
     for name, layout, micro, gas in LAYOUTS:
@@ -231,6 +232,7 @@ def worker(rank: int, world: int, port: int, args, results_path: str) -> None:
     if rank == 0:
         Path(results_path).write_text(json.dumps(report))
     dist.destroy_process_group()
+    exit_spawned_rank()
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from fwl_scale.parallel.spawned import exit_spawned_rank
+
 
 @contextmanager
 def reserved_port() -> Iterator[int]:
@@ -47,6 +49,7 @@ def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
         raise
     finally:
         dist.destroy_process_group()
+    exit_spawned_rank()
 
 
 def run_distributed(world: int, fn, *args) -> None:

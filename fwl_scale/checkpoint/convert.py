@@ -30,6 +30,7 @@ from fwl_scale.atomic import atomic_write_json, atomic_write_text
 from fwl_scale.checkpoint.native import (CHECKPOINT_DIR, FORMAT, MARKER, POINTER, CheckpointError, CheckpointManager,
                                          CheckpointRef, find_latest, read_marker, resolve_checkpoint, tag_for)
 from fwl_scale.checkpoint.universal import UniversalReader, save_safetensors, write_universal
+from fwl_scale.parallel.spawned import exit_spawned_rank
 from fwl_scale.config import Config, ConfigError, config_from_dict, config_to_nested
 from fwl_scale.parallel import init_parallel_state
 from fwl_scale.train.engine import free_port, init_distributed, quiet_deepspeed
@@ -98,6 +99,7 @@ def _spawned(rank: int, world: int, port: int, src_root: str, tag: str, dst: str
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    exit_spawned_rank()
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path) -> CheckpointRef:

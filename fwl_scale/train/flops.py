@@ -23,10 +23,13 @@ token-chunked vocabulary work is *not* counted, as in the usual MFU definition):
   (reading q·S and adding kᵀv) when the window spans more than one chunk.
   With a forgetting factor (model.fwl.decay) the four vector sums (b1: width h; b2, alpha, beta: s) are
   no longer cumulative sums but the chunk's λ-weights applied as a product, 2C(h + 3s) per token; the
-  weights inside the linear attentions and the normaliser's counts (model.fwl.normalize, one scalar per
-  token) are elementwise.
+  weights inside the linear attentions are elementwise. The normaliser's counts (model.fwl.normalize:
+  mean, one scalar per token for each of the 6 fast tensors) are cumulative sums without a decay; with
+  one, all 6 are the chunk's λ-weights applied as one product, 2C·6 per token, plus 2·6 for the chunk
+  totals.
   Training is 3x this forward: the backward through the slow backward is the second-order path, and
-  each of its ops is an ordinary differentiable op whose backward costs twice its forward.
+  each of its ops is an ordinary differentiable op whose backward costs twice its forward. The counts
+  depend on the labels only, so their backward is the λ-weights' gradient alone: training is 2x theirs.
 """
 from __future__ import annotations
 
@@ -81,10 +84,21 @@ def fwl_fwd_per_token(cfg: ModelConfig) -> float:
     return float(slow + slow_backward + fast)
 
 
+NORMALISED_TENSORS = 6  # the fast tensors with a count each (model/fwl_state.py FAST_TENSORS)
+
+
+def decayed_counts_fwd_per_token(cfg: ModelConfig) -> float:
+    """The normaliser's decayed counts (model/fast_weights.causal_count with a decay), see above."""
+    if cfg.fwl.normalize != "mean" or cfg.fwl.decay == "none":
+        return 0.0
+    return float(2 * min(fast_chunk(cfg), cfg.seq_len) * NORMALISED_TENSORS + 2 * NORMALISED_TENSORS)
+
+
 def train_flops_per_token(cfg: ModelConfig) -> FlopCount:
     d, L, T, V = cfg.d_model, cfg.n_layers, cfg.seq_len, cfg.vocab_size
     kv_width = cfg.kv_heads * (d // cfg.n_heads)
     n_layer = 2 * d * d + 2 * d * kv_width + (3 if cfg.mlp == "swiglu" else 2) * d * cfg.mlp_width
     body = 6.0 * L * n_layer + 12.0 * L * T * d
-    head = 3.0 * fwl_fwd_per_token(cfg) if cfg.fwl.enabled else 6.0 * d * V
+    head = (3.0 * fwl_fwd_per_token(cfg) + 2.0 * decayed_counts_fwd_per_token(cfg) if cfg.fwl.enabled
+            else 6.0 * d * V)
     return FlopCount(body=body, head=head)
