@@ -137,7 +137,9 @@ def test_flop_count():
     fwd = 2 * d * h + 6 * h * d + 6 * d * V + 2 * T * (d + h) + 2 * T * (h + d)
     # tiny's recipe has a learned decay: the four vector sums become decayed products, 2T(h + 3s).
     assert fwl.model.fwl.decay == "learned"
-    assert f.head == 3 * (fwd + 2 * T * (h + 3 * d))
+    # Its mean normaliser's six decayed counts are one product too, 2T·6 + 2·6; labels only: training is 2x.
+    assert fwl.model.fwl.normalize == "mean"
+    assert f.head == 3 * (fwd + 2 * T * (h + 3 * d)) + 2 * (2 * T * 6 + 2 * 6)
     assert 2.0 < f.total / b.total < 3.5
     # The chunk used in the count is the model's own choice for the window.
     for name in ("tiny", "fwl_125m", "fwl_1b"):
