@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the file and field."""
+from fwl_scale.typed_yaml import ConfigError, from_dict, merge_override, parse_override, read_yaml
 
 
 @dataclass
@@ -335,122 +331,18 @@ def check_layout(cfg: Config, world_size: int | None = None, source: str = "conf
     return dp
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return _from_dict(tp, value, where)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads "3e-4" (no dot) as a string; users write it that way.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
-
-
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for k, v in data.items():
-        kwargs[k] = _coerce(v, hints[k], f"{where}.{k}" if where else k)
-    obj = cls(**kwargs)
-    # Nested dataclasses given partially keep their defaults for the rest (handled by _from_dict above).
-    return obj
-
-
-def _parse_override(item: str, source: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"{source}: override {item!r} is not of the form key.sub=value")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: override {key}: cannot parse {raw!r}: {e}") from None
-    return key.strip().split("."), value
-
-
-def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
-    node = base
-    for p in path[:-1]:
-        if not isinstance(node.get(p), dict):
-            node[p] = {} if p not in node or node[p] is None else node[p]
-            if not isinstance(node[p], dict):
-                raise ConfigError(f"override {'.'.join(path)}: {p} is not a section")
-        node = node[p]
-    node[path[-1]] = value
-
-
 def config_to_nested(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+def configfrom_dict(data: dict[str, Any], source: str = "config") -> Config:
     """A Config from its nested-dict form (Config.to_dict(), e.g. stored in a checkpoint), type-checked
     and validated like a file."""
     try:
-        cfg = _from_dict(Config, data, "")
+        cfg = from_dict(Config, data, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg.validate(source)
-
-
-def read_yaml(path: Path, what: str = "config file", error: type[ConfigError] = ConfigError) -> Any:
-    """The parsed YAML of `path`; a missing file or malformed YAML raises `error` naming the file."""
-    if not path.is_file():
-        raise error(f"{path}: no such {what}")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise error(f"{path}: malformed YAML: {e}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -468,10 +360,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = loaded
         data.setdefault("name", p.stem)
     for item in overrides or []:
-        keys, value = _parse_override(item, source)
-        _merge(data, keys, value)
+        keys, value = parse_override(item, source)
+        merge_override(data, keys, value)
     try:
-        cfg = _from_dict(Config, data, "")
+        cfg = from_dict(Config, data, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg.validate(source)
