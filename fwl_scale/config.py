@@ -335,7 +335,7 @@ def config_to_nested(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def configfrom_dict(data: dict[str, Any], source: str = "config") -> Config:
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     """A Config from its nested-dict form (Config.to_dict(), e.g. stored in a checkpoint), type-checked
     and validated like a file."""
     try:

@@ -83,7 +83,6 @@ def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     for k, v in data.items():
         kwargs[k] = coerce(v, hints[k], f"{where}.{k}" if where else k)
     obj = cls(**kwargs)
-    # Nested dataclasses given partially keep their defaults for the rest (handled by _from_dict above).
     return obj
 
 
