@@ -2,7 +2,8 @@
 tp=2 checkpoint (sequence parallelism, ZeRO-1) evaluated by 2 gloo ranks, each holding its shards, equals
 the one-process evaluation of the converted checkpoint for every method (dynamic evaluation included,
 RMS with segments shorter than the window); the converted checkpoint split again over 2 ranks gives the
-very same numbers as the native shards; layouts evaluation cannot run are refused, naming the fix."""
+very same numbers as the native shards; layouts evaluation cannot run are refused, naming the fix (pipeline
+stages: tests/test_eval_pp.py)."""
 from __future__ import annotations
 
 import json
@@ -86,10 +87,8 @@ def test_tensor_parallel_evaluation_equals_one_process(tp_runs, tmp_path, name):
 def test_layouts_evaluation_cannot_run_are_refused(tp_runs, tmp_path):
     run_dir, _ = tp_runs["base"]
     config = str(run_dir / "config.yaml")
-    with pytest.raises(ValueError, match=r"parallel.tp=2 needs 2 ranks .*torchrun --nproc-per-node 2"):
+    with pytest.raises(ValueError, match=r"parallel.tp=2 × parallel.pp=1 needs 2 ranks .*torchrun --nproc-per-node 2"):
         eval_ranks(load_config(config, []))
-    with pytest.raises(ValueError, match=r"parallel.pp=2 pipeline stages.*fwl ckpt convert"):
-        eval_ranks(load_config(config, ["parallel.tp=1", "parallel.pp=2"]))
     # The native tp=2 shards in one process: refused with the conversion, nothing written.
     with pytest.raises(CheckpointError, match=r"split over tp=2, pp=1 ranks; convert it first"):
         _eval(0, 1, config, ["parallel.tp=1"], str(run_dir), str(tmp_path / "x"))

@@ -105,7 +105,7 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's checkpoint converter may be imported
-    model, ref = load_for_eval(cfg, checkpoint, device, where.tp)
+    model, ref = load_for_eval(cfg, checkpoint, device, where.tp, where.stage)
     methods = list(opts.methods or default_methods(cfg.model))
     check_methods(methods, cfg.model)
     tok = checkpoint_tokenizer(cfg)
@@ -139,6 +139,7 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
         "documents_id": documents_id(documents, opts.max_tokens),
         "source": source, "tokenizer_checksum": tok.checksum, "world_size": world,
         "tensor_parallel": where.tp.size if where.tp is not None else 1,
+        "pipeline_parallel": where.stage.size if where.stage is not None else 1,
         "frequency_counts": counts[1] if counts is not None else "none (no training shards): no frequency breakdown",
         "methods": [],
     }

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fwl_scale.eval.stages import loss_gradients, sum_over_model, whole_model
 from fwl_scale.model.blocks import KVCache
 from fwl_scale.model.fwl_state import FWLState
 from fwl_scale.parallel.shards import is_sharded
@@ -103,15 +104,17 @@ def windows(doc: Tensor, segment: int, max_tokens: int | None = None) -> Iterabl
 def _rms_means(model: torch.nn.Module, params: list[Tensor], rms: list[Tensor]) -> tuple[list[float], float]:
     """The mean √MS of each whole tensor and of all of them. Under tensor parallelism a rank holds shards
     of some tensors: their sums and sizes are added over the tp group (one all-reduce), so every rank
-    uses the whole tensor's mean, as one process does."""
-    stats = torch.tensor([[float(r.sum()), float(r.numel())] for r in rms], dtype=torch.float64)
+    uses the whole tensor's mean, as one process does; a pipeline stage adds the other stages' tensors to
+    the mean of all."""
+    stats = torch.tensor([[float(r.sum()), float(r.numel())] for r in rms], dtype=torch.float64).reshape(-1, 2)
     tp = getattr(model, "tp", None)
     if tp is not None:
         sharded = torch.tensor([is_sharded(p) for p in params])[:, None]
         parts = stats * sharded
         dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=tp.group)
         stats = torch.where(sharded, parts, stats)
-    return (stats[:, 0] / stats[:, 1]).tolist(), float(stats[:, 0].sum() / stats[:, 1].sum())
+    total = sum_over_model(model, stats, params)
+    return (stats[:, 0] / stats[:, 1]).tolist(), float(total[0] / total[1])
 
 
 class WindowContext:
@@ -126,7 +129,8 @@ class WindowContext:
 
     def advance(self, docs: Tensor, state: FWLState | None) -> None:
         for c in self.kv:
-            c.k, c.v = c.k.detach(), c.v.detach()
+            if c.k is not None:  # (a pipeline stage fills only its own blocks' caches)
+                c.k, c.v = c.k.detach(), c.v.detach()
         self.docs = torch.cat([self.docs, docs], dim=1)
         self.state = state.detach() if state is not None else None
 
@@ -137,8 +141,8 @@ class DynamicEvaluator:
 
     def __init__(self, model: torch.nn.Module, settings: DynamicSettings, ms: dict[str, Tensor] | None = None):
         self.model, self.settings = model, settings
-        self.named = select_parameters(model, settings.params)
-        if not self.named:
+        self.named = select_parameters(model, settings.params)  # (a pipeline stage's own: maybe none)
+        if not select_parameters(whole_model(model), settings.params):
             raise ValueError(f"dynamic evaluation: the model has no parameters in subset {settings.params!r}")
         self.theta0 = [p.detach().clone() for _, p in self.named]
         self.scale: list[Tensor] | None = None  # 1/(√MS + ε)
@@ -174,7 +178,7 @@ class DynamicEvaluator:
                 h = self.model.body_cached(ids, docs, context.docs, context.kv)
                 out = self.model.head(h, ids, labels, docs, fwl_state=context.state,
                                       return_state=self.model.fwl is not None)
-            grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+            grads = loss_gradients(self.model, out, params)
         if context is not None:
             context.advance(docs, out.fwl_state)
         self._update(params, grads)
@@ -224,7 +228,7 @@ def mean_squared_gradients(model: torch.nn.Module, subset: str, segments: Iterab
     for ids, lab in segments:
         with torch.enable_grad():
             out = model(ids, lab, torch.zeros_like(ids))
-            grads = torch.autograd.grad(out.loss, [p for _, p in named], allow_unused=True)
+            grads = loss_gradients(model, out, [p for _, p in named])
         for s, g in zip(sums, grads):
             if g is not None:
                 s.add_(g.detach().to(torch.float64) ** 2)

@@ -25,6 +25,7 @@ from fwl_scale.eval.breakdown import Breakdown
 from fwl_scale.eval.dynamic import DynamicEvaluator, DynamicSettings, select_parameters
 from fwl_scale.eval.perplexity import document_token_losses
 from fwl_scale.eval.ranks import SINGLE, EvalRanks
+from fwl_scale.eval.stages import whole_model
 from fwl_scale.parallel.shards import full_shape
 from fwl_scale.train.flops import fwl_fwd_per_token, train_flops_per_token
 
@@ -56,7 +57,8 @@ def dynamic_flops_per_token(cfg: ModelConfig, model: torch.nn.Module, settings: 
     head_fwd = fwl_fwd_per_token(cfg) if cfg.fwl.enabled else 2.0 * d * cfg.vocab_size
     layer_fwd = 2.0 * (4 + 2 * cfg.mlp_mult) * d * d + 4.0 * T * d
     through = {"all": forward_flops_per_token(cfg), "head": head_fwd, "last": head_fwd + layer_fwd}[settings.params]
-    n_updated = sum(full_shape(p).numel() for _, p in select_parameters(model, settings.params))  # tp: whole tensors
+    # Whole tensors: those of every tp rank and pipeline stage.
+    n_updated = sum(full_shape(p).numel() for _, p in select_parameters(whole_model(model), settings.params))
     per_param = 6.0 if settings.variant == "rms" else 4.0
     return forward_flops_per_token(cfg) + 2.0 * through + per_param * n_updated / settings.segment
 

@@ -10,20 +10,20 @@ import torch
 
 from fwl_scale.atomic import atomic_write_json
 from fwl_scale.checkpoint.native import CheckpointError, check_compatible, resolve_checkpoint
-from fwl_scale.checkpoint.weights import load_model_weights, load_tp_shard_weights
+from fwl_scale.checkpoint.weights import load_model_weights, load_pipeline_layer_weights, load_tp_shard_weights
 from fwl_scale.config import Config
 from fwl_scale.data import eval_documents, prepare_data, valid_batches
 from fwl_scale.device import resolve_device
 from fwl_scale.eval.perplexity import (LongDocResult, evaluate_batches, evaluate_documents, format_eval,
                                        format_long_docs)
+from fwl_scale.eval.stages import PipelineStage, StageContext
 from fwl_scale.model import build_model
 from fwl_scale.parallel.layout import TPContext
-from fwl_scale.parallel.shards import load_full_state_dict
+from fwl_scale.parallel.shards import load_full_state_dict, shard_of
 
 
-def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], ref: Any, cfg: Config,
+def _check_shapes(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], ref: Any, cfg: Config,
                   what: str = "") -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))[:3]
@@ -33,27 +33,48 @@ def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], ref: A
                               f"unexpected {extra}, other shapes {shape}")
 
 
-def load_for_eval(cfg: Config, checkpoint: str | Path, device: torch.device,
-                  tp: TPContext | None = None) -> tuple[torch.nn.Module, Any]:
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def load_for_eval(cfg: Config, checkpoint: str | Path, device: torch.device, tp: TPContext | None = None,
+                  stage: StageContext | None = None) -> tuple[torch.nn.Module, Any]:
     """The model of `cfg` with the weights of `checkpoint` (refused if it belongs to another model); with
     `tp`, this rank's tensor-parallel part of it: the rank's own shards of a checkpoint written at that
-    tp, or its slices of whole weights (a tp = 1 or a converted checkpoint)."""
+    tp, or its slices of whole weights (a tp = 1 or a converted checkpoint); with `stage`, this rank's
+    pipeline stage of it (eval/stages.py), from the layer files of a pipeline checkpoint or the stage's
+    part of any other."""
     ref = resolve_checkpoint(checkpoint)
     check_compatible(ref, cfg)
-    saved_tp = 1 if ref.meta.get("universal") else (ref.meta.get("layout") or {}).get("tp", 1)
-    if tp is not None and tp.size > 1 and saved_tp == tp.size:
-        state = load_tp_shard_weights(ref, tp.rank)
+    saved = {"tp": 1, "pp": 1} if ref.meta.get("universal") else {"tp": 1, "pp": 1, **(ref.meta.get("layout") or {})}
+    tp_size, tp_rank = (tp.size, tp.rank) if tp is not None else (1, 0)
+    own_shards = tp_size > 1 and saved["tp"] == tp_size
+    dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.bf16 else None
+    if stage is not None:
+        model = PipelineStage(cfg.model, stage, tp, device, dtype)
+        params = dict(model.named_parameters())
+        if saved["pp"] > 1 and (own_shards or tp_size == saved["tp"] == 1):
+            state = load_pipeline_layer_weights(ref, tp_rank, model.layers)
+        else:
+            whole = load_tp_shard_weights(ref, tp_rank) if own_shards else load_model_weights(ref)
+            state = {n: whole[n] if own_shards else shard_of(p, whole[n]) for n, p in params.items() if n in whole}
+        _check_shapes({n: tuple(p.shape) for n, p in params.items()}, state, ref, cfg,
+                      f" (pipeline stage {stage.stage}" + (f", tensor-parallel rank {tp_rank})" if tp_size > 1 else ")"))
+        model.load_weights(state)
+        return model, ref
+    if own_shards:
+        state = load_tp_shard_weights(ref, tp_rank)
         model = build_model(cfg.model, device="cpu", parallel=tp)
-        _check_shapes(model, state, ref, cfg, f" (tensor-parallel rank {tp.rank})")
+        _check_shapes(_shapes(model), state, ref, cfg, f" (tensor-parallel rank {tp_rank})")
         model.load_state_dict(state, strict=True)
     else:
-        state = load_model_weights(ref)  # refuses a split checkpoint with the conversion command
-        _check_shapes(build_model(cfg.model, device="meta"), state, ref, cfg)
+        state = load_model_weights(ref)  # refuses a tensor-parallel checkpoint with the conversion command
+        _check_shapes(_shapes(build_model(cfg.model, device="meta")), state, ref, cfg)
         model = build_model(cfg.model, device="cpu", parallel=tp)
         load_full_state_dict(model, state)
     model.to(device)
-    if device.type == "cuda" and cfg.train.bf16:
-        model.to(torch.bfloat16)
+    if dtype is not None:
+        model.to(dtype)
     model.eval()
     return model, ref
 

@@ -212,6 +212,14 @@ class GPT(nn.Module):
         """The body output of `input_ids` [B, n] after the `context_doc_ids` [B, C] tokens whose keys and
         values are in `kv` (one KVCache per block; the new ones are appended): the same as `body` on the
         whole [C + n] tokens, restricted to the last n, at O(C + n) work per new token."""
+        positions, mask = self.cached_attention_inputs(input_ids, doc_ids, context_doc_ids)
+        x = self.embed_tokens(input_ids, positions)
+        for block, cache in zip(self.blocks, kv):
+            x = block(x, positions, mask, None, cache)
+        return self.norm_f(x)
+
+    def cached_attention_inputs(self, input_ids: Tensor, doc_ids: Tensor, context_doc_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(positions [B, n], mask [B, 1, n, C + n]) of `input_ids` [B, n] after C tokens in a key/value cache."""
         if self.cp is not None or self.sequence_parallel:
             raise ValueError("a key/value cache is for one process or plain tensor parallelism")
         C, n = context_doc_ids.shape[1], input_ids.shape[1]
@@ -224,10 +232,7 @@ class GPT(nn.Module):
             mask = mask & (doc_ids[:, :, None] == docs[:, None, :])[:, None]
         else:
             positions = rows.expand(input_ids.shape[0], n)
-        x = self.embed_tokens(input_ids, positions)
-        for block, cache in zip(self.blocks, kv):
-            x = block(x, positions, mask, None, cache)
-        return self.norm_f(x)
+        return positions, mask
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, doc_ids: Tensor | None = None,
                 fwl_state: FWLState | None = None, last_label_pending: bool = False,

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from fwl_scale.config import Config
 from fwl_scale.model.gpt import GPT, build_model
 from fwl_scale.parallel.layout import ParallelState
+from fwl_scale.parallel.stages import materialize, pipeline_layers, stage_bounds
 from fwl_scale.train.engine import check_layout_implemented
 from fwl_scale.train.pipeline_step import PipelineStep
 
@@ -127,40 +128,23 @@ class HeadStage(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- building
-def _materialize(module: nn.Module, device: torch.device) -> None:
-    """Replaces every meta parameter under `module` by uninitialised memory on `device`, keeping the
-    parameter's Python attributes (the tensor-parallel shard bookkeeping)."""
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is not None and p.is_meta:
-                new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
-                new.__dict__.update(p.__dict__)
-                sub._parameters[name] = new
-
-
 def layer_specs(gpt: GPT) -> list[Any]:
+    """DeepSpeed's layers in the order of parallel/stages.pipeline_layers."""
     from deepspeed.pipe import TiedLayerSpec  # DeepSpeed picks its accelerator on import: imported once the environment is set
 
     tied = gpt.lm_head is None
     layers: list[Any] = []
-    if tied:
-        layers.append(TiedLayerSpec(TIE_KEY, EmbedStage, gpt, tied_weight_attr=["embed.weight"]))
-    else:
-        layers.append(EmbedStage(gpt))
-    layers += [BlockStage(gpt, i) for i in range(len(gpt.blocks))]
-    if tied:
-        layers.append(TiedLayerSpec(TIE_KEY, UnembedTie, gpt, tied_weight_attr=["embed.weight"]))
-    layers.append(HeadStage(gpt))
+    for layer in pipeline_layers(len(gpt.blocks), tied):
+        if layer.kind == "embed":
+            layers.append(TiedLayerSpec(TIE_KEY, EmbedStage, gpt, tied_weight_attr=["embed.weight"]) if tied
+                          else EmbedStage(gpt))
+        elif layer.kind == "block":
+            layers.append(BlockStage(gpt, layer.block))
+        elif layer.kind == "tie":
+            layers.append(TiedLayerSpec(TIE_KEY, UnembedTie, gpt, tied_weight_attr=["embed.weight"]))
+        else:
+            layers.append(HeadStage(gpt))
     return layers
-
-
-def stage_partition(layers: list[Any], stages: int) -> list[int]:
-    """Layer boundaries of the stages: the blocks balanced over the stages (DeepSpeed's "type:" method),
-    the embedding on the first stage, the head on the last."""
-    from deepspeed.runtime.utils import partition_balanced  # (DeepSpeed: see layer_specs)
-
-    weights = [1 if isinstance(layer, BlockStage) else 0 for layer in layers]
-    return [int(x) for x in partition_balanced(weights=weights, num_parts=stages)]
 
 
 def check_groups(module, ps: ParallelState) -> None:
@@ -218,9 +202,9 @@ def build_pipeline_model(cfg: Config, ps: ParallelState) -> PipelineModel:
     # The partition PipelineModule computes for "type:BlockStage" (checked below): this stage's layers are
     # materialised and initialised before it is built, because it moves them to the device and broadcasts
     # the tied embedding at once.
-    parts = stage_partition(layers, ps.pp_size)
+    parts = stage_bounds(len(gpt.blocks), gpt.lm_head is None, ps.pp_size)
     for layer in layers[parts[ps.pp_rank]:parts[ps.pp_rank + 1]]:
-        _materialize(layer if isinstance(layer, nn.Module) else layer.module_args[0].embed, torch.device("cpu"))
+        materialize(layer if isinstance(layer, nn.Module) else layer.module_args[0].embed, torch.device("cpu"))
     with torch.no_grad():
         # The draws of build_model on the CPU, in its order: the FWL initialises itself when constructed,
         # then GPT.reset_parameters draws everything. The stage's parameters get their values, the other
