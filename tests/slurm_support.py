@@ -6,6 +6,7 @@ cannot be installed (no root, no apt, no package mirror); FWL_REQUIRE_SLURM=1 (C
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -37,6 +38,14 @@ def slurm_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     """Starts the local cluster (idempotent) and returns the environment for sbatch/squeue/scancel."""
     need_corpus()
     state_dir = os.environ.get("FWL_SLURM_DIR", "/tmp/fwl-slurm")
+    # One cluster per host at a time: another copy of the suite (a second checkout tested at the same time)
+    # would reconfigure, restart or stop it under this module's jobs. Its module waits for this one's end.
+    with open(f"{state_dir}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield from _cluster(state_dir, tmp_path_factory)
+
+
+def _cluster(state_dir: str, tmp_path_factory) -> Iterator[dict[str, str]]:
     installed = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged"))
     if not installed and os.geteuid() != 0:
         unavailable("Slurm is not installed and installing it needs root")

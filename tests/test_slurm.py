@@ -254,7 +254,8 @@ def run_time_limited(env: dict[str, str], work: Path) -> Outcome:
     deadline = time.monotonic() + JOB_TIMEOUT
     while not records_safe(out_dir, "start")[1:]:
         info = job.info()
-        assert info["JobState"] in ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED"), \
+        # SIGNALING: Slurm delivering the time limit's warning signal, while the job still runs.
+        assert info["JobState"] in ("PENDING", "CONFIGURING", "RUNNING", "SIGNALING", "REQUEUED"), \
             f"job {job.id} is {info['JobState']}; log:\n{job.text()[-4000:]}"
         assert time.monotonic() < deadline, f"job {job.id} was not requeued; log:\n{job.text()[-4000:]}"
         time.sleep(1)
