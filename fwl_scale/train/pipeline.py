@@ -6,7 +6,8 @@ The model is cut into DeepSpeed layers that pass one tuple between stages,
 
 so the labels and document ids travel with the activations to the last stage, where the FWL needs them
 inside its forward (its fast weights adapt to every earlier labelled token). DeepSpeed's pipeline carries
-int64 tensors and sends gradients only for the floating ones. Layers:
+int64 tensors and sends gradients only for the floating ones. Layers (their order and the stage bounds:
+fwl_scale/parallel/stages.py, which evaluation builds its stages from too):
 
     first stage   EmbedStage: the embedding  (TiedLayerSpec "embed" with tied embeddings)
     every stage   one BlockStage per block   (the partition balances blocks: "type:BlockStage")
