@@ -12,7 +12,9 @@ import sys
 from typing import NoReturn
 
 
-def exit_spawned_rank() -> NoReturn:
+def exit_spawned_rank(code: int = 0) -> NoReturn:
+    """Also how a launched rank (`fwl train`, `fwl eval`) leaves after an error once its group is destroyed:
+    measured on two loaded cores, a bad-data exit 2 became a SIGABRT there too (1 of 6 suite runs)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)

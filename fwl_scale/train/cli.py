@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from fwl_scale.config import Config, ConfigError, load_config
 
@@ -59,17 +60,39 @@ def cmd_train(ns: argparse.Namespace) -> int:
         except TrainingError as e:
             print(f"fwl train: error: {e}", file=sys.stderr)
             code = EXIT_TRAINING_FAILED
+    except ConfigError as e:
+        _leave_after_error(e)
     finally:
         stop.uninstall()
     _shutdown()
     return code
 
 
-def _shutdown() -> None:
-    import torch  # heavy: see EXIT_TRAINING_FAILED's comment
+def _shutdown(after_error: bool = False) -> None:
+    """Destroys the process group. After an error another rank may still be inside a collective: gloo's
+    destroy is local, NCCL's must be collective and could hang there, so an NCCL group is left to the
+    process exit."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_initialized():
+        return
+    if after_error and torch.distributed.get_backend() != "gloo":
+        return
+    torch.distributed.destroy_process_group()
 
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+
+def _leave_after_error(e: ConfigError) -> NoReturn:
+    """A rank of a launch with an error for the user leaves with exit 2 without the interpreter's teardown,
+    where gloo's threads now and then abort the process (SIGABRT, "terminate called without an active
+    exception"; pytorch/pytorch#190489), which would hide the exit status from the launcher. In one process
+    (also `fwl` called in-process, as the tests do) the error goes up to `fwl`'s own handler."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        raise e
+    from fwl_scale.parallel.spawned import exit_spawned_rank  # fwl_scale.parallel imports torch: see EXIT_TRAINING_FAILED's comment
+
+    print(f"fwl: error: {e}", file=sys.stderr)
+    _shutdown(after_error=True)
+    exit_spawned_rank(2)
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
@@ -107,8 +130,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     init_distributed()
     try:
         run_document_eval(cfg, ns.checkpoint, opts)
-    except ValueError as e:  # bad options or documents found once the checkpoint and data are read
-        raise ConfigError(str(e)) from None
+    except (ValueError, ConfigError) as e:  # bad options or documents found once the checkpoint and data are read
+        _leave_after_error(e if isinstance(e, ConfigError) else ConfigError(str(e)))
     finally:
         _shutdown()
     return 0
