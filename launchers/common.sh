@@ -136,6 +136,14 @@ fwl_job_field() {  # fwl_job_field NAME: one field of `scontrol show job` for th
     scontrol show job -o "$SLURM_JOB_ID" | tr ' ' '\n' | sed -n "s/^$1=//p"
 }
 
+fwl_requeue_self() {  # requeues this job; succeeds when Slurm took the requeue
+    scontrol requeue "$SLURM_JOB_ID" && return 0
+    # A requeue SIGTERMs the job's processes at once, scontrol's own too when it has not exited yet: its
+    # status then says failure (measured on a loaded machine) while the job is already on its way back.
+    # Only a job still RUNNING was really refused.
+    [[ "$(fwl_job_field JobState)" != RUNNING ]]
+}
+
 fwl_chain_successor() {
     # The batch script Slurm runs is a copy of the launcher; submitting it again keeps its #SBATCH block.
     # What may have been given on the sbatch command line is carried over explicitly; the successor
@@ -200,7 +208,7 @@ fwl_main() {
             fi
             case "${FWL_RESUME:-requeue}" in
                 requeue)
-                    if scontrol requeue "$SLURM_JOB_ID"; then
+                    if fwl_requeue_self; then
                         fwl_log "requeued job $SLURM_JOB_ID; it resumes from the checkpoint"
                         exit "$rc"
                     fi

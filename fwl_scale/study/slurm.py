@@ -81,7 +81,7 @@ done
 if (( rc == FWL_EXIT_REQUEUE )); then
     state=$(fwl_job_field JobState)
     if [[ "$state" == RUNNING ]] && (( ${{SLURM_RESTART_COUNT:-0}} < ${{FWL_MAX_RESTARTS:-100}} )) \\
-            && scontrol requeue "$SLURM_JOB_ID"; then
+            && fwl_requeue_self; then
         fwl_log "requeued job $SLURM_JOB_ID; the run resumes from its checkpoint"
     else
         fwl_log "run stopped after a checkpoint, not requeued (job $state); fwl study --slurm again resumes it"
