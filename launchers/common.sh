@@ -139,7 +139,8 @@ fwl_job_field() {  # fwl_job_field NAME: one field of `scontrol show job` for th
 fwl_requeue_self() {  # requeues this job; succeeds when Slurm took the requeue
     scontrol requeue "$SLURM_JOB_ID" && return 0
     # A requeue SIGTERMs the job's processes at once, scontrol's own too when it has not exited yet: its
-    # status then says failure (measured on a loaded machine) while the job is already on its way back.
+    # status then may say failure while the job is already on its way back (seen under load: a requeued
+    # job logged "not requeued").
     # Only a job still RUNNING was really refused.
     [[ "$(fwl_job_field JobState)" != RUNNING ]]
 }
