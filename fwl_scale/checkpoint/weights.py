@@ -80,11 +80,11 @@ def load_tp_shard_weights(ref: CheckpointRef, tp_rank: int) -> dict[str, torch.T
     model-parallel rank (every pipeline stage's layers, with pp > 1). That state is the fp32 weights
     themselves only without bf16 and below ZeRO-3; other checkpoints are refused with the conversion that
     makes them loadable at any tp."""
+    if int((ref.meta.get("layout") or {}).get("pp", 1)) > 1:
+        return load_pipeline_layer_weights(ref, tp_rank)
     why = _without_fp32_weights(ref)
     if why is not None:
         raise _refuse(ref, why)
-    if int((ref.meta.get("layout") or {}).get("pp", 1)) > 1:
-        return load_pipeline_layer_weights(ref, tp_rank)
     return _read_module_file(ref, f"mp_rank_{tp_rank:02d}_model_states.pt", f"tensor-parallel rank {tp_rank}", "module")
 
 

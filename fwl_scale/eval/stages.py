@@ -72,14 +72,12 @@ class PipelineStage(nn.Module):
         tied = gpt.lm_head is None
         self.layers: list[PipelineLayer] = stage_layers(cfg.n_layers, tied, stage.size, stage.stage)
         for layer in self.layers:
-            if layer.kind == "embed":
+            if layer.kind in ("embed", "tie"):
                 materialize(gpt.embed, device, dtype)
-                if gpt.pos_embed is not None:
+                if layer.kind == "embed" and gpt.pos_embed is not None:
                     materialize(gpt.pos_embed, device, dtype)
             elif layer.kind == "block":
                 materialize(gpt.blocks[layer.block], device, dtype)
-            elif layer.kind == "tie":
-                materialize(gpt.embed, device, dtype)
             else:
                 for part in (gpt.norm_f, gpt.fwl, gpt.lm_head):
                     if part is not None:
@@ -91,6 +89,7 @@ class PipelineStage(nn.Module):
         object.__setattr__(self, "gpt", gpt)  # not a submodule: named_parameters gives this stage's only
         self.stage = stage
         self.device = device
+        self.dtype = next(p for _, p in self.named_parameters()).dtype  # of the activations it receives
         self._pending: tuple[Tensor | None, Tensor] | None = None  # body_cached's (input, output) for head
 
     # --- what the evaluation methods read of a model
@@ -133,23 +132,21 @@ class PipelineStage(nn.Module):
         if return_logits:
             raise ValueError("a pipeline stage gives token losses, not logits")
         positions, mask, _, _ = self.gpt.attention_inputs(input_ids, doc_ids)
-        x_in = None if self.stage.first else self._receive(input_ids.shape)
-        x = self.gpt.embed_tokens(input_ids, positions) if self.stage.first else x_in
+        x_in, x = self._stage_input(input_ids, positions)
         for i in self.blocks_here:
             x = self.gpt.run_block(self.gpt.blocks[i], x, positions, mask)
         return self._finish(x_in, x, input_ids, labels, doc_ids, fwl_state, last_label_pending, return_state)
 
     def body_cached(self, input_ids: Tensor, doc_ids: Tensor, context_doc_ids: Tensor,
-                    kv: list[KVCache]) -> Tensor | None:
-        """GPT.body_cached for this stage's blocks (`kv` has a cache for every block of the model); the
-        last stage gives the body output, the others None. `head` must follow."""
+                    kv: list[KVCache]) -> None:
+        """GPT.body_cached for this stage's blocks (`kv` has a cache for every block of the model). `head`
+        must follow: it takes this stage's output from here (its `h` is not used), and the last stage
+        applies the final norm there."""
         positions, mask = self.gpt.cached_attention_inputs(input_ids, doc_ids, context_doc_ids)
-        x_in = None if self.stage.first else self._receive(input_ids.shape)
-        x = self.gpt.embed_tokens(input_ids, positions) if self.stage.first else x_in
+        x_in, x = self._stage_input(input_ids, positions)
         for i in self.blocks_here:
             x = self.gpt.blocks[i](x, positions, mask, None, kv[i])
         self._pending = (x_in, x)
-        return self.gpt.norm_f(x) if self.stage.last else None
 
     def head(self, h: Tensor | None, input_ids: Tensor, labels: Tensor | None, doc_ids: Tensor | None,
              fwl_state: FWLState | None = None, last_label_pending: bool = False, return_logits: bool = False,
@@ -179,14 +176,15 @@ class PipelineStage(nn.Module):
         return StageOutput(loss=flat[-2].to(self.device), token_loss=token_loss,
                            n_valid=flat[-1].to(torch.int64).to(self.device), stage_input=x_in, stage_output=x)
 
-    def _receive(self, ids_shape: torch.Size) -> Tensor:
-        buf = torch.empty(*ids_shape, self.gpt.cfg.d_model, dtype=torch.float32)
+    def _stage_input(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor | None, Tensor]:
+        """(what was received or None, the first block's input): the embeddings on the first stage, the
+        previous stage's output on the others."""
+        if self.stage.first:
+            return None, self.gpt.embed_tokens(input_ids, positions)
+        buf = torch.empty(*input_ids.shape, self.gpt.cfg.d_model, dtype=torch.float32)
         dist.recv(buf, self.stage.ranks[self.stage.stage - 1])
-        x = buf.to(self.device, self._dtype())
-        return x.requires_grad_(torch.is_grad_enabled())
-
-    def _dtype(self) -> torch.dtype:
-        return next(p for _, p in self.named_parameters()).dtype
+        x = buf.to(self.device, self.dtype).requires_grad_(torch.is_grad_enabled())
+        return x, x
 
     # --- backward
     def loss_gradients(self, out: StageOutput, params: Sequence[Tensor]) -> list[Tensor | None]:
