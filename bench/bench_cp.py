@@ -9,7 +9,7 @@ Spawns `--cp` gloo processes (one thread each) and measures, for each sequence l
      reduce-scatter of the gradients as much again), next to the analytic bytes per rank of docs/design.md §1.5
      (state: the six running sums, fp32; kv: T/cp·(d + 8s + 3s) activations);
    * step time (the slowest rank; best of --reps after a warm-up);
-   * which one `auto` picks (model/fwl_cp.py, choose_exchange).
+   * which one `auto` picks (model/fwl/context_parallel.py, choose_exchange).
    The crossover: the state costs dk·dv per boundary whatever T is; keys and values grow with T/cp.
 2. The whole model (body + FWL), forward + backward: memory per rank — bytes autograd saves for backward
    (a saved-tensor hook; exact and device-independent) — for the unsplit model and each exchange. The
@@ -32,10 +32,10 @@ from saved_bytes import SavedBytes  # bench/ is on sys.path when run as a script
 import torch.distributed as dist
 
 import fwl_scale.parallel.context_parallel as context
-from fwl_scale.config import load_config
+from fwl_scale.config import FWLConfig, load_config
 from fwl_scale.model import build_model
 from fwl_scale.model.fwl import FastWeightLayer
-from fwl_scale.model.fwl_cp import choose_exchange, fwl_exchange_bytes
+from fwl_scale.model.fwl.context_parallel import choose_exchange, fwl_exchange_bytes
 from fwl_scale.parallel.context_parallel import CPContext
 from fwl_scale.parallel.spawned import exit_spawned_rank
 
@@ -90,7 +90,8 @@ def bench_fwl(rank: int, cp: CPContext, args, T: int) -> dict[str, object]:
     d, V = args.width, args.vocab
     torch.manual_seed(0)
     dev = DEVICE["device"]
-    layer = FastWeightLayer(d, d, 4, V, V, 0.01, 1.0 / T, 1e-5, args.chunk, 1024, 0.02, form="auto", cp=cp).to(dev)
+    fwl = FWLConfig(width=d, grad_scale=1.0 / T, init_std=0.02, chunk_size=args.chunk, vocab_chunk=1024, form="auto")
+    layer = FastWeightLayer(fwl, d, V, V, cp=cp).to(dev)
     U = torch.nn.Parameter((torch.randn(V, d) * 0.02).to(dev))
     g = torch.Generator().manual_seed(1)
     x_full = torch.randn(1, T, d, generator=g).to(dev)

@@ -30,9 +30,9 @@ from fwl_scale.eval.dynamic import DynamicEvaluator, DynamicSettings, mean_squar
 from fwl_scale.eval.methods import dynamic_flops_per_token, forward_flops_per_token  # noqa: E402
 from fwl_scale.eval.perplexity import document_token_losses  # noqa: E402
 from fwl_scale.model import build_model  # noqa: E402
-from fwl_scale.model import fwl as fwl_module  # noqa: E402
+from fwl_scale.model.fwl import layer as fwl_module  # noqa: E402
 from fwl_scale.model.fwl import FastWeightLayer  # noqa: E402
-from fwl_scale.model.fwl_sums import FastSums  # noqa: E402
+from fwl_scale.model.fwl.sums import FastSums  # noqa: E402
 from fwl_scale.model.gpt import GPT  # noqa: E402
 from fwl_scale.model.vocab import VocabLoss  # noqa: E402
 

@@ -8,11 +8,13 @@ peak allocated. Run: python bench/bench_fwl_op.py [--width 256] [--lengths 512,1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 from saved_bytes import SavedBytes  # bench/ is on sys.path when run as a script
 
+from fwl_scale.config import FWLConfig
 from fwl_scale.model.fwl import FastWeightLayer
 
 
@@ -51,8 +53,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     d = args.width
-    layer = FastWeightLayer(d, d, 4, args.vocab, args.vocab, 0.01, 1e-3, 1e-5, args.chunk, 2048, 0.02,
-                            device=device).to(dtype)
+    fwl = FWLConfig(width=d, grad_scale=1e-3, init_std=0.02, chunk_size=args.chunk, vocab_chunk=2048)
+    layer = FastWeightLayer(fwl, d, args.vocab, args.vocab, device=device).to(dtype)
     U = torch.nn.Parameter(torch.randn(args.vocab, d, device=device, dtype=dtype) * 0.02)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"FWL operator, d = s = {d}, V = {args.vocab}, chunk C = {args.chunk}, batch 1, fwd+bwd, {args.dtype}, {name}")
@@ -64,7 +66,7 @@ def main() -> None:
         labels = torch.randint(0, args.vocab, (1, T), device=device)
         row = {}
         for form in ("quadratic", "chunked"):
-            layer.form = form
+            layer.cfg = dataclasses.replace(fwl, form=form)
             row[form] = run(layer, x, U, labels, device, args.reps)
         (tq, mq, pq), (tc, mc, pc) = row["quadratic"], row["chunked"]
         line = f"{T:>6} {tq:>9.3f} {tc:>9.3f} {tq / tc:>10.2f} {mq / 2**20:>14.1f} {mc / 2**20:>15.1f}"

@@ -35,7 +35,7 @@ class FWLConfig:
     # The gradient scale k of docs/design.md §1.2: a constant. None means 1 / model.seq_len. Not used with
     # normalize: mean (setting both is an error).
     grad_scale: float | None = None
-    # Past the training length (docs/design.md §1.3; the fast path's docstring in model/fwl.py):
+    # Past the training length (docs/design.md §1.3; the fast path's docstring in model/fwl/layer.py):
     # normalize: none = the constant k above, so the sums grow with the position; mean = position i
     #   averages the gradients of the earlier positions of its document that carry a loss, k_i = 1/n_i
     #   (0 while n_i = 0); with a decay, n_i is the decayed count Σ λ^(i-1-j) w_j of each fast tensor,
@@ -117,6 +117,12 @@ class ModelConfig:
     @property
     def fwl_grad_scale(self) -> float:
         return self.fwl.grad_scale if self.fwl.grad_scale is not None else 1.0 / self.seq_len
+
+    @property
+    def fwl_resolved(self) -> FWLConfig:
+        """The FWL section with its defaults that depend on the model filled in (width, k, init std)."""
+        return dataclasses.replace(self.fwl, width=self.fwl_width, grad_scale=self.fwl_grad_scale,
+                                   init_std=self.fwl.init_std if self.fwl.init_std is not None else self.init_std)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from fwl_scale import IGNORE_INDEX
+from fwl_scale.config import FWLConfig
 from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer
 
 D, S, V, VPAD = 6, 6, 13, 16
@@ -13,8 +14,9 @@ D, S, V, VPAD = 6, 6, 13, 16
 
 def make_layer(chunk: int, T: int, residual: bool = False, normalize: str = "none",
                decay: str = "none") -> FastWeightLayer:
-    layer = FastWeightLayer(D, S, 4, V, VPAD, 0.01, 1.0 / T, 1e-5, chunk, 5, 0.5, residual=residual,
-                            normalize=normalize, decay=decay, decay_init=0.8).double()
+    cfg = FWLConfig(width=S, grad_scale=1.0 / T, init_std=0.5, chunk_size=chunk, vocab_chunk=5, form="chunked",
+                    residual=residual, normalize=normalize, decay=decay, decay_init=0.8)
+    layer = FastWeightLayer(cfg, D, V, VPAD).double()
     with torch.no_grad():
         # Large, distinct step sizes so that every fast term matters numerically.
         layer.step_sizes.copy_(torch.tensor([0.9, 0.7, 0.8, 0.6, 0.5, 0.4]))

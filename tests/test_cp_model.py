@@ -31,7 +31,7 @@ import torch.distributed as dist
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import load_config
 from fwl_scale.model import build_model
-from fwl_scale.model.fwl import FastWeightLayer
+import fwl_scale.model.fwl.context_parallel as fwl_exchange
 from fwl_scale.parallel import full_state_dict, init_parallel_state, load_full_state_dict
 from fwl_scale.parallel.shards import is_sharded, merge_shards, take_shard
 from tests.distributed import run_distributed
@@ -163,20 +163,18 @@ def check_model(ps, fwl: bool = True, exchange: str = "state", sp: bool = False,
 def check_detached_exchange_is_caught(ps, exchange: str) -> None:
     """A received state (or earlier keys and values) without its backward: the forward stays exact and
     the gradients of the earlier ranks' tokens go wrong — the comparison above must see it."""
-    import fwl_scale.model.fwl_cp as fwl_cp_module
-
     cfg = make_cfg(True, ps.tp_size, ps.cp_size, exchange=exchange)
     ref, model = models(ps, cfg, exchange)
     ids, labels, docs = make_batch()
-    original_scan, original_gather = FastWeightLayer.exchange_state, fwl_cp_module.gather_sequence
+    original_scan, original_gather = fwl_exchange.exclusive_state_scan, fwl_exchange.gather_sequence
     if exchange == "state":
-        FastWeightLayer.exchange_state = lambda self, c, f: [s.detach() for s in original_scan(self, c, f)]
+        fwl_exchange.exclusive_state_scan = lambda *a: [s.detach() for s in original_scan(*a)]
     else:
-        fwl_cp_module.gather_sequence = lambda t, group: original_gather(t, group).detach()
+        fwl_exchange.gather_sequence = lambda t, group: original_gather(t, group).detach()
     try:
         out, _ = run_with_probes(model, ids, labels, docs, ps.cp_size, ps.cp_rank * (T // ps.cp_size))
     finally:
-        FastWeightLayer.exchange_state, fwl_cp_module.gather_sequence = original_scan, original_gather
+        fwl_exchange.exclusive_state_scan, fwl_exchange.gather_sequence = original_scan, original_gather
     out_ref, _ = run_with_probes(ref, ids, labels, docs, 1, 0)
     assert worst(out.token_loss, cp_slice(out_ref.token_loss, ps)) < TOL  # the forward cannot tell
     ref_params = dict(ref.named_parameters())

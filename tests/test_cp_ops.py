@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fwl_scale.model.fast_weights import causal_linear_attention
+from fwl_scale.model.fwl.fast_weights import causal_linear_attention
 from fwl_scale.parallel.context_parallel import exclusive_state_scan, gather_sequence, local_slice
 from tests.distributed import run_distributed
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fwl_scale.model.fast_weights import causal_cumsum, causal_linear_attention
+from fwl_scale.model.fwl.fast_weights import causal_cumsum, causal_linear_attention
 from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer, FWLState
-from fwl_scale.model.naive import naive_causal_linear_attention, naive_fwl_logits
+from fwl_scale.model.fwl.naive import naive_causal_linear_attention, naive_fwl_logits
 from tests.fwl_support import V, fast_logits, grads_of, make_inputs, make_layer, run_segments
 
 TOL = 1e-10

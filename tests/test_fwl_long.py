@@ -21,9 +21,9 @@ import torch
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import ConfigError, config_to_nested, load_config
 from fwl_scale.model import build_model
-from fwl_scale.model.fast_weights import causal_count, causal_cumsum, causal_linear_attention
+from fwl_scale.model.fwl.fast_weights import causal_count, causal_cumsum, causal_linear_attention
 from fwl_scale.model.fwl import FAST_TENSORS, FWLState
-from fwl_scale.model.naive import naive_causal_linear_attention, naive_fwl_logits
+from fwl_scale.model.fwl.naive import naive_causal_linear_attention, naive_fwl_logits
 from fwl_scale.train.carried import CarriedState
 from fwl_scale.checkpoint.native import CheckpointError, CheckpointRef, check_compatible
 from fwl_scale.train.loop import Trainer

@@ -12,7 +12,7 @@ import torch
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import ConfigError, load_config
 from fwl_scale.model import build_model
-from fwl_scale.model.naive import naive_fwl_logits
+from fwl_scale.model.fwl.naive import naive_fwl_logits
 
 TOL = 1e-10
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from fwl_scale.eval.stages import loss_gradients, sum_over_model, whole_model
 from fwl_scale.model.blocks import KVCache
-from fwl_scale.model.fwl_state import FWLState
+from fwl_scale.model.fwl import FWLState
 from fwl_scale.parallel.shards import is_sharded
 from fwl_scale.parallel.world import all_reduce_sum
 

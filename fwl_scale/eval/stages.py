@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from fwl_scale.config import ModelConfig
 from fwl_scale.model.blocks import KVCache
-from fwl_scale.model.fwl_state import FWLState
+from fwl_scale.model.fwl import FWLState
 from fwl_scale.model.gpt import GPT, ModelOutput, build_model
 from fwl_scale.parallel.layout import TPContext
 from fwl_scale.parallel.stages import PipelineLayer, materialize, stage_layers

@@ -19,7 +19,7 @@ Attention all-gathers the keys and values of every rank of the group (one all-ga
 backward reduce-scatters their gradients): exact, simple, and for moderate cp cheaper in latency than a
 ring, at the price of holding the whole sequence's keys and values of one layer at a time (a ring would
 hold two chunks; worth it when T·d per layer stops fitting). The FWL exchanges its state between ranks
-(fwl_sums.py, fwl_cp.py). The token losses and logits are this rank's chunk; the loss is this rank's
+(model/fwl/sums.py, model/fwl/context_parallel.py). The token losses and logits are this rank's chunk; the loss is this rank's
 share, scaled so that averaging over the cp group — what DeepSpeed's gradient averaging over dp × cp
 does — gives the unsplit model's loss and gradients.
 
@@ -84,14 +84,7 @@ class GPT(nn.Module):
                                                                             device=device)
         self.fwl = None
         if cfg.fwl.enabled:
-            f = cfg.fwl
-            self.fwl = FastWeightLayer(
-                cfg.d_model, cfg.fwl_width, f.hidden_mult, cfg.vocab_size, V, f.step_size_init,
-                cfg.fwl_grad_scale, f.eps, f.chunk_size, f.vocab_chunk,
-                f.init_std if f.init_std is not None else cfg.init_std, form=f.form,
-                device=device, tp=tp, cp=self.cp, residual=f.residual, normalize=f.normalize, decay=f.decay,
-                decay_init=f.decay_init)
-            self.fwl.step_scale = f.step_scale
+            self.fwl = FastWeightLayer(cfg.fwl_resolved, cfg.d_model, cfg.vocab_size, V, tp, self.cp, device)
         self.vocab_loss = VocabLoss(cfg.vocab_size, cfg.fwl.vocab_chunk, tp)
         self.activation_checkpointing = False
         if device is None or torch.device(device).type != "meta":

@@ -3,7 +3,7 @@ input gradient Uᵀ(softmax(z) - onehot(y)) — the one home of every loss over 
 
 Every path uses these functions: the baseline head and the FWL head (VocabLoss), the FWL's inner
 gradient (unembedding_input_grad), the pipeline's last stage and evaluation (they run GPT.head), the
-Hugging Face wrapper (it runs GPT). The tests' references (model/naive.py, F.cross_entropy on full
+Hugging Face wrapper (it runs GPT). The tests' references (model/fwl/naive.py, F.cross_entropy on full
 logits) stay independent on purpose.
 
 One function per quantity for every tensor-parallel size: `weight` [V/tp, s] and `bias` [V/tp] are this rank's rows of

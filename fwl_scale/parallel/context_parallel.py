@@ -21,7 +21,7 @@ differentiable:
   next segment's first rank has it. Backward: the ranks' gradients summed onto the last rank.
 
 `CPContext` is what a context-parallel module needs (group, size, rank, how the FWL exchanges its state;
-which exchange `auto` picks is the FWL's business: model/fwl_cp.py, choose_exchange).
+which exchange `auto` picks is the FWL's business: model/fwl/context_parallel.py, choose_exchange).
 
 gloo has no uneven or stacked all-gather: every rank sends one flat tensor of the same size.
 """

@@ -11,7 +11,7 @@ Model state (the ZeRO paper's accounting, bytes per parameter of this rank's mod
   (tied) embedding/tp on the first and the last stage, the FWL/tp on the last.
 
 Saved activations, elements per token of this rank (T_r = T/cp tokens of each of the micro batch's
-sequences), counted from the tensors the code keeps for backward (model/gpt.py, model/fwl.py) and
+sequences), counted from the tensors the code keeps for backward (model/gpt.py, model/fwl/) and
 checked against measurement (plan/measure.py; tests/test_plan_memory.py states the bound):
   body block: 16 d/tp (qkv 3d, rotated q and k 2d, v made contiguous d, attention output d, its
     reshape d, MLP input of 4d and GELU output 4d) + 6 d (residual stream, two LayerNorm inputs and

@@ -84,7 +84,7 @@ def fwl_fwd_per_token(cfg: ModelConfig) -> float:
     return float(slow + slow_backward + fast)
 
 
-NORMALISED_TENSORS = 6  # the fast tensors with a count each (model/fwl_state.py FAST_TENSORS)
+NORMALISED_TENSORS = 6  # the fast tensors with a count each (model/fwl/state.py FAST_TENSORS)
 
 
 def decayed_counts_fwd_per_token(cfg: ModelConfig) -> float:

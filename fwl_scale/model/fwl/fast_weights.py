@@ -9,15 +9,16 @@ document, in one of two shapes:
 Both are computed in mixed-chunk form: the sequence is cut into chunks of `chunk_size` tokens; inside a
 chunk the matrix sums are a masked quadratic product and the vector sums a cumulative sum, and a state
 (the sums of everything earlier in the same document) enters each chunk. One chunk covering the whole
-sequence is the quadratic form. The same state crosses segment boundaries (streaming) and, later, rank
+sequence is the quadratic form. The same state crosses segment boundaries (streaming) and rank
 boundaries (context parallelism).
 
-Each sum runs in two phases so that a state can be exchanged between them (context parallelism): the
+`causal_linear_attention` and `causal_cumsum` have the signature of their references in naive.py. Beneath
+them, each sum runs in two phases so that a state can be exchanged between them (context parallelism): the
 per-chunk totals need only keys and values (`linear_attention_totals`, `cumsum_totals`; they exist after
 the FWL's slow pass), `ChunkLayout.final` folds them into the rank's contribution, and the outputs need
-the queries and the state that enters (`causal_linear_attention(..., totals=...)`). Between ranks, the
-alternative to a state is attending to the earlier ranks' keys and values directly
-(`cross_linear_attention`, the quadratic form across the rank boundary).
+the queries and the state that enters (`chunked_linear_attention`, `chunked_cumsum`, given the layout and
+the totals). Between ranks, the alternative to a state is attending to the earlier ranks' keys and values
+directly (`cross_linear_attention`, the quadratic form across the rank boundary).
 
 `reset_bt[b, t]` is True where position t starts a new document: nothing before t reaches t or later.
 Sums are accumulated in at least float32.
@@ -154,19 +155,24 @@ def cumsum_totals(v_btd: Tensor, layout: ChunkLayout, log_decay: Tensor | None =
 
 
 def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_bt: Tensor,
-                            state_bkv: Tensor | None = None, chunk_size: int = 256,
-                            layout: ChunkLayout | None = None,
-                            totals: Tensor | None = None, need_state: bool = True,
-                            log_decay: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                            state_bkv: Tensor | None = None, log_decay: Tensor | None = None,
+                            chunk_size: int = 256) -> tuple[Tensor, Tensor]:
     """out_i = Σ_{j<i, same document} λ^(i-1-j) (q_i·k_j) v_j + [no reset in 0..i] λ^i q_i·S_in
-    (λ = exp(log_decay), 1 without it).
+    (λ = exp(log_decay), 1 without it), in chunks of `chunk_size` tokens.
 
     Returns (out [B, T, dv], state_out [B, dk, dv]) where state_out = Σ k_j v_jᵀ over the last document
-    (plus S_in when no reset happened). `totals`: linear_attention_totals(k, v, layout), if computed
-    already. `need_state=False` with one chunk and no incoming state (the quadratic form of a whole
-    window): state_out is None, and neither the totals nor the (zero) state term are computed — 4·dk·dv
-    per token of work for nothing."""
-    layout = layout or ChunkLayout(reset_bt, chunk_size)
+    (plus S_in when no reset happened); naive.naive_causal_linear_attention is the reference."""
+    return chunked_linear_attention(q_btk, k_btk, v_btv, ChunkLayout(reset_bt, chunk_size), state_bkv,
+                                    log_decay=log_decay)
+
+
+def chunked_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, layout: ChunkLayout,
+                             state_bkv: Tensor | None = None, log_decay: Tensor | None = None,
+                             totals: Tensor | None = None, need_state: bool = True) -> tuple[Tensor, Tensor | None]:
+    """causal_linear_attention's second phase, for a layout shared by several sums. `totals`:
+    linear_attention_totals(k, v, layout), if computed already. `need_state=False` with one chunk and no
+    incoming state (the quadratic form of a whole window): state_out is None, and neither the totals nor
+    the (zero) state term are computed — 4·dk·dv per token of work for nothing."""
     dtype = accum_dtype(q_btk, k_btk, v_btv)
     N, C = layout.n_chunks, layout.chunk
     q = _pad_chunks(q_btk.to(dtype), N, C)
@@ -189,12 +195,17 @@ def causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_b
     return out.reshape(q.shape[0], N * C, -1)[:, : layout.T], state_out
 
 
-def causal_cumsum(v_btd: Tensor, reset_bt: Tensor, state_bd: Tensor | None = None, chunk_size: int = 256,
-                  layout: ChunkLayout | None = None, totals: Tensor | None = None,
-                  log_decay: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def causal_cumsum(v_btd: Tensor, reset_bt: Tensor, state_bd: Tensor | None = None,
+                  log_decay: Tensor | None = None, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
     """out_i = Σ_{j<i, same document} λ^(i-1-j) v_j + [no reset in 0..i] λ^i S_in (λ = 1 without
     `log_decay`); state_out = the same sum after the last position."""
-    layout = layout or ChunkLayout(reset_bt, chunk_size)
+    return chunked_cumsum(v_btd, ChunkLayout(reset_bt, chunk_size), state_bd, log_decay=log_decay)
+
+
+def chunked_cumsum(v_btd: Tensor, layout: ChunkLayout, state_bd: Tensor | None = None,
+                   log_decay: Tensor | None = None, totals: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """causal_cumsum's second phase, for a layout shared by several sums (`totals`: cumsum_totals(v, layout),
+    if computed already)."""
     dtype = accum_dtype(v_btd)
     N, C = layout.n_chunks, layout.chunk
     v = _pad_chunks(v_btd.to(dtype), N, C)
@@ -221,12 +232,12 @@ def causal_count(w_bt: Tensor, reset_bt: Tensor, count_b: Tensor | None = None, 
                  log_decay: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """n_i = Σ_{j<i, same document} λ^(i-1-j) w_j + [no reset in 0..i] λ^i n_in: causal_cumsum of one
     scalar per position ([B, T] -> [B, T], state [B]). With a decay its weights are applied elementwise:
-    a scalar per token is elementwise work, not a product worth a matmul (train/flops.py leaves it out).
+    a scalar per token is elementwise work, not a product worth a matmul (the FLOP count leaves it out).
     `log_decay` of shape [F]: F counts at once, one per λ, sharing one layout (n [B, T, F], state and
-    `count_b` [B, F]) — the FWL's six, which one at a time cost an eighth of its evaluation (issue 10)."""
+    `count_b` [B, F]) — the FWL's six; one at a time they cost an eighth of its evaluation."""
     if log_decay is None:
         out, state = causal_cumsum(w_bt.unsqueeze(-1), reset_bt, None if count_b is None else count_b[:, None],
-                                   chunk_size)
+                                   chunk_size=chunk_size)
         return out[..., 0], state[:, 0]
     layout = ChunkLayout(reset_bt, chunk_size)
     dtype = accum_dtype(w_bt)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fwl_scale import IGNORE_INDEX
-from fwl_scale.model.fast_weights import causal_count
+from fwl_scale.model.fwl.fast_weights import causal_count
 
 # Order of the learned step sizes in FastWeightLayer.step_sizes (one per fast tensor).
 FAST_TENSORS = ("w1", "b1", "w2", "b2", "alpha", "beta")

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fwl_scale import IGNORE_INDEX
-from fwl_scale.model.fast_weights import accum_dtype
-from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer
+from fwl_scale.model.fwl.fast_weights import accum_dtype
+from fwl_scale.model.fwl.layer import FastWeightLayer
+from fwl_scale.model.fwl.state import FAST_TENSORS
 
 
 def _slow_logits(layer: FastWeightLayer, x: Tensor, unembed: Tensor, p: dict[str, Tensor]) -> Tensor:

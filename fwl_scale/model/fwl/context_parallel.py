@@ -1,18 +1,23 @@
-"""The FWL under context parallelism: how the state that enters a rank is received (docs/design.md §1.4,
-boundary 3; model/parallelize.py names the exchanges), and the state after the last
-position replicated over the group. Each function takes the layer whose forward calls it.
+"""The FWL under context parallelism (docs/design.md §1.4, boundary 3): how the running sums cross the ranks
+of a context-parallel group, and the state after the last position replicated over the group.
 
 `choose_exchange` is the `auto` rule of docs/design.md §1.5: send whichever of the state (dk·dv per fast
-dense layer, fp32) and the keys and values (T_rank·(dk+dv), activation dtype) is smaller.
+dense layer, fp32) and the keys and values (T_rank·(dk+dv), activation dtype) is smaller. A `RankExchange`
+holds what one forward's exchange needs: the cp group, the tp group (the values of W2 enter the
+tensor-parallel region), the exchange chosen, and where this rank's positions lie in the sequence.
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from dataclasses import dataclass
 
-from fwl_scale.model.fast_weights import ChunkLayout, masked_state
-from fwl_scale.model.fwl_state import FAST_TENSORS
-from fwl_scale.parallel.context_parallel import broadcast_from_last, gather_sequence
+import torch
+from torch import Tensor
+
+from fwl_scale.model.fwl.fast_weights import ChunkLayout, masked_state
+from fwl_scale.model.fwl.state import FAST_TENSORS
+from fwl_scale.parallel.context_parallel import (CPContext, broadcast_from_last, exclusive_state_scan,
+                                                 gather_sequence)
+from fwl_scale.parallel.layout import TPContext
 from fwl_scale.parallel.mappings import copy_to_tp
 
 
@@ -41,7 +46,18 @@ def choose_exchange(mode: str, d_model: int, width: int, hidden: int, tokens_per
     return "state" if b["state"] <= b["kv"] else "kv"
 
 
-def receive_state(layer: nn.Module, s_in: dict[str, Tensor] | None, totals: dict[str, Tensor],
+@dataclass(frozen=True)
+class RankExchange:
+    """How one forward's running sums cross the context-parallel ranks: `mode` is `state` or `kv`;
+    `reset_bt` [B, T] marks the document starts of the whole sequence, `start` is this rank's first position."""
+    cp: CPContext
+    tp: TPContext | None
+    mode: str
+    reset_bt: Tensor
+    start: int
+
+
+def receive_state(cp: CPContext, s_in: dict[str, Tensor] | None, totals: dict[str, Tensor],
                   layout: ChunkLayout, log_decay: Tensor | None) -> dict[str, Tensor]:
     """Exchange `state`: each rank's contribution is its sums after its last document start (the
     first rank's include the carried state), flagged where a document starts on the rank; the
@@ -51,24 +67,22 @@ def receive_state(layer: nn.Module, s_in: dict[str, Tensor] | None, totals: dict
     # the collectives in backward, are the same on every rank.
     carried = None
     if s_in is not None:
-        keep = 1.0 if layer.cp.rank == 0 else 0.0
+        keep = 1.0 if cp.rank == 0 else 0.0
         carried = {name: keep * s_in[name].to(totals[name].dtype) for name in FAST_TENSORS}
     decays = [None] * len(FAST_TENSORS) if log_decay is None else [
         layout.decay_weights(a, totals[name].dtype) for name, a in zip(FAST_TENSORS, log_decay)]
     contributions = [layout.final(totals[name], carried[name] if carried else None, dec)
                      for name, dec in zip(FAST_TENSORS, decays)]
-    if log_decay is None:
-        scanned = layer.exchange_state(contributions, layout.has_reset)
-    else:
-        scanned = layer.exchange_state(contributions, layout.has_reset, log_decay, layout.T)
-    scanned = dict(zip(FAST_TENSORS, scanned))
+    # One collective for the whole block; its backward is the reverse scan.
+    scanned = dict(zip(FAST_TENSORS, exclusive_state_scan(contributions, layout.has_reset, cp.group, log_decay,
+                                                          layout.T if log_decay is not None else 0)))
     if carried is None:
         return scanned
     return {name: scanned[name] + carried[name] for name in FAST_TENSORS}
 
 
-def receive_keys_values(layer: nn.Module, s_in: dict[str, Tensor] | None, grads: dict[str, Tensor],
-                        slow: dict[str, Tensor], x: Tensor, reset_bt: Tensor, layout: ChunkLayout, start: int,
+def receive_keys_values(exchange: RankExchange, s_in: dict[str, Tensor] | None, grads: dict[str, Tensor],
+                        slow: dict[str, Tensor], x: Tensor, layout: ChunkLayout,
                         decay: dict[str, Tensor]) -> tuple[dict[str, Tensor] | None, dict[str, Tensor]]:
     """Exchange `kv`: every rank's keys and values in one all-gather (backward: one all-reduce of
     their gradients); this rank keeps the earlier ranks' tokens of the document it continues. The
@@ -76,10 +90,11 @@ def receive_keys_values(layer: nn.Module, s_in: dict[str, Tensor] | None, grads:
     (cross_linear_attention) instead of building dk·dv states. With a decay (`decay`: log λ by fast
     tensor) an earlier token j reaches this rank's position start + t with weight λ^(start+t-1-j),
     the carried state with λ^(start+t)."""
+    cp, tp, reset_bt, start = exchange.cp, exchange.tp, exchange.reset_bt, exchange.start
     gu = grads["gu"]
     pieces = [x, grads["gh1"], slow["a"], grads["gh2"], gu, gu * slow["xhat"]]
     widths = [p.shape[-1] for p in pieces]
-    gathered = gather_sequence(torch.cat(pieces, dim=-1), layer.cp.group)[:, :start]
+    gathered = gather_sequence(torch.cat(pieces, dim=-1), cp.group)[:, :start]
     xp, gh1p, ap, gh2p, gup, guxhp = gathered.split(widths, dim=-1)
     # Global segment index (0: the carried state's document goes on); the earlier tokens that reach
     # this rank are those of the segment this rank starts in.
@@ -104,7 +119,7 @@ def receive_keys_values(layer: nn.Module, s_in: dict[str, Tensor] | None, grads:
             if name in decay:
                 carried = carried * powers(name, float(start)).to(carried.dtype)
             received[name] = received[name] + carried if name in received else carried
-    cross = {"w1": (xp, gh1p), "w2": (ap, copy_to_tp(gh2p, layer.tp)), "q_mask": q_mask, "k_mask": k_mask}
+    cross = {"w1": (xp, gh1p), "w2": (ap, copy_to_tp(gh2p, tp)), "q_mask": q_mask, "k_mask": k_mask}
     if decay:
         t = torch.arange(layout.T, device=x.device, dtype=dtype)
         for name in ("w1", "w2"):
@@ -113,13 +128,13 @@ def receive_keys_values(layer: nn.Module, s_in: dict[str, Tensor] | None, grads:
     return received, cross
 
 
-def replicate_last(layer: nn.Module, sums: dict[str, Tensor], pending_x: Tensor | None
+def replicate_last(cp: CPContext, sums: dict[str, Tensor], pending_x: Tensor | None
                    ) -> tuple[dict[str, Tensor], Tensor | None]:
     """The state after the sequence's last position (the last rank's) on every rank of the group."""
     tensors = [sums[name] for name in FAST_TENSORS]
     dtype = tensors[0].dtype
     if pending_x is not None:
         tensors.append(pending_x.to(dtype))
-    out = broadcast_from_last(tensors, layer.cp.group)
+    out = broadcast_from_last(tensors, cp.group)
     new_pending = out[len(FAST_TENSORS)].to(pending_x.dtype) if pending_x is not None else None
     return dict(zip(FAST_TENSORS, out[: len(FAST_TENSORS)])), new_pending

@@ -1,0 +1,361 @@
+"""The Fast Weight Layer block (docs/design.md §1.1), between the transformer body and the unembedding.
+
+`FastWeightLayer.forward` reads in the order of the design: the slow pass with weights θ, the per-token
+LM-loss gradient at θ written by hand as differentiable ops, the running sums of those gradients
+(sums.py), then the fast pass where position i uses θ_i = θ - η ⊙ k_i Σ_{j<i} λ^(i-1-j) ∇_F CE_j. Because
+each gradient of a dense layer is rank one, the fast dense layers are causal linear attention
+(fast_weights.py); nothing is detached, so the outer loss reaches θ, the step sizes and the body through
+both passes. naive.py builds θ_i literally with autograd: the reference the tests hold this to.
+
+Past the training length (docs/design.md §1.3) two options keep the sums in range. `normalize="mean"`:
+k_i = 1/n_i, n_i the (decayed) count of earlier positions of the document that carry a loss — the update
+is their (weighted) mean; the count is a running sum like the others, carried in FWLState. Because the
+update is linear in the sums, this is a per-query scale of each sum's output. `decay="learned"`: a
+forgetting factor λ = sigmoid(decay_logits) per fast tensor (λ = 1 otherwise). With both, each fast
+tensor's count is decayed with its own λ, so the update is the λ-weighted mean Σ λ^(i-1-j) ∇_j / Σ λ^(i-1-j)
+w_j. The count needs no exchange between context-parallel ranks: labels and document ids are the whole
+sequence on every rank, so each computes it for its positions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fwl_scale import IGNORE_INDEX
+from fwl_scale.config import FWLConfig
+from fwl_scale.model.fwl.context_parallel import RankExchange, choose_exchange, replicate_last
+from fwl_scale.model.fwl.fast_weights import ChunkLayout, masked_state
+from fwl_scale.model.fwl.state import (DECAY, FAST_TENSORS, NORMALIZE, FWLState, count_normalisers,
+                                       inverse_count)
+from fwl_scale.model.fwl.sums import FastSums
+from fwl_scale.model.parallelize import enter_tp_region, whole_sequence
+from fwl_scale.model.vocab import unembedding_input_grad
+from fwl_scale.parallel.context_parallel import CPContext
+from fwl_scale.parallel.layout import TPContext
+from fwl_scale.parallel.mappings import copy_to_tp, reduce_from_tp
+from fwl_scale.parallel.shards import init_normal_, set_replicated, set_sharded, tp_rank, tp_size
+
+# The ones whose sums (and fast updates) are sharded or partial under tensor parallelism.
+_SHARDED_SUMS = 3
+
+
+def layer_norm_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    mean = h.mean(dim=-1, keepdim=True)
+    var = (h - mean).pow(2).mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    return (h - mean) * rstd, rstd
+
+
+def fast_chunk(cfg: FWLConfig, d_model: int, T: int) -> int:
+    """Token chunk of the fast pass for a sequence of T tokens (T = the quadratic form).
+
+    Per token, the quadratic form costs ~T(dk+dv) and the mixed-chunk form ~C(dk+dv) + 2dk·dv for each
+    fast dense layer, so `auto` stays quadratic up to T = C + 2dk·dv/(dk+dv) of the larger layer (W1:
+    dk = d, dv = 4s) and chunks beyond; bench/bench_fwl_op.py measures the crossover. The whole width
+    decides, not a tensor-parallel rank's share, so that every layout computes in the same form."""
+    if cfg.form == "quadratic":
+        return T
+    if cfg.form == "chunked":
+        return cfg.chunk_size
+    dk, dv = d_model, cfg.hidden_mult * cfg.width
+    return T if T <= cfg.chunk_size + 2 * dk * dv / (dk + dv) else cfg.chunk_size
+
+
+@dataclass
+class Segment:
+    """One forward's labels and document boundaries: the whole sequence, and this rank's positions."""
+    labels: Tensor  # [B, T], the last one IGNORE_INDEX when its label is pending
+    reset: Tensor  # [B, T], True where a document starts (also at 0 when the carried document ends)
+    start: int  # this rank's first position (context parallelism), else 0
+    local_labels: Tensor  # [B, T_loc]
+    loss_weight: Tensor  # [B, T_loc], 1 where a label carries a loss
+
+
+class FastWeightLayer(nn.Module):
+    """The FWL block, built from its config section with every default resolved
+    (`ModelConfig.fwl_resolved`). Under tensor, sequence and context parallelism it runs by the rules of
+    docs/design.md §3.2; the state is sharded like the weights: w1 [B, d, 4s/tp], b1 [B, 4s/tp],
+    w2 [B, 4s/tp, s]; b2, alpha, beta and pending_x replicated."""
+
+    def __init__(self, cfg: FWLConfig, d_model: int, vocab_size: int, padded_vocab_size: int,
+                 tp: TPContext | None = None, cp: CPContext | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        unresolved = [name for name in ("width", "grad_scale", "init_std") if getattr(cfg, name) is None]
+        if unresolved:
+            raise ValueError(f"FWL config fields {unresolved} are unset: build the layer from "
+                             f"ModelConfig.fwl_resolved, which fills in their defaults")
+        width, hidden = cfg.width, cfg.hidden_mult * cfg.width
+        n = tp_size(tp)
+        if hidden % n or padded_vocab_size % n:
+            raise ValueError(f"FWL hidden width {hidden} and padded vocabulary {padded_vocab_size} must be "
+                             f"divisible by the tensor-parallel size {n}")
+        if cfg.residual and width != d_model:
+            raise ValueError(f"a residual FWL needs width == d_model, got {width} and {d_model}")
+        if cfg.normalize not in NORMALIZE or cfg.decay not in DECAY:
+            raise ValueError(f"FWL normalize must be one of {NORMALIZE} and decay one of {DECAY}, got "
+                             f"{cfg.normalize!r} and {cfg.decay!r}")
+        if cfg.decay == "learned" and not 0.0 < cfg.decay_init < 1.0:
+            raise ValueError(f"FWL decay_init must lie in (0, 1), got {cfg.decay_init}")
+        self.cfg = cfg
+        self.tp = tp if n > 1 else None
+        self.cp = cp if cp is not None and cp.size > 1 else None
+        self.vocab_size = vocab_size
+        self.grad_scale = cfg.grad_scale
+        self.eps = cfg.eps
+        self.chunk_size = cfg.chunk_size
+        self.vocab_chunk = cfg.vocab_chunk
+        self.residual = cfg.residual
+        self.normalize = cfg.normalize
+        # Multiplies the learned step sizes; 0 switches the fast updates off (the slow head alone).
+        self.step_scale = cfg.step_scale
+        self.w1 = nn.Parameter(torch.empty(hidden // n, d_model, device=device))
+        self.b1 = nn.Parameter(torch.empty(hidden // n, device=device))
+        self.w2 = nn.Parameter(torch.empty(width, hidden // n, device=device))
+        self.b2 = nn.Parameter(torch.empty(width, device=device))
+        self.alpha = nn.Parameter(torch.empty(width, device=device))
+        self.beta = nn.Parameter(torch.empty(width, device=device))
+        # The unembedding's bias c (slow only); the unembedding matrix U is passed in (tied embedding).
+        self.out_bias = nn.Parameter(torch.empty(padded_vocab_size // n, device=device))
+        # One vector, not six scalars: 0-dim parameters break DeepSpeed's initial broadcast on CPU.
+        self.step_sizes = nn.Parameter(torch.empty(len(FAST_TENSORS), device=device))
+        # Forgetting factors λ = sigmoid(decay_logits), one per fast tensor (a vector, like the step sizes).
+        self.decay_logits = (nn.Parameter(torch.empty(len(FAST_TENSORS), device=device))
+                             if cfg.decay == "learned" else None)
+        for p, dim in ((self.w1, 0), (self.b1, 0), (self.w2, 1), (self.out_bias, 0)):
+            set_sharded(p, self.tp, dim)
+        for p in (self.b2, self.alpha, self.beta, self.step_sizes, self.decay_logits):
+            if p is not None:
+                set_replicated(p)
+        for p in self.parameters():
+            p.tp_rank = tp_rank(self.tp)
+        if torch.device(device if device is not None else "cpu").type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            # Whole tensors drawn, this rank's slice kept: the same seed gives the same FWL at every tp.
+            init_normal_(self.w1, self.cfg.init_std)
+            init_normal_(self.w2, self.cfg.init_std)
+            for p in (self.b1, self.b2, self.beta, self.out_bias):
+                p.zero_()
+            self.alpha.fill_(1.0)
+            self.step_sizes.fill_(self.cfg.step_size_init)
+            if self.decay_logits is not None:
+                self.decay_logits.fill_(math.log(self.cfg.decay_init / (1.0 - self.cfg.decay_init)))
+
+    def forward(self, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor, doc_ids_bt: Tensor | None = None,
+                state: FWLState | None = None, pending_labels_b: Tensor | None = None,
+                last_label_pending: bool = False, return_state: bool = False) -> tuple[Tensor, FWLState | None]:
+        """Returns the fast-pass output u' [B, T, s] (logits = U u' + c) and, if asked, the state after
+        the last position.
+
+        `labels_bt` are the next-token labels (IGNORE_INDEX where no loss). `state` carries the sums of
+        the previous segment of the same documents; if it holds a pending position, `pending_labels_b`
+        (the previous segment's missing labels, i.e. this segment's first tokens) must be given.
+        `last_label_pending`: the label of the last position is not known yet; its gradient is held back
+        as pending in the returned state.
+
+        Under tensor, sequence and context parallelism (docs/design.md §3.2) labels and document ids are
+        always the whole sequence [B, T] on every rank."""
+        x = enter_tp_region(x_btd, self.tp)  # once for its three uses: W1's input, key and query
+        B, T_loc, _ = x.shape
+        if doc_ids_bt is None:
+            doc_ids_bt = torch.zeros_like(labels_bt, dtype=torch.long)
+        seg = self._segment(labels_bt, doc_ids_bt, state, last_label_pending, B, T_loc, x.dtype)
+        skip = whole_sequence(x_btd, self.tp) if self.residual else None
+
+        # The slow pass at θ and each token's gradient of its own loss there (§1.1).
+        slow = self.slow_pass(x, skip)
+        grads = self.slow_gradients(slow, unembed, seg.local_labels, seg.loss_weight)
+        # The running sums Σ_{j<i} of those gradients: carried in from the previous segment and the earlier
+        # ranks (§1.4), forgotten by λ and normalised by 1/n_i (§1.3).
+        sums, count_out = self._running_sums(x, slow, grads, seg, state, pending_labels_b, doc_ids_bt, unembed,
+                                             return_state)
+
+        # The fast pass: position i with θ_i = θ - η ⊙ (the sums at i) (§1.1).
+        eta = self.step_scale * self.step_sizes.to(x.dtype)  # η_b2, η_alpha, η_beta: replicated computations
+        eta_tp = self.step_scale * self.step_sizes_for_shards().to(x.dtype)  # η_W1, η_b1, η_W2
+        h1_fast = slow["h1"] - eta_tp[0] * sums.attend("w1", x) - eta_tp[1] * sums.cumsum("b1")
+        a_fast = F.relu(h1_fast).pow(2)
+        h2_fast = self.w2_out(a_fast, eta_tp[2] * sums.attend("w2", a_fast), eta[3] * sums.cumsum("b2"))
+        if skip is not None:
+            h2_fast = h2_fast + skip
+        xhat_fast, _ = layer_norm_stats(h2_fast, self.eps)
+        u_fast = ((self.alpha - eta[4] * sums.cumsum("alpha")) * xhat_fast
+                  + (self.beta - eta[5] * sums.cumsum("beta")))
+        if not return_state:
+            return u_fast, None
+        pending_x = whole_sequence(x_btd, self.tp)[:, -1] if last_label_pending else None
+        final = sums.final()
+        if self.cp is not None:
+            final, pending_x = replicate_last(self.cp, final, pending_x)
+        return u_fast, FWLState(**final, doc_id=doc_ids_bt[:, -1].clone(), pending_x=pending_x, count=count_out)
+
+    def slow_pass(self, x: Tensor, skip: Tensor | None) -> dict[str, Tensor]:
+        """`x` [B, T, d]: inside the tensor-parallel region (replicated values). `skip`: the same values
+        outside it (added to W2's output by a residual FWL, else None)."""
+        h1 = F.linear(x, self.w1, self.b1)
+        r = F.relu(h1)
+        a = r * r
+        h2 = self.w2_out(a)
+        if skip is not None:
+            h2 = h2 + skip
+        xhat, rstd = layer_norm_stats(h2, self.eps)
+        return {"x": x, "r": r, "a": a, "xhat": xhat, "rstd": rstd, "h1": h1, "skip": skip,
+                "u": self.alpha * xhat + self.beta}
+
+    def slow_gradients(self, slow: dict[str, Tensor], unembed: Tensor, labels: Tensor,
+                       loss_weight: Tensor) -> dict[str, Tensor]:
+        """Per-token gradients of k·w_t·CE_t at θ (hand-written backward, differentiable ops).
+        gu, gh2 are replicated; gh2_tp is gh2 entering the tensor-parallel region; gh1 is sharded."""
+        # normalize="mean" scales the sums' outputs by 1/n instead of a constant k.
+        k = self.grad_scale if self.normalize == "none" else 1.0
+        gu = unembedding_input_grad(slow["u"], unembed, self.out_bias, labels, loss_weight * k,
+                                    self.vocab_size, self.vocab_chunk, self.tp)
+        gxh = self.alpha * gu
+        xhat = slow["xhat"]
+        gh2 = (gxh - gxh.mean(-1, keepdim=True) - xhat * (gxh * xhat).mean(-1, keepdim=True)) * slow["rstd"]
+        gh2_tp = copy_to_tp(gh2, self.tp)
+        ga = gh2_tp @ self.w2
+        gh1 = ga * 2 * slow["r"]
+        return {"gu": gu, "gh2": gh2, "gh2_tp": gh2_tp, "gh1": gh1}
+
+    @staticmethod
+    def keys_values(x: Tensor, slow: dict[str, Tensor],
+                    grads: dict[str, Tensor]) -> dict[str, tuple[Tensor | None, Tensor]]:
+        """Keys and values of the six running sums (key None: a plain sum of the values)."""
+        return {"w1": (x, grads["gh1"]), "b1": (None, grads["gh1"]), "w2": (slow["a"], grads["gh2_tp"]),
+                "b2": (None, grads["gh2"]), "alpha": (None, grads["gu"] * slow["xhat"]), "beta": (None, grads["gu"])}
+
+    def _running_sums(self, x: Tensor, slow: dict[str, Tensor], grads: dict[str, Tensor], seg: Segment,
+                      state: FWLState | None, pending_labels_b: Tensor | None, doc_ids_bt: Tensor, unembed: Tensor,
+                      need_state: bool) -> tuple[FastSums, Tensor | None]:
+        """The six sums of this forward (sums.py) and, with normalize="mean", the count after its last
+        position."""
+        T_loc = x.shape[1]
+        s_in, count_in = self._incoming_state(state, pending_labels_b, doc_ids_bt[:, 0], unembed, x.dtype)
+        log_decay = self.log_decay()
+        scale, count_out = None, None
+        if self.normalize == "mean":
+            # The whole sequence on every cp rank (its labels are known everywhere); this rank's slice.
+            scale, count_out = count_normalisers(seg.labels, seg.reset, count_in, log_decay, self.chunk_size,
+                                                 torch.promote_types(x.dtype, torch.float32))
+            scale = scale[:, seg.start:seg.start + T_loc]
+        mode = self.exchange_for(T_loc, x.dtype)
+        exchange = None if mode is None else RankExchange(self.cp, self.tp, mode, seg.reset, seg.start)
+        layout = ChunkLayout(seg.reset[:, seg.start:seg.start + T_loc], self.chunk_for(T_loc))
+        sums = FastSums(self.keys_values(x, slow, grads), s_in, layout, log_decay, scale, x.dtype, need_state,
+                        exchange, slow, grads)
+        return sums, count_out
+
+    def _segment(self, labels_bt: Tensor, doc_ids_bt: Tensor, state: FWLState | None, last_label_pending: bool,
+                 B: int, T_loc: int, dtype: torch.dtype) -> Segment:
+        T = T_loc * (self.cp.size if self.cp is not None else 1)
+        if labels_bt.shape != (B, T) or doc_ids_bt.shape != (B, T):
+            raise ValueError(f"FWL: labels {tuple(labels_bt.shape)} and document ids {tuple(doc_ids_bt.shape)} "
+                             f"must be [B, T] = {(B, T)} (the whole sequence, also under sequence and context "
+                             f"parallelism)")
+        labels = labels_bt
+        if last_label_pending:
+            labels = labels.clone()
+            labels[:, -1] = IGNORE_INDEX
+        reset = torch.ones_like(doc_ids_bt, dtype=torch.bool)
+        reset[:, 1:] = doc_ids_bt[:, 1:] != doc_ids_bt[:, :-1]
+        if state is not None:
+            reset[:, 0] = doc_ids_bt[:, 0] != state.doc_id
+        start = self.cp.rank * T_loc if self.cp is not None else 0
+        return Segment(labels, reset, start, labels[:, start:start + T_loc],
+                       (labels[:, start:start + T_loc] != IGNORE_INDEX).to(dtype))
+
+    def _incoming_state(self, state: FWLState | None, pending_labels_b: Tensor | None, first_doc_b: Tensor,
+                        unembed: Tensor, dtype: torch.dtype) -> tuple[dict[str, Tensor] | None, Tensor | None]:
+        """The carried sums (and with normalize="mean" the count) with a pending position folded in: its
+        slow pass and gradient, now that its label (the first token of this segment, if the document
+        goes on) is known. The state after a pending position is λ·S + 0, so folding its term in is a
+        plain addition also with a decay."""
+        if state is None:
+            return None, None
+        if self.normalize == "mean" and state.count is None:
+            raise ValueError("FWL normalize=mean: the carried state has no count (a state from a model "
+                             "without model.fwl.normalize=mean cannot be continued)")
+        sums = {name: getattr(state, name) for name in FAST_TENSORS}
+        count = state.count if self.normalize == "mean" else None
+        if state.pending_x is None:
+            return sums, count
+        if pending_labels_b is None:
+            raise ValueError("FWL state holds a pending position: pending_labels_b must be given")
+        same_doc = first_doc_b == state.doc_id
+        label = torch.where(same_doc, pending_labels_b, torch.full_like(pending_labels_b, IGNORE_INDEX))[:, None]
+        pending = state.pending_x.to(dtype).unsqueeze(1)  # [B, 1, d]
+        x = copy_to_tp(pending, self.tp)
+        slow = self.slow_pass(x, pending if self.residual else None)
+        weight = (label != IGNORE_INDEX).to(dtype)
+        kv = self.keys_values(x, slow, self.slow_gradients(slow, unembed, label, weight))
+        ones = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        if count is not None:
+            count = count + weight.to(count.dtype)
+        return {name: sums[name] + masked_state(k, v, ones).to(sums[name].dtype) for name, (k, v) in kv.items()}, count
+
+    def w2_out(self, a: Tensor, update: Tensor | None = None, bias_update: Tensor | None = None) -> Tensor:
+        """W2 a + b2 (the fast pass: minus W2's and b2's updates). Under tp `a` is this rank's slice of
+        4s: a_j·a'_i and W2 a are partial sums, so one all-reduce serves W2's product and its update
+        together; b2 and its update are added once, after it."""
+        if self.tp is None and update is None:
+            return F.linear(a, self.w2, self.b2)
+        if self.tp is None:
+            return F.linear(a, self.w2, self.b2) - update - bias_update
+        h2 = F.linear(a, self.w2) if update is None else F.linear(a, self.w2) - update
+        h2 = reduce_from_tp(h2, self.tp) + self.b2
+        return h2 if bias_update is None else h2 - bias_update
+
+    def step_sizes_for_shards(self) -> Tensor:
+        """The step sizes as used by sharded computations (η_W1, η_b1 scale this rank's slice of 4s,
+        η_W2 this rank's partial product): their gradient is a per-rank part, all-reduced here."""
+        return copy_to_tp(self.step_sizes, self.tp)
+
+    def log_decay(self) -> Tensor | None:
+        """[6] log λ per fast tensor (None without decay). W1's, b1's and W2's enter sharded or partial
+        computations under tensor parallelism (their gradient is all-reduced, like η_W1, η_b1, η_W2)."""
+        if self.decay_logits is None:
+            return None
+        replicated = F.logsigmoid(self.decay_logits)
+        if self.tp is None:
+            return replicated
+        sharded = F.logsigmoid(copy_to_tp(self.decay_logits, self.tp))
+        return torch.cat([sharded[:_SHARDED_SUMS], replicated[_SHARDED_SUMS:]])
+
+    def update_scale(self, state: FWLState) -> Tensor:
+        """[B, 6]: what multiplies each carried sum in the fast update of the next position — 1 with a
+        constant k (already in the sums), 1/count with normalize="mean" (0 for an empty count)."""
+        if self.normalize == "none":
+            return torch.ones(state.doc_id.shape[0], len(FAST_TENSORS), dtype=state.b2.dtype,
+                              device=state.b2.device)
+        return inverse_count(state.count)
+
+    def chunk_for(self, T: int) -> int:
+        return fast_chunk(self.cfg, self.w1.shape[1], T)
+
+    def exchange_for(self, tokens_per_rank: int, dtype: torch.dtype) -> str | None:
+        """How the state crosses context-parallel rank boundaries (None without cp): `state` or `kv`,
+        `auto` by the bytes each sends (context_parallel.py, choose_exchange)."""
+        if self.cp is None:
+            return None
+        state_dtype = torch.promote_types(dtype, torch.float32)
+        hidden = self.w1.shape[0] * tp_size(self.tp)
+        return choose_exchange(self.cp.exchange, self.w1.shape[1], self.w2.shape[0], hidden, tokens_per_rank,
+                               tp_size(self.tp), activation_bytes=torch.empty((), dtype=dtype).element_size(),
+                               state_bytes=torch.empty((), dtype=state_dtype).element_size())
+
+    def step_size_dict(self) -> dict[str, float]:
+        return {name: float(v) for name, v in zip(FAST_TENSORS, self.step_sizes.detach().float().cpu())}
+
+    def decays(self) -> dict[str, float]:
+        """The forgetting factors λ by fast tensor (empty without decay)."""
+        if self.decay_logits is None:
+            return {}
+        lam = torch.sigmoid(self.decay_logits.detach().double()).cpu()
+        return {name: float(v) for name, v in zip(FAST_TENSORS, lam)}
