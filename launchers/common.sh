@@ -20,7 +20,7 @@
 # Arguments after the launcher's name (`sbatch launchers/fwl_1b.slurm train.lr=1e-4`) are config
 # overrides for `fwl train`.
 #
-# Signal design (see README "Slurm"): one srun task per rank runs the trainer directly (no torchrun), so
+# Signal design (see docs/slurm.md): one srun task per rank runs the trainer directly (no torchrun), so
 # a signal Slurm sends to the job's steps reaches every rank's Python process unchanged:
 #   * time limit: `#SBATCH --signal=USR1@LEAD` sends SIGUSR1 to every task LEAD seconds before the end;
 #   * preemption with GraceTime: Slurm sends SIGTERM to the tasks (or our SIGUSR1 with
