@@ -69,6 +69,13 @@ class Job:
                 fields.setdefault(k, v)
         return fields
 
+    def assert_not_ended(self, waiting_for: str) -> None:
+        """Fails at once when the job reached a final state (its accounting is final) while a test still
+        waits for an event of it. Transient states are not checked: which of them a poll meets (COMPLETING
+        during a requeue, SIGNALING while Slurm delivers a signal) depends on timing."""
+        state = self.info()["JobState"]
+        assert state not in ENDED, f"job {self.id} is {state} before {waiting_for}; log:\n{self.text()[-4000:]}"
+
     def wait_done(self, job_id: str | None = None, timeout: float = JOB_TIMEOUT) -> dict[str, str]:
         """Waits until the job has ended for good (not pending, running or being requeued)."""
         deadline = time.monotonic() + timeout
@@ -87,9 +94,7 @@ class Job:
             steps = logged_steps(out_dir)
             if steps and max(steps) >= step:
                 return max(steps)
-            state = self.info()["JobState"]
-            assert state in ("PENDING", "CONFIGURING", "RUNNING"), \
-                f"job {self.id} is {state} before step {step}; log:\n{self.text()[-4000:]}"
+            self.assert_not_ended(f"step {step}")
             time.sleep(0.2)
         subprocess.run(["scancel", self.id], env=self.env, capture_output=True, timeout=30)
         pytest.fail(f"job {self.id} did not reach step {step} in {timeout}s; log:\n{self.text()[-4000:]}")
@@ -98,9 +103,7 @@ class Job:
         """Waits until a rank holds at the point `hold_at` named."""
         deadline = time.monotonic() + timeout
         while not (work / "release.reached").exists():
-            state = self.info()["JobState"]
-            assert state in ("PENDING", "CONFIGURING", "RUNNING"), \
-                f"job {self.id} is {state} before it reached the hold; log:\n{self.text()[-4000:]}"
+            self.assert_not_ended("it reached the hold")
             if time.monotonic() > deadline:
                 self.scancel()
                 pytest.fail(f"job {self.id} did not reach the hold in {timeout}s; log:\n{self.text()[-4000:]}")
@@ -253,10 +256,7 @@ def run_time_limited(env: dict[str, str], work: Path) -> Outcome:
               sbatch_args=("--time=3", "--signal=USR1@60"))
     deadline = time.monotonic() + JOB_TIMEOUT
     while not records_safe(out_dir, "start")[1:]:
-        info = job.info()
-        # SIGNALING: Slurm delivering the time limit's warning signal, while the job still runs.
-        assert info["JobState"] in ("PENDING", "CONFIGURING", "RUNNING", "SIGNALING", "REQUEUED"), \
-            f"job {job.id} is {info['JobState']}; log:\n{job.text()[-4000:]}"
+        job.assert_not_ended("its requeued run started")
         assert time.monotonic() < deadline, f"job {job.id} was not requeued; log:\n{job.text()[-4000:]}"
         time.sleep(1)
     resumed_at = records_safe(out_dir, "start")[1]["step"]
