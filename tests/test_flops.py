@@ -1,4 +1,4 @@
-"""The analytic training FLOP count (train/flops.py, what tokens/s, TFLOP/s per device and MFU are computed
+"""The analytic training FLOP count (model/flops.py, what tokens/s, TFLOP/s per device and MFU are computed
 from) against the FLOPs the real model executes, counted by torch.utils.flop_counter.FlopCounterMode over
 a forward and backward pass.
 
@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fwl_scale.model.vocab as vocab_module
 from fwl_scale.config import load_config
 from fwl_scale.model import build_model
-from fwl_scale.train.flops import train_flops_per_token
+from fwl_scale.model.flops import train_flops_per_token
 from tests.distributed import run_distributed
 
 B, T, V = 2, 64, 512

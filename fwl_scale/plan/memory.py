@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fwl_scale.config import Config
-from fwl_scale.train.flops import fast_chunk
+from fwl_scale.model.flops import fast_chunk
 
 STATE_BYTES = {True: (2, 2, 12), False: (4, 4, 8)}  # bf16 → (weights, gradients, optimizer) per parameter
 

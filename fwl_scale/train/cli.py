@@ -146,7 +146,7 @@ def _fmt(n: int) -> str:
 
 def cmd_params(ns: argparse.Namespace) -> int:
     from fwl_scale.model import build_model  # heavy: see EXIT_TRAINING_FAILED's comment
-    from fwl_scale.train.flops import train_flops_per_token  # (torch)
+    from fwl_scale.model.flops import train_flops_per_token  # (torch)
 
     cfg = _load(ns.args, need_config=True)
     # The meta device: shapes without memory, so the 13B config counts in a second.
