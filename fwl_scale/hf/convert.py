@@ -34,7 +34,7 @@ from torch import Tensor
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from fwl_scale.checkpoint.convert import consolidate
+from fwl_scale.train.checkpoint_convert import consolidate
 from fwl_scale.checkpoint.native import resolve_checkpoint
 from fwl_scale.checkpoint.optimizer import STATE_KEYS, optimizer_adapter
 from fwl_scale.checkpoint.weights import read_consolidated

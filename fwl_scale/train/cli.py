@@ -162,7 +162,7 @@ def cmd_params(ns: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_convert(ns: argparse.Namespace) -> int:
-    from fwl_scale.checkpoint.convert import convert_checkpoint  # heavy: see EXIT_TRAINING_FAILED's comment
+    from fwl_scale.train.checkpoint_convert import convert_checkpoint  # heavy: see EXIT_TRAINING_FAILED's comment
 
     ref = convert_checkpoint(ns.checkpoint, ns.out_dir)
     print(f"converted {ns.checkpoint} (step {ref.step}) into the layout-free checkpoint {ref.path}; "
@@ -171,7 +171,7 @@ def cmd_ckpt_convert(ns: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_consolidate(ns: argparse.Namespace) -> int:
-    from fwl_scale.checkpoint.convert import consolidate  # heavy: see EXIT_TRAINING_FAILED's comment
+    from fwl_scale.train.checkpoint_convert import consolidate  # heavy: see EXIT_TRAINING_FAILED's comment
 
     path = consolidate(ns.checkpoint, ns.out_file, dtype=ns.dtype)
     print(f"wrote {path}: the model's weights ({ns.dtype}) under the single-process parameter names")
