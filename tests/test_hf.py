@@ -39,7 +39,7 @@ from fwl_scale.hf.tokenization_fwl import FWLTokenizer
 from fwl_scale.model import StreamingSession, build_model
 from fwl_scale.model.blocks import KVCache
 from fwl_scale.parallel import init_parallel_state
-from fwl_scale.train.engine import DistInfo
+from fwl_scale.train.distributed import DistInfo
 from fwl_scale.train.loop import Trainer
 from fwl_scale.train.parallel_engine import build_training_engine
 from tests.distributed import run_distributed

@@ -151,7 +151,7 @@ def candidates(cfg: Config, hw: Hardware, global_batch: int) -> list[Layout]:
 
 def judge(cfg: Config, lay: Layout, hw: Hardware) -> Verdict:
     # Function-level: the trainer's own refusals live beside the engine, which imports torch.
-    from fwl_scale.train.engine import check_layout_implemented
+    from fwl_scale.train.distributed import check_layout_implemented
 
     trial = apply(cfg, lay)
     try:

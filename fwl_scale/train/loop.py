@@ -29,7 +29,7 @@ from fwl_scale.eval.perplexity import EvalResult, evaluate_batches
 from fwl_scale.parallel import init_parallel_state
 from fwl_scale.parallel.world import all_reduce_sum
 from fwl_scale.train.carried import CarriedState, carries_state
-from fwl_scale.train.engine import DistInfo, init_distributed, quiet_deepspeed
+from fwl_scale.train.distributed import DistInfo, init_distributed, quiet_deepspeed
 from fwl_scale.model.flops import train_flops_per_token
 from fwl_scale.train.metrics import MetricsLog, Throughput, device_name, efficiency, peak_tflops
 from fwl_scale.train.parallel_engine import StepStats, TrainingError, build_training_engine
