@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fwl_scale.config import Config, load_config  # noqa: E402
 from fwl_scale.model import build_model  # noqa: E402
-from fwl_scale.train.distributed import DistInfo, build_engine, compile_model, init_distributed  # noqa: E402
+from fwl_scale.train.deepspeed_setup import build_engine, compile_model  # noqa: E402
+from fwl_scale.train.distributed import DistInfo, init_distributed  # noqa: E402
 from fwl_scale.model.flops import train_flops_per_token  # noqa: E402
 from fwl_scale.train.metrics import device_name, peak_tflops  # noqa: E402
 
@@ -51,7 +52,7 @@ def sync(device: torch.device) -> None:
 
 class StepTimer:
     """One model in the DeepSpeed engine with a fixed random batch; `step(mode)` times one training step.
-    `backend`: None (eager only) or torch.compile's backend for train/distributed.py's compile_model; a compiled
+    `backend`: None (eager only) or torch.compile's backend for train/deepspeed_setup.py's compile_model; a compiled
     model also runs eager steps (torch.compiler.set_stance("force_eager")), so that eager and compiled
     steps of the same model alternate and a change of machine load affects both alike."""
 

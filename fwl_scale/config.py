@@ -186,7 +186,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     bf16: bool = False
     activation_checkpointing: bool = False
-    # Run the transformer blocks and the FWL through torch.compile (train/distributed.py, compile_model).
+    # Run the transformer blocks and the FWL through torch.compile (train/deepspeed_setup.py, compile_model).
     compile: bool = False
     seed: int = 1234
     log_every: int = 10

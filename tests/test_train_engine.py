@@ -9,7 +9,8 @@ import torch
 
 from fwl_scale.config import ConfigError, load_config
 from fwl_scale.model import build_model
-from fwl_scale.train.distributed import check_layout_implemented, deepspeed_config, lr_factor, param_groups
+from fwl_scale.train.deepspeed_setup import deepspeed_config, lr_factor, param_groups
+from fwl_scale.train.distributed import check_layout_implemented
 from fwl_scale.model.flops import fast_chunk, train_flops_per_token
 from fwl_scale.train.loop import Trainer
 from tests.train_support import records, run_fwl, step_losses, tiny_config

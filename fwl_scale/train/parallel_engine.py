@@ -28,8 +28,9 @@ from fwl_scale.parallel.context_parallel import gather_along_sequence
 from fwl_scale.parallel.layout import ParallelState
 from fwl_scale.parallel.world import all_reduce_min, all_reduce_sum
 from fwl_scale.train.carried import CarriedState
-from fwl_scale.train.distributed import (DistInfo, build_engine, deepspeed_config, lr_schedule, param_groups,
-                                    zero_stage_discards_nonfinite)
+from fwl_scale.train.deepspeed_setup import (build_engine, deepspeed_config, lr_schedule, param_groups,
+                                             zero_stage_discards_nonfinite)
+from fwl_scale.train.distributed import DistInfo
 from fwl_scale.train.pipeline import PipelineModel, build_pipeline_engine
 from fwl_scale.train.pipeline_step import PipelineStep, global_grad_norm, pipeline_token_losses
 
