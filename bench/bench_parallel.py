@@ -182,7 +182,7 @@ def worker(rank: int, world: int, port: int, args, results_path: str) -> None:
     logger.setLevel("ERROR")
     from fwl_scale.parallel import init_parallel_state
     from fwl_scale.train.distributed import DistInfo
-    from fwl_scale.train.parallel_engine import build_training_engine
+    from fwl_scale.train.engine import build_training_engine
     from fwl_scale.parallel.spawned import exit_spawned_rank
 
     report = []

@@ -41,7 +41,7 @@ from fwl_scale.model.blocks import KVCache
 from fwl_scale.parallel import init_parallel_state
 from fwl_scale.train.distributed import DistInfo
 from fwl_scale.train.loop import Trainer
-from fwl_scale.train.parallel_engine import build_training_engine
+from fwl_scale.train.engine import build_training_engine
 from tests.distributed import run_distributed
 from tests.engine_support import micro_batch
 from tests.hf_support import T, TOL, config, hf_side, reference, rel_err, trained, write_text  # noqa: F401 (a fixture)
