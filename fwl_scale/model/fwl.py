@@ -30,7 +30,7 @@ from fwl_scale.model.fwl_cp import choose_exchange, replicate_last
 from fwl_scale.model.fwl_state import (DECAY, FAST_TENSORS, NORMALIZE, FWLState, count_normalisers,
                                        inverse_count)
 from fwl_scale.model.fwl_sums import FastSums
-from fwl_scale.model.parallelize import enter_tp_region, whole_sequence
+from fwl_scale.parallel.regions import enter_tp_region, whole_sequence
 from fwl_scale.model.vocab import unembedding_input_grad
 from fwl_scale.parallel.context_parallel import CPContext, exclusive_state_scan
 from fwl_scale.parallel.layout import TPContext

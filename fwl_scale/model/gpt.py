@@ -44,7 +44,7 @@ from fwl_scale.model.blocks import Block, KVCache, LearnedPositions, document_po
 # Hugging Face exports written before blocks.py existed import Rotary from here (their modeling_fwl.py).
 from fwl_scale.model.blocks import Rotary  # noqa: F401
 from fwl_scale.model.fwl import FastWeightLayer, FWLState
-from fwl_scale.model.parallelize import cp_context_of, enter_tp_region, tp_context_of
+from fwl_scale.parallel.regions import cp_context_of, enter_tp_region, tp_context_of
 from fwl_scale.model.vocab import VocabLoss
 from fwl_scale.parallel.context_parallel import CPContext
 from fwl_scale.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
