@@ -65,13 +65,6 @@ def documents_id(documents: list[torch.Tensor], max_tokens: int | None) -> str:
     return h.hexdigest()
 
 
-def init_distributed() -> None:
-    """A gloo group when started by a launcher with WORLD_SIZE > 1 (documents split over the ranks; the sums
-    exchanged are small CPU tensors, so gloo serves on GPUs too)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-
-
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -116,7 +116,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         run_eval(cfg, ns.checkpoint, batches=ns.batches, long_docs=ns.long_docs, max_windows=ns.max_windows,
                  json_out=ns.json)
         return 0
-    from fwl_scale.eval.docrun import DocEvalOptions, init_distributed, run_document_eval  # heavy: see above
+    from fwl_scale.eval.docrun import DocEvalOptions, run_document_eval  # heavy: see above
+    from fwl_scale.eval.ranks import start_process_group  # (torch)
 
     opts = DocEvalOptions(out=ns.out, docs=ns.docs, max_docs=ns.max_docs, max_tokens=ns.max_tokens,
                           methods=ns.methods.split(",") if ns.methods else None, dynamic_variant=ns.dynamic,
@@ -127,7 +128,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         opts.lrs = [float(x) for x in ns.dynamic_lr.split(",")]
     if ns.dynamic_decay:
         opts.decays = [float(x) for x in ns.dynamic_decay.split(",")]
-    init_distributed()
+    start_process_group()
     try:
         run_document_eval(cfg, ns.checkpoint, opts)
     except (ValueError, ConfigError) as e:  # bad options or documents found once the checkpoint and data are read
