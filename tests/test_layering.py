@@ -26,7 +26,8 @@ FLOORS = [
     {"hf", "study"},        # export/import through the trainer; studies of training runs
     {"plan"},               # layouts and scaling fits, from the FLOP count and studies
 ]
-# `fwl_scale/cli.py` and every area's cli.py wire commands to whatever they run: the entry floor, above all.
+# `fwl_scale/cli.py`, every area's cli.py and what they share (cli_support.py) wire commands to whatever
+# they run: the entry floor, above all.
 ENTRY = len(FLOORS)
 
 
@@ -40,7 +41,7 @@ MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 def floor_of(module: str) -> int:
     parts = module.split(".")
-    if parts[-1] == "cli":
+    if parts[-1] in ("cli", "cli_support"):
         return ENTRY
     area = parts[1] if len(parts) > 1 else ""
     for level, areas in enumerate(FLOORS):
