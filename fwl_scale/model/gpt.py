@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import ModelConfig
 from fwl_scale.model.blocks import Block, KVCache, LearnedPositions, document_positions, norm_layer
-# Hugging Face exports written before blocks.py existed import Rotary from here (their modeling_fwl.py).
+# Kept until 0.2: Hugging Face exports written before blocks.py existed import Rotary from here (their modeling_fwl.py).
 from fwl_scale.model.blocks import Rotary  # noqa: F401
 from fwl_scale.model.fwl import FastWeightLayer, FWLState
 from fwl_scale.parallel.regions import cp_context_of, enter_tp_region, tp_context_of
