@@ -10,7 +10,7 @@ arithmetic on the document index and reads only their bytes, so its rate should 
 table shows the rate and the bytes the rank read per token it got (in-process rows only).
 
 Training consumption is analytic, not measured: tokens/s per GPU = peak bf16 FLOP/s x MFU / training
-FLOPs per token, with the FLOP count of fwl_scale.train.flops (body + FWL head) at the config's shape.
+FLOPs per token, with the FLOP count of fwl_scale.model.flops (body + FWL head) at the config's shape.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def main() -> None:
 
     from fwl_scale.config import load_config
     from fwl_scale.data import Manifest, TrainLoader, prepare_data
-    from fwl_scale.train.flops import train_flops_per_token
+    from fwl_scale.model.flops import train_flops_per_token
 
     train = "[" + ",".join(args.train) + "]"
     name = f"{Path(args.config).stem}_{hashlib.sha256(repr(args.train).encode()).hexdigest()[:10]}"

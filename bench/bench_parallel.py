@@ -181,8 +181,8 @@ def worker(rank: int, world: int, port: int, args, results_path: str) -> None:
 
     logger.setLevel("ERROR")
     from fwl_scale.parallel import init_parallel_state
-    from fwl_scale.train.engine import DistInfo
-    from fwl_scale.train.parallel_engine import build_training_engine
+    from fwl_scale.train.distributed import DistInfo
+    from fwl_scale.train.engine import build_training_engine
     from fwl_scale.parallel.spawned import exit_spawned_rank
 
     report = []
@@ -248,7 +248,7 @@ def main() -> None:
 
     import torch.multiprocessing as mp
 
-    from fwl_scale.train.engine import free_port
+    from fwl_scale.train.distributed import free_port
 
     results = Path(tempfile.mkdtemp()) / "bench_parallel.json"
     mp.start_processes(worker, args=(2, free_port(), args, str(results)), nprocs=2, start_method="spawn")

@@ -1,5 +1,5 @@
 """Training-step time of FWL vs baseline (model.fwl.enabled=false), eager and compiled (train.compile), through
-the real DeepSpeed engine, next to the analytic FLOP ratio (fwl_scale/train/flops.py), measured in one run
+the real DeepSpeed engine, next to the analytic FLOP ratio (fwl_scale/model/flops.py), measured in one run
 on one device.
 
     python bench/bench_train_step.py                                   # CPU: tiny and 125M (T = 64), eager
@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fwl_scale.config import Config, load_config  # noqa: E402
 from fwl_scale.model import build_model  # noqa: E402
-from fwl_scale.train.engine import DistInfo, build_engine, compile_model, init_distributed  # noqa: E402
-from fwl_scale.train.flops import train_flops_per_token  # noqa: E402
+from fwl_scale.train.deepspeed_setup import build_engine, compile_model  # noqa: E402
+from fwl_scale.train.distributed import DistInfo, init_distributed  # noqa: E402
+from fwl_scale.model.flops import train_flops_per_token  # noqa: E402
 from fwl_scale.train.metrics import device_name, peak_tflops  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def sync(device: torch.device) -> None:
 
 class StepTimer:
     """One model in the DeepSpeed engine with a fixed random batch; `step(mode)` times one training step.
-    `backend`: None (eager only) or torch.compile's backend for train/engine.py's compile_model; a compiled
+    `backend`: None (eager only) or torch.compile's backend for train/deepspeed_setup.py's compile_model; a compiled
     model also runs eager steps (torch.compiler.set_stance("force_eager")), so that eager and compiled
     steps of the same model alternate and a change of machine load affects both alike."""
 

@@ -192,7 +192,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     bf16: bool = False
     activation_checkpointing: bool = False
-    # Run the transformer blocks and the FWL through torch.compile (train/engine.py, compile_model).
+    # Run the transformer blocks and the FWL through torch.compile (train/deepspeed_setup.py, compile_model).
     compile: bool = False
     seed: int = 1234
     log_every: int = 10
@@ -296,7 +296,7 @@ def check_layout(cfg: Config, world_size: int | None = None, source: str = "conf
     """Every rule a parallel layout (tp × cp × dp × pp, ZeRO stage, sequence parallelism) must meet, in
     one place. Without a world size, the rules of the config alone (Config.validate runs them when a
     config is loaded); with one, also those only a launch can break, and dp is returned. What the
-    trainer does not run yet is train/engine.py's check_layout_implemented."""
+    trainer does not run yet is train/distributed.py's check_layout_implemented."""
     m, p = cfg.model, cfg.parallel
 
     def need(ok: bool, fld: str, why: str) -> None:

@@ -47,8 +47,8 @@ def micro_batch(step: int, k: int) -> dict[str, torch.Tensor]:
 def build(world: int, **layout):
     """(cfg, ParallelState, TrainingEngine) as the trainer builds them, from the seeded initialisation."""
     from fwl_scale.parallel import init_parallel_state
-    from fwl_scale.train.engine import DistInfo
-    from fwl_scale.train.parallel_engine import build_training_engine
+    from fwl_scale.train.distributed import DistInfo
+    from fwl_scale.train.engine import build_training_engine
 
     cfg = make_cfg(world, **layout)
     ps = init_parallel_state(cfg)

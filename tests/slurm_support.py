@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from fwl_scale.train.signals import TEST_HOLD_ENV
+from fwl_scale.signal_points import TEST_HOLD_ENV
 from tests.train_support import need_corpus, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]

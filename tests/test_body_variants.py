@@ -23,7 +23,7 @@ from fwl_scale.config import ConfigError, load_config
 from fwl_scale.model import build_model
 from fwl_scale.model.blocks import KVCache, Rotary, document_positions
 from fwl_scale.parallel import init_parallel_state
-from fwl_scale.train.engine import check_layout_implemented
+from fwl_scale.train.distributed import check_layout_implemented
 from tests.distributed import run_distributed
 from tests.model_support import perturb
 from tests.test_cp_model import check_model as check_cp_model

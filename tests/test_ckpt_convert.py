@@ -98,7 +98,7 @@ def test_exact_resume_and_conversion_between_layouts(world, tmp_path):
     if world != 2:
         return
     # --- bad input, on what the 2-rank run left behind ---------------------------------------------
-    from fwl_scale.checkpoint.convert import convert_checkpoint
+    from fwl_scale.train.checkpoint_convert import convert_checkpoint
     from fwl_scale.checkpoint.universal import UniversalReader
 
     udir = tmp_path / "w2_universal0"

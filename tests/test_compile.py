@@ -21,7 +21,8 @@ import torch
 
 from fwl_scale.config import ConfigError
 from fwl_scale.model import build_model
-from fwl_scale.train.engine import check_compile, compile_model
+from fwl_scale.train.deepspeed_setup import compile_model
+from fwl_scale.train.distributed import check_compile
 from fwl_scale.train.loop import Trainer
 from fwl_scale.train.signals import EXIT_REQUEUE
 from tests.train_support import step_losses, tiny_config

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from fwl_scale.config import load_config
 from fwl_scale.model import build_model
 from fwl_scale.parallel import init_parallel_state
-from fwl_scale.train.engine import register_zero3_externals
+from fwl_scale.train.deepspeed_setup import register_zero3_externals
 from tests.distributed import run_distributed
 
 STEPS = 4

@@ -15,7 +15,7 @@ import pytest
 from fwl_scale.cli import main
 from fwl_scale.data import Manifest
 from fwl_scale.data.shard_index import ShardIndex
-from fwl_scale.train.signals import TEST_SIGNAL_ENV
+from fwl_scale.signal_points import TEST_SIGNAL_ENV
 from tests.corpus import read_records
 
 REPO = Path(__file__).resolve().parents[1]

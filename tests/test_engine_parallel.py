@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from fwl_scale.model import build_model
 from fwl_scale.parallel.shards import is_sharded, merge_shards
-from fwl_scale.train.engine import lr_factor, param_groups
+from fwl_scale.train.deepspeed_setup import lr_factor, param_groups
 from tests.distributed import run_distributed
 from fwl_scale.train.carried import CarriedState
 from tests.engine_support import B, M, SEED, build, make_cfg, micro_batch, train_step

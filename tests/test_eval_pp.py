@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from fwl_scale.checkpoint.convert import convert_checkpoint
+from fwl_scale.train.checkpoint_convert import convert_checkpoint
 from fwl_scale.checkpoint.native import CheckpointError, CheckpointRef, resolve_checkpoint
 from fwl_scale.checkpoint.weights import load_model_weights, load_pipeline_layer_weights
 from fwl_scale.config import load_config

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from fwl_scale.checkpoint.convert import convert_checkpoint
+from fwl_scale.train.checkpoint_convert import convert_checkpoint
 from fwl_scale.checkpoint.native import CheckpointError
 from fwl_scale.config import load_config
 from fwl_scale.eval.docrun import DocEvalOptions, run_document_eval

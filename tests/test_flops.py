@@ -1,4 +1,4 @@
-"""The analytic training FLOP count (train/flops.py, what tokens/s, TFLOP/s per device and MFU are computed
+"""The analytic training FLOP count (model/flops.py, what tokens/s, TFLOP/s per device and MFU are computed
 from) against the FLOPs the real model executes, counted by torch.utils.flop_counter.FlopCounterMode over
 a forward and backward pass.
 
@@ -27,7 +27,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import fwl_scale.model.vocab as vocab_module
 from fwl_scale.config import load_config
 from fwl_scale.model import build_model
-from fwl_scale.train.flops import train_flops_per_token
+from fwl_scale.model.flops import train_flops_per_token
+from fwl_scale.model.fwl import FastWeightLayer, fast_chunk
+from fwl_scale.parallel.layout import TPContext
 from tests.distributed import run_distributed
 
 B, T, V = 2, 64, 512
@@ -86,3 +88,20 @@ def _tensor_parallel(rank: int, world: int) -> None:
 
 def test_tensor_parallel_parts_add_up_to_the_count():
     run_distributed(2, _tensor_parallel)
+
+
+@pytest.mark.parametrize("seq_len", [100, 112, 128])
+def test_form_and_count_do_not_depend_on_tp(seq_len):
+    """`auto` decides by the whole hidden width: at T = 112 a tp rank's share (4s/2) would chunk where tp = 1
+    runs quadratic (crossovers 101.3 and 118.4 with d = 64, 4s = 256, C = 16), so every layout would compute
+    another form than the one counted."""
+    counts = set()
+    for tp in (1, 2, 4):
+        cfg = make_cfg("model.fwl.form=auto", f"model.seq_len={seq_len}", tp=tp)
+        m = cfg.model
+        layer = FastWeightLayer(m.fwl_resolved, m.d_model, m.vocab_size, m.padded_vocab_size,
+                                tp=TPContext(group=None, size=tp, rank=tp - 1), device="meta")
+        assert layer.chunk_for(seq_len) == fast_chunk(m.fwl_resolved, m.d_model, seq_len), tp
+        assert layer.chunk_for(seq_len) == (seq_len if seq_len <= 118 else 16), tp
+        counts.add(train_flops_per_token(m).total)
+    assert len(counts) == 1, counts

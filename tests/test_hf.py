@@ -22,6 +22,7 @@ Import of other transformers bodies: tests/test_hf_import.py.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,17 +32,19 @@ import torch
 
 from fwl_scale.checkpoint.native import CheckpointManager, find_latest
 from fwl_scale.checkpoint.weights import load_model_weights
-from fwl_scale.config import load_config
+from fwl_scale.config import config_to_nested, load_config
 from fwl_scale.data import train_tokenizer
-from fwl_scale.hf.convert import ExportError, export_checkpoint, import_hf, load_hf_weights
+from fwl_scale.hf.configuration_fwl import FWLHFConfig
+from fwl_scale.hf.convert import (CODE_FILES, HERE, ExportError, export_checkpoint, import_hf,
+                                  load_hf_weights)
 from fwl_scale.hf.modeling_fwl import document_ids, next_token_labels
 from fwl_scale.hf.tokenization_fwl import FWLTokenizer
 from fwl_scale.model import StreamingSession, build_model
 from fwl_scale.model.blocks import KVCache
 from fwl_scale.parallel import init_parallel_state
-from fwl_scale.train.engine import DistInfo
+from fwl_scale.train.distributed import DistInfo
 from fwl_scale.train.loop import Trainer
-from fwl_scale.train.parallel_engine import build_training_engine
+from fwl_scale.train.engine import build_training_engine
 from tests.distributed import run_distributed
 from tests.engine_support import micro_batch
 from tests.hf_support import T, TOL, config, hf_side, reference, rel_err, trained, write_text  # noqa: F401 (a fixture)
@@ -234,6 +237,28 @@ def test_round_trip_and_training_continues(trained, tmp_path):
     assert Trainer(config(new_run)).run() == 0
     losses = step_losses(new_run)
     assert sorted(losses) == [1, 2] and abs(losses[1] - expected) <= 1e-5 * expected, (losses, expected)
+
+
+def test_config_json_naming_the_old_config_class_loads(tmp_path):
+    """An export written before the configuration class was renamed to FWLHFConfig names
+    `configuration_fwl.FWLConfig` in config.json's auto_map: with the current code files it still resolves
+    (to the same class and model_type) through transformers' loader, in a fresh process."""
+    cfg = load_config(None, [])
+    hf = tmp_path / "export"
+    hf.mkdir()
+    for name in CODE_FILES:
+        shutil.copyfile(HERE / name, hf / name)
+    written_before = FWLHFConfig(**config_to_nested(cfg)["model"], architectures=["FWLForCausalLM"],
+                                 auto_map={"AutoConfig": "configuration_fwl.FWLConfig",
+                                           "AutoModelForCausalLM": "modeling_fwl.FWLForCausalLM"})
+    written_before.to_json_file(str(hf / "config.json"), use_diff=False)
+    load = ("import sys; from transformers import AutoConfig; "
+            "c = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True); "
+            "print(type(c).__name__, c.model_type, repr(c.model_config()) == sys.argv[2])")
+    proc = subprocess.run([sys.executable, "-c", load, str(hf), repr(cfg.model)], cwd=tmp_path,
+                          env=fwl_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == ["FWLHFConfig", "fwl_scale", "True"], proc.stdout
 
 
 def test_bad_input(trained, tmp_path):

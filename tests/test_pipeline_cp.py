@@ -20,7 +20,8 @@ import pytest
 from fwl_scale.checkpoint.native import find_latest
 from fwl_scale.train.carried import state_file
 from fwl_scale.train.loop import Trainer
-from fwl_scale.train.signals import EXIT_REQUEUE, TEST_SIGNAL_ENV
+from fwl_scale.signal_points import TEST_SIGNAL_ENV
+from fwl_scale.train.signals import EXIT_REQUEUE
 from tests.train_support import launch_ranks, records, run_fwl, step_losses, tiny_config
 
 STEPS = 6

@@ -1,22 +1,11 @@
 """`fwl plan`: the layout planner (fwl_scale/plan/planner.py) and its memory model's state accounting."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from fwl_scale.cli import main
 from fwl_scale.config import ConfigError, load_config
+from fwl_scale.plan.allocation import plan_allocation
 from fwl_scale.plan.memory import estimate, param_split
 from fwl_scale.plan.planner import GIB, Hardware, Layout, apply, parse_bytes, plan
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _launcher():
-    spec = importlib.util.spec_from_file_location("plan_layout", ROOT / "launchers" / "plan_layout.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
@@ -59,9 +48,10 @@ def test_the_planners_best_layout_passes_the_slurm_launchers_check():
     cfg = load_config("configs/fwl_1b.yaml")
     best = plan(cfg, Hardware(gpus=16, gpu_memory=80 * GIB), global_batch=128)[0]
     lay = best.layout
-    layout, _ = _launcher().plan("configs/fwl_1b.yaml", [o for o in best.layout.overrides()
-                                                         if not o.startswith(("parallel.dp", "parallel.grad_accum"))],
-                                 nodes=2, tasks_per_node=8, gpus_per_node=8, global_batch=128)
+    # What launchers/plan_layout.py (`fwl layout`) runs for the allocation.
+    layout, _ = plan_allocation("configs/fwl_1b.yaml", [o for o in best.layout.overrides()
+                                                        if not o.startswith(("parallel.dp", "parallel.grad_accum"))],
+                                nodes=2, tasks_per_node=8, gpus_per_node=8, global_batch=128)
     assert layout == [f"parallel.dp={lay.dp}", f"parallel.grad_accum={lay.grad_accum}"]
 
 

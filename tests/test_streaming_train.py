@@ -148,23 +148,34 @@ def test_state_reassembles_for_another_layout(tmp_path):
 
 
 def test_stream_position_measurement_on_a_checkpoint(tmp_path, capsys):
-    """python -m fwl_scale.eval.streaming on a trained checkpoint: loss by position over several windows,
-    with and without the carried state, and the fast update's size per window."""
+    """fwl eval --stream on a trained checkpoint: loss by position over several windows, with and without the
+    carried state, and the fast update's size per window; the spelling before it, python -m
+    fwl_scale.eval.streaming, gives the same results with a deprecation note on stderr."""
     import json
 
+    from fwl_scale.cli import main as fwl_main
     from fwl_scale.eval.streaming import main
 
     out = tmp_path / "run"
     assert Trainer(tiny_config(out, *COMMON, "train.steps=1")).run() == 0
+    capsys.readouterr()  # the training's own output
     report = tmp_path / "positions.json"
     # The run's own config (the trainer writes it next to its checkpoints).
     code = main(["--windows", "3", "--buckets", "2", "--docs", "2", "--json", str(report), str(out / "config.yaml"),
                  str(out)])
     assert code == 0
-    printed = capsys.readouterr().out
+    old_spelling = capsys.readouterr()
+    printed = old_spelling.out
     assert "state carried" in printed and "windows alone" in printed and "fast update" in printed
+    assert "deprecated" in old_spelling.err and "fwl eval CONFIG CHECKPOINT --stream" in old_spelling.err
     data = json.loads(report.read_text())
     carried, alone = data["state carried"], data["windows alone"]
     assert len(carried["loss"]) == 6 and carried["edges"][-1] == [80, 96]
     assert carried["loss"][:2] == alone["loss"][:2]  # the first window has nothing to carry
     assert len(carried["update_w1"]) == 3 and carried["update_w1"][2] > carried["update_w1"][0]
+    report_fwl = tmp_path / "positions_fwl.json"
+    assert fwl_main(["eval", str(out / "config.yaml"), str(out), "--stream", "--windows", "3", "--buckets", "2",
+                     "--max-docs", "2", "--json", str(report_fwl)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == printed and "deprecated" not in captured.err
+    assert json.loads(report_fwl.read_text()) == data

@@ -27,7 +27,7 @@ from fwl_scale.eval.run import load_for_eval
 from fwl_scale.eval.streaming import evaluate_stream_positions
 from fwl_scale.study import report, store
 from fwl_scale.study.spec import load_spec
-from fwl_scale.train.signals import TEST_HOLD_ENV
+from fwl_scale.signal_points import TEST_HOLD_ENV
 from tests.train_support import REPO, fwl_command, fwl_env, need_corpus, records, run_fwl, tiny_overrides
 
 # 3 steps with a validation at the last; one layer: seconds per run.

@@ -12,7 +12,8 @@ import torch
 from fwl_scale.checkpoint.native import find_latest
 from fwl_scale.checkpoint.weights import load_model_weights
 from fwl_scale.train.loop import Trainer
-from fwl_scale.train.signals import EXIT_REQUEUE, TEST_SIGNAL_ENV
+from fwl_scale.signal_points import TEST_SIGNAL_ENV
+from fwl_scale.train.signals import EXIT_REQUEUE
 from tests.test_train_nonfinite import poison
 from tests.train_support import launch_ranks, records, step_losses, tiny_config
 

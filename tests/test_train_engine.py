@@ -9,8 +9,10 @@ import torch
 
 from fwl_scale.config import ConfigError, load_config
 from fwl_scale.model import build_model
-from fwl_scale.train.engine import check_layout_implemented, deepspeed_config, lr_factor, param_groups
-from fwl_scale.train.flops import fast_chunk, train_flops_per_token
+from fwl_scale.train.deepspeed_setup import deepspeed_config, lr_factor, param_groups
+from fwl_scale.train.distributed import check_layout_implemented
+from fwl_scale.model.flops import train_flops_per_token
+from fwl_scale.model.fwl import fast_chunk
 from fwl_scale.train.loop import Trainer
 from tests.train_support import records, run_fwl, step_losses, tiny_config
 
@@ -145,7 +147,8 @@ def test_flop_count():
     for name in ("tiny", "fwl_125m", "fwl_1b"):
         cfg = load_config(f"configs/{name}.yaml")
         model = build_model(cfg.model, device="meta")
-        assert fast_chunk(cfg.model) == model.fwl.chunk_for(cfg.model.seq_len), name
+        m = cfg.model
+        assert fast_chunk(m.fwl_resolved, m.d_model, m.seq_len) == model.fwl.chunk_for(m.seq_len), name
 
 
 def test_fwl_params_counts_the_ladder_on_the_meta_device():

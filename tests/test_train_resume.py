@@ -12,7 +12,8 @@ import pytest
 
 from fwl_scale.checkpoint.native import MARKER, POINTER, find_latest
 from fwl_scale.train.loop import Trainer
-from fwl_scale.train.signals import EXIT_REQUEUE, STOP_FILE_NAME, TEST_SIGNAL_ENV
+from fwl_scale.signal_points import TEST_SIGNAL_ENV
+from fwl_scale.train.signals import EXIT_REQUEUE, STOP_FILE_NAME
 from tests.train_support import records, run_fwl, step_losses, tiny_config, tiny_overrides
 
 STEPS = 10

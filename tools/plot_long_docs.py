@@ -1,5 +1,5 @@
 """Plots the loss by document position far past the training length (PNG) from the JSON files of
-`python -m fwl_scale.eval.streaming ... --json FILE`: each file's curves ('state carried', 'windows
+`fwl eval CONFIG CKPT --stream ... --json FILE`: each file's curves ('state carried', 'windows
 alone'), labelled with the name given before the file.
 
     python tools/plot_long_docs.py --out long_docs.png FWL=runs/fwl_stream.json baseline=runs/base_stream.json

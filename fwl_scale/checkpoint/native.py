@@ -28,7 +28,7 @@ import torch
 from fwl_scale import __version__
 from fwl_scale.atomic import atomic_write_json, atomic_write_text
 from fwl_scale.config import Config, ConfigError, config_to_nested
-from fwl_scale.train.signals import signal_point
+from fwl_scale.signal_points import signal_point
 
 CHECKPOINT_DIR = "checkpoints"
 POINTER = "latest_complete"

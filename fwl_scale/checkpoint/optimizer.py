@@ -14,7 +14,7 @@ same parameters in the same order on every rank of the group.
 
 DeepSpeed is imported inside the functions that need it, never at module level: it picks its accelerator
 when first imported, and this module is imported (through train/loop.py) before the trainer has set the
-environment that choice depends on (train/engine.py: init_distributed).
+environment that choice depends on (train/distributed.py: init_distributed).
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from fwl_scale.data.manifest import IDS_EXT, MANIFEST, NP_DTYPE, SHARD_FORMAT, M
 from fwl_scale.data.shard_read import TAR_BLOCK, read_shard
 from fwl_scale.data.sources import Document, ReadStats
 from fwl_scale.data.tokenizer import Tokenizer, token_dtype
-from fwl_scale.train.signals import signal_point
+from fwl_scale.signal_points import signal_point
 
 Log = Callable[[str], None]
 

@@ -3,18 +3,18 @@ the same documents in one Markdown table (compare.md), one JSON (compare.json) a
 document position, and the gains over the reference by training frequency and by repetition.
 
 The reference is the first method of the first directory (put the baseline first: its `plain`); the cost
-reference is the first directory's `dynamic` when it has one, so "× dynamic" reads as the issue's target
+reference is the first directory's `dynamic` when it has one, so "× dynamic" reads as the cost that matters
 (an FWL's evaluation wall time against dynamic evaluation of the baseline on the same hardware).
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from fwl_scale.atomic import atomic_write, atomic_write_json, atomic_write_text
 from fwl_scale.config import ConfigError
+from fwl_scale.eval.perplexity import perplexity_of
 
 RESULTS = "results.json"  # what docrun writes (docrun imports torch; this module does not need it)
 
@@ -32,10 +32,6 @@ def load_results(d: str | Path) -> dict[str, Any]:
     return r
 
 
-def _ppl(x: float) -> float:
-    return math.exp(x) if x < 700 else math.inf
-
-
 def build_comparison(dirs: list[str | Path]) -> dict[str, Any]:
     if len(dirs) < 1:
         raise ConfigError("--compare: give at least one results directory")
@@ -51,7 +47,7 @@ def build_comparison(dirs: list[str | Path]) -> dict[str, Any]:
     for name, r in runs:
         for m in r["methods"]:
             row = {"run": name, "checkpoint": r["checkpoint"], "method": m["method"], "loss": m["loss"],
-                   "perplexity": _ppl(m["loss"]), "tokens": m["tokens"], "wall_s": m["wall_s"],
+                   "perplexity": perplexity_of(m["loss"]), "tokens": m["tokens"], "wall_s": m["wall_s"],
                    "tokens_per_s": m["tokens_per_s"], "flops_per_token": m["flops_per_token"],
                    "gain": ref["loss"] - m["loss"],
                    "wall_vs_dynamic": m["wall_s"] / dyn_ref["wall_s"] if dyn_ref and dyn_ref["wall_s"] > 0 else None}

@@ -11,7 +11,6 @@ segments of the training shards (or of the tuning documents when there are none)
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from fwl_scale.eval.breakdown import frequency_ranks
 from fwl_scale.eval.docs import checkpoint_tokenizer, load_documents, training_token_counts, validation_documents
 from fwl_scale.eval.dynamic import DynamicEvaluator, DynamicSettings, mean_squared_gradients, tune, windows
 from fwl_scale.eval.methods import check_methods, default_methods, run_method
+from fwl_scale.eval.perplexity import perplexity_of
 from fwl_scale.eval.ranks import eval_ranks
 from fwl_scale.eval.run import load_for_eval
 
@@ -63,13 +63,6 @@ def documents_id(documents: list[torch.Tensor], max_tokens: int | None) -> str:
         part = d if max_tokens is None else d[:max_tokens + 1]
         h.update(part.cpu().numpy().astype("<i8").tobytes() + b"|")
     return h.hexdigest()
-
-
-def init_distributed() -> None:
-    """A gloo group when started by a launcher with WORLD_SIZE > 1 (documents split over the ranks; the sums
-    exchanged are small CPU tensors, so gloo serves on GPUs too)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
 
 
 def _barrier() -> None:
@@ -176,18 +169,14 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
     return report
 
 
-def _ppl(x: float) -> float:
-    return math.exp(x) if x < 700 else math.inf
-
-
 def format_report(r: dict[str, Any]) -> str:
     lines = [f"# {r['model']}: {r['checkpoint']} (step {r['step']})", "",
              f"{r['documents']} documents, windows of {r['seq_len']} tokens"
              + (f", first {r['max_tokens']} tokens of each" if r.get("max_tokens") else ""), "",
              "| method | loss | ppl | tokens | wall s | tokens/s | GFLOPs/token |", "|---|---|---|---|---|---|---|"]
     for m in r["methods"]:
-        lines.append(f"| {m['method']} | {m['loss']:.4f} | {_ppl(m['loss']):.2f} | {m['tokens']} | {m['wall_s']:.2f} | "
-                     f"{m['tokens_per_s'] or 0:,.0f} | {m['flops_per_token'] / 1e9:.4f} |")
+        lines.append(f"| {m['method']} | {m['loss']:.4f} | {perplexity_of(m['loss']):.2f} | {m['tokens']} | "
+                     f"{m['wall_s']:.2f} | {m['tokens_per_s'] or 0:,.0f} | {m['flops_per_token'] / 1e9:.4f} |")
     names = [m["method"] for m in r["methods"]]
     lines += ["", "Loss by document position (tokens):", "",
               "| positions | " + " | ".join(names) + " | tokens |", "|---" * (len(names) + 2) + "|"]

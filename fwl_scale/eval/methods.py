@@ -27,7 +27,7 @@ from fwl_scale.eval.perplexity import document_token_losses
 from fwl_scale.eval.ranks import SINGLE, EvalRanks
 from fwl_scale.eval.stages import whole_model
 from fwl_scale.parallel.shards import full_shape
-from fwl_scale.train.flops import fwl_fwd_per_token, train_flops_per_token
+from fwl_scale.model.flops import fwl_fwd_per_token, train_flops_per_token
 
 BASELINE_METHODS = ("plain", "dynamic")
 FWL_METHODS = ("slow_head", "fwl_reset", "fwl_carried", "dynamic")
@@ -46,7 +46,7 @@ def check_methods(methods: Sequence[str], cfg: ModelConfig) -> None:
 
 
 def forward_flops_per_token(cfg: ModelConfig) -> float:
-    """The model's forward FLOPs per token at model.seq_len: a third of training's (fwl_scale/train/flops.py)."""
+    """The model's forward FLOPs per token at model.seq_len: a third of training's (fwl_scale/model/flops.py)."""
     return train_flops_per_token(cfg).total / 3.0
 
 

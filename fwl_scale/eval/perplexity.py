@@ -37,8 +37,9 @@ class EvalResult:
                 "bucket_edges": [list(e) for e in self.bucket_edges], "bucket_loss": self.bucket_loss}
 
 
-def _ppl(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")
+def perplexity_of(loss: float) -> float:
+    """exp(mean loss); inf where exp would overflow (a diverged model's loss)."""
+    return math.exp(loss) if loss < 700 else math.inf
 
 
 @torch.no_grad()
@@ -76,7 +77,7 @@ def evaluate_batches(forward: Forward, batches: list[dict[str, Tensor]], n_bucke
     total = float(counts.sum())
     loss = float(sums.sum()) / max(total, 1.0)
     bucket_loss = [float(s) / float(c) if c > 0 else float("nan") for s, c in zip(sums.tolist(), counts.tolist())]
-    return EvalResult(loss=loss, perplexity=_ppl(loss), tokens=int(total), bucket_edges=edges,
+    return EvalResult(loss=loss, perplexity=perplexity_of(loss), tokens=int(total), bucket_edges=edges,
                       bucket_loss=bucket_loss)
 
 
@@ -91,7 +92,7 @@ class LongDocResult:
 
     @property
     def perplexity(self) -> float:
-        return _ppl(self.loss)
+        return perplexity_of(self.loss)
 
 
 @torch.no_grad()
@@ -150,7 +151,7 @@ def format_eval(result: EvalResult, title: str = "validation") -> str:
     lines = [f"{title}: loss {result.loss:.4f}  perplexity {result.perplexity:.3f}  ({result.tokens} tokens)",
              "loss by position in the window:"]
     for (a, b), loss in zip(result.bucket_edges, result.bucket_loss):
-        lines.append(f"  positions {a:>6}-{b - 1:<6} loss {loss:.4f}  ppl {_ppl(loss):.3f}")
+        lines.append(f"  positions {a:>6}-{b - 1:<6} loss {loss:.4f}  ppl {perplexity_of(loss):.3f}")
     return "\n".join(lines)
 
 
@@ -162,5 +163,5 @@ def format_long_docs(results: list[LongDocResult]) -> str:
                      f"loss {r.loss:.4f}  perplexity {r.perplexity:.3f}")
         for w, (loss, n) in enumerate(zip(r.window_loss, r.window_tokens)):
             lines.append(f"  document positions {w * r.window:>7}-{(w + 1) * r.window - 1:<7} "
-                         f"loss {loss:.4f}  ppl {_ppl(loss):.3f}  ({n} tokens)")
+                         f"loss {loss:.4f}  ppl {perplexity_of(loss):.3f}  ({n} tokens)")
     return "\n".join(lines)

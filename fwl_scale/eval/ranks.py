@@ -1,15 +1,16 @@
 """Where document evaluation runs: the documents split over data-parallel ranks, the model split over
 tensor-parallel ranks and pipeline stages as it was trained (`parallel.tp`, `parallel.pp`).
 
-The world is tp × dp × pp with tp fastest and pp slowest, as in training (parallel/layout.py, cp = 1: context
-parallelism does not change the model's function and is not used). Every rank of one model (its tp ranks
-and stages) reads the same documents and gets the same losses (a pipeline's last stage broadcasts them:
-eval/stages.py); the sums of the breakdowns, the tuning losses and the statistics of dynamic evaluation
-are added over the data-parallel group only (the ranks that hold the same part of the model), so the
-result is that of one process.
+The world is tp × dp × pp with tp fastest and pp slowest: training's Layout with cp = 1 and its groups
+(parallel/layout.py: parallel_state; context parallelism does not change the model's function and is not
+used). Every rank of one model (its tp ranks and stages) reads the same documents and gets the same losses
+(a pipeline's last stage broadcasts them: eval/stages.py); the sums of the breakdowns, the tuning losses and
+the statistics of dynamic evaluation are added over the data-parallel group only (the ranks that hold the
+same part of the model), so the result is that of one process.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from fwl_scale.config import Config
 from fwl_scale.eval.stages import StageContext
-from fwl_scale.parallel.layout import Layout, TPContext
+from fwl_scale.parallel.layout import GROUP_AXES, Layout, TPContext, parallel_state
 
 
 @dataclass
@@ -59,6 +60,13 @@ class EvalRanks:
 SINGLE = EvalRanks(0, 1, None)
 
 
+def start_process_group() -> None:
+    """A gloo group when started by a launcher with WORLD_SIZE > 1 (documents split over the ranks; the sums
+    exchanged are small CPU tensors, so gloo serves on GPUs too)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+
+
 def eval_ranks(cfg: Config) -> EvalRanks:
     """The layout of this evaluation from the world torch.distributed was started with and the config's
     parallel.tp and parallel.pp (parallel.cp and sequence parallelism do not change the model's function
@@ -79,30 +87,14 @@ def eval_ranks(cfg: Config) -> EvalRanks:
     if model_ranks == 1:
         return EvalRanks(rank, world, None)
     layout = Layout(tp=p.tp, cp=1, dp=world // model_ranks, pp=p.pp)
-    where = layout.coords(rank)
-    # new_group is collective: every rank creates every group, in the same order.
-    tp_group, _ = _own_group(layout, ("tp",), rank)
-    dp_group, _ = _own_group(layout, ("dp",), rank)
+    state = parallel_state(layout, rank, ("tp", "dp", "pp") if p.pp > 1 else ("tp", "dp"))
     stage = None
     if p.pp > 1:
-        pp_group, pp_ranks = _own_group(layout, ("pp",), rank)
         tie_group = None
-        if cfg.model.tie_embeddings:
-            for ranks in layout.group_ranks(("pp",)):
+        if cfg.model.tie_embeddings:  # the first and last stage of each pipeline (new_group is collective)
+            for ranks in layout.group_ranks(GROUP_AXES["pp"]):
                 g = dist.new_group([ranks[0], ranks[-1]])
                 if rank in (ranks[0], ranks[-1]):
                     tie_group = g
-        stage = StageContext(pp_group, pp_ranks, where["pp"], tie_group)
-    tp = TPContext(tp_group, p.tp, where["tp"]) if p.tp > 1 else None
-    return EvalRanks(where["dp"], layout.dp, dp_group, tp, stage)
-
-
-def _own_group(layout: Layout, axes: tuple[str, ...], rank: int) -> tuple[object, list[int]]:
-    """Creates every group along `axes`; returns this rank's (group, its ranks)."""
-    own = None
-    for ranks in layout.group_ranks(axes):
-        g = dist.new_group(ranks)
-        if rank in ranks:
-            own = (g, ranks)
-    assert own is not None
-    return own
+        stage = StageContext(state.groups["pp"], state.group_ranks["pp"], state.pp_rank, tie_group)
+    return EvalRanks(state.dp_rank, layout.dp, state.groups["dp"], state.tp_context(), stage)

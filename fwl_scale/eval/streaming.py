@@ -20,14 +20,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import Tensor
 
 from fwl_scale.atomic import atomic_write_json
-from fwl_scale.config import load_config
+from fwl_scale.config import Config, load_config
 from fwl_scale.data import eval_documents, prepare_data
 from fwl_scale.device import resolve_device
 from fwl_scale.eval.perplexity import bucket_edges
@@ -114,10 +116,39 @@ def format_stream_positions(results: list[tuple[str, StreamPositionResult]]) -> 
     return "\n".join(lines)
 
 
+def stream_checkpoint(cfg: Config, checkpoint: str | Path, windows: int = 8, buckets: int = 4,
+                      max_docs: int | None = None, json_out: str | Path | None = None) -> None:
+    """`fwl eval CONFIG CKPT --stream`: the loss by position of the checkpoint's model on the first `max_docs`
+    validation documents long enough for `windows` windows of model.seq_len, with and without the carried
+    state (FWL), printed (and written to `json_out`)."""
+    device = resolve_device(cfg)
+    model, ref = load_for_eval(cfg, checkpoint, device)
+    paths = prepare_data(cfg)
+    T = cfg.model.seq_len
+    modes = [True, False] if cfg.model.fwl.enabled else [False]
+    results = []
+    need = windows * T + 1
+    for carry in modes:
+        docs = itertools.islice((d for d in eval_documents(cfg, paths) if d.numel() >= need), max_docs)
+        name = "state carried" if carry else "windows alone"
+        results.append((name, evaluate_stream_positions(model, docs, T, device, windows, buckets, carry)))
+    f = cfg.model.fwl
+    scale = ("k = 1/n (normalize=mean)" if f.normalize == "mean"
+             else f"gradient scale k = {cfg.model.fwl_grad_scale:.3g}")
+    head = getattr(model, "fwl", None)
+    decays = "" if head is None or not head.decays() else ", λ " + " ".join(
+        f"{n}={v:.4f}" for n, v in head.decays().items())
+    print(f"checkpoint {ref.path} (step {ref.step}), {scale}{decays}")
+    print(format_stream_positions(results))
+    if json_out:
+        atomic_write_json(json_out, {n: r.as_dict() for n, r in results})
+
+
 def main(argv: list[str] | None = None) -> int:
-    """python -m fwl_scale.eval.streaming CONFIG CHECKPOINT [--windows 8] [--docs 5] [overrides ...]:
-    the loss by position of the checkpoint's model on the validation documents, with and without the
-    carried state (FWL), windows of model.seq_len."""
+    """python -m fwl_scale.eval.streaming CONFIG CHECKPOINT [--windows 8] [--docs 5] [overrides ...]: the
+    spelling before `fwl eval CONFIG CHECKPOINT --stream [--windows 8] [--max-docs 5]`, kept until 0.2."""
+    print("note: python -m fwl_scale.eval.streaming is deprecated and will be removed in the next release; "
+          "use fwl eval CONFIG CHECKPOINT --stream (--docs N is --max-docs N there)", file=sys.stderr)
     ap = argparse.ArgumentParser(prog="python -m fwl_scale.eval.streaming", description=main.__doc__)
     ap.add_argument("config")
     ap.add_argument("checkpoint")
@@ -128,28 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the first this many validation documents that are long enough for --windows")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    device = resolve_device(cfg)
-    model, ref = load_for_eval(cfg, args.checkpoint, device)
-    paths = prepare_data(cfg)
-    T = cfg.model.seq_len
-    modes = [True, False] if cfg.model.fwl.enabled else [False]
-    results = []
-    need = args.windows * T + 1
-    for carry in modes:
-        docs = itertools.islice((d for d in eval_documents(cfg, paths) if d.numel() >= need), args.docs)
-        name = "state carried" if carry else "windows alone"
-        results.append((name, evaluate_stream_positions(model, docs, T, device, args.windows, args.buckets, carry)))
-    f = cfg.model.fwl
-    scale = ("k = 1/n (normalize=mean)" if f.normalize == "mean"
-             else f"gradient scale k = {cfg.model.fwl_grad_scale:.3g}")
-    head = getattr(model, "fwl", None)
-    decays = "" if head is None or not head.decays() else ", λ " + " ".join(
-        f"{n}={v:.4f}" for n, v in head.decays().items())
-    print(f"checkpoint {ref.path} (step {ref.step}), {scale}{decays}")
-    print(format_stream_positions(results))
-    if args.json:
-        atomic_write_json(args.json, {n: r.as_dict() for n, r in results})
+    stream_checkpoint(load_config(args.config, args.overrides), args.checkpoint, args.windows, args.buckets,
+                      args.docs, args.json)
     return 0
 
 

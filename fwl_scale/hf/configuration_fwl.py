@@ -17,7 +17,9 @@ MODEL_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads"
                 "max_positions", "n_kv_heads", "init_std", "tie_embeddings", "document_mask", "fwl")
 
 
-class FWLConfig(PretrainedConfig):
+class FWLHFConfig(PretrainedConfig):
+    """config.json of an exported model (named apart from fwl_scale.config.FWLConfig, the model.fwl section)."""
+
     model_type = "fwl_scale"
     # No max_position_embeddings: any length runs (aligned windows of seq_len, the FWL state carried).
     attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads"}
@@ -67,3 +69,8 @@ class FWLConfig(PretrainedConfig):
         if self.fwl is not None:
             fields["fwl"] = dict(self.fwl)
         return config_from_dict({"model": fields}, "config.json").model
+
+
+# Kept until 0.2: exports written before the class was renamed name `configuration_fwl.FWLConfig` in
+# config.json's auto_map; the alias lets such an export load with the current code files copied over its own.
+FWLConfig = FWLHFConfig

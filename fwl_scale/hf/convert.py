@@ -34,7 +34,7 @@ from torch import Tensor
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from fwl_scale.checkpoint.convert import consolidate
+from fwl_scale.train.checkpoint_convert import consolidate
 from fwl_scale.checkpoint.native import resolve_checkpoint
 from fwl_scale.checkpoint.optimizer import STATE_KEYS, optimizer_adapter
 from fwl_scale.checkpoint.weights import read_consolidated
@@ -42,7 +42,7 @@ from fwl_scale.config import Config, ConfigError, config_from_dict, config_to_ne
 from fwl_scale.data.manifest import MANIFEST, Manifest
 from fwl_scale.data.tokenizer import EOS_PIECE, Tokenizer
 from fwl_scale.hf.body_import import body_weights
-from fwl_scale.hf.configuration_fwl import MODEL_FIELDS, FWLConfig
+from fwl_scale.hf.configuration_fwl import MODEL_FIELDS, FWLHFConfig
 from fwl_scale.model import build_model
 from fwl_scale.parallel.shards import shard_of
 from fwl_scale.train.loop import Trainer
@@ -133,7 +133,7 @@ def load_hf_weights(hf_dir: str | Path) -> tuple[dict[str, Tensor], Any]:
     d = Path(hf_dir)
     if not (d / "config.json").is_file():
         raise ExportError(f"{d}: no config.json (not an exported model directory)")
-    model_cfg = FWLConfig.from_json_file(str(d / "config.json")).model_config()
+    model_cfg = FWLHFConfig.from_json_file(str(d / "config.json")).model_config()
     if (d / INDEX).is_file():
         files = sorted(set(json.loads((d / INDEX).read_text())["weight_map"].values()))
     elif (d / SINGLE).is_file():
@@ -225,11 +225,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: st
                               f"knows {sorted(MODEL_FIELDS)}: update it")
         counts = build_model(cfg.model, device="meta").param_counts()
         step = int(meta["step"])
-        hf_cfg = FWLConfig(**model_fields, eod_token_id=tok.eos_id, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id,
-                           architectures=["FWLForCausalLM"],
-                           auto_map={"AutoConfig": "configuration_fwl.FWLConfig",
-                                     "AutoModelForCausalLM": "modeling_fwl.FWLForCausalLM"},
-                           fwl_scale_step=step, dtype=dtype)
+        hf_cfg = FWLHFConfig(**model_fields, eod_token_id=tok.eos_id, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id,
+                             architectures=["FWLForCausalLM"],
+                             auto_map={"AutoConfig": "configuration_fwl.FWLHFConfig",
+                                       "AutoModelForCausalLM": "modeling_fwl.FWLForCausalLM"},
+                             fwl_scale_step=step, dtype=dtype)
         hf_cfg.to_json_file(str(stage / "config.json"), use_diff=False)
         (stage / "generation_config.json").write_text(json.dumps(
             {"eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id, "bos_token_id": None}, indent=1) + "\n")

@@ -33,7 +33,7 @@ from torch import Tensor
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_fwl import FWLConfig
+from .configuration_fwl import FWLHFConfig
 
 # In a try block so that transformers' import check lets this message through.
 try:
@@ -88,12 +88,12 @@ class FWLCache:
 
 
 class FWLForCausalLM(PreTrainedModel, GenerationMixin):
-    config_class = FWLConfig
+    config_class = FWLHFConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
 
-    def __init__(self, config: FWLConfig):
+    def __init__(self, config: FWLHFConfig):
         super().__init__(config)
         self.model: GPT = build_model(config.model_config())
         self.post_init()

@@ -1,6 +1,6 @@
 """The transformer body's pieces: rotary or learned positions, causal attention (document-masked,
 context-parallel, or over a key/value cache), the MLP and the pre-norm block. Tensor-parallel through the
-layers of parallel/layers.py (model/parallelize.py says where each tensor lives).
+layers of parallel/layers.py (parallel/regions.py says where each tensor lives).
 
 The body's variants (ModelConfig.norm, mlp, bias, positions, rope_fraction, n_kv_heads) exist so that
 transformers bodies import exactly (fwl_scale/hf/body_import.py): LayerNorm or RMSNorm, a tanh-GELU or a

@@ -7,7 +7,7 @@ document. The body and its initialisation are the same for both heads, so FWL vs
 Tensor parallelism (Megatron's, docs/design.md §3.2; `build_model(cfg, parallel=ParallelState)`): attention split
 by heads (q|k|v column-parallel, output projection row-parallel), the MLP column/row-parallel, the tied
 embedding/unembedding vocabulary-parallel over the padded vocabulary (padding masked in every softmax),
-the FWL block by its own rules (model/parallelize.py). With sequence parallelism the residual stream and
+the FWL block by its own rules (parallel/regions.py). With sequence parallelism the residual stream and
 the norms hold this rank's chunk of the sequence. Every rank is given the whole batch (input ids, labels, document ids);
 the loss and the returned token losses and logits are replicated. At tp = 1 every layer runs the ops of
 its torch.nn counterpart under the same parameter names.
@@ -41,16 +41,15 @@ from torch.utils.checkpoint import checkpoint
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import ModelConfig
 from fwl_scale.model.blocks import Block, KVCache, LearnedPositions, document_positions, norm_layer
-# Hugging Face exports written before blocks.py existed import Rotary from here (their modeling_fwl.py);
-# kept until release 0.2, whose exports import it from blocks.py.
+# Kept until 0.2: Hugging Face exports written before blocks.py existed import Rotary from here (their modeling_fwl.py).
 from fwl_scale.model.blocks import Rotary  # noqa: F401
 from fwl_scale.model.fwl import FastWeightLayer, FWLState
-from fwl_scale.model.parallelize import cp_context_of, enter_tp_region, tp_context_of
 from fwl_scale.model.vocab import VocabLoss
 from fwl_scale.parallel.context_parallel import CPContext
 from fwl_scale.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from fwl_scale.parallel.layout import ParallelState, TPContext
 from fwl_scale.parallel.mappings import copy_to_tp
+from fwl_scale.parallel.regions import cp_context_of, enter_tp_region, tp_context_of
 from fwl_scale.parallel.shards import full_shape, init_normal_, is_sharded, tp_size
 
 
@@ -139,7 +138,7 @@ class GPT(nn.Module):
     def zero3_external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """(module, parameter) pairs where a module uses a parameter it does not own: the tied
         unembedding in the FWL and in the loss, the FWL's output bias in the loss. The engine builder
-        registers them under ZeRO-3 (train/engine.py, register_zero3_externals)."""
+        registers them under ZeRO-3 (train/deepspeed_setup.py, register_zero3_externals)."""
         pairs = [(self.vocab_loss, self.unembedding)]
         if self.fwl is not None:
             pairs += [(self.vocab_loss, self.fwl.out_bias), (self.fwl, self.unembedding)]

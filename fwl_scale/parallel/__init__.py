@@ -1,6 +1,7 @@
 """Parallelism: the tp × cp × dp × pp layout and its process groups (layout), Megatron-style
 tensor/sequence-parallel mappings (mappings), layers (layers) and shard bookkeeping (shards),
-context-parallel collectives (context_parallel), sums over the whole world (world)."""
+context-parallel collectives (context_parallel), sums over the whole world (world), where the model's
+tensors live and the helpers the model calls at a region's edge (regions)."""
 from fwl_scale.parallel.layers import ColumnParallelLinear, LayerNorm, RowParallelLinear, VocabParallelEmbedding
 from fwl_scale.parallel.layout import Layout, ParallelState, TPContext, init_parallel_state, plan_layout
 from fwl_scale.parallel.mappings import (all_reduce_tp, copy_to_tp, gather_from_sequence, gather_from_tp,

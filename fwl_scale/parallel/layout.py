@@ -16,6 +16,7 @@ together with the data-parallel ones).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -201,14 +202,21 @@ def init_parallel_state(cfg: Config, world_size: int | None = None, rank: int | 
         raise ConfigError(f"{source}: world size {world_size} given, torch.distributed has "
                           f"{dist.get_world_size()} ranks")
     layout = plan_layout(cfg, world_size, source)
-    # Sequence parallelism splits the sequence over the tp group: with tp = 1 it is a no-op (as in Megatron).
-    state = ParallelState(layout=layout, rank=rank,
-                          sequence_parallel=cfg.parallel.sequence_parallel and layout.tp > 1)
     if world_size > 1 and not initialised:
         raise ConfigError(f"{source}: parallel layout of {world_size} ranks needs torch.distributed to be "
                           "initialised first")
-    for name, axes in GROUP_AXES.items():
-        for ranks in layout.group_ranks(axes):
+    # Sequence parallelism splits the sequence over the tp group: with tp = 1 it is a no-op (as in Megatron).
+    return parallel_state(layout, rank, GROUP_AXES, cfg.parallel.sequence_parallel and layout.tp > 1)
+
+
+def parallel_state(layout: Layout, rank: int, names: Iterable[str], sequence_parallel: bool = False) -> ParallelState:
+    """This rank's ParallelState in `layout` with the groups `names` (keys of GROUP_AXES) created in that
+    order (None groups without torch.distributed). Collective: every rank calls it with the same
+    arguments. Training creates every group (init_parallel_state); evaluation only those it uses."""
+    initialised = dist.is_available() and dist.is_initialized()
+    state = ParallelState(layout=layout, rank=rank, sequence_parallel=sequence_parallel)
+    for name in names:
+        for ranks in layout.group_ranks(GROUP_AXES[name]):
             group = dist.new_group(ranks) if initialised else None
             if rank in ranks:
                 state.groups[name] = group

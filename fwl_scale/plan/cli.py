@@ -1,4 +1,16 @@
-"""`fwl plan`: the layouts of a config that fit an allocation, fastest first (plan/planner.py)."""
+"""Sizing a run before it starts.
+
+    fwl plan CONFIG [key=value ...] --gpus N ...      the layouts that fit N GPUs, fastest first (plan/planner.py)
+    fwl layout CONFIG [key=value ...] --nodes N --tasks-per-node M [--gpus-per-node G] [--global-batch B]
+                                                      dp and grad_accum of a Slurm allocation (plan/allocation.py)
+    fwl params CONFIG [key=value ...]                 a model's parameters and training FLOPs per token
+    fwl scaling grid|fit FILE                         a study grid, then the fits
+
+`params` is here rather than with the model: like `fwl plan` it answers how big a config is before anything
+runs, and the model package stays free of command wiring.
+
+The planner, the model and the fits are imported inside the commands: they load torch (through the model
+package), which `fwl` must not while it builds every parser (`fwl train` installs its stop handler first)."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +21,11 @@ from pathlib import Path
 import yaml
 
 from fwl_scale.atomic import atomic_write_bytes
+from fwl_scale.cli_support import load_config_args
 from fwl_scale.config import ConfigError, load_config
-from fwl_scale.plan.planner import GIB, Hardware, parse_bytes, plan
+from fwl_scale.plan.allocation import LayoutError, plan_allocation
+
+GIB = 2**30
 
 
 def _row(v) -> str:
@@ -21,6 +36,8 @@ def _row(v) -> str:
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
+    from fwl_scale.plan.planner import Hardware, parse_bytes, plan  # (torch): see the module's docstring
+
     cfg = load_config(ns.config, ns.overrides)
     hw = Hardware(gpus=ns.gpus, gpu_memory=parse_bytes(ns.gpu_memory), gpus_per_node=ns.gpus_per_node,
                   peak_tflops=ns.peak_tflops, efficiency=ns.efficiency, headroom=ns.headroom)
@@ -51,9 +68,40 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def cmd_params(ns: argparse.Namespace) -> int:
+    from fwl_scale.model import build_model  # (torch): see the module's docstring
+    from fwl_scale.model.flops import train_flops_per_token
+
+    cfg = load_config_args(ns.args, need_config=True)
+    # The meta device: shapes without memory, so the 13B config counts in a second.
+    model = build_model(cfg.model, device="meta")
+    counts = model.param_counts()
+    flops = train_flops_per_token(cfg.model)
+    print(f"{cfg.name}: parameters")
+    for key in ("body", "fwl", "embeddings", "total"):
+        print(f"  {key:<11}{counts[key]:>16,}  ({_fmt(counts[key])})")
+    print(f"  training FLOPs per token: {flops.total:.4g} (body {flops.body:.4g}, "
+          f"{'FWL' if cfg.model.fwl.enabled else 'unembedding'} {flops.head:.4g})")
+    return 0
+
+
+def register_params(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("params", help="parameter count (body, FWL, embeddings, total) on the meta device")
+    q.add_argument("args", nargs="+", metavar="CONFIG_OR_OVERRIDE")
+    q.set_defaults(func=cmd_params)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="layouts of a config that fit N GPUs, ranked by predicted step time",
-                       description=sys.modules[__name__].__doc__)
+                       description="The layouts (tp, cp, pp, dp, ZeRO stage, micro batch, activation "
+                                   "checkpointing) of a config that fit N GPUs, ranked by predicted step time.")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--gpus", type=int, required=True)
@@ -67,6 +115,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=10, help="how many fitting layouts to print")
     p.add_argument("--show-refused", action="store_true", help="list every refused layout with its reason")
     p.set_defaults(func=cmd_plan)
+
+
+def cmd_layout(ns: argparse.Namespace) -> int:
+    """What launchers/common.sh runs before any rank starts: the overrides pinning the layout on stdout, one
+    per line, a summary on stderr; exit 2 with one message when the layout does not fit."""
+    try:
+        layout, summary = plan_allocation(ns.config, ns.overrides, ns.nodes, ns.tasks_per_node, ns.gpus_per_node,
+                                          ns.global_batch)
+    except (LayoutError, ConfigError) as e:
+        print(f"fwl launcher: layout does not fit the allocation: {e}", file=sys.stderr)
+        return 2
+    print(summary, file=sys.stderr)
+    print("\n".join(layout))
+    return 0
+
+
+def register_layout(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("layout", help="dp and grad_accum of a config for a Slurm allocation, checked (no torch)",
+                       description="Derives dp = world / (tp*cp*pp) and grad_accum = global batch / (micro_batch * "
+                                   "dp) for NODES x TASKS_PER_NODE ranks, validates the config for that world, and "
+                                   "prints the overrides that pin the layout, one per line (a summary on stderr). "
+                                   "Exit 2 with one message when it cannot fit.")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, as given to `fwl train`")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--tasks-per-node", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="sequences per optimizer step; omitted: keep the config's grad_accum")
+    p.set_defaults(func=cmd_layout)
 
 
 def cmd_scaling(ns: argparse.Namespace) -> int:

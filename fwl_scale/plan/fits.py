@@ -6,7 +6,7 @@ E = e^e, minimising the Huber loss (δ = 1e-3) of log L̂ - log L with L̂ writt
 torch's (float64), torch being a dependency already. Its starting points: for each exponent on a grid
 the law is linear in A, B, E, solved by least squares (numpy); the few best starts are refined.
 
-The compute-optimal frontier: C = F(N)·D with F the training FLOPs per token of train/flops.py (the
+The compute-optimal frontier: C = F(N)·D with F the training FLOPs per token of model/flops.py (the
 FWL's extra work included), itself fitted per arm as F(N) = k·N^γ over the runs; for each compute C,
 N_opt minimises L(N, C/F(N)) on a dense log grid of N.
 """

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fwl_scale.config import Config
-from fwl_scale.train.flops import fast_chunk
+from fwl_scale.model.fwl import fast_chunk
 
 STATE_BYTES = {True: (2, 2, 12), False: (4, 4, 8)}  # bf16 → (weights, gradients, optimizer) per parameter
 
@@ -98,7 +98,7 @@ def fwl_elements(cfg: Config, tokens: int) -> float:
     d, s = m.d_model, m.fwl_width
     h = m.fwl.hidden_mult * s
     t_rank = m.seq_len // p.cp
-    C = min(fast_chunk(m), t_rank)
+    C = min(fast_chunk(m.fwl_resolved, m.d_model, m.seq_len), t_rank)
     per_token = 11 * h / p.tp + 12 * s + 6 * C + (20 * C if m.fwl.decay != "none" else 0)
     n_chunks = -(-t_rank // C)
     if n_chunks > 1:

@@ -6,7 +6,7 @@ train/engine.check_layout_implemented), then by the memory model (plan/memory.py
 memory less a headroom; each refusal keeps its reason.
 
 Predicted step time (a ranking, not a promise):
-  compute   = global tokens × training FLOPs per token (train/flops.py, the FWL's second-order work
+  compute   = global tokens × training FLOPs per token (model/flops.py, the FWL's second-order work
               included) / (world × peak × efficiency), +1/3 of the body's FLOPs when checkpointing
               recomputes it; the pipeline bubble multiplies it by (ga + pp - 1) / ga;
   tp        = 4 all-reduces of the micro batch's [T_r, d] activations per block (2 forward, 2 backward),
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from fwl_scale.config import Config, ConfigError, check_layout
 from fwl_scale.plan.memory import MemoryEstimate, ParamSplit, estimate, param_split
-from fwl_scale.train.flops import train_flops_per_token
+from fwl_scale.model.flops import train_flops_per_token
 
 GIB = 2 ** 30
 _UNITS = {"": 1, "b": 1, "kib": 2 ** 10, "mib": 2 ** 20, "gib": GIB, "tib": 2 ** 40,
@@ -151,7 +151,7 @@ def candidates(cfg: Config, hw: Hardware, global_batch: int) -> list[Layout]:
 
 def judge(cfg: Config, lay: Layout, hw: Hardware) -> Verdict:
     # Function-level: the trainer's own refusals live beside the engine, which imports torch.
-    from fwl_scale.train.engine import check_layout_implemented
+    from fwl_scale.train.distributed import check_layout_implemented
 
     trial = apply(cfg, lay)
     try:

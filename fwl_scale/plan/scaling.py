@@ -35,7 +35,7 @@ from fwl_scale.plan import fits
 from fwl_scale.plan.memory import param_split
 from fwl_scale.study import store
 from fwl_scale.study.spec import StudyError, StudySpec
-from fwl_scale.train.flops import train_flops_per_token
+from fwl_scale.model.flops import train_flops_per_token
 
 GRID_KEYS = ("name", "arms", "common", "sizes", "tokens_per_param", "tokens", "lrs", "seeds", "eval_batches",
              "out_dir")

@@ -31,7 +31,7 @@ def markdown(report: dict[str, Any], title: str) -> str:
                   f"- {_law_line(entry['L(N,D)'])}"]
         if "flops" in entry:
             lines.append(f"- FLOPs per token F(N) = {entry['flops']['k']:.4g}·N^{entry['flops']['gamma']:.3f} "
-                         f"(train/flops.py, FWL's extra work included)")
+                         f"(model/flops.py, FWL's extra work included)")
         lines += [f"- **warning**: {w}" for w in entry.get("warnings", [])]
         if entry["ladder"]:
             lines.append("- extrapolated to the ladder at 20 tokens/parameter: " + ", ".join(

@@ -51,7 +51,7 @@ def _group(spec: StudySpec, variant: str, arm: str, results: list[dict[str, Any]
     streamed = [r["long_docs"] for r in results if r.get("long_docs")]
     group["long_docs"] = None
     if streamed:
-        # python -m fwl_scale.eval.streaming's modes ("state carried", "windows alone"); one bucket per window.
+        # fwl eval --stream's modes ("state carried", "windows alone"); one bucket per window.
         group["long_docs"] = {
             "runs": len(streamed), "edges": next(iter(streamed[0]["modes"].values()))["edges"],
             "documents": [next(iter(m["modes"].values()))["documents"] for m in streamed],
@@ -69,7 +69,7 @@ CARRIED, RESET = "state carried", "windows alone"
 
 
 def long_doc_verdict(fwl: dict[str, Any] | None, base: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Issue 9's test past the training length, on the means over seeds: in how many windows the FWL
+    """The test past the training length, on the means over seeds: in how many windows the FWL
     with its state carried is no worse than with the state reset at each window, and below the
     baseline; with the worst window of each (carried − reset, carried − baseline)."""
     if not (fwl and base and fwl["long_docs"] and base["long_docs"]):

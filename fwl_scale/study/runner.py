@@ -142,16 +142,17 @@ def stream_long_docs(spec: StudySpec, run: Run, children: Children) -> dict[str,
     assert spec.long_docs is not None
     path = store.eval_path(spec, run, long=True)
     path.unlink(missing_ok=True)
-    rc = children.call([sys.executable, "-m", "fwl_scale.eval.streaming", run.config, str(spec.run_dir(run)),
-                        *spec.train_overrides(run), "--windows", str(spec.long_docs["windows"]), "--buckets", "1",
-                        "--docs", str(spec.long_docs["documents"]), "--json", str(path)], store.log_path(spec, run))
+    rc = children.call(fwl_cmd("eval", run.config, str(spec.run_dir(run)), *spec.train_overrides(run), "--stream",
+                               "--windows", str(spec.long_docs["windows"]), "--buckets", "1",
+                               "--max-docs", str(spec.long_docs["documents"]), "--json", str(path)),
+                       store.log_path(spec, run))
     if children.stop_reason is not None:
         return "stopped"
     if rc != 0:
-        return _fail(spec, run, "long documents", f"python -m fwl_scale.eval.streaming exited with {rc}")
+        return _fail(spec, run, "long documents", f"fwl eval --stream exited with {rc}")
     streamed = store.read_json(path)
     if streamed is None:
-        return _fail(spec, run, "long documents", f"python -m fwl_scale.eval.streaming wrote no {path}")
+        return _fail(spec, run, "long documents", f"fwl eval --stream wrote no {path}")
     return streamed
 
 

@@ -65,7 +65,7 @@ class StudySpec:
     out_dir: Path
     eval_batches: int | None = None
     # Stream the first `documents` validation documents that are this long for `windows` windows of
-    # seq_len, the FWL state carried and reset (python -m fwl_scale.eval.streaming); None: not measured.
+    # seq_len, the FWL state carried and reset (fwl eval --stream); None: not measured.
     long_docs: dict[str, int] | None = None
     runs: list[Run] = field(default_factory=list)  # each distinct run once, in the order of the spec
     members: dict[tuple[str, str], list[Run]] = field(default_factory=dict)  # (variant, arm) -> its runs, by seed

@@ -1,5 +1,5 @@
 """The training loop: one DeepSpeed engine for one process or many (tp × cp × dp × pp: the plain engine
-for pp = 1, the pipeline engine for pp > 1, train/parallel_engine.py), validation, metrics, atomic
+for pp = 1, the pipeline engine for pp > 1, train/engine.py), validation, metrics, atomic
 checkpoints with exact resume (and layout-free ones from `fwl ckpt convert`), non-finite-loss skipping,
 and stop-on-signal.
 
@@ -29,10 +29,10 @@ from fwl_scale.eval.perplexity import EvalResult, evaluate_batches
 from fwl_scale.parallel import init_parallel_state
 from fwl_scale.parallel.world import all_reduce_sum
 from fwl_scale.train.carried import CarriedState, carries_state
-from fwl_scale.train.engine import DistInfo, init_distributed, quiet_deepspeed
-from fwl_scale.train.flops import train_flops_per_token
+from fwl_scale.train.distributed import DistInfo, init_distributed, quiet_deepspeed
+from fwl_scale.model.flops import train_flops_per_token
 from fwl_scale.train.metrics import MetricsLog, Throughput, device_name, efficiency, peak_tflops
-from fwl_scale.train.parallel_engine import StepStats, TrainingError, build_training_engine
+from fwl_scale.train.engine import StepStats, TrainingError, build_training_engine
 from fwl_scale.train.signals import EXIT_REQUEUE, StopRequest, stop_file_path
 
 log = logging.getLogger("fwl_scale.train")
@@ -146,7 +146,7 @@ class Trainer:
         # data (the same dp rank) and each keeps its chunk of every sequence (the model slices it).
         self.parallel = init_parallel_state(cfg)
         _seed_everything(cfg.train.seed)  # the same initial weights on every rank (DeepSpeed broadcasts too)
-        # tp/cp: the plain engine with our groups as its mpu; pp > 1: the pipeline engine (parallel_engine.py).
+        # tp/cp: the plain engine with our groups as its mpu; pp > 1: the pipeline engine (engine.py).
         self.te = build_training_engine(cfg, self.parallel, dist)
         self.param_counts = self.te.model.param_counts()
         self.engine, self.scheduler = self.te.engine, self.te.scheduler
@@ -205,7 +205,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ a step
     def train_step(self) -> StepStats:
         """One optimizer step over grad_accum micro-batches; a step with a non-finite loss on any rank is
-        skipped on every rank (the engine's train_step, train/parallel_engine.py)."""
+        skipped on every rank (the engine's train_step, train/engine.py)."""
         return self.te.train_step(self.loader.next_batch, self.carried, self.stop.local)
 
     # ------------------------------------------------------------------------------ validation

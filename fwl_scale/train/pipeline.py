@@ -46,7 +46,7 @@ from fwl_scale.config import Config
 from fwl_scale.model.gpt import GPT, build_model
 from fwl_scale.parallel.layout import ParallelState
 from fwl_scale.parallel.stages import materialize, pipeline_layers, stage_bounds
-from fwl_scale.train.engine import check_layout_implemented
+from fwl_scale.train.distributed import check_layout_implemented
 from fwl_scale.train.pipeline_step import PipelineStep
 
 TIE_KEY = "embed"

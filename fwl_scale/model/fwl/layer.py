@@ -32,11 +32,11 @@ from fwl_scale.model.fwl.fast_weights import ChunkLayout, masked_state
 from fwl_scale.model.fwl.state import (DECAY, FAST_TENSORS, NORMALIZE, FWLState, count_normalisers,
                                        inverse_count)
 from fwl_scale.model.fwl.sums import FastSums
-from fwl_scale.model.parallelize import enter_tp_region, whole_sequence
 from fwl_scale.model.vocab import unembedding_input_grad
 from fwl_scale.parallel.context_parallel import CPContext
 from fwl_scale.parallel.layout import TPContext
 from fwl_scale.parallel.mappings import copy_to_tp, reduce_from_tp
+from fwl_scale.parallel.regions import enter_tp_region, whole_sequence
 from fwl_scale.parallel.shards import init_normal_, set_replicated, set_sharded, tp_rank, tp_size
 
 # The ones whose sums (and fast updates) are sharded or partial under tensor parallelism.

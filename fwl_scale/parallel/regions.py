@@ -1,6 +1,7 @@
-"""Where the model runs: the placement of its tensors under tensor, sequence and context parallelism,
-apart from the math (gpt.py, fwl.py) — in the spirit of torchtitan's model.py / parallelize.py split.
-docs/design.md §3.2 gives the reasons.
+"""Where the model's tensors live under tensor, sequence and context parallelism, and the helpers the model
+calls at the edge of a tensor-parallel region (enter_tp_region, whole_sequence) and to find which parallel
+contexts it is built with (tp_context_of, cp_context_of). The math (model/gpt.py, model/fwl.py) calls
+these and knows nothing else of placement; docs/design.md §3.2-3.3 gives the reasons.
 
 The FWL under tensor parallelism (a TPContext):
 * W1 (and b1) column-parallel over the hidden width 4s, W2 row-parallel; b2, alpha, beta, the step
@@ -22,7 +23,7 @@ The FWL under context parallelism (a CPContext, orthogonal to tp): each rank hol
 every sequence ([B, T/cp, d], under sequence parallelism [B, T/(cp·tp), d]); labels and document ids are
 the whole sequence on every rank; u' is this rank's chunk. After the slow pass every key and value of
 the six running sums exists, so the state entering the rank is exchanged once for the whole block before
-any fast computation (fwl_sums.py, fwl_cp.py):
+any fast computation (model/fwl/sums.py, model/fwl/context_parallel.py):
 * `state`: each rank's contribution is its sums after its last document start (the first rank's include
   a carried state), flagged where a document starts on it; one `exclusive_state_scan` (segmented
   exclusive scan, reverse scan in backward) gives every rank its entering state;

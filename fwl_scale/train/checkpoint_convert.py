@@ -33,8 +33,8 @@ from fwl_scale.checkpoint.universal import UniversalReader, save_safetensors, wr
 from fwl_scale.parallel.spawned import exit_spawned_rank
 from fwl_scale.config import Config, ConfigError, config_from_dict, config_to_nested
 from fwl_scale.parallel import init_parallel_state
-from fwl_scale.train.engine import free_port, init_distributed, quiet_deepspeed
-from fwl_scale.train.parallel_engine import build_training_engine
+from fwl_scale.train.distributed import free_port, init_distributed, quiet_deepspeed
+from fwl_scale.train.engine import build_training_engine
 
 
 def _source_config(ref: CheckpointRef) -> Config:

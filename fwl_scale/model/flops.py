@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fwl_scale.config import ModelConfig
+from fwl_scale.model.fwl import fast_chunk
 
 
 @dataclass
@@ -59,23 +60,10 @@ def linear_attention_fwd(key: int, value: int, chunk: int, seq_len: int) -> floa
     return flops
 
 
-def fast_chunk(cfg: ModelConfig) -> int:
-    """The token chunk the FWL's fast pass uses at model.seq_len: the rule of
-    `FastWeightLayer.chunk_for` (quadratic = one chunk of T; auto stays quadratic up to
-    T = C + 2 dk dv / (dk + dv) of W1's attention, dk = d, dv = h)."""
-    T, C = cfg.seq_len, cfg.fwl.chunk_size
-    if cfg.fwl.form == "quadratic":
-        return T
-    if cfg.fwl.form == "chunked":
-        return C
-    dk, dv = cfg.d_model, cfg.fwl.hidden_mult * cfg.fwl_width
-    return T if T <= C + 2 * dk * dv / (dk + dv) else C
-
-
 def fwl_fwd_per_token(cfg: ModelConfig) -> float:
     d, s, V, T = cfg.d_model, cfg.fwl_width, cfg.vocab_size, cfg.seq_len
     h = cfg.fwl.hidden_mult * s
-    chunk = fast_chunk(cfg)
+    chunk = fast_chunk(cfg.fwl_resolved, cfg.d_model, cfg.seq_len)
     slow = 2 * d * h + 2 * h * s + 2 * s * V
     slow_backward = 2 * s * V + 2 * h * s
     fast = 2 * h * s + 2 * s * V + linear_attention_fwd(d, h, chunk, T) + linear_attention_fwd(h, s, chunk, T)
@@ -91,7 +79,7 @@ def decayed_counts_fwd_per_token(cfg: ModelConfig) -> float:
     """The normaliser's decayed counts (model/fast_weights.causal_count with a decay), see above."""
     if cfg.fwl.normalize != "mean" or cfg.fwl.decay == "none":
         return 0.0
-    return float(2 * min(fast_chunk(cfg), cfg.seq_len) * NORMALISED_TENSORS + 2 * NORMALISED_TENSORS)
+    return float(2 * min(fast_chunk(cfg.fwl_resolved, cfg.d_model, cfg.seq_len), cfg.seq_len) * NORMALISED_TENSORS + 2 * NORMALISED_TENSORS)
 
 
 def train_flops_per_token(cfg: ModelConfig) -> FlopCount:

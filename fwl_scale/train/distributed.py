@@ -1,0 +1,159 @@
+"""Process-group start-up: the layout and compile checks made before any work, the environment a launcher
+(or a single process) gives torch.distributed, and the group itself (gloo on CPU, nccl on CUDA) through
+DeepSpeed. The engine built on it is train/deepspeed_setup.py (DeepSpeed's side) and train/engine.py (ours).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fwl_scale.config import Config, ConfigError, check_layout
+from fwl_scale.device import resolve_device
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    dp: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def check_layout_implemented(cfg: Config) -> None:
+    """Refuses, before any work, the combinations of the layout this trainer does not run (yet)."""
+    p = cfg.parallel
+    # pp × cp and pp × carried state (also with tp) run and are tested against one process
+    # (tests/test_engine_parallel.py, tests/test_pipeline_cp.py); pp × cp × tp needs 8 ranks to test, so it
+    # is refused rather than served unchecked.
+    if p.pp > 1 and p.cp > 1 and p.tp > 1:
+        raise ConfigError(f"parallel.tp: pipeline × context × tensor parallelism (pp={p.pp}, cp={p.cp}, tp={p.tp}) "
+                          "is not supported yet (pp × cp and pp × tp are); drop one of the three")
+    if p.pp > 1 and cfg.train.bf16 and p.zero_stage == 0:
+        raise ConfigError("parallel.zero_stage: pipeline parallelism with train.bf16 needs zero_stage 1: without "
+                          "ZeRO, DeepSpeed's bf16 optimizer cannot load the checkpoints it writes under the pipeline "
+                          "engine (DeepSpeed 0.19: its optimizer state is saved per data-parallel rank but loaded "
+                          "as one), so the run could not be resumed")
+    if p.pp > 1 and cfg.model.positions == "learned":
+        raise ConfigError("model.positions: learned position embeddings are not in the pipeline's first stage "
+                          "(train/pipeline.py EmbedStage) yet; use parallel.pp: 1")
+
+
+def check_compile(cfg: Config, device: torch.device) -> None:
+    """Refuses, before any work, train.compile where it is not supported: the compiled modules are tested
+    in one process and under plain data parallelism with ZeRO 0-2 (tests/test_compile.py). Tensor and
+    context parallelism run collectives inside the blocks and the FWL, the pipeline engine builds its own
+    stage modules, and ZeRO-3 gathers parameters in hooks of every submodule, inside what would be traced."""
+    if not cfg.train.compile:
+        return
+    p = cfg.parallel
+    for fld, value, why in (("parallel.tp", p.tp, "tensor parallelism"), ("parallel.cp", p.cp, "context parallelism"),
+                            ("parallel.pp", p.pp, "pipeline parallelism")):
+        if value > 1:
+            raise ConfigError(f"train.compile: not supported with {why} ({fld}={value}) yet; "
+                              "use train.compile=false or a layout without it")
+    if p.zero_stage == 3:
+        raise ConfigError("train.compile: not supported with parallel.zero_stage=3 (its parameter-gathering hooks "
+                          "would run inside the compiled modules); use zero_stage 0-2 or train.compile=false")
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        raise ConfigError("train.compile: torch.compile's Inductor backend needs a C++ compiler on CPU and none was "
+                          "found (set CXX or install g++); or use train.compile=false")
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a rendezvous of processes started here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed's INFO lines drown our progress output; FWL_DEBUG=1 keeps them."""
+    if os.environ.get("FWL_DEBUG"):
+        return
+    # Not at module level: DeepSpeed picks its accelerator on import (see init_distributed).
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment: {name}={raw!r} is not an integer") from None
+
+
+def prepare_environment(device: torch.device) -> tuple[int, int, int]:
+    """Fills in what torch.distributed's env:// rendezvous needs for a single process, and checks what a
+    launcher (torchrun, our Slurm scripts exporting SLURM_* as RANK etc.) provides. Without RANK and
+    WORLD_SIZE DeepSpeed would try MPI discovery and fail (docs/design.md §3.1). Returns (rank, world, local_rank)."""
+    world = _env_int("WORLD_SIZE")
+    rank = _env_int("RANK")
+    if world is None and rank is None:
+        world, rank = 1, 0
+        os.environ["WORLD_SIZE"], os.environ["RANK"] = "1", "0"
+    elif world is None or rank is None:
+        missing = "WORLD_SIZE" if world is None else "RANK"
+        raise ConfigError(f"environment: RANK and WORLD_SIZE go together, {missing} is missing")
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"environment: RANK={rank} is outside WORLD_SIZE={world}")
+    local_rank = _env_int("LOCAL_RANK")
+    if local_rank is None:
+        n_local = torch.cuda.device_count() if device.type == "cuda" else 1
+        local_rank = rank % max(1, n_local) if world > 1 else 0
+        os.environ["LOCAL_RANK"] = str(local_rank)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if not os.environ.get("MASTER_PORT"):
+        if world > 1:
+            raise ConfigError(f"environment: MASTER_PORT must be set when WORLD_SIZE={world} > 1 "
+                              "(every rank has to meet at the same address and port)")
+        os.environ["MASTER_PORT"] = str(free_port())
+    # DeepSpeed compiles its CPU shared-memory communication op on first use; keep the build inside the
+    # repository's ignored .cache/ unless the user chose a place.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    # DeepSpeed picks its accelerator once, at first use; on a machine without CUDA say CPU explicitly.
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return rank, world, local_rank
+
+
+def init_distributed(cfg: Config) -> DistInfo:
+    """Starts (or joins an already started) process group: gloo on CPU, nccl on CUDA."""
+    check_layout_implemented(cfg)
+    device = resolve_device(cfg)
+    check_compile(cfg, device)
+    rank, world, local_rank = prepare_environment(device)
+    dp = check_layout(cfg, world)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    import deepspeed  # after the environment is set: the accelerator is chosen on first use
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    else:
+        # Already up (several trainings in one process, e.g. tests): DeepSpeed only wraps it.
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   dist_init_required=False)
+        if torch.distributed.get_world_size() != world:
+            raise ConfigError(f"environment: WORLD_SIZE={world} but the running process group has "
+                              f"{torch.distributed.get_world_size()} ranks")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, dp=dp, device=device, backend=backend)
