@@ -293,10 +293,11 @@ class Config:
 
 
 def check_layout(cfg: Config, world_size: int | None = None, source: str = "config") -> int | None:
-    """Every rule a parallel layout (tp × cp × dp × pp, ZeRO stage, sequence parallelism) must meet, in
-    one place. Without a world size, the rules of the config alone (Config.validate runs them when a
-    config is loaded); with one, also those only a launch can break, and dp is returned. What the
-    trainer does not run yet is train/distributed.py's check_layout_implemented."""
+    """Every rule a parallel layout (tp × cp × dp × pp, ZeRO stage, sequence parallelism, and what the
+    trainer does not run in a layout yet) must meet, in one place, reading the config alone. Without a world
+    size, the rules of the config (Config.validate runs them when a config is loaded, so the launcher's
+    pre-flight, `fwl layout`, `fwl plan` and the trainer refuse the same layouts); with one, also those only
+    a launch can break, and dp is returned."""
     m, p = cfg.model, cfg.parallel
 
     def need(ok: bool, fld: str, why: str) -> None:
@@ -322,6 +323,31 @@ def check_layout(cfg: Config, world_size: int | None = None, source: str = "conf
          f"model.seq_len ({m.seq_len}) must be divisible by parallel.tp × parallel.cp ({p.tp} × {p.cp}): "
          f"each context-parallel chunk is split over the tensor-parallel ranks")
     need(m.seq_len % p.cp == 0, "parallel.cp", f"must divide model.seq_len ({m.seq_len})")
+    # Not run by the trainer yet. pp × cp and pp × tp run and are tested against one process
+    # (tests/test_engine_parallel.py, tests/test_pipeline_cp.py); pp × cp × tp needs 8 ranks to test, so it is
+    # refused rather than served unchecked.
+    need(not (p.pp > 1 and p.cp > 1 and p.tp > 1), "parallel.tp",
+         f"pipeline × context × tensor parallelism (pp={p.pp}, cp={p.cp}, tp={p.tp}) is not supported yet "
+         "(pp × cp and pp × tp are); drop one of the three")
+    need(not (p.pp > 1 and cfg.train.bf16 and p.zero_stage == 0), "parallel.zero_stage",
+         "pipeline parallelism with train.bf16 needs zero_stage 1: without ZeRO, DeepSpeed's bf16 optimizer "
+         "cannot load the checkpoints it writes under the pipeline engine (DeepSpeed 0.19: its optimizer state "
+         "is saved per data-parallel rank but loaded as one), so the run could not be resumed")
+    need(not (p.pp > 1 and m.positions == "learned"), "model.positions",
+         "learned position embeddings are not in the pipeline's first stage (train/pipeline.py EmbedStage) "
+         "yet; use parallel.pp: 1")
+    # train.compile is tested in one process and under plain data parallelism with ZeRO 0-2
+    # (tests/test_compile.py): tensor and context parallelism run collectives inside the blocks and the FWL,
+    # the pipeline engine builds its own stage modules, and ZeRO-3 gathers parameters in hooks of every
+    # submodule, inside what would be traced.
+    if cfg.train.compile:
+        for fld, value, why in (("parallel.tp", p.tp, "tensor parallelism"), ("parallel.cp", p.cp, "context parallelism"),
+                                ("parallel.pp", p.pp, "pipeline parallelism")):
+            need(value == 1, "train.compile", f"not supported with {why} ({fld}={value}) yet; use "
+                                              "train.compile=false or a layout without it")
+        need(p.zero_stage != 3, "train.compile", "not supported with parallel.zero_stage=3 (its parameter-gathering "
+                                                 "hooks would run inside the compiled modules); use zero_stage 0-2 "
+                                                 "or train.compile=false")
     if world_size is None:
         return None
     mp = p.tp * p.cp * p.pp

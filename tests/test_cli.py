@@ -80,3 +80,21 @@ def test_fwl_layout_is_the_launchers_plan_layout():
     new = run_fwl("layout", config, "model.n_heads=3", "model.d_model=48", "parallel.tp=3", *ALLOCATION, timeout=60)
     assert old.returncode == new.returncode == 2
     assert new.stderr == old.stderr and "layout does not fit the allocation" in new.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.pp=2", "parallel.cp=2", "parallel.tp=2"], "parallel.tp: pipeline × context × tensor parallelism"),
+    (["parallel.pp=2", "train.bf16=true", "parallel.zero_stage=0"],
+     "parallel.zero_stage: pipeline parallelism with train.bf16 needs zero_stage 1"),
+    (["parallel.pp=2", "model.positions=learned"], "model.positions: learned position embeddings"),
+    (["train.compile=true", "parallel.tp=2"], "train.compile: not supported with tensor parallelism"),
+    (["train.compile=true", "parallel.cp=2"], "train.compile: not supported with context parallelism"),
+    (["train.compile=true", "parallel.pp=2"], "train.compile: not supported with pipeline parallelism"),
+    (["train.compile=true", "parallel.zero_stage=3"], "train.compile: not supported with parallel.zero_stage=3"),
+])
+def test_what_the_trainer_refuses_is_refused_at_pre_flight(overrides, message):
+    """The launchers' pre-flight (launchers/plan_layout.py, run by common.sh before any rank starts) refuses
+    every layout the trainer would refuse once the allocation runs: exit 2, one message naming the field."""
+    proc = subprocess.run([sys.executable, str(REPO / "launchers" / "plan_layout.py"), "--config", "configs/tiny.yaml",
+                           *ALLOCATION, "--", *overrides], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and not proc.stdout, (proc.stdout, proc.stderr)

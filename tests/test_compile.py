@@ -22,7 +22,7 @@ import torch
 from fwl_scale.config import ConfigError
 from fwl_scale.model import build_model
 from fwl_scale.train.deepspeed_setup import compile_model
-from fwl_scale.train.distributed import check_compile
+from fwl_scale.train.distributed import check_compile_toolchain
 from fwl_scale.train.loop import Trainer
 from fwl_scale.train.signals import EXIT_REQUEUE
 from tests.train_support import step_losses, tiny_config
@@ -126,9 +126,8 @@ def test_compiled_training_equals_eager_and_resumes(tmp_path):
                                             ("parallel.pp=2", "parallel.pp"),
                                             ("parallel.zero_stage=3", "parallel.zero_stage=3")])
 def test_compile_refuses_unsupported_layouts(tmp_path, override, field):
-    cfg = tiny_config(tmp_path, "train.compile=true", override)
-    with pytest.raises(ConfigError, match=rf"train\.compile: .*{field}"):
-        check_compile(cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=rf"train\.compile: .*{field}"):  # as the config is read
+        tiny_config(tmp_path, "train.compile=true", override)
 
 
 def test_compile_needs_a_cpp_compiler_on_cpu(tmp_path, monkeypatch):
@@ -136,5 +135,5 @@ def test_compile_needs_a_cpp_compiler_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "g++")
     cfg = tiny_config(tmp_path, "train.compile=true")
     with pytest.raises(ConfigError, match="train.compile: .*C\\+\\+ compiler"):
-        check_compile(cfg, torch.device("cpu"))
-    check_compile(tiny_config(tmp_path), torch.device("cpu"))  # eager needs none
+        check_compile_toolchain(cfg, torch.device("cpu"))
+    check_compile_toolchain(tiny_config(tmp_path), torch.device("cpu"))  # eager needs none

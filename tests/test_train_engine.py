@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from fwl_scale.config import ConfigError, load_config
+from fwl_scale.config import ConfigError, check_layout, load_config
 from fwl_scale.model import build_model
 from fwl_scale.train.deepspeed_setup import deepspeed_config, lr_factor, param_groups
-from fwl_scale.train.distributed import check_layout_implemented
 from fwl_scale.model.flops import train_flops_per_token
 from fwl_scale.model.fwl import fast_chunk
 from fwl_scale.train.loop import Trainer
@@ -116,13 +115,14 @@ def test_layouts_the_trainer_does_not_run_are_refused():
                  ["parallel.pp=2", "parallel.cp=2"], ["parallel.pp=2", "data.mode=contiguous"],
                  ["parallel.pp=2", "parallel.cp=2", "data.mode=contiguous"],
                  ["parallel.tp=2", "parallel.pp=2", "data.mode=contiguous"]):
-        check_layout_implemented(load_config(None, over))  # implemented: no error
+        check_layout(load_config(None, over))  # implemented: no error
+    # Refused as the config is read (Config.validate runs check_layout), before any work.
     with pytest.raises(ConfigError, match=r"parallel\.tp: pipeline × context × tensor parallelism \(pp=2, cp=2, "
                                           r"tp=2\) is not supported"):
-        check_layout_implemented(load_config(None, ["parallel.pp=2", "parallel.cp=2", "parallel.tp=2"]))
+        load_config(None, ["parallel.pp=2", "parallel.cp=2", "parallel.tp=2"])
     with pytest.raises(ConfigError, match=r"parallel\.zero_stage: pipeline parallelism with train.bf16 needs"):
-        check_layout_implemented(load_config(None, ["parallel.pp=2", "train.bf16=true"]))
-    check_layout_implemented(load_config(None, ["parallel.pp=2", "train.bf16=true", "parallel.zero_stage=1"]))
+        load_config(None, ["parallel.pp=2", "train.bf16=true"])
+    check_layout(load_config(None, ["parallel.pp=2", "train.bf16=true", "parallel.zero_stage=1"]))
 
 
 def test_flop_count():

@@ -1,8 +1,7 @@
 """`fwl plan CONFIG --gpus N --gpu-memory 80GiB`: the layouts that fit, ranked by predicted step time.
 
 Every layout (tp, cp, pp, dp, ZeRO stage, micro batch, gradient accumulation, activation checkpointing)
-of the allocation is checked by the rules the trainer applies (config.check_layout,
-train/engine.check_layout_implemented), then by the memory model (plan/memory.py) against the GPU's
+of the allocation is checked by the rules the trainer applies (config.check_layout), then by the memory model (plan/memory.py) against the GPU's
 memory less a headroom; each refusal keeps its reason.
 
 Predicted step time (a ranking, not a promise):
@@ -150,13 +149,9 @@ def candidates(cfg: Config, hw: Hardware, global_batch: int) -> list[Layout]:
 
 
 def judge(cfg: Config, lay: Layout, hw: Hardware) -> Verdict:
-    # Function-level: the trainer's own refusals live beside the engine, which imports torch.
-    from fwl_scale.train.distributed import check_layout_implemented
-
     trial = apply(cfg, lay)
     try:
         check_layout(trial, hw.gpus, source="layout")
-        check_layout_implemented(trial)
     except ConfigError as e:
         return Verdict(lay, None, None, str(e).removeprefix("layout: "))
     if lay.tp > hw.gpus_per_node:

@@ -33,41 +33,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def check_layout_implemented(cfg: Config) -> None:
-    """Refuses, before any work, the combinations of the layout this trainer does not run (yet)."""
-    p = cfg.parallel
-    # pp × cp and pp × carried state (also with tp) run and are tested against one process
-    # (tests/test_engine_parallel.py, tests/test_pipeline_cp.py); pp × cp × tp needs 8 ranks to test, so it
-    # is refused rather than served unchecked.
-    if p.pp > 1 and p.cp > 1 and p.tp > 1:
-        raise ConfigError(f"parallel.tp: pipeline × context × tensor parallelism (pp={p.pp}, cp={p.cp}, tp={p.tp}) "
-                          "is not supported yet (pp × cp and pp × tp are); drop one of the three")
-    if p.pp > 1 and cfg.train.bf16 and p.zero_stage == 0:
-        raise ConfigError("parallel.zero_stage: pipeline parallelism with train.bf16 needs zero_stage 1: without "
-                          "ZeRO, DeepSpeed's bf16 optimizer cannot load the checkpoints it writes under the pipeline "
-                          "engine (DeepSpeed 0.19: its optimizer state is saved per data-parallel rank but loaded "
-                          "as one), so the run could not be resumed")
-    if p.pp > 1 and cfg.model.positions == "learned":
-        raise ConfigError("model.positions: learned position embeddings are not in the pipeline's first stage "
-                          "(train/pipeline.py EmbedStage) yet; use parallel.pp: 1")
-
-
-def check_compile(cfg: Config, device: torch.device) -> None:
-    """Refuses, before any work, train.compile where it is not supported: the compiled modules are tested
-    in one process and under plain data parallelism with ZeRO 0-2 (tests/test_compile.py). Tensor and
-    context parallelism run collectives inside the blocks and the FWL, the pipeline engine builds its own
-    stage modules, and ZeRO-3 gathers parameters in hooks of every submodule, inside what would be traced."""
+def check_compile_toolchain(cfg: Config, device: torch.device) -> None:
+    """train.compile on this machine: Inductor needs a C++ compiler on CPU. (Which layouts compile runs
+    in is a rule of the config, config.check_layout.)"""
     if not cfg.train.compile:
         return
-    p = cfg.parallel
-    for fld, value, why in (("parallel.tp", p.tp, "tensor parallelism"), ("parallel.cp", p.cp, "context parallelism"),
-                            ("parallel.pp", p.pp, "pipeline parallelism")):
-        if value > 1:
-            raise ConfigError(f"train.compile: not supported with {why} ({fld}={value}) yet; "
-                              "use train.compile=false or a layout without it")
-    if p.zero_stage == 3:
-        raise ConfigError("train.compile: not supported with parallel.zero_stage=3 (its parameter-gathering hooks "
-                          "would run inside the compiled modules); use zero_stage 0-2 or train.compile=false")
     if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
         raise ConfigError("train.compile: torch.compile's Inductor backend needs a C++ compiler on CPU and none was "
                           "found (set CXX or install g++); or use train.compile=false")
@@ -136,9 +106,9 @@ def prepare_environment(device: torch.device) -> tuple[int, int, int]:
 
 def init_distributed(cfg: Config) -> DistInfo:
     """Starts (or joins an already started) process group: gloo on CPU, nccl on CUDA."""
-    check_layout_implemented(cfg)
+    check_layout(cfg)
     device = resolve_device(cfg)
-    check_compile(cfg, device)
+    check_compile_toolchain(cfg, device)
     rank, world, local_rank = prepare_environment(device)
     dp = check_layout(cfg, world)
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -42,11 +42,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from fwl_scale.config import Config
+from fwl_scale.config import Config, check_layout
 from fwl_scale.model.gpt import GPT, build_model
 from fwl_scale.parallel.layout import ParallelState
 from fwl_scale.parallel.stages import materialize, pipeline_layers, stage_bounds
-from fwl_scale.train.distributed import check_layout_implemented
 from fwl_scale.train.pipeline_step import PipelineStep
 
 TIE_KEY = "embed"
@@ -191,7 +190,7 @@ def build_pipeline_model(cfg: Config, ps: ParallelState) -> PipelineModel:
     first (as for build_model): the stages then hold the single-process model's values."""
     from deepspeed.pipe import PipelineModule  # (DeepSpeed: see layer_specs)
 
-    check_layout_implemented(cfg)
+    check_layout(cfg)
     import deepspeed  # (see layer_specs)
 
     if not deepspeed.comm.is_initialized():  # PipelineModule uses DeepSpeed's communication layer at once
