@@ -17,6 +17,8 @@ compilation; its wall time is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import logging
 import os
@@ -54,10 +56,11 @@ class StepTimer:
     """One model in the DeepSpeed engine with a fixed random batch; `step(mode)` times one training step.
     `backend`: None (eager only) or torch.compile's backend for train/deepspeed_setup.py's compile_model; a compiled
     model also runs eager steps (torch.compiler.set_stance("force_eager")), so that eager and compiled
-    steps of the same model alternate and a change of machine load affects both alike."""
+    steps of the same model alternate and a change of machine load affects both alike. set_stance needs
+    torch >= 2.6, so only a compiled model's steps use it: eager-only runs work on the whole declared range."""
 
     def __init__(self, cfg: Config, dist: DistInfo, backend: str | None):
-        self.cfg, self.device = cfg, dist.device
+        self.cfg, self.device, self.compiled = cfg, dist.device, backend is not None
         torch.manual_seed(0)
         model = build_model(cfg.model)
         model.set_activation_checkpointing(cfg.train.activation_checkpointing)
@@ -73,11 +76,20 @@ class StepTimer:
         self.total: dict[str, list[float]] = {"eager": [], "compiled": []}
         self.first: dict[str, float] = {}  # the first step's wall time (compiled: the compilation)
 
+    def close(self) -> None:
+        """Frees the engine's parameters, optimizer state and buffers before the next shape is built: a
+        deleted DeepSpeed engine stays alive through its hooks until destroyed."""
+        self.engine.destroy()
+        del self.engine, self.batch
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def step(self, mode: str, record: bool) -> None:
         stance = "force_eager" if mode == "eager" else "default"
         sync(self.device)
         t0 = time.perf_counter()
-        with torch.compiler.set_stance(stance):
+        with torch.compiler.set_stance(stance) if self.compiled else contextlib.nullcontext():
             out = self.engine(*self.batch)
             self.engine.backward(out.loss)
         sync(self.device)
@@ -124,6 +136,9 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows and the ratios here")
     args = ap.parse_args()
     shapes = [s for s in args.shapes.split(",") if s]
+    if args.compile != "off" and not hasattr(torch.compiler, "set_stance"):
+        ap.error(f"--compile {args.compile} needs torch >= 2.6 (torch.compiler.set_stance alternates eager and "
+                 f"compiled steps of one model); this is torch {torch.__version__}")
     for s in shapes:
         if s not in SHAPES:
             raise SystemExit(f"--shapes: unknown shape {s!r} (known: {', '.join(SHAPES)})")
@@ -182,6 +197,8 @@ def main() -> None:
             summary.append({"shape": name, "mode": mode, "fwd_bwd_ratio": f["fwd_bwd_s"] / b["fwd_bwd_s"],
                             "step_ratio": f["step_s"] / b["step_s"],
                             "analytic_ratio": f["flops_per_token"] / b["flops_per_token"]})
+        for timer in timers.values():
+            timer.close()
         del timers
     print("(TFLOP/s: analytic FLOPs over the forward+backward time; the step adds the optimizer, whose cost\n"
           " grows with the parameter count, not with tokens; first s: the first warm-up step, compilation included)")
