@@ -205,6 +205,12 @@ class TrainConfig:
     max_nonfinite_in_row: int = 5
     device: str = "auto"  # auto | cpu | cuda
     peak_tflops: float | None = None  # per device; None: from the device table
+    # How long a collective of the job's process group may wait for its slowest rank before the job fails
+    # (NCCL and gloo alike; DeepSpeed's default).
+    collective_timeout_s: float = 600.0
+    # How long the other ranks wait for rank 0 to prepare the tokenizer and shards on first use (a large
+    # corpus takes hours): a wait of its own, outside the collective timeout above.
+    data_prep_timeout_s: float = 86400.0
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -283,6 +289,8 @@ class Config:
         need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
         need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         need(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+        need(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0")
+        need(t.data_prep_timeout_s > 0, "train.data_prep_timeout_s", "must be > 0")
         need(t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
         need(t.wandb.mode in ("offline", "online", "disabled"), "train.wandb.mode",
              "must be offline, online or disabled")

@@ -24,6 +24,7 @@ TEST_HOLD_ENV = "FWL_TEST_HOLD"
 # The named places where a test may signal the process, with what has been written when it is reached.
 SIGNAL_POINTS = {
     # The trainer asks once before step 1, then at the end of each step: the k-th time is after step k - 1.
+    "data_ready": "rank 0's tokenizer and shards prepared (or found), the other ranks not yet told",
     "step": "the trainer asking whether this rank was asked to stop, before the collective decision",
     "shard_tar": "a shard's tar renamed into place, its sidecar not yet written",
     "ckpt_data": "a checkpoint's model/optimizer files (and carried state) written, no marker",

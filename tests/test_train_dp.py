@@ -5,6 +5,8 @@ run continues exactly, with dp=2 and also with dp=1; bf16 training at dp=2 follo
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch
 from fwl_scale.checkpoint.native import find_latest
 from fwl_scale.checkpoint.weights import load_model_weights
 from fwl_scale.train.loop import Trainer
-from fwl_scale.signal_points import TEST_SIGNAL_ENV
+from fwl_scale.signal_points import TEST_HOLD_ENV, TEST_SIGNAL_ENV
 from fwl_scale.train.signals import EXIT_REQUEUE
 from tests.test_train_nonfinite import poison
 from tests.train_support import launch_ranks, records, step_losses, tiny_config
@@ -136,3 +138,29 @@ def test_bad_data_on_rank_0_stops_every_rank(tmp_path):
                            timeout=120)
     assert results[0][0] == 2 and "empty.jsonl" in results[0][1], results[0][1][-2000:]
     assert results[1][0] == 2 and "data preparation failed on rank 0" in results[1][1], results[1][1][-2000:]
+
+
+def test_a_slow_data_preparation_outlasts_the_collective_timeout(tmp_path):
+    """Rank 0 held once its data is prepared, well past train.collective_timeout_s while rank 1 waits for
+    it: the wait has its own group and timeout (train.data_prep_timeout_s), so the run trains to its end.
+    On the job's group rank 1's collective would end the job after the timeout (NCCL: an abort)."""
+    hold = tmp_path / "release"
+    timeout_s = 10
+    releaser = threading.Thread(target=_release_after, args=(hold, 3 * timeout_s), daemon=True)
+    releaser.start()
+    results = launch_ranks(tmp_path / "run", *DP2, "train.steps=2", f"train.collective_timeout_s={timeout_s}",
+                           rank_env={0: {TEST_HOLD_ENV: f"data_ready@1:{hold}"}}, timeout=300)
+    releaser.join()
+    assert hold.with_name("release.reached").exists()
+    for code, log in results:
+        assert code == 0, log[-3000:]
+    assert sorted(step_losses(tmp_path / "run")) == [1, 2]
+
+
+def _release_after(hold, seconds: float) -> None:
+    """Releases the hold `seconds` after rank 0 reached it (rank 1 is waiting for it all that time)."""
+    reached = hold.with_name(hold.name + ".reached")
+    while not reached.exists():
+        time.sleep(0.1)
+    time.sleep(seconds)
+    hold.touch()

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -118,7 +119,8 @@ def init_distributed(cfg: Config) -> DistInfo:
     import deepspeed  # after the environment is set: the accelerator is chosen on first use
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     else:
         # Already up (several trainings in one process, e.g. tests): DeepSpeed only wraps it.
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,

@@ -26,13 +26,14 @@ from fwl_scale.checkpoint.universal import load_universal
 from fwl_scale.config import Config, ConfigError, dump_config
 from fwl_scale.data import TrainLoader, prepare_data, valid_batches
 from fwl_scale.eval.perplexity import EvalResult, evaluate_batches
+from fwl_scale.model.flops import train_flops_per_token
 from fwl_scale.parallel import init_parallel_state
-from fwl_scale.parallel.world import all_reduce_sum
+from fwl_scale.parallel.world import LongWait
+from fwl_scale.signal_points import signal_point
 from fwl_scale.train.carried import CarriedState, carries_state
 from fwl_scale.train.distributed import DistInfo, init_distributed, quiet_deepspeed
-from fwl_scale.model.flops import train_flops_per_token
-from fwl_scale.train.metrics import MetricsLog, Throughput, device_name, efficiency, peak_tflops
 from fwl_scale.train.engine import StepStats, TrainingError, build_training_engine
+from fwl_scale.train.metrics import MetricsLog, Throughput, device_name, efficiency, peak_tflops
 from fwl_scale.train.signals import EXIT_REQUEUE, StopRequest, stop_file_path
 
 log = logging.getLogger("fwl_scale.train")
@@ -128,16 +129,18 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         # Tokenizer and shards: rank 0 builds them (idempotent), the others wait and then only find them.
         # A failure on rank 0 is shared, so the other ranks stop too instead of waiting for it forever.
+        wait = LongWait(cfg.train.data_prep_timeout_s)
         failure: Exception | None = None
         if dist.is_main:
             try:
                 self.paths = prepare_data(cfg)
+                signal_point("data_ready")
             except Exception as e:
                 failure = e
-        failed = all_reduce_sum(torch.tensor([1.0 if failure else 0.0], device=self.device))
+        failed = wait.any(failure is not None)
         if failure is not None:
             raise failure
-        if float(failed.item()) > 0:
+        if failed:
             raise ConfigError(f"rank {dist.rank}: data preparation failed on rank 0 (its error says why)")
         if not dist.is_main:
             self.paths = prepare_data(cfg)
