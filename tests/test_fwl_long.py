@@ -23,7 +23,7 @@ from fwl_scale.config import ConfigError, config_to_nested, load_config
 from fwl_scale.model import build_model
 from fwl_scale.model.fwl.fast_weights import causal_count, causal_cumsum, causal_linear_attention
 from fwl_scale.model.fwl import FAST_TENSORS, FWLState
-from fwl_scale.model.fwl.naive import naive_causal_linear_attention, naive_fwl_logits
+from fwl_scale.model.fwl.naive import naive_causal_cumsum, naive_causal_linear_attention, naive_fwl_logits
 from fwl_scale.train.carried import CarriedState
 from fwl_scale.checkpoint.native import CheckpointError, CheckpointRef, check_compatible
 from fwl_scale.train.loop import Trainer
@@ -68,10 +68,9 @@ def test_decayed_state_operator_matches_loop(chunk):
         assert _rel(a, b) < TOL, name
     assert g_ref[-1].abs() > 1e-3  # λ matters
 
-    ones = torch.ones(B, T, 1, dtype=torch.float64)
     out, st = causal_cumsum(v, reset, s0[:, 0], chunk_size=chunk, log_decay=log_decay)
-    ref, ref_st = naive_causal_linear_attention(ones, ones, v, reset, s0[:, :1], log_decay=log_decay)
-    assert _rel(out, ref) < TOL and _rel(st, ref_st[:, 0]) < TOL
+    ref, ref_st = naive_causal_cumsum(v, reset, s0[:, 0], log_decay=log_decay)
+    assert _rel(out, ref) < TOL and _rel(st, ref_st) < TOL
     g = torch.autograd.grad((out * w).sum() + st.sum(), [v, s0, log_decay])
     g_ref = torch.autograd.grad((ref * w).sum() + ref_st.sum(), [v, s0, log_decay])
     for a, b in zip(g, g_ref):
@@ -81,9 +80,8 @@ def test_decayed_state_operator_matches_loop(chunk):
     n0 = torch.tensor([3.0, 0.5], dtype=torch.float64)
     for decay in (None, log_decay):
         n, n_out = causal_count(weights, reset, n0, chunk, decay)
-        ref, ref_st = naive_causal_linear_attention(ones, ones, weights[..., None], reset, n0[:, None, None],
-                                                    log_decay=decay)
-        assert _rel(n, ref[..., 0]) < TOL and _rel(n_out, ref_st[:, 0, 0]) < TOL
+        ref, ref_st = naive_causal_cumsum(weights[..., None], reset, n0[:, None], log_decay=decay)
+        assert _rel(n, ref[..., 0]) < TOL and _rel(n_out, ref_st[:, 0]) < TOL
     g = torch.autograd.grad((n * w[..., 0]).sum() + n_out.sum(), [log_decay])
     g_ref = torch.autograd.grad((ref[..., 0] * w[..., 0]).sum() + ref_st.sum(), [log_decay])
     assert _rel(g[0], g_ref[0]) < TOL

@@ -94,3 +94,12 @@ def naive_causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, r
         outs.append(torch.stack(rows))
         state_out.append(S)
     return torch.stack(outs), torch.stack(state_out)
+
+
+def naive_causal_cumsum(v_btd: Tensor, reset_bt: Tensor, state_bd: Tensor | None = None,
+                        log_decay: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Reference of causal_cumsum: the loop above with a key and a query of 1 (S [B, 1, D])."""
+    ones = torch.ones(v_btd.shape[:2] + (1,), dtype=v_btd.dtype, device=v_btd.device)
+    out, state = naive_causal_linear_attention(ones, ones, v_btd, reset_bt,
+                                               state_bd.unsqueeze(1) if state_bd is not None else None, log_decay)
+    return out, state[:, 0]
