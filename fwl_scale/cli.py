@@ -11,12 +11,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fwl", description="Fast Weight Layer language models at scale")
     sub = parser.add_subparsers(dest="command", required=True)
     # Each area registers its own subcommands; heavy imports happen inside the command functions.
-    from fwl_scale.checkpoint import cli as checkpoint_cli
     from fwl_scale.data import cli as data_cli
     from fwl_scale.eval import cli as eval_cli
     from fwl_scale.hf import cli as hf_cli
     from fwl_scale.plan import cli as plan_cli
     from fwl_scale.study import cli as study_cli
+    from fwl_scale.train import checkpoint_cli
     from fwl_scale.train import cli as train_cli
 
     train_cli.register(sub)

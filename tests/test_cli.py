@@ -19,25 +19,25 @@ from fwl_scale.cli import build_parser
 from tests.train_support import REPO, fwl_env, run_fwl
 
 
-@pytest.mark.parametrize("argv, area, command", [
-    (["train", "configs/tiny.yaml"], "train", "cmd_train"),
-    (["eval", "c.yaml", "run"], "eval", "cmd_eval"),
-    (["eval", "c.yaml", "run", "--stream", "--windows", "3", "--max-docs", "2"], "eval", "cmd_eval"),
-    (["eval", "--compare", "a", "b", "--out", "o"], "eval", "cmd_eval"),
-    (["ckpt", "convert", "run", "out"], "checkpoint", "cmd_ckpt_convert"),
-    (["ckpt", "consolidate", "run", "w.safetensors"], "checkpoint", "cmd_ckpt_consolidate"),
-    (["hf", "export", "run", "hf_dir", "--dtype", "bfloat16"], "hf", "cmd_export"),
-    (["hf", "import", "hf_dir", "configs/tiny.yaml", "train.out_dir=x"], "hf", "cmd_import"),
-    (["params", "configs/tiny.yaml"], "plan", "cmd_params"),
-    (["plan", "configs/tiny.yaml", "--gpus", "8"], "plan", "cmd_plan"),
-    (["layout", "configs/tiny.yaml", "--nodes", "1", "--tasks-per-node", "2"], "plan", "cmd_layout"),
-    (["scaling", "fit", "spec.yaml"], "plan", "cmd_scaling"),
-    (["data", "shards"], "data", "_cmd_shards"),
-    (["study", "spec.yaml", "--list"], "study", "cmd_study"),
+@pytest.mark.parametrize("argv, module, command", [
+    (["train", "configs/tiny.yaml"], "fwl_scale.train.cli", "cmd_train"),
+    (["eval", "c.yaml", "run"], "fwl_scale.eval.cli", "cmd_eval"),
+    (["eval", "c.yaml", "run", "--stream", "--windows", "3", "--max-docs", "2"], "fwl_scale.eval.cli", "cmd_eval"),
+    (["eval", "--compare", "a", "b", "--out", "o"], "fwl_scale.eval.cli", "cmd_eval"),
+    (["ckpt", "convert", "run", "out"], "fwl_scale.train.checkpoint_cli", "cmd_ckpt_convert"),
+    (["ckpt", "consolidate", "run", "w.safetensors"], "fwl_scale.train.checkpoint_cli", "cmd_ckpt_consolidate"),
+    (["hf", "export", "run", "hf_dir", "--dtype", "bfloat16"], "fwl_scale.hf.cli", "cmd_export"),
+    (["hf", "import", "hf_dir", "configs/tiny.yaml", "train.out_dir=x"], "fwl_scale.hf.cli", "cmd_import"),
+    (["params", "configs/tiny.yaml"], "fwl_scale.plan.cli", "cmd_params"),
+    (["plan", "configs/tiny.yaml", "--gpus", "8"], "fwl_scale.plan.cli", "cmd_plan"),
+    (["layout", "configs/tiny.yaml", "--nodes", "1", "--tasks-per-node", "2"], "fwl_scale.plan.cli", "cmd_layout"),
+    (["scaling", "fit", "spec.yaml"], "fwl_scale.plan.cli", "cmd_scaling"),
+    (["data", "shards"], "fwl_scale.data.cli", "_cmd_shards"),
+    (["study", "spec.yaml", "--list"], "fwl_scale.study.cli", "cmd_study"),
 ])
-def test_every_command_parses_to_its_area(argv, area, command):
+def test_every_command_parses_to_its_area(argv, module, command):
     ns = build_parser().parse_args(argv)
-    assert (ns.func.__module__, ns.func.__name__) == (f"fwl_scale.{area}.cli", command)
+    assert (ns.func.__module__, ns.func.__name__) == (module, command)
 
 
 def test_stream_options_parse():

@@ -104,12 +104,6 @@ class FastWeightLayer(nn.Module):
         self.tp = tp if n > 1 else None
         self.cp = cp if cp is not None and cp.size > 1 else None
         self.vocab_size = vocab_size
-        self.grad_scale = cfg.grad_scale
-        self.eps = cfg.eps
-        self.chunk_size = cfg.chunk_size
-        self.vocab_chunk = cfg.vocab_chunk
-        self.residual = cfg.residual
-        self.normalize = cfg.normalize
         # Multiplies the learned step sizes; 0 switches the fast updates off (the slow head alone).
         self.step_scale = cfg.step_scale
         self.w1 = nn.Parameter(torch.empty(hidden // n, d_model, device=device))
@@ -166,7 +160,7 @@ class FastWeightLayer(nn.Module):
         if doc_ids_bt is None:
             doc_ids_bt = torch.zeros_like(labels_bt, dtype=torch.long)
         seg = self._segment(labels_bt, doc_ids_bt, state, last_label_pending, B, T_loc, x.dtype)
-        skip = whole_sequence(x_btd, self.tp) if self.residual else None
+        skip = whole_sequence(x_btd, self.tp) if self.cfg.residual else None
 
         # The slow pass at θ and each token's gradient of its own loss there (§1.1).
         slow = self.slow_pass(x, skip)
@@ -184,7 +178,7 @@ class FastWeightLayer(nn.Module):
         h2_fast = self.w2_out(a_fast, eta_tp[2] * sums.attend("w2", a_fast), eta[3] * sums.cumsum("b2"))
         if skip is not None:
             h2_fast = h2_fast + skip
-        xhat_fast, _ = layer_norm_stats(h2_fast, self.eps)
+        xhat_fast, _ = layer_norm_stats(h2_fast, self.cfg.eps)
         u_fast = ((self.alpha - eta[4] * sums.cumsum("alpha")) * xhat_fast
                   + (self.beta - eta[5] * sums.cumsum("beta")))
         if not return_state:
@@ -204,7 +198,7 @@ class FastWeightLayer(nn.Module):
         h2 = self.w2_out(a)
         if skip is not None:
             h2 = h2 + skip
-        xhat, rstd = layer_norm_stats(h2, self.eps)
+        xhat, rstd = layer_norm_stats(h2, self.cfg.eps)
         return {"x": x, "r": r, "a": a, "xhat": xhat, "rstd": rstd, "h1": h1, "skip": skip,
                 "u": self.alpha * xhat + self.beta}
 
@@ -213,9 +207,9 @@ class FastWeightLayer(nn.Module):
         """Per-token gradients of k·w_t·CE_t at θ (hand-written backward, differentiable ops).
         gu, gh2 are replicated; gh2_tp is gh2 entering the tensor-parallel region; gh1 is sharded."""
         # normalize="mean" scales the sums' outputs by 1/n instead of a constant k.
-        k = self.grad_scale if self.normalize == "none" else 1.0
+        k = self.cfg.grad_scale if self.cfg.normalize == "none" else 1.0
         gu = unembedding_input_grad(slow["u"], unembed, self.out_bias, labels, loss_weight * k,
-                                    self.vocab_size, self.vocab_chunk, self.tp)
+                                    self.vocab_size, self.cfg.vocab_chunk, self.tp)
         gxh = self.alpha * gu
         xhat = slow["xhat"]
         gh2 = (gxh - gxh.mean(-1, keepdim=True) - xhat * (gxh * xhat).mean(-1, keepdim=True)) * slow["rstd"]
@@ -240,9 +234,9 @@ class FastWeightLayer(nn.Module):
         s_in, count_in = self._incoming_state(state, pending_labels_b, doc_ids_bt[:, 0], unembed, x.dtype)
         log_decay = self.log_decay()
         scale, count_out = None, None
-        if self.normalize == "mean":
+        if self.cfg.normalize == "mean":
             # The whole sequence on every cp rank (its labels are known everywhere); this rank's slice.
-            scale, count_out = count_normalisers(seg.labels, seg.reset, count_in, log_decay, self.chunk_size,
+            scale, count_out = count_normalisers(seg.labels, seg.reset, count_in, log_decay, self.cfg.chunk_size,
                                                  torch.promote_types(x.dtype, torch.float32))
             scale = scale[:, seg.start:seg.start + T_loc]
         mode = self.exchange_for(T_loc, x.dtype)
@@ -279,11 +273,11 @@ class FastWeightLayer(nn.Module):
         plain addition also with a decay."""
         if state is None:
             return None, None
-        if self.normalize == "mean" and state.count is None:
+        if self.cfg.normalize == "mean" and state.count is None:
             raise ValueError("FWL normalize=mean: the carried state has no count (a state from a model "
                              "without model.fwl.normalize=mean cannot be continued)")
         sums = {name: getattr(state, name) for name in FAST_TENSORS}
-        count = state.count if self.normalize == "mean" else None
+        count = state.count if self.cfg.normalize == "mean" else None
         if state.pending_x is None:
             return sums, count
         if pending_labels_b is None:
@@ -292,7 +286,7 @@ class FastWeightLayer(nn.Module):
         label = torch.where(same_doc, pending_labels_b, torch.full_like(pending_labels_b, IGNORE_INDEX))[:, None]
         pending = state.pending_x.to(dtype).unsqueeze(1)  # [B, 1, d]
         x = copy_to_tp(pending, self.tp)
-        slow = self.slow_pass(x, pending if self.residual else None)
+        slow = self.slow_pass(x, pending if self.cfg.residual else None)
         weight = (label != IGNORE_INDEX).to(dtype)
         kv = self.keys_values(x, slow, self.slow_gradients(slow, unembed, label, weight))
         ones = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
@@ -331,7 +325,7 @@ class FastWeightLayer(nn.Module):
     def update_scale(self, state: FWLState) -> Tensor:
         """[B, 6]: what multiplies each carried sum in the fast update of the next position — 1 with a
         constant k (already in the sums), 1/count with normalize="mean" (0 for an empty count)."""
-        if self.normalize == "none":
+        if self.cfg.normalize == "none":
             return torch.ones(state.doc_id.shape[0], len(FAST_TENSORS), dtype=state.b2.dtype,
                               device=state.b2.device)
         return inverse_count(state.count)

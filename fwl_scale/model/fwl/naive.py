@@ -20,9 +20,9 @@ def _slow_logits(layer: FastWeightLayer, x: Tensor, unembed: Tensor, p: dict[str
     h1 = x @ p["w1"].t() + p["b1"]
     a = F.relu(h1) ** 2
     h2 = a @ p["w2"].t() + p["b2"]
-    if layer.residual:
+    if layer.cfg.residual:
         h2 = h2 + x
-    xhat = (h2 - h2.mean(-1, keepdim=True)) / torch.sqrt(h2.var(-1, unbiased=False, keepdim=True) + layer.eps)
+    xhat = (h2 - h2.mean(-1, keepdim=True)) / torch.sqrt(h2.var(-1, unbiased=False, keepdim=True) + layer.cfg.eps)
     u = p["alpha"] * xhat + p["beta"]
     V = layer.vocab_size
     return u @ unembed[:V].t() + layer.out_bias[:V]
@@ -39,13 +39,13 @@ def naive_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, lab
         doc_ids_bt = torch.zeros(B, T, dtype=torch.long)
     theta = {name: getattr(layer, name) for name in FAST_TENSORS}
     eta = dict(zip(FAST_TENSORS, layer.step_scale * layer.step_sizes))
-    mean = layer.normalize == "mean"
+    mean = layer.cfg.normalize == "mean"
     lam = None if layer.decay_logits is None else dict(zip(FAST_TENSORS, torch.sigmoid(layer.decay_logits)))
     rows_b = []
     for b in range(B):
         x = x_btd[b]
         ce = F.cross_entropy(_slow_logits(layer, x, unembed, theta), labels_bt[b], ignore_index=IGNORE_INDEX,
-                             reduction="none") * (1.0 if mean else layer.grad_scale)
+                             reduction="none") * (1.0 if mean else layer.cfg.grad_scale)
         has_loss = (labels_bt[b] != IGNORE_INDEX).to(x.dtype)
         rows = []
         for i in range(T):

@@ -3,8 +3,8 @@
     fwl ckpt convert CKPT OUT_RUN_DIR          (layout-free; resume it in any layout with --resume-from)
     fwl ckpt consolidate CKPT OUT.safetensors [--dtype float32|bfloat16]
 
-Both rebuild the training engine that wrote the checkpoint, so the work is train/checkpoint_convert.py's;
-the command is registered here, with the checkpoint formats it serves.
+Both rebuild the training engine that wrote the checkpoint, so the command lives beside the work,
+train/checkpoint_convert.py, on the training floor (checkpoint/ itself never imports train/).
 """
 from __future__ import annotations
 
