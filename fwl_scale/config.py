@@ -39,7 +39,8 @@ class FWLConfig:
     # normalize: none = the constant k above, so the sums grow with the position; mean = position i
     #   averages the gradients of the earlier positions of its document that carry a loss, k_i = 1/n_i
     #   (0 while n_i = 0); with a decay, n_i is the decayed count Σ λ^(i-1-j) w_j of each fast tensor,
-    #   i.e. a λ-weighted mean. The count is carried in the FWL state.
+    #   i.e. a λ-weighted mean. The count is carried in the FWL state. sqrt = k_i = 1/√n_i: between the
+    #   mean (one occurrence 1,000 tokens back weighs 1/1000) and the plain sum (issue 22's hypothesis 2).
     normalize: str = "none"
     # decay: none | learned. learned = a forgetting factor λ ∈ (0, 1) per fast tensor, sigmoid-parametrised
     #   (fwl.decay_logits; no weight decay), so the sums are Σ λ^(i-1-j) ∇_j; decay_init is λ at init.
@@ -261,10 +262,14 @@ class Config:
         need(f.eps > 0, "model.fwl.eps", "must be > 0")
         need(f.init_std is None or f.init_std > 0, "model.fwl.init_std", "must be > 0")
         need(f.step_scale >= 0, "model.fwl.step_scale", "must be >= 0")
-        need(f.normalize in ("none", "mean"), "model.fwl.normalize", f"must be none or mean, got {f.normalize!r}")
+        need(f.normalize in ("none", "mean", "sqrt"), "model.fwl.normalize",
+             f"must be none, mean or sqrt, got {f.normalize!r}")
         need(f.normalize == "none" or f.grad_scale is None, "model.fwl.grad_scale",
-             "is not used with model.fwl.normalize=mean (k_i = 1/n_i replaces it): leave it unset")
+             f"is not used with model.fwl.normalize={f.normalize} (k_i = 1/n_i or 1/√n_i replaces it): leave it unset")
         need(f.decay in ("none", "learned"), "model.fwl.decay", f"must be none or learned, got {f.decay!r}")
+        need(f.normalize != "sqrt" or f.decay == "learned", "model.fwl.decay",
+             "must be learned with model.fwl.normalize=sqrt: without a decay its update grows like √n past "
+             "the training length (the count n is then bounded by 1/(1 - λ))")
         need(0.0 < f.decay_init < 1.0, "model.fwl.decay_init", f"must lie in (0, 1), got {f.decay_init}")
         need(self.train.fwl_lr_mult > 0, "train.fwl_lr_mult", "must be > 0")
         need(self.train.step_size_lr_mult > 0, "train.step_size_lr_mult", "must be > 0")

@@ -32,7 +32,7 @@ from tests.fwl_support import V, fast_logits, grads_of, make_inputs, make_layer,
 from tests.train_support import step_losses, tiny_config
 
 TOL = 1e-10
-REMEDIES = [("mean", "none"), ("none", "learned"), ("mean", "learned")]
+REMEDIES = [("mean", "none"), ("none", "learned"), ("mean", "learned"), ("sqrt", "learned")]
 
 
 @pytest.fixture(autouse=True)
@@ -145,7 +145,7 @@ def test_segments_with_remedy_equal_whole_pass(normalize, decay, pending):
     whole, whole_state = layer(x, U, labels, docs, return_state=True)
     seg, seg_state = run_segments(layer, x, U, labels, docs, [3, 5, 9], pending)
     assert _rel(seg, whole) < TOL
-    for name in FAST_TENSORS + (("count",) if normalize == "mean" else ()):
+    for name in FAST_TENSORS + (("count",) if normalize != "none" else ()):
         assert _rel(getattr(seg_state, name), getattr(whole_state, name)) < TOL, name
     assert (whole_state.count is None) == (normalize == "none")
     w = torch.randn_like(whole)
@@ -168,6 +168,44 @@ def test_carried_count_round_trips_and_is_required():
     no_count = FWLState.from_tensors({k: v for k, v in state.detach().tensors().items() if k != "count"})
     with pytest.raises(ValueError, match="normalize=mean"):
         layer(x, U, labels, docs, state=no_count, pending_labels_b=labels[:, 0])
+
+
+@pytest.mark.parametrize("normalize", ["mean", "sqrt"])
+def test_counted_update_stays_bounded_over_32_windows(normalize):
+    """Streaming 32 windows with the state carried, past any training length: the count stays below
+    1/(1 - λ) and each fast update k·S (the carried sums times the next position's scale) below its
+    bound G·n^(1-p) (p = 1 for mean, 1/2 for sqrt; G the largest per-token gradient norm of the window,
+    n the count): S is a λ-weighted sum of gradients of norm <= G whose weights add up to n."""
+    T, windows = 8, 32
+    layer = make_layer(4, T, normalize=normalize, decay="learned")
+    lam_max = torch.sigmoid(layer.decay_logits).max().item()
+    power = 1.0 if normalize == "mean" else 0.5
+    state, g_max, first_count = None, torch.zeros(len(FAST_TENSORS), dtype=torch.float64), None
+    with torch.no_grad():
+        for _ in range(windows):
+            x, U, labels, _ = make_inputs(2, T)
+            docs = torch.zeros(2, T, dtype=torch.long)
+            slow = layer.slow_pass(x, x if layer.cfg.residual else None)
+            weight = (labels != IGNORE_INDEX).to(x.dtype)
+            kv = layer.keys_values(x, slow, layer.slow_gradients(slow, U, labels, weight))
+            norms = [(v.norm(dim=-1) * (k.norm(dim=-1) if k is not None else 1.0)).max() for k, v in kv.values()]
+            g_max = torch.maximum(g_max, torch.stack(norms))
+            _, state = layer(x, U, labels, docs, state=state, return_state=True)
+            n = state.count
+            first_count = n if first_count is None else first_count
+            assert (n <= 1.0 / (1.0 - lam_max) + 1e-9).all()
+            scale = layer.update_scale(state)
+            for f, name in enumerate(FAST_TENSORS):
+                for b in range(2):
+                    update = (getattr(state, name)[b] * scale[b, f]).norm()
+                    assert update <= g_max[f] * n[b, f] ** (1 - power) * (1 + 1e-9), (name, update, g_max[f])
+    assert (state.count > first_count).all()  # carried over all 32 windows, never reset
+
+
+def test_sqrt_needs_a_decay():
+    with pytest.raises(ConfigError, match=re.escape("model.fwl.decay")):
+        load_config(None, ["model.fwl.normalize=sqrt"])
+    assert load_config(None, ["model.fwl.normalize=sqrt", "model.fwl.decay=learned"]).model.fwl.normalize == "sqrt"
 
 
 def test_mean_refuses_a_gradient_scale():

@@ -133,8 +133,8 @@ def stream_checkpoint(cfg: Config, checkpoint: str | Path, windows: int = 8, buc
         name = "state carried" if carry else "windows alone"
         results.append((name, evaluate_stream_positions(model, docs, T, device, windows, buckets, carry)))
     f = cfg.model.fwl
-    scale = ("k = 1/n (normalize=mean)" if f.normalize == "mean"
-             else f"gradient scale k = {cfg.model.fwl_grad_scale:.3g}")
+    scale = {"mean": "k = 1/n (normalize=mean)", "sqrt": "k = 1/√n (normalize=sqrt)"}.get(
+        f.normalize, f"gradient scale k = {cfg.model.fwl_grad_scale:.3g}")
     head = getattr(model, "fwl", None)
     decays = "" if head is None or not head.decays() else ", λ " + " ".join(
         f"{n}={v:.4f}" for n, v in head.decays().items())

@@ -77,7 +77,7 @@ NORMALISED_TENSORS = 6  # the fast tensors with a count each (model/fwl/state.py
 
 def decayed_counts_fwd_per_token(cfg: ModelConfig) -> float:
     """The normaliser's decayed counts (model/fast_weights.causal_count with a decay), see above."""
-    if cfg.fwl.normalize != "mean" or cfg.fwl.decay == "none":
+    if cfg.fwl.normalize == "none" or cfg.fwl.decay == "none":
         return 0.0
     return float(2 * min(fast_chunk(cfg.fwl_resolved, cfg.d_model, cfg.seq_len), cfg.seq_len) * NORMALISED_TENSORS + 2 * NORMALISED_TENSORS)
 

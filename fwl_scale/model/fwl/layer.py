@@ -29,7 +29,7 @@ from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import FWLConfig
 from fwl_scale.model.fwl.context_parallel import RankExchange, choose_exchange, replicate_last
 from fwl_scale.model.fwl.fast_weights import ChunkLayout, masked_state
-from fwl_scale.model.fwl.state import (DECAY, FAST_TENSORS, NORMALIZE, FWLState, count_normalisers,
+from fwl_scale.model.fwl.state import (COUNTED, DECAY, FAST_TENSORS, NORMALIZE, FWLState, count_normalisers,
                                        inverse_count)
 from fwl_scale.model.fwl.sums import FastSums
 from fwl_scale.model.vocab import unembedding_input_grad
@@ -206,7 +206,7 @@ class FastWeightLayer(nn.Module):
                        loss_weight: Tensor) -> dict[str, Tensor]:
         """Per-token gradients of k·w_t·CE_t at θ (hand-written backward, differentiable ops).
         gu, gh2 are replicated; gh2_tp is gh2 entering the tensor-parallel region; gh1 is sharded."""
-        # normalize="mean" scales the sums' outputs by 1/n instead of a constant k.
+        # normalize="mean" | "sqrt" scales the sums' outputs by 1/n or 1/√n instead of a constant k.
         k = self.cfg.grad_scale if self.cfg.normalize == "none" else 1.0
         gu = unembedding_input_grad(slow["u"], unembed, self.out_bias, labels, loss_weight * k,
                                     self.vocab_size, self.cfg.vocab_chunk, self.tp)
@@ -228,16 +228,16 @@ class FastWeightLayer(nn.Module):
     def _running_sums(self, x: Tensor, slow: dict[str, Tensor], grads: dict[str, Tensor], seg: Segment,
                       state: FWLState | None, pending_labels_b: Tensor | None, doc_ids_bt: Tensor, unembed: Tensor,
                       need_state: bool) -> tuple[FastSums, Tensor | None]:
-        """The six sums of this forward (sums.py) and, with normalize="mean", the count after its last
+        """The six sums of this forward (sums.py) and, with a counted normaliser, the count after its last
         position."""
         T_loc = x.shape[1]
         s_in, count_in = self._incoming_state(state, pending_labels_b, doc_ids_bt[:, 0], unembed, x.dtype)
         log_decay = self.log_decay()
         scale, count_out = None, None
-        if self.cfg.normalize == "mean":
+        if self.cfg.normalize in COUNTED:
             # The whole sequence on every cp rank (its labels are known everywhere); this rank's slice.
             scale, count_out = count_normalisers(seg.labels, seg.reset, count_in, log_decay, self.cfg.chunk_size,
-                                                 torch.promote_types(x.dtype, torch.float32))
+                                                 torch.promote_types(x.dtype, torch.float32), self.cfg.normalize)
             scale = scale[:, seg.start:seg.start + T_loc]
         mode = self.exchange_for(T_loc, x.dtype)
         exchange = None if mode is None else RankExchange(self.cp, self.tp, mode, seg.reset, seg.start)
@@ -273,11 +273,11 @@ class FastWeightLayer(nn.Module):
         plain addition also with a decay."""
         if state is None:
             return None, None
-        if self.cfg.normalize == "mean" and state.count is None:
-            raise ValueError("FWL normalize=mean: the carried state has no count (a state from a model "
-                             "without model.fwl.normalize=mean cannot be continued)")
+        if self.cfg.normalize in COUNTED and state.count is None:
+            raise ValueError(f"FWL normalize={self.cfg.normalize}: the carried state has no count (a state from "
+                             f"a model with model.fwl.normalize=none cannot be continued)")
         sums = {name: getattr(state, name) for name in FAST_TENSORS}
-        count = state.count if self.cfg.normalize == "mean" else None
+        count = state.count if self.cfg.normalize in COUNTED else None
         if state.pending_x is None:
             return sums, count
         if pending_labels_b is None:
@@ -324,11 +324,12 @@ class FastWeightLayer(nn.Module):
 
     def update_scale(self, state: FWLState) -> Tensor:
         """[B, 6]: what multiplies each carried sum in the fast update of the next position — 1 with a
-        constant k (already in the sums), 1/count with normalize="mean" (0 for an empty count)."""
+        constant k (already in the sums), 1/count or 1/√count with normalize="mean" or "sqrt" (0 for an
+        empty count)."""
         if self.cfg.normalize == "none":
             return torch.ones(state.doc_id.shape[0], len(FAST_TENSORS), dtype=state.b2.dtype,
                               device=state.b2.device)
-        return inverse_count(state.count)
+        return inverse_count(state.count, self.cfg.normalize)
 
     def chunk_for(self, T: int) -> int:
         return fast_chunk(self.cfg, self.w1.shape[1], T)

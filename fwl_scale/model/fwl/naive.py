@@ -32,14 +32,15 @@ def naive_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, lab
                      doc_ids_bt: Tensor | None = None) -> Tensor:
     """Logits [B, T, V] of the slow network at θ_i, position by position:
     θ_i^f = θ^f - η_f k_i^f Σ_{j<i} λ_f^(i-1-j) ∇_f CE_j for each fast tensor f, with λ_f = 1 without a
-    decay, k = grad_scale (normalize="none") or 1/n_i^f, n_i^f = Σ_{j<i} λ_f^(i-1-j) w_j the (decayed)
-    count of earlier positions with a loss, 0 when it is 0 (normalize="mean")."""
+    decay, k = grad_scale (normalize="none") or 1/n_i^f (1/√n_i^f with "sqrt"), n_i^f = Σ_{j<i} λ_f^(i-1-j) w_j
+    the (decayed) count of earlier positions with a loss, 0 when it is 0 (normalize="mean")."""
     B, T, _ = x_btd.shape
     if doc_ids_bt is None:
         doc_ids_bt = torch.zeros(B, T, dtype=torch.long)
     theta = {name: getattr(layer, name) for name in FAST_TENSORS}
     eta = dict(zip(FAST_TENSORS, layer.step_scale * layer.step_sizes))
-    mean = layer.cfg.normalize == "mean"
+    mean = layer.cfg.normalize != "none"
+    power = 0.5 if layer.cfg.normalize == "sqrt" else 1.0
     lam = None if layer.decay_logits is None else dict(zip(FAST_TENSORS, torch.sigmoid(layer.decay_logits)))
     rows_b = []
     for b in range(B):
@@ -64,7 +65,7 @@ def naive_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, lab
                     (g,) = torch.autograd.grad((weight * ce[start:i]).sum(), [theta[name]], create_graph=True)
                     if mean:
                         n = (weight * has_loss[start:i]).sum()
-                        g = g / n if n > 0 else g * 0
+                        g = g / n ** power if n > 0 else g * 0
                     theta_i[name] = theta[name] - eta[name] * g
             rows.append(_slow_logits(layer, x[i:i + 1], unembed, theta_i)[0])
         rows_b.append(torch.stack(rows))

@@ -3,7 +3,7 @@
 FWLState holds the running sums of earlier positions of the current documents: what crosses segment
 boundaries (streaming, training with carried state; part of the checkpoint there). With
 model.fwl.normalize=mean the update of position i is the mean over the earlier positions with a loss,
-k_i = 1/n_i; n is a running sum like the others (of the loss weights, decayed with each fast tensor's λ
+k_i = 1/n_i (sqrt: k_i = 1/√n_i, between the mean and the plain sum); n is a running sum like the others (of the loss weights, decayed with each fast tensor's λ
 under model.fwl.decay), computed by `count_normalisers` and carried in FWLState.count.
 """
 from __future__ import annotations
@@ -18,7 +18,10 @@ from fwl_scale.model.fwl.fast_weights import causal_count
 
 # Order of the learned step sizes in FastWeightLayer.step_sizes (one per fast tensor).
 FAST_TENSORS = ("w1", "b1", "w2", "b2", "alpha", "beta")
-NORMALIZE = ("none", "mean")
+# none: a constant k; mean: k_i = 1/n_i; sqrt: k_i = 1/√n_i (n_i the count of earlier positions with a loss).
+NORMALIZE = ("none", "mean", "sqrt")
+# The normalisers that divide by the count: the state carries the count.
+COUNTED = ("mean", "sqrt")
 DECAY = ("none", "learned")
 
 
@@ -40,7 +43,7 @@ class FWLState:
     beta: Tensor  # [B, s]    Σ gu_j
     doc_id: Tensor  # [B] int64: the document these sums belong to
     pending_x: Tensor | None = None  # [B, d]
-    # normalize="mean": [B, 6] the count of the sums' positions with a loss, per fast tensor (decayed with
+    # normalize="mean" or "sqrt": [B, 6] the count of the sums' positions with a loss, per fast tensor (decayed with
     # its λ; the six are equal without decay). Replicated under tp and cp.
     count: Tensor | None = None
 
@@ -65,16 +68,20 @@ class FWLState:
                    count=t.get("count"))
 
 
-def inverse_count(n: Tensor) -> Tensor:
-    """1/n where n > 0, else 0 (nothing to average before a document's first position with a loss);
-    finite for any n > 0, also one a long decay has driven below the smallest normal number."""
-    return torch.where(n > 0, 1.0 / n.clamp(min=torch.finfo(n.dtype).tiny), torch.zeros_like(n))
+def inverse_count(n: Tensor, normalize: str = "mean") -> Tensor:
+    """k = 1/n (mean) or 1/√n (sqrt) where n > 0, else 0 (nothing to average before a document's first
+    position with a loss); finite for any n > 0, also one a long decay has driven below the smallest
+    normal number."""
+    n_pos = n.clamp(min=torch.finfo(n.dtype).tiny)
+    k = torch.rsqrt(n_pos) if normalize == "sqrt" else 1.0 / n_pos
+    return torch.where(n > 0, k, torch.zeros_like(n))
 
 
 def count_normalisers(labels_bt: Tensor, reset_bt: Tensor, count_in: Tensor | None, log_decay: Tensor | None,
-                      chunk: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """normalize="mean": k_i = 1/n_i per fast tensor for the whole sequence [B, T, 6], and the count
-    after its last position [B, 6] (`count_in` [B, 6]: the carried count; `log_decay` [6] or None)."""
+                      chunk: int, dtype: torch.dtype, normalize: str = "mean") -> tuple[Tensor, Tensor]:
+    """normalize="mean" | "sqrt": k_i = 1/n_i or 1/√n_i per fast tensor for the whole sequence [B, T, 6],
+    and the count after its last position [B, 6] (`count_in` [B, 6]: the carried count; `log_decay` [6]
+    or None)."""
     w = (labels_bt != IGNORE_INDEX).to(dtype)
     chunk = min(chunk, w.shape[1])
     n_fast = len(FAST_TENSORS)
@@ -83,4 +90,4 @@ def count_normalisers(labels_bt: Tensor, reset_bt: Tensor, count_in: Tensor | No
         n, n_out = n.unsqueeze(-1).expand(-1, -1, n_fast), n_out.unsqueeze(-1).expand(-1, n_fast)
     else:
         n, n_out = causal_count(w, reset_bt, count_in, chunk, log_decay)
-    return inverse_count(n), n_out
+    return inverse_count(n, normalize), n_out
