@@ -30,6 +30,14 @@ class FWLConfig:
     # Std of the FWL's dense kernels W1, W2 at init. None: model.init_std (the official TF code: 0.05).
     init_std: float | None = None
     step_size_init: float = 0.01
+    # tensor: one learned step size η per fast tensor (the paper's). token: η ⊙ 2σ(G x_j + g) for token j's
+    #   gradient (a learned factor per token and fast tensor, TTT's per-token step size; 1 at init).
+    step_size: str = "tensor"
+    # What takes the fast step: the FWL's head (W1, b1, W2, b2, α, β: always) and, beyond the paper, the output
+    # bias (out_bias: a learned unigram cache) and the unembedding (unembedding: U, tied or not; a learned
+    # continuous cache). Their step sizes are exp(ρ), ρ learned from log(unembed_step_size_init).
+    fast_set: list[str] = field(default_factory=lambda: ["head"])
+    unembed_step_size_init: float = 1.0
     # Multiplies the learned step sizes; 0 evaluates the slow head alone (fast updates off).
     step_scale: float = 1.0
     # The gradient scale k of docs/design.md §1.2: a constant. None means 1 / model.seq_len. Not used with
@@ -267,6 +275,14 @@ class Config:
         need(f.normalize == "none" or f.grad_scale is None, "model.fwl.grad_scale",
              f"is not used with model.fwl.normalize={f.normalize} (k_i = 1/n_i or 1/√n_i replaces it): leave it unset")
         need(f.decay in ("none", "learned"), "model.fwl.decay", f"must be none or learned, got {f.decay!r}")
+        need(f.step_size in ("tensor", "token"), "model.fwl.step_size", f"must be tensor or token, got {f.step_size!r}")
+        need("head" in f.fast_set and all(m in ("head", "out_bias", "unembedding") for m in f.fast_set),
+             "model.fwl.fast_set", f"must hold head and any of out_bias, unembedding; got {f.fast_set}")
+        unembedding = [m for m in f.fast_set if m != "head"]
+        need(not unembedding or f.step_size == "tensor", "model.fwl.step_size",
+             f"must be tensor with a fast unembedding (model.fwl.fast_set {f.fast_set}): per-token factors of c "
+             f"and U are not built yet")
+        need(f.unembed_step_size_init > 0, "model.fwl.unembed_step_size_init", "must be > 0")
         need(f.normalize != "sqrt" or f.decay == "learned", "model.fwl.decay",
              "must be learned with model.fwl.normalize=sqrt: without a decay its update grows like √n past "
              "the training length (the count n is then bounded by 1/(1 - λ))")
@@ -327,6 +343,11 @@ def check_layout(cfg: Config, world_size: int | None = None, source: str = "conf
     need(not (p.pp > 1 and p.zero_stage >= 2), "parallel.zero_stage",
          "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; use zero_stage <= 1 with pp > 1")
     need(m.n_heads % p.tp == 0, "parallel.tp", f"must divide model.n_heads ({m.n_heads})")
+    fast_unembedding = m.fwl.enabled and any(member != "head" for member in m.fwl.fast_set)
+    for fld, v in (("parallel.tp", p.tp), ("parallel.cp", p.cp), ("parallel.pp", p.pp)):
+        need(not (fast_unembedding and v > 1), fld,
+             f"must be 1 with a fast unembedding (model.fwl.fast_set {m.fwl.fast_set}): it runs in one process "
+             f"or data parallel only so far")
     need(m.kv_heads % p.tp == 0, "parallel.tp", f"must divide model.n_kv_heads ({m.kv_heads})")
     need((m.fwl.hidden_mult * m.fwl_width) % p.tp == 0, "parallel.tp",
          f"must divide the FWL hidden width ({m.fwl.hidden_mult * m.fwl_width})")

@@ -13,9 +13,10 @@ D, S, V, VPAD = 6, 6, 13, 16
 
 
 def make_layer(chunk: int, T: int, residual: bool = False, normalize: str = "none",
-               decay: str = "none") -> FastWeightLayer:
+               decay: str = "none", step_size: str = "tensor", fast_set: tuple[str, ...] = ("head",)) -> FastWeightLayer:
     cfg = FWLConfig(width=S, grad_scale=1.0 / T, init_std=0.5, chunk_size=chunk, vocab_chunk=5, form="chunked",
-                    residual=residual, normalize=normalize, decay=decay, decay_init=0.8)
+                    residual=residual, normalize=normalize, decay=decay, decay_init=0.8, step_size=step_size,
+                    fast_set=list(fast_set))
     layer = FastWeightLayer(cfg, D, V, VPAD).double()
     with torch.no_grad():
         # Large, distinct step sizes so that every fast term matters numerically.
@@ -26,6 +27,14 @@ def make_layer(chunk: int, T: int, residual: bool = False, normalize: str = "non
         if layer.decay_logits is not None:
             # λ between about 0.6 and 0.9, distinct per fast tensor: the decay changes every sum.
             layer.decay_logits.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0, 0.8, 1.2]))
+        if layer.unembed_log_step_sizes is not None:
+            layer.unembed_log_step_sizes.copy_(torch.tensor([0.3, -0.5]))  # η_c ≈ 1.35, η_U ≈ 0.61
+        if layer.unembed_decay_logits is not None:
+            layer.unembed_decay_logits.copy_(torch.tensor([0.7, 1.4]))
+        if layer.step_gate_weight is not None:
+            # Per-token factors 2σ(G x + g) far from 1 and different per token and fast tensor.
+            layer.step_gate_weight.normal_(std=0.7)
+            layer.step_gate_bias.normal_(std=0.5)
     return layer
 
 
@@ -42,6 +51,8 @@ def make_inputs(B: int, T: int):
 
 
 def fast_logits(layer, x, U, labels, docs):
+    if layer.unembed_members:  # the logits of a fast unembedding are the FWL's own
+        return layer.head(x, U, labels, docs, return_logits=True)[1]
     u, _ = layer(x, U, labels, docs)
     return u @ U[:V].t() + layer.out_bias[:V]
 
@@ -49,6 +60,9 @@ def fast_logits(layer, x, U, labels, docs):
 def param_names(layer) -> list[str]:
     """What grads_of differentiates: the input, the unembedding, every FWL parameter."""
     names = ["x", "U"] + list(FAST_TENSORS) + ["out_bias", "step_sizes"]
+    names += ["step_gate_weight", "step_gate_bias"] if layer.step_gate_weight is not None else []
+    names += ["unembed_log_step_sizes"] if layer.unembed_log_step_sizes is not None else []
+    names += ["unembed_decay_logits"] if layer.unembed_decay_logits is not None else []
     return names + (["decay_logits"] if layer.decay_logits is not None else [])
 
 

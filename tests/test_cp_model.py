@@ -46,11 +46,14 @@ B, T, VOCAB = 3, 16, 50
 MEAN = ("model.fwl.normalize=mean",)
 DECAY = ("model.fwl.decay=learned", "model.fwl.decay_init=0.7")
 REMEDIES = (MEAN, DECAY, MEAN + DECAY)
+# Issue 22's variants: the sqrt normaliser and per-token step sizes (their factors travel with the kv pieces).
+VARIANTS = ("model.fwl.normalize=sqrt", "model.fwl.step_size=token") + DECAY
 
 
 def make_cfg(fwl: bool = True, tp: int = 1, cp: int = 1, sp: bool = False, dp: int = 1, chunk: int = 3,
              form: str = "chunked", exchange: str = "state", seq_len: int = T, extra: tuple[str, ...] = ()):
-    scale = [] if "model.fwl.normalize=mean" in extra else ["model.fwl.grad_scale=0.5"]  # mean has no k
+    counted = any(e.startswith("model.fwl.normalize=") and not e.endswith("=none") for e in extra)
+    scale = [] if counted else ["model.fwl.grad_scale=0.5"]  # mean and sqrt have no k
     return load_config(None, [
         "model.d_model=16", "model.n_heads=4", "model.n_layers=2", f"model.seq_len={seq_len}",
         f"model.vocab_size={VOCAB}", "model.vocab_multiple=64", f"model.fwl.enabled={str(fwl).lower()}",
@@ -251,7 +254,7 @@ def _world2(rank: int, world: int) -> None:
     for exchange in ("state", "kv"):
         check_detached_exchange_is_caught(ps, exchange)
         check_segments(ps, exchange)
-        for extra in REMEDIES:
+        for extra in REMEDIES + (VARIANTS,):
             check_model(ps, exchange=exchange, extra=extra)
             check_segments(ps, exchange, extra=extra)
 
@@ -273,6 +276,7 @@ def _world4(rank: int, world: int) -> None:
             check_model(ps, exchange=exchange, sp=sp)
         check_segments(ps, "state", sp=sp)
         check_model(ps, exchange="state" if sp else "kv", sp=sp, extra=MEAN + DECAY)
+        check_model(ps, exchange="kv", sp=sp, extra=VARIANTS)
     check_model(ps, fwl=False, sp=True)
 
 

@@ -35,11 +35,16 @@ B, T, VOCAB = 2, 16, 50
 
 # The long-document remedies together (tests/test_fwl_long.py): normaliser and forgetting factor.
 REMEDIES = ("model.fwl.normalize=mean", "model.fwl.decay=learned", "model.fwl.decay_init=0.7")
+# Issue 22's variants: the sqrt normaliser and per-token step sizes (the factors of W1, b1, W2 scale
+# sharded or partial sums: their gradient is all-reduced).
+VARIANTS = ("model.fwl.normalize=sqrt", "model.fwl.decay=learned", "model.fwl.decay_init=0.7",
+            "model.fwl.step_size=token")
 
 
 def make_cfg(fwl: bool, tp: int, sp: bool, dp: int = 1, vocab_multiple: int = 64, tied: bool = True,
              extra: tuple[str, ...] = ()):
-    scale = [] if "model.fwl.normalize=mean" in extra else ["model.fwl.grad_scale=0.5"]  # mean has no k
+    counted = any(e.startswith("model.fwl.normalize=") and not e.endswith("=none") for e in extra)
+    scale = [] if counted else ["model.fwl.grad_scale=0.5"]  # mean and sqrt have no k
     over = ["model.d_model=16", "model.n_heads=4", "model.n_layers=2", f"model.seq_len={T}",
             f"model.vocab_size={VOCAB}", f"model.vocab_multiple={vocab_multiple}",
             f"model.fwl.enabled={str(fwl).lower()}", f"model.tie_embeddings={str(tied).lower()}",
@@ -300,6 +305,8 @@ def _world2(rank: int, world: int) -> None:
     check_model(init_parallel_state(make_cfg(True, 2, True)), True, True, extra=REMEDIES)
     check_segments(init_parallel_state(make_cfg(True, 2, False)), False, extra=REMEDIES)
     check_missing_decay_reduce(init_parallel_state(make_cfg(True, 2, False)))
+    check_model(init_parallel_state(make_cfg(True, 2, True)), True, True, extra=VARIANTS)
+    check_segments(init_parallel_state(make_cfg(True, 2, False)), False, extra=VARIANTS)
 
 
 def _world4(rank: int, world: int) -> None:

@@ -41,7 +41,8 @@ from fwl_scale.parallel.world import all_reduce_sum
 
 VARIANTS = ("sgd", "rms")
 PARAM_SUBSETS = ("all", "head", "last")  # everything; what follows the body; the last block and the head
-RULE_PARAMETERS = ("step_sizes", "decay_logits")  # the FWL's own update rule: never changed (select_parameters)
+RULE_PARAMETERS = ("step_sizes", "decay_logits", "step_gate_weight", "step_gate_bias", "unembed_log_step_sizes",
+                   "unembed_decay_logits")  # the FWL's own update rule: never changed (select_parameters)
 
 
 @dataclass(frozen=True)

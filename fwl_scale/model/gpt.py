@@ -272,17 +272,22 @@ class GPT(nn.Module):
         local_labels = labels[:, start:start + T_loc]
         state = None
         bias = None
-        if self.fwl is not None:
-            pending_labels = input_ids[:, 0] if fwl_state is not None and fwl_state.pending_x is not None else None
-            h, state = self.fwl(h, self.unembedding, labels, doc_ids, state=fwl_state,
-                                pending_labels_b=pending_labels, last_label_pending=last_label_pending,
-                                return_state=return_state)
-            bias = self.fwl.out_bias
-            h_tp = copy_to_tp(h, tp)  # replicated u' into the vocabulary-parallel unembedding
+        pending_labels = input_ids[:, 0] if fwl_state is not None and fwl_state.pending_x is not None else None
+        if self.fwl is not None and self.fwl.unembed_members:
+            # A fast unembedding (model.fwl.fast_set): the logits are the FWL's own (model/fwl/unembedding.py).
+            token_loss, logits, state = self.fwl.head(h, self.unembedding, labels, doc_ids, fwl_state, pending_labels,
+                                                      last_label_pending, return_state, return_logits)
         else:
-            h_tp = enter_tp_region(h, tp)
-        token_loss, logits = self.vocab_loss(h_tp if tp is not None else h, self.unembedding, bias, local_labels,
-                                             return_logits)
+            if self.fwl is not None:
+                h, state = self.fwl(h, self.unembedding, labels, doc_ids, state=fwl_state,
+                                    pending_labels_b=pending_labels, last_label_pending=last_label_pending,
+                                    return_state=return_state)
+                bias = self.fwl.out_bias
+                h_tp = copy_to_tp(h, tp)  # replicated u' into the vocabulary-parallel unembedding
+            else:
+                h_tp = enter_tp_region(h, tp)
+            token_loss, logits = self.vocab_loss(h_tp if tp is not None else h, self.unembedding, bias, local_labels,
+                                                 return_logits)
         n_valid = (labels != IGNORE_INDEX).sum()
         # Under cp: this rank's share, times cp, so that the cp group's average is the whole loss.
         loss = token_loss.sum() * n_cp / n_valid.clamp(min=1)

@@ -31,7 +31,7 @@ from fwl_scale.parallel.mappings import (all_reduce_max_, all_reduce_tp, copy_to
 from fwl_scale.parallel.shards import tp_rank, tp_size
 
 
-def _at_least_fp32(t: Tensor) -> Tensor:
+def at_least_fp32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
@@ -50,7 +50,7 @@ def shard_logits(u: Tensor, weight: Tensor, bias: Tensor | None, vocab_size: int
     z = u @ weight[:rows].t()
     if bias is not None:
         z = z + bias[:rows]
-    z = _at_least_fp32(z)
+    z = at_least_fp32(z)
     if n_real < rows:
         z = z.masked_fill(torch.ones_like(z, dtype=torch.bool), float("-inf"))
     return z

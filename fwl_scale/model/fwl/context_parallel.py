@@ -83,19 +83,29 @@ def receive_state(cp: CPContext, s_in: dict[str, Tensor] | None, totals: dict[st
 
 def receive_keys_values(exchange: RankExchange, s_in: dict[str, Tensor] | None, grads: dict[str, Tensor],
                         slow: dict[str, Tensor], x: Tensor, layout: ChunkLayout,
-                        decay: dict[str, Tensor]) -> tuple[dict[str, Tensor] | None, dict[str, Tensor]]:
+                        decay: dict[str, Tensor], gates: Tensor | None = None
+                        ) -> tuple[dict[str, Tensor] | None, dict[str, Tensor]]:
     """Exchange `kv`: every rank's keys and values in one all-gather (backward: one all-reduce of
     their gradients); this rank keeps the earlier ranks' tokens of the document it continues. The
     vector sums become the entering state at once; the fast dense layers attend to those keys
     (cross_linear_attention) instead of building dk·dv states. With a decay (`decay`: log λ by fast
     tensor) an earlier token j reaches this rank's position start + t with weight λ^(start+t-1-j),
-    the carried state with λ^(start+t)."""
+    the carried state with λ^(start+t). `gates` [B, T_loc, 6] (step_size="token"): each token's
+    factor per fast tensor, sent with the pieces and applied to the values here."""
     cp, tp, reset_bt, start = exchange.cp, exchange.tp, exchange.reset_bt, exchange.start
     gu = grads["gu"]
     pieces = [x, grads["gh1"], slow["a"], grads["gh2"], gu, gu * slow["xhat"]]
+    if gates is not None:
+        pieces.append(gates.to(x.dtype))
     widths = [p.shape[-1] for p in pieces]
-    gathered = gather_sequence(torch.cat(pieces, dim=-1), cp.group)[:, :start]
-    xp, gh1p, ap, gh2p, gup, guxhp = gathered.split(widths, dim=-1)
+    gathered = gather_sequence(torch.cat(pieces, dim=-1), cp.group)[:, :start].split(widths, dim=-1)
+    xp, gh1p, ap, gh2p, gup, guxhp = gathered[:6]
+    # The values of each fast tensor (b1 and W1 share gh1, unless each token's factors tell them apart).
+    # W2's enters the tensor-parallel region first, as in FastWeightLayer.keys_values: its factor
+    # scales a partial product there, so its gradient must stay a per-rank part.
+    values = dict(zip(FAST_TENSORS, (gh1p, gh1p, copy_to_tp(gh2p, tp), gh2p, guxhp, gup)))
+    if gates is not None:
+        values = {name: v * gathered[6][..., f:f + 1] for f, (name, v) in enumerate(values.items())}
     # Global segment index (0: the carried state's document goes on); the earlier tokens that reach
     # this rank are those of the segment this rank starts in.
     seg = torch.cumsum(reset_bt.to(torch.int64), dim=1)
@@ -111,15 +121,15 @@ def receive_keys_values(exchange: RankExchange, s_in: dict[str, Tensor] | None, 
         return torch.exp(decay[name].to(dtype) * exponent) if name in decay else None
 
     received: dict[str, Tensor] = {}
-    for name, v in (("b1", gh1p), ("b2", gh2p), ("alpha", guxhp), ("beta", gup)):
-        received[name] = masked_state(None, v, k_mask, powers(name, start - 1 - j))
+    for name in ("b1", "b2", "alpha", "beta"):
+        received[name] = masked_state(None, values[name], k_mask, powers(name, start - 1 - j))
     if s_in is not None:
         for name in FAST_TENSORS:
             carried = s_in[name] * sees_carried.reshape((-1,) + (1,) * (s_in[name].dim() - 1)).to(s_in[name].dtype)
             if name in decay:
                 carried = carried * powers(name, float(start)).to(carried.dtype)
             received[name] = received[name] + carried if name in received else carried
-    cross = {"w1": (xp, gh1p), "w2": (ap, copy_to_tp(gh2p, tp)), "q_mask": q_mask, "k_mask": k_mask}
+    cross = {"w1": (xp, values["w1"]), "w2": (ap, values["w2"]), "q_mask": q_mask, "k_mask": k_mask}
     if decay:
         t = torch.arange(layout.T, device=x.device, dtype=dtype)
         for name in ("w1", "w2"):

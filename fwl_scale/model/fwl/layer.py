@@ -29,9 +29,10 @@ from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import FWLConfig
 from fwl_scale.model.fwl.context_parallel import RankExchange, choose_exchange, replicate_last
 from fwl_scale.model.fwl.fast_weights import ChunkLayout, masked_state
-from fwl_scale.model.fwl.state import (COUNTED, DECAY, FAST_TENSORS, NORMALIZE, FWLState, count_normalisers,
-                                       inverse_count)
+from fwl_scale.model.fwl.state import (COUNTED, DECAY, FAST_TENSORS, NORMALIZE, STEP_SIZES, FWLState,
+                                       count_normalisers, inverse_count)
 from fwl_scale.model.fwl.sums import FastSums
+from fwl_scale.model.fwl.unembedding import FAST_SET, UNEMBED_TENSORS, FastUnembedding, pending_sums
 from fwl_scale.model.vocab import unembedding_input_grad
 from fwl_scale.parallel.context_parallel import CPContext
 from fwl_scale.parallel.layout import TPContext
@@ -98,6 +99,8 @@ class FastWeightLayer(nn.Module):
         if cfg.normalize not in NORMALIZE or cfg.decay not in DECAY:
             raise ValueError(f"FWL normalize must be one of {NORMALIZE} and decay one of {DECAY}, got "
                              f"{cfg.normalize!r} and {cfg.decay!r}")
+        if cfg.step_size not in STEP_SIZES:
+            raise ValueError(f"FWL step_size must be one of {STEP_SIZES}, got {cfg.step_size!r}")
         if cfg.decay == "learned" and not 0.0 < cfg.decay_init < 1.0:
             raise ValueError(f"FWL decay_init must lie in (0, 1), got {cfg.decay_init}")
         self.cfg = cfg
@@ -116,12 +119,36 @@ class FastWeightLayer(nn.Module):
         self.out_bias = nn.Parameter(torch.empty(padded_vocab_size // n, device=device))
         # One vector, not six scalars: 0-dim parameters break DeepSpeed's initial broadcast on CPU.
         self.step_sizes = nn.Parameter(torch.empty(len(FAST_TENSORS), device=device))
+        # step_size="token": η_j = η ⊙ 2σ(G x_j + g) for token j's gradient (TTT's learned per-token step size),
+        # one factor per fast tensor; 1 at init (G, g = 0), so the layer starts as with step_size="tensor".
+        self.step_gate_weight = self.step_gate_bias = None
+        if cfg.step_size == "token":
+            self.step_gate_weight = nn.Parameter(torch.empty(len(FAST_TENSORS), d_model, device=device))
+            self.step_gate_bias = nn.Parameter(torch.empty(len(FAST_TENSORS), device=device))
+        # The fast unembedding (unembedding.py): c and/or U join the fast set, with step sizes η = exp(ρ) (their
+        # useful size spans orders of magnitude: ~1/frequency for c, ~1 for U) and, with a decay, their own λ.
+        bad = [m for m in cfg.fast_set if m not in FAST_SET]
+        if bad or "head" not in cfg.fast_set:
+            raise ValueError(f"FWL fast_set must hold 'head' and any of {UNEMBED_TENSORS}, got {cfg.fast_set}")
+        self.unembed_members = tuple(m for m in UNEMBED_TENSORS if m in cfg.fast_set)
+        self.unembed_log_step_sizes = self.unembed_decay_logits = None
+        if self.unembed_members:
+            if cfg.step_size != "tensor":
+                raise ValueError("the FWL's fast unembedding needs step_size='tensor' (per-token factors of c and U "
+                                 "are not built yet)")
+            if n > 1 or self.cp is not None:
+                raise ValueError("the FWL's fast unembedding runs in one process or data parallel only (no tensor "
+                                 "or context parallelism yet)")
+            self.unembed_log_step_sizes = nn.Parameter(torch.empty(len(UNEMBED_TENSORS), device=device))
+            if cfg.decay == "learned":
+                self.unembed_decay_logits = nn.Parameter(torch.empty(len(UNEMBED_TENSORS), device=device))
         # Forgetting factors λ = sigmoid(decay_logits), one per fast tensor (a vector, like the step sizes).
         self.decay_logits = (nn.Parameter(torch.empty(len(FAST_TENSORS), device=device))
                              if cfg.decay == "learned" else None)
         for p, dim in ((self.w1, 0), (self.b1, 0), (self.w2, 1), (self.out_bias, 0)):
             set_sharded(p, self.tp, dim)
-        for p in (self.b2, self.alpha, self.beta, self.step_sizes, self.decay_logits):
+        for p in (self.b2, self.alpha, self.beta, self.step_sizes, self.decay_logits, self.step_gate_weight,
+                  self.step_gate_bias, self.unembed_log_step_sizes, self.unembed_decay_logits):
             if p is not None:
                 set_replicated(p)
         for p in self.parameters():
@@ -138,8 +165,15 @@ class FastWeightLayer(nn.Module):
                 p.zero_()
             self.alpha.fill_(1.0)
             self.step_sizes.fill_(self.cfg.step_size_init)
+            for p in (self.step_gate_weight, self.step_gate_bias):
+                if p is not None:
+                    p.zero_()
             if self.decay_logits is not None:
                 self.decay_logits.fill_(math.log(self.cfg.decay_init / (1.0 - self.cfg.decay_init)))
+            if self.unembed_log_step_sizes is not None:
+                self.unembed_log_step_sizes.fill_(math.log(self.cfg.unembed_step_size_init))
+            if self.unembed_decay_logits is not None:
+                self.unembed_decay_logits.fill_(math.log(self.cfg.decay_init / (1.0 - self.cfg.decay_init)))
 
     def forward(self, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor, doc_ids_bt: Tensor | None = None,
                 state: FWLState | None = None, pending_labels_b: Tensor | None = None,
@@ -154,7 +188,17 @@ class FastWeightLayer(nn.Module):
         as pending in the returned state.
 
         Under tensor, sequence and context parallelism (docs/design.md §3.2) labels and document ids are
-        always the whole sequence [B, T] on every rank."""
+        always the whole sequence [B, T] on every rank. With a fast unembedding the logits are no longer
+        U u' + c: `head` gives the losses."""
+        u_fast, fwl_state, _ = self._forward(x_btd, unembed, labels_bt, doc_ids_bt, state, pending_labels_b,
+                                             last_label_pending, return_state)
+        return u_fast, fwl_state
+
+    def _forward(self, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor, doc_ids_bt: Tensor | None,
+                 state: FWLState | None, pending_labels_b: Tensor | None, last_label_pending: bool,
+                 return_state: bool) -> tuple[Tensor, FWLState | None, dict[str, object]]:
+        """`forward`, and what the fast unembedding reads of it: the slow pass, the segment, the
+        normalisers and the carried sums of c and U."""
         x = enter_tp_region(x_btd, self.tp)  # once for its three uses: W1's input, key and query
         B, T_loc, _ = x.shape
         if doc_ids_bt is None:
@@ -167,8 +211,8 @@ class FastWeightLayer(nn.Module):
         grads = self.slow_gradients(slow, unembed, seg.local_labels, seg.loss_weight)
         # The running sums Σ_{j<i} of those gradients: carried in from the previous segment and the earlier
         # ranks (§1.4), forgotten by λ and normalised by 1/n_i (§1.3).
-        sums, count_out = self._running_sums(x, slow, grads, seg, state, pending_labels_b, doc_ids_bt, unembed,
-                                             return_state)
+        sums, count_out, carried_unembedding = self._running_sums(x, x_btd, slow, grads, seg, state, pending_labels_b,
+                                                                  doc_ids_bt, unembed, return_state)
 
         # The fast pass: position i with θ_i = θ - η ⊙ (the sums at i) (§1.1).
         eta = self.step_scale * self.step_sizes.to(x.dtype)  # η_b2, η_alpha, η_beta: replicated computations
@@ -181,13 +225,34 @@ class FastWeightLayer(nn.Module):
         xhat_fast, _ = layer_norm_stats(h2_fast, self.cfg.eps)
         u_fast = ((self.alpha - eta[4] * sums.cumsum("alpha")) * xhat_fast
                   + (self.beta - eta[5] * sums.cumsum("beta")))
+        parts = {"u": slow["u"], "seg": seg, "scale": sums.scale, "carried": carried_unembedding}
         if not return_state:
-            return u_fast, None
+            return u_fast, None, parts
         pending_x = whole_sequence(x_btd, self.tp)[:, -1] if last_label_pending else None
         final = sums.final()
         if self.cp is not None:
             final, pending_x = replicate_last(self.cp, final, pending_x)
-        return u_fast, FWLState(**final, doc_id=doc_ids_bt[:, -1].clone(), pending_x=pending_x, count=count_out)
+        return u_fast, FWLState(**final, doc_id=doc_ids_bt[:, -1].clone(), pending_x=pending_x, count=count_out), parts
+
+    def head(self, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor, doc_ids_bt: Tensor | None = None,
+             state: FWLState | None = None, pending_labels_b: Tensor | None = None, last_label_pending: bool = False,
+             return_state: bool = False, return_logits: bool = False
+             ) -> tuple[Tensor, Tensor | None, FWLState | None]:
+        """The FWL with a fast unembedding (model.fwl.fast_set): the token losses [B, T], the logits
+        [B, T, V] if asked, and the state if asked (its sums of c and U included). `forward`'s arguments."""
+        u_fast, fwl_state, parts = self._forward(x_btd, unembed, labels_bt, doc_ids_bt, state, pending_labels_b,
+                                                 last_label_pending, return_state)
+        seg, scale = parts["seg"], parts["scale"]
+        fast = FastUnembedding(parts["u"], unembed, self.out_bias, seg.local_labels,
+                               seg.loss_weight * self._grad_scale(), seg.reset,
+                               self.step_scale * torch.exp(self.unembed_log_step_sizes), self.unembed_log_decay(),
+                               scale[..., len(FAST_TENSORS):] if scale is not None else None, parts["carried"],
+                               self.vocab_size, self.cfg.vocab_chunk, self.unembed_members)
+        token_loss = fast.token_losses(u_fast)
+        logits = fast.logits(u_fast) if return_logits else None
+        if fwl_state is not None:
+            fwl_state.unembedding_sums = fast.final()
+        return token_loss, logits, fwl_state
 
     def slow_pass(self, x: Tensor, skip: Tensor | None) -> dict[str, Tensor]:
         """`x` [B, T, d]: inside the tensor-parallel region (replicated values). `skip`: the same values
@@ -206,9 +271,7 @@ class FastWeightLayer(nn.Module):
                        loss_weight: Tensor) -> dict[str, Tensor]:
         """Per-token gradients of k·w_t·CE_t at θ (hand-written backward, differentiable ops).
         gu, gh2 are replicated; gh2_tp is gh2 entering the tensor-parallel region; gh1 is sharded."""
-        # normalize="mean" | "sqrt" scales the sums' outputs by 1/n or 1/√n instead of a constant k.
-        k = self.cfg.grad_scale if self.cfg.normalize == "none" else 1.0
-        gu = unembedding_input_grad(slow["u"], unembed, self.out_bias, labels, loss_weight * k,
+        gu = unembedding_input_grad(slow["u"], unembed, self.out_bias, labels, loss_weight * self._grad_scale(),
                                     self.vocab_size, self.cfg.vocab_chunk, self.tp)
         gxh = self.alpha * gu
         xhat = slow["xhat"]
@@ -218,33 +281,70 @@ class FastWeightLayer(nn.Module):
         gh1 = ga * 2 * slow["r"]
         return {"gu": gu, "gh2": gh2, "gh2_tp": gh2_tp, "gh1": gh1}
 
-    @staticmethod
-    def keys_values(x: Tensor, slow: dict[str, Tensor],
-                    grads: dict[str, Tensor]) -> dict[str, tuple[Tensor | None, Tensor]]:
-        """Keys and values of the six running sums (key None: a plain sum of the values)."""
-        return {"w1": (x, grads["gh1"]), "b1": (None, grads["gh1"]), "w2": (slow["a"], grads["gh2_tp"]),
-                "b2": (None, grads["gh2"]), "alpha": (None, grads["gu"] * slow["xhat"]), "beta": (None, grads["gu"])}
+    def _grad_scale(self) -> float:
+        # normalize="mean" | "sqrt" scales the sums' outputs by 1/n or 1/√n instead of a constant k.
+        return self.cfg.grad_scale if self.cfg.normalize == "none" else 1.0
 
-    def _running_sums(self, x: Tensor, slow: dict[str, Tensor], grads: dict[str, Tensor], seg: Segment,
+    @staticmethod
+    def keys_values(x: Tensor, slow: dict[str, Tensor], grads: dict[str, Tensor],
+                    gates: Tensor | None = None) -> dict[str, tuple[Tensor | None, Tensor]]:
+        """Keys and values of the six running sums (key None: a plain sum of the values); `gates`
+        [B, T, 6] (step_size="token") scale each token's values per fast tensor."""
+        kv = {"w1": (x, grads["gh1"]), "b1": (None, grads["gh1"]), "w2": (slow["a"], grads["gh2_tp"]),
+              "b2": (None, grads["gh2"]), "alpha": (None, grads["gu"] * slow["xhat"]), "beta": (None, grads["gu"])}
+        if gates is None:
+            return kv
+        return {name: (k, v * gates[..., f:f + 1]) for f, (name, (k, v)) in enumerate(kv.items())}
+
+    def token_gates(self, x: Tensor, x_replicated: Tensor) -> Tensor | None:
+        """[B, T, 6] the per-token factors 2σ(G x_j + g) of the step sizes (step_size="token"), else None.
+        The factors of W1, b1 and W2 scale sharded or partial computations, so their gradient is a
+        per-rank part: they are computed from `x` inside the tensor-parallel region (whose entry sums the
+        parts) with G and g entering it too (like η_W1, η_b1, η_W2); the others from the same values
+        outside it (`x_replicated`), whose gradient is whole on every rank."""
+        if self.step_gate_weight is None:
+            return None
+        if self.tp is None:
+            return 2.0 * torch.sigmoid(F.linear(x, self.step_gate_weight, self.step_gate_bias))
+        replicated = 2.0 * torch.sigmoid(F.linear(x_replicated, self.step_gate_weight[_SHARDED_SUMS:],
+                                                  self.step_gate_bias[_SHARDED_SUMS:]))
+        sharded = 2.0 * torch.sigmoid(F.linear(x, copy_to_tp(self.step_gate_weight[:_SHARDED_SUMS], self.tp),
+                                               copy_to_tp(self.step_gate_bias[:_SHARDED_SUMS], self.tp)))
+        return torch.cat([sharded, replicated], dim=-1)
+
+    def _running_sums(self, x: Tensor, x_btd: Tensor, slow: dict[str, Tensor], grads: dict[str, Tensor], seg: Segment,
                       state: FWLState | None, pending_labels_b: Tensor | None, doc_ids_bt: Tensor, unembed: Tensor,
-                      need_state: bool) -> tuple[FastSums, Tensor | None]:
-        """The six sums of this forward (sums.py) and, with a counted normaliser, the count after its last
-        position."""
+                      need_state: bool
+                      ) -> tuple[FastSums, Tensor | None, dict[str, Tensor] | None]:
+        """The six sums of this forward (sums.py), with a counted normaliser the count after its last
+        position, and the carried sums of a fast unembedding (None without)."""
         T_loc = x.shape[1]
         s_in, count_in = self._incoming_state(state, pending_labels_b, doc_ids_bt[:, 0], unembed, x.dtype)
+        carried_unembedding = None
+        if s_in is not None and self.unembed_members:
+            carried_unembedding = {name: s_in.pop(name) for name in self.unembed_members}
         log_decay = self.log_decay()
         scale, count_out = None, None
         if self.cfg.normalize in COUNTED:
-            # The whole sequence on every cp rank (its labels are known everywhere); this rank's slice.
-            scale, count_out = count_normalisers(seg.labels, seg.reset, count_in, log_decay, self.cfg.chunk_size,
-                                                 torch.promote_types(x.dtype, torch.float32), self.cfg.normalize)
+            # The whole sequence on every cp rank (its labels are known everywhere); this rank's slice. With a
+            # fast unembedding two more counts (of c and U, with their own λ) follow the six.
+            n_counts = len(FAST_TENSORS) + (len(UNEMBED_TENSORS) if self.unembed_members else 0)
+            count_decay = log_decay
+            if log_decay is not None and self.unembed_members:
+                count_decay = torch.cat([log_decay, self.unembed_log_decay()])
+            scale, count_out = count_normalisers(seg.labels, seg.reset, count_in, count_decay, self.cfg.chunk_size,
+                                                 torch.promote_types(x.dtype, torch.float32), self.cfg.normalize,
+                                                 n_counts)
             scale = scale[:, seg.start:seg.start + T_loc]
         mode = self.exchange_for(T_loc, x.dtype)
         exchange = None if mode is None else RankExchange(self.cp, self.tp, mode, seg.reset, seg.start)
         layout = ChunkLayout(seg.reset[:, seg.start:seg.start + T_loc], self.chunk_for(T_loc))
-        sums = FastSums(self.keys_values(x, slow, grads), s_in, layout, log_decay, scale, x.dtype, need_state,
-                        exchange, slow, grads)
-        return sums, count_out
+        gates = None
+        if self.step_gate_weight is not None:
+            gates = self.token_gates(x, whole_sequence(x_btd, self.tp) if self.tp is not None else x)
+        sums = FastSums(self.keys_values(x, slow, grads, gates), s_in, layout, log_decay, scale, x.dtype, need_state,
+                        exchange, slow, grads, gates)
+        return sums, count_out, carried_unembedding
 
     def _segment(self, labels_bt: Tensor, doc_ids_bt: Tensor, state: FWLState | None, last_label_pending: bool,
                  B: int, T_loc: int, dtype: torch.dtype) -> Segment:
@@ -277,6 +377,13 @@ class FastWeightLayer(nn.Module):
             raise ValueError(f"FWL normalize={self.cfg.normalize}: the carried state has no count (a state from "
                              f"a model with model.fwl.normalize=none cannot be continued)")
         sums = {name: getattr(state, name) for name in FAST_TENSORS}
+        if self.unembed_members:
+            carried = state.unembedding_sums or {}
+            missing = [m for m in self.unembed_members if m not in carried]
+            if missing:
+                raise ValueError(f"FWL fast_set {list(self.cfg.fast_set)}: the carried state has no sums of {missing} "
+                                 f"(a state from a model without them cannot be continued)")
+            sums.update({name: carried[name] for name in self.unembed_members})
         count = state.count if self.cfg.normalize in COUNTED else None
         if state.pending_x is None:
             return sums, count
@@ -288,11 +395,16 @@ class FastWeightLayer(nn.Module):
         x = copy_to_tp(pending, self.tp)
         slow = self.slow_pass(x, pending if self.cfg.residual else None)
         weight = (label != IGNORE_INDEX).to(dtype)
-        kv = self.keys_values(x, slow, self.slow_gradients(slow, unembed, label, weight))
+        kv = self.keys_values(x, slow, self.slow_gradients(slow, unembed, label, weight), self.token_gates(x, pending))
         ones = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         if count is not None:
             count = count + weight.to(count.dtype)
-        return {name: sums[name] + masked_state(k, v, ones).to(sums[name].dtype) for name, (k, v) in kv.items()}, count
+        out = {name: sums[name] + masked_state(k, v, ones).to(sums[name].dtype) for name, (k, v) in kv.items()}
+        if self.unembed_members:
+            terms = pending_sums(slow["u"][:, 0], unembed, self.out_bias, label[:, 0],
+                                 weight[:, 0] * self._grad_scale(), self.vocab_size, self.unembed_members)
+            out.update({name: sums[name] + terms[name].to(sums[name].dtype) for name in self.unembed_members})
+        return out, count
 
     def w2_out(self, a: Tensor, update: Tensor | None = None, bias_update: Tensor | None = None) -> Tensor:
         """W2 a + b2 (the fast pass: minus W2's and b2's updates). Under tp `a` is this rank's slice of
@@ -322,6 +434,10 @@ class FastWeightLayer(nn.Module):
         sharded = F.logsigmoid(copy_to_tp(self.decay_logits, self.tp))
         return torch.cat([sharded[:_SHARDED_SUMS], replicated[_SHARDED_SUMS:]])
 
+    def unembed_log_decay(self) -> Tensor | None:
+        """[2] log λ of c and U (None without decay)."""
+        return None if self.unembed_decay_logits is None else F.logsigmoid(self.unembed_decay_logits)
+
     def update_scale(self, state: FWLState) -> Tensor:
         """[B, 6]: what multiplies each carried sum in the fast update of the next position — 1 with a
         constant k (already in the sums), 1/count or 1/√count with normalize="mean" or "sqrt" (0 for an
@@ -329,7 +445,7 @@ class FastWeightLayer(nn.Module):
         if self.cfg.normalize == "none":
             return torch.ones(state.doc_id.shape[0], len(FAST_TENSORS), dtype=state.b2.dtype,
                               device=state.b2.device)
-        return inverse_count(state.count, self.cfg.normalize)
+        return inverse_count(state.count[:, :len(FAST_TENSORS)], self.cfg.normalize)
 
     def chunk_for(self, T: int) -> int:
         return fast_chunk(self.cfg, self.w1.shape[1], T)

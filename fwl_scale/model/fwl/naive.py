@@ -25,7 +25,7 @@ def _slow_logits(layer: FastWeightLayer, x: Tensor, unembed: Tensor, p: dict[str
     xhat = (h2 - h2.mean(-1, keepdim=True)) / torch.sqrt(h2.var(-1, unbiased=False, keepdim=True) + layer.cfg.eps)
     u = p["alpha"] * xhat + p["beta"]
     V = layer.vocab_size
-    return u @ unembed[:V].t() + layer.out_bias[:V]
+    return u @ p.get("unembedding", unembed)[:V].t() + p.get("out_bias", layer.out_bias)[:V]
 
 
 def naive_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor,
@@ -42,9 +42,24 @@ def naive_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, lab
     mean = layer.cfg.normalize != "none"
     power = 0.5 if layer.cfg.normalize == "sqrt" else 1.0
     lam = None if layer.decay_logits is None else dict(zip(FAST_TENSORS, torch.sigmoid(layer.decay_logits)))
+    # A fast unembedding: c and U in the fast set, η = exp(ρ), λ their own.
+    members = layer.unembed_members
+    all_members = ("out_bias", "unembedding")
+    if "unembedding" in members:
+        # Its use as the unembedding only: a tied embedding also fed the body that made x, and the FWL's
+        # step moves the output's U, not the input's (the gradient w.r.t. this copy sees the output alone).
+        unembed = unembed.clone()
+    theta.update({name: (layer.out_bias if name == "out_bias" else unembed) for name in members})
+    eta.update({name: layer.step_scale * torch.exp(layer.unembed_log_step_sizes[all_members.index(name)])
+                for name in members})
+    if lam is not None:
+        lam.update({name: torch.sigmoid(layer.unembed_decay_logits[all_members.index(name)]) for name in members})
+    gated = layer.step_gate_weight is not None
     rows_b = []
     for b in range(B):
         x = x_btd[b]
+        # step_size="token": token j's gradient of fast tensor f scaled by 2σ(G_f·x_j + g_f).
+        gate = 2 * torch.sigmoid(x @ layer.step_gate_weight.t() + layer.step_gate_bias) if gated else None
         ce = F.cross_entropy(_slow_logits(layer, x, unembed, theta), labels_bt[b], ignore_index=IGNORE_INDEX,
                              reduction="none") * (1.0 if mean else layer.cfg.grad_scale)
         has_loss = (labels_bt[b] != IGNORE_INDEX).to(x.dtype)
@@ -54,15 +69,16 @@ def naive_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, lab
             while start > 0 and doc_ids_bt[b, start - 1] == doc_ids_bt[b, i]:
                 start -= 1
             theta_i = theta
-            if start < i and lam is None and not mean:
+            if start < i and lam is None and not mean and not gated and not members:
                 grads = torch.autograd.grad(ce[start:i].sum(), list(theta.values()), create_graph=True)
                 theta_i = {name: theta[name] - eta[name] * g for name, g in zip(FAST_TENSORS, grads)}
             elif start < i:
                 theta_i = {}
-                for name in FAST_TENSORS:
+                for name in theta:
                     ages = torch.arange(i - 1 - start, -1, -1, dtype=x.dtype)  # i-1-j for j = start..i-1
                     weight = lam[name] ** ages if lam is not None else torch.ones_like(ages)
-                    (g,) = torch.autograd.grad((weight * ce[start:i]).sum(), [theta[name]], create_graph=True)
+                    gate_f = gate[start:i, FAST_TENSORS.index(name)] if gated else 1.0
+                    (g,) = torch.autograd.grad((weight * gate_f * ce[start:i]).sum(), [theta[name]], create_graph=True)
                     if mean:
                         n = (weight * has_loss[start:i]).sum()
                         g = g / n ** power if n > 0 else g * 0

@@ -18,11 +18,14 @@ from fwl_scale.model.fwl.fast_weights import causal_count
 
 # Order of the learned step sizes in FastWeightLayer.step_sizes (one per fast tensor).
 FAST_TENSORS = ("w1", "b1", "w2", "b2", "alpha", "beta")
+_UNEMBEDDING_PREFIX = "unembedding_sums."
 # none: a constant k; mean: k_i = 1/n_i; sqrt: k_i = 1/√n_i (n_i the count of earlier positions with a loss).
 NORMALIZE = ("none", "mean", "sqrt")
 # The normalisers that divide by the count: the state carries the count.
 COUNTED = ("mean", "sqrt")
 DECAY = ("none", "learned")
+# tensor: one learned step size per fast tensor; token: times a learned factor of each token (layer.py).
+STEP_SIZES = ("tensor", "token")
 
 
 @dataclass
@@ -46,26 +49,34 @@ class FWLState:
     # normalize="mean" or "sqrt": [B, 6] the count of the sums' positions with a loss, per fast tensor (decayed with
     # its λ; the six are equal without decay). Replicated under tp and cp.
     count: Tensor | None = None
+    # A fast unembedding (model.fwl.fast_set): its sums by member, out_bias [B, V] Σ g_j, unembedding
+    # [B, V, s] Σ g_j u_jᵀ (model/fwl/unembedding.py); count then has 8 columns, theirs last.
+    unembedding_sums: dict[str, Tensor] | None = None
 
     def detach(self) -> "FWLState":
         """Truncates backpropagation at this state (training with carried state)."""
         pend = self.pending_x.detach() if self.pending_x is not None else None
         count = self.count.detach() if self.count is not None else None
+        unembedding = ({k: v.detach() for k, v in self.unembedding_sums.items()}
+                       if self.unembedding_sums is not None else None)
         return replace(self, w1=self.w1.detach(), b1=self.b1.detach(), w2=self.w2.detach(),
                        b2=self.b2.detach(), alpha=self.alpha.detach(), beta=self.beta.detach(),
-                       pending_x=pend, count=count)
+                       pending_x=pend, count=count, unembedding_sums=unembedding)
 
     def tensors(self) -> dict[str, Tensor]:
         out = {name: getattr(self, name) for name in FAST_TENSORS + ("doc_id",)}
         for name in ("pending_x", "count"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
+        for name, t in (self.unembedding_sums or {}).items():
+            out[_UNEMBEDDING_PREFIX + name] = t
         return out
 
     @classmethod
     def from_tensors(cls, t: dict[str, Tensor]) -> "FWLState":
+        unembedding = {k[len(_UNEMBEDDING_PREFIX):]: v for k, v in t.items() if k.startswith(_UNEMBEDDING_PREFIX)}
         return cls(**{name: t[name] for name in FAST_TENSORS + ("doc_id",)}, pending_x=t.get("pending_x"),
-                   count=t.get("count"))
+                   count=t.get("count"), unembedding_sums=unembedding or None)
 
 
 def inverse_count(n: Tensor, normalize: str = "mean") -> Tensor:
@@ -78,13 +89,13 @@ def inverse_count(n: Tensor, normalize: str = "mean") -> Tensor:
 
 
 def count_normalisers(labels_bt: Tensor, reset_bt: Tensor, count_in: Tensor | None, log_decay: Tensor | None,
-                      chunk: int, dtype: torch.dtype, normalize: str = "mean") -> tuple[Tensor, Tensor]:
+                      chunk: int, dtype: torch.dtype, normalize: str = "mean",
+                      n_fast: int = len(FAST_TENSORS)) -> tuple[Tensor, Tensor]:
     """normalize="mean" | "sqrt": k_i = 1/n_i or 1/√n_i per fast tensor for the whole sequence [B, T, 6],
     and the count after its last position [B, 6] (`count_in` [B, 6]: the carried count; `log_decay` [6]
     or None)."""
     w = (labels_bt != IGNORE_INDEX).to(dtype)
     chunk = min(chunk, w.shape[1])
-    n_fast = len(FAST_TENSORS)
     if log_decay is None:
         n, n_out = causal_count(w, reset_bt, count_in[:, 0] if count_in is not None else None, chunk)
         n, n_out = n.unsqueeze(-1).expand(-1, -1, n_fast), n_out.unsqueeze(-1).expand(-1, n_fast)

@@ -24,12 +24,14 @@ class FastSums:
     attention over (key, value), a vector's a plain sum of the values. `s_in`: the carried sums (None
     when nothing is carried). `scale`: [B, T_loc, 6] per-query normalisers 1/n_i (normalize="mean"), or
     None. `need_state`: the sums after the last position will be asked for (`final`). `exchange`: how the
-    sums cross context-parallel ranks (None without cp); its `kv` form sends `slow` and `grads`."""
+    sums cross context-parallel ranks (None without cp); its `kv` form sends `slow` and `grads` (and the
+    per-token step-size factors `gates`, which `keys_values` already holds applied)."""
 
     def __init__(self, keys_values: dict[str, tuple[Tensor | None, Tensor]], s_in: dict[str, Tensor] | None,
                  layout: ChunkLayout, log_decay: Tensor | None, scale: Tensor | None, dtype: torch.dtype,
                  need_state: bool, exchange: RankExchange | None = None,
-                 slow: dict[str, Tensor] | None = None, grads: dict[str, Tensor] | None = None):
+                 slow: dict[str, Tensor] | None = None, grads: dict[str, Tensor] | None = None,
+                 gates: Tensor | None = None):
         self.keys_values = keys_values
         self.layout = layout
         self.decay = dict(zip(FAST_TENSORS, log_decay)) if log_decay is not None else {}
@@ -47,7 +49,7 @@ class FastSums:
             received = receive_state(exchange.cp, s_in, self.totals, layout, log_decay)
         elif exchange is not None:
             received, self.cross = receive_keys_values(exchange, s_in, grads, slow, keys_values["w1"][0], layout,
-                                                       self.decay)
+                                                       self.decay, gates)
         else:
             received = s_in
         self.received = received if received is not None else {}
