@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import fwl_scale.model.fwl.unembedding as unembedding_module
 import fwl_scale.model.vocab as vocab_module
 from fwl_scale.config import load_config
 from fwl_scale.model import build_model
@@ -63,9 +64,17 @@ def _direct(fn, *args, use_reentrant=False, **kwargs):
     # The long-document remedies: the decayed vector sums are products, the counts elementwise.
     ("model.fwl.form=chunked", "model.fwl.normalize=mean", "model.fwl.decay=learned"),
     ("model.fwl.form=quadratic", "model.fwl.decay=learned"),
+    # The counts run in chunks of model.fwl.chunk_size whatever the form (auto: quadratic here).
+    ("model.fwl.normalize=mean", "model.fwl.decay=learned"),
+    # Issue 22's variants: per-token step sizes, the fast unembedding (c, U, both).
+    ("model.fwl.form=chunked", "model.fwl.step_size=token", "model.fwl.normalize=sqrt", "model.fwl.decay=learned"),
+    ("model.fwl.fast_set=[head,out_bias]",),
+    ("model.fwl.fast_set=[head,unembedding]", "model.fwl.normalize=mean", "model.fwl.decay=learned"),
+    ("model.fwl.fast_set=[head,out_bias,unembedding]", "model.fwl.form=chunked"),
 ])
 def test_analytic_count_equals_executed_matmul_flops(extra, monkeypatch):
     monkeypatch.setattr(vocab_module, "checkpoint", _direct)  # no recomputation of vocabulary chunks
+    monkeypatch.setattr(unembedding_module, "checkpoint", _direct)
     cfg = make_cfg(*extra)
     torch.manual_seed(0)
     executed = executed_flops_per_token(build_model(cfg.model))

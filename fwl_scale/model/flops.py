@@ -27,6 +27,11 @@ token-chunked vocabulary work is *not* counted, as in the usual MFU definition):
   mean, one scalar per token for each of the 6 fast tensors) are cumulative sums without a decay; with
   one, all 6 are the chunk's λ-weights applied as one product, 2C·6 per token, plus 2·6 for the chunk
   totals.
+  Per-token step sizes (model.fwl.step_size=token): the factors G x, 2·d·6 per token.
+  A fast unembedding (model.fwl.fast_set, model/fwl/unembedding.py) walks the vocabulary twice more at the
+  slow outputs (the slow softmax's log-sum-exp, then each chunk's gradients g_j: 2sV each) and adds the
+  weighted sum of the g_j over the T positions of the window, 2TV per token (like attention, over the full
+  window), plus with U the scores u_j·u'_i, 2Ts.
   Training is 3x this forward: the backward through the slow backward is the second-order path, and
   each of its ops is an ordinary differentiable op whose backward costs twice its forward. The counts
   depend on the labels only, so their backward is the λ-weights' gradient alone: training is 2x theirs.
@@ -69,6 +74,10 @@ def fwl_fwd_per_token(cfg: ModelConfig) -> float:
     fast = 2 * h * s + 2 * s * V + linear_attention_fwd(d, h, chunk, T) + linear_attention_fwd(h, s, chunk, T)
     if cfg.fwl.decay != "none":
         fast += 2 * min(chunk, T) * (h + 3 * s)
+    if cfg.fwl.step_size == "token":
+        fast += 2 * d * 6
+    if any(member != "head" for member in cfg.fwl.fast_set):
+        fast += 2 * s * V + 2 * s * V + 2 * T * V + (2 * T * s if "unembedding" in cfg.fwl.fast_set else 0)
     return float(slow + slow_backward + fast)
 
 
@@ -76,10 +85,12 @@ NORMALISED_TENSORS = 6  # the fast tensors with a count each (model/fwl/state.py
 
 
 def decayed_counts_fwd_per_token(cfg: ModelConfig) -> float:
-    """The normaliser's decayed counts (model/fast_weights.causal_count with a decay), see above."""
+    """The normaliser's decayed counts (model/fast_weights.causal_count with a decay), see above. They run
+    in chunks of model.fwl.chunk_size whatever the fast pass's form; a fast unembedding adds two counts."""
     if cfg.fwl.normalize == "none" or cfg.fwl.decay == "none":
         return 0.0
-    return float(2 * min(fast_chunk(cfg.fwl_resolved, cfg.d_model, cfg.seq_len), cfg.seq_len) * NORMALISED_TENSORS + 2 * NORMALISED_TENSORS)
+    n = NORMALISED_TENSORS + (2 if any(member != "head" for member in cfg.fwl.fast_set) else 0)
+    return float(2 * min(cfg.fwl.chunk_size, cfg.seq_len) * n + 2 * n)
 
 
 def train_flops_per_token(cfg: ModelConfig) -> FlopCount:

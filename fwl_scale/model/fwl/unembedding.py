@@ -120,9 +120,15 @@ class FastUnembedding:
     def _run(fn, *args):
         return checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args)
 
-    def _chunk_args(self, u_fast: Tensor, a: int, b: int) -> tuple:
-        attention = self.bias_weights + self.unembed_weights * (u_fast.to(self.bias_weights.dtype)
-                                                                @ self.u.to(self.bias_weights.dtype).transpose(1, 2))
+    def attention(self, u_fast: Tensor) -> Tensor:
+        """a_ij [B, T, T] of the fast pass's outputs (one product, shared by every vocabulary chunk)."""
+        weights = self.bias_weights
+        if "unembedding" in self.members:
+            dtype = self.bias_weights.dtype
+            weights = weights + self.unembed_weights * (u_fast.to(dtype) @ self.u.to(dtype).transpose(1, 2))
+        return weights
+
+    def _chunk_args(self, u_fast: Tensor, attention: Tensor, a: int, b: int) -> tuple:
         carried_c = carried_u = None
         if self.carried is not None:
             carried_c = self.carried["out_bias"][:, a:b] if "out_bias" in self.members else None
@@ -132,14 +138,17 @@ class FastUnembedding:
 
     def token_losses(self, u_fast: Tensor) -> Tensor:
         """Cross-entropy per token [B, T] with the fast unembedding (0 where the label is ignored)."""
-        parts = [self._run(_loss_parts_chunk, *self._chunk_args(u_fast, a, b)) for a, b in self.columns]
+        attention = self.attention(u_fast)
+        parts = [self._run(_loss_parts_chunk, *self._chunk_args(u_fast, attention, a, b)) for a, b in self.columns]
         lse = torch.logsumexp(torch.stack([p[0] for p in parts]), dim=0)
         z_label = torch.stack([p[1] for p in parts]).sum(dim=0)
         return torch.where(self.labels == IGNORE_INDEX, torch.zeros_like(lse), lse - z_label)
 
     def logits(self, u_fast: Tensor) -> Tensor:
         """[B, T, V] (evaluation and generation)."""
-        return torch.cat([_fast_logits_chunk(*self._chunk_args(u_fast, a, b)) for a, b in self.columns], dim=-1)
+        attention = self.attention(u_fast)
+        return torch.cat([_fast_logits_chunk(*self._chunk_args(u_fast, attention, a, b)) for a, b in self.columns],
+                         dim=-1)
 
     def final(self) -> dict[str, Tensor]:
         """The sums after the last position, by member: S^c [B, V], S^U [B, V, s]."""
