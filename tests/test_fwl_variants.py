@@ -16,6 +16,7 @@ from fwl_scale.config import ConfigError, FWLConfig, load_config
 from fwl_scale.model import build_model
 from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer, FWLState
 from fwl_scale.model.fwl.naive import naive_fwl_logits
+from fwl_scale.model.streaming import StreamingSession
 from tests.fwl_support import D, V, VPAD, S, fast_logits, grads_of, make_inputs, make_layer, param_names, run_segments
 
 TOL = 1e-10
@@ -198,3 +199,24 @@ def test_fast_unembedding_refuses_layouts_and_options():
         load_config(None, [fast, "model.fwl.step_size=token"])
     with pytest.raises(ConfigError, match="model.fwl.fast_set"):
         load_config(None, ["model.fwl.fast_set=[out_bias]"])
+
+
+def test_generation_stream_with_fast_unembedding_equals_whole_pass():
+    """Token by token through StreamingSession (generation): the sums of c and U stay pending and carried,
+    the logits equal one pass over the stream; reordering rows (beam search) reorders the sums too."""
+    cfg = load_config(None, ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.seq_len=8",
+                             "model.vocab_size=50", "model.vocab_multiple=64", "model.fwl.step_size_init=0.5",
+                             "model.fwl.normalize=mean", "model.fwl.decay=learned",
+                             "model.fwl.fast_set=[head,out_bias,unembedding]"])
+    model = build_model(cfg.model).double()
+    ids = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        whole = model(ids, ids.roll(-1, 1), return_logits=True).logits
+        session = StreamingSession(model, window=8)
+        steps = torch.cat([session.feed(ids[:, i:i + 1]) for i in range(8)], dim=1)
+    assert _rel(steps[:, :-1], whole[:, :-1]) < TOL  # the last label is unknown to the stream
+    sums = session.state.unembedding_sums
+    swapped = {k: v.flip(0) for k, v in sums.items()}
+    session.select_rows(torch.tensor([1, 0]))
+    for name in sums:
+        assert torch.equal(session.state.unembedding_sums[name], swapped[name])

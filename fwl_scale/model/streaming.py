@@ -80,5 +80,7 @@ class StreamingSession:
 
 
 def _rows(t, index: Tensor):
-    # Every tensor the session carries is batch-first.
+    # Every tensor the session carries is batch-first (a fast unembedding's sums are a dict of them).
+    if isinstance(t, dict):
+        return {k: _rows(v, index) for k, v in t.items()}
     return t.index_select(0, index.to(t.device)) if isinstance(t, Tensor) else t
