@@ -348,6 +348,9 @@ def check_layout(cfg: Config, world_size: int | None = None, source: str = "conf
         need(not (fast_unembedding and v > 1), fld,
              f"must be 1 with a fast unembedding (model.fwl.fast_set {m.fwl.fast_set}): it runs in one process "
              f"or data parallel only so far")
+    need(not (fast_unembedding and p.zero_stage == 3), "parallel.zero_stage",
+         f"must be at most 2 with a fast unembedding (model.fwl.fast_set {m.fwl.fast_set}): ZeRO-3 would have to "
+         f"gather c and U for FastWeightLayer.head, which runs outside the module's forward hooks")
     need(m.kv_heads % p.tp == 0, "parallel.tp", f"must divide model.n_kv_heads ({m.kv_heads})")
     need((m.fwl.hidden_mult * m.fwl_width) % p.tp == 0, "parallel.tp",
          f"must divide the FWL hidden width ({m.fwl.hidden_mult * m.fwl_width})")

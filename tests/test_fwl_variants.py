@@ -192,7 +192,7 @@ def test_model_with_fast_unembedding_matches_naive(normalize, decay):
 
 def test_fast_unembedding_refuses_layouts_and_options():
     fast = "model.fwl.fast_set=[head,out_bias]"
-    for override in ("parallel.tp=2", "parallel.cp=2", "parallel.pp=2"):
+    for override in ("parallel.tp=2", "parallel.cp=2", "parallel.pp=2", "parallel.zero_stage=3"):
         with pytest.raises(ConfigError, match=override.split("=")[0]):
             load_config(None, [fast, override, "model.n_layers=2"])
     with pytest.raises(ConfigError, match="model.fwl.step_size"):
