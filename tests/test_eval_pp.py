@@ -99,6 +99,32 @@ def test_pipeline_evaluation_equals_one_process(pp_runs, tmp_path, name):
     assert one["methods"][-1]["flops_per_token"] == pp2["methods"][-1]["flops_per_token"]
 
 
+def _eval_caches(rank, world, config, overrides, run_dir, out, first):
+    opts = DocEvalOptions(out=out, methods=[first, "unigram_cache", "continuous_cache"], cache_weights=[0.1, 0.3],
+                          cache_decays=[0.9], cache_thetas=[0.1], cache_length=20, **OPTS)
+    run_document_eval(load_config(config, overrides), run_dir, opts, log=lambda s: None)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pipeline_caches_equal_one_process(pp_runs, tmp_path, name):
+    """The caches (fwl_scale/eval/cache.py) read the unembedding's input, which the last stage broadcasts."""
+    run_dir, converted = pp_runs[name]
+    first = "fwl_carried" if name == "fwl" else "plain"
+    config = str(run_dir / "config.yaml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _eval_caches(0, 1, config, ["parallel.pp=1"], str(converted), tmp_path / "one", first)
+    finally:
+        torch.set_num_threads(threads)
+    run_distributed(2, _eval_caches, config, [], str(run_dir), str(tmp_path / "pp2"), first)
+    one, pp2 = results(tmp_path / "one"), results(tmp_path / "pp2")
+    assert [m["method"] for m in pp2["methods"]] == [first, "unigram_cache", "continuous_cache"]
+    assert pp2["cache_tuning"] == {k: {**v, "wall_s": pp2["cache_tuning"][k]["wall_s"]}
+                                   for k, v in one["cache_tuning"].items()}
+    assert_same_evaluation(one, pp2, 0.0)
+
+
 def test_pipelines_side_by_side_split_the_documents(pp_runs, tmp_path):
     run_dir, _ = pp_runs["fwl"]
     config = str(run_dir / "config.yaml")

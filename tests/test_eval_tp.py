@@ -84,6 +84,32 @@ def test_tensor_parallel_evaluation_equals_one_process(tp_runs, tmp_path, name):
     assert abs(one["methods"][-1]["loss"] - plain) > 1e-3 * plain
 
 
+def _eval_caches(rank, world, config, overrides, run_dir, out, first):
+    opts = DocEvalOptions(out=out, methods=[first, "unigram_cache", "continuous_cache"], cache_weights=[0.1, 0.3],
+                          cache_decays=[0.9], cache_thetas=[0.1], cache_length=20, **OPTS)
+    run_document_eval(load_config(config, overrides), run_dir, opts, log=lambda s: None)
+
+
+@pytest.mark.parametrize("name", ["fwl", "base"])
+def test_tensor_parallel_caches_equal_one_process(tp_runs, tmp_path, name):
+    """The caches (fwl_scale/eval/cache.py) read the unembedding's input, replicated over the tp ranks."""
+    run_dir, converted = tp_runs[name]
+    first = "fwl_carried" if name == "fwl" else "plain"
+    config = str(run_dir / "config.yaml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _eval_caches(0, 1, config, ["parallel.tp=1"], str(converted), str(tmp_path / "one"), first)
+    finally:
+        torch.set_num_threads(threads)
+    run_distributed(2, _eval_caches, config, [], str(run_dir), str(tmp_path / "tp2"), first)
+    one, tp2 = results(tmp_path / "one"), results(tmp_path / "tp2")
+    assert [m["method"] for m in tp2["methods"]] == [first, "unigram_cache", "continuous_cache"]
+    assert [m["cache"] for m in tp2["methods"][1:]] == [m["cache"] for m in one["methods"][1:]]
+    for a, b in zip(one["methods"], tp2["methods"]):
+        assert a["tokens"] == b["tokens"] > 0 and b["loss"] == pytest.approx(a["loss"], rel=TOL), a["method"]
+
+
 def test_layouts_evaluation_cannot_run_are_refused(tp_runs, tmp_path):
     run_dir, _ = tp_runs["base"]
     config = str(run_dir / "config.yaml")

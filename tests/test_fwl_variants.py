@@ -117,8 +117,8 @@ def _head_segments(layer, x, U, labels, docs, cuts, pending: bool):
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         last = i == len(bounds) - 2
         pend = labels[:, a - 1] if state is not None and state.pending_x is not None else None
-        _, logits, state = layer.head(x[:, a:b], U, labels[:, a:b], docs[:, a:b], state, pend,
-                                      pending and not last, True, True)
+        _, logits, state, _ = layer.head(x[:, a:b], U, labels[:, a:b], docs[:, a:b], state, pend,
+                                         pending and not last, True, True)
         outs.append(logits)
     return torch.cat(outs, dim=1), state
 
@@ -133,7 +133,7 @@ def test_fast_unembedding_in_segments_equals_whole_pass(pending, normalize, deca
     x, U, labels, docs = make_inputs(B, T)
     labels[:, :] = torch.randint(0, V, (B, T))
     labels[1, 2] = labels[1, 4] = IGNORE_INDEX
-    _, whole, whole_state = layer.head(x, U, labels, docs, return_state=True, return_logits=True)
+    _, whole, whole_state, _ = layer.head(x, U, labels, docs, return_state=True, return_logits=True)
     seg, seg_state = _head_segments(layer, x, U, labels, docs, [3, 5, 9], pending)
     assert _rel(seg, whole) < TOL
     for name in ("out_bias", "unembedding"):
@@ -151,7 +151,7 @@ def test_fast_unembedding_in_segments_equals_whole_pass(pending, normalize, deca
 def test_state_with_unembedding_sums_round_trips():
     layer = make_layer(4, 8, normalize="mean", decay="learned", fast_set=("head", "out_bias", "unembedding"))
     x, U, labels, docs = make_inputs(2, 8)
-    _, _, state = layer.head(x, U, labels, docs, last_label_pending=True, return_state=True)
+    _, _, state, _ = layer.head(x, U, labels, docs, last_label_pending=True, return_state=True)
     again = FWLState.from_tensors(state.detach().tensors())
     for name in ("out_bias", "unembedding"):
         assert torch.equal(again.unembedding_sums[name], state.unembedding_sums[name])

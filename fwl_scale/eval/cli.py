@@ -3,7 +3,7 @@ on any documents, and the comparison of such results.
 
     fwl eval CONFIG CKPT [key.sub=value ...] [--batches N] [--long-docs N] [--max-windows W] [--json FILE]
     fwl eval CONFIG CKPT [key.sub=value ...] --stream [--windows N] [--buckets B] [--max-docs N] [--json FILE]
-    fwl eval CONFIG CKPT --out DIR [--docs FILE...] [--methods ...] [--dynamic rms|sgd] ...
+    fwl eval CONFIG CKPT --out DIR [--docs FILE...] [--methods ...] [--dynamic rms|sgd] [--cache-weight ...] ...
     fwl eval --compare RESULT_DIR... --out DIR
 
 Exit status: 0 done; 2 bad input (config, checkpoint, documents, options).
@@ -25,6 +25,13 @@ def _refuse_with(ns: argparse.Namespace, mode: str, options: tuple[str, ...]) ->
     given = [o for o in options if getattr(ns, o) != defaults[o]]
     if given:
         raise ConfigError(f"fwl eval {mode}: --{given[0].replace('_', '-')} belongs to another mode")
+
+
+def _grid(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--{flag.replace('_', '-')} {text!r}: give comma-separated numbers") from None
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
@@ -66,6 +73,11 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         opts.lrs = [float(x) for x in ns.dynamic_lr.split(",")]
     if ns.dynamic_decay:
         opts.decays = [float(x) for x in ns.dynamic_decay.split(",")]
+    for flag, name in (("cache_weight", "cache_weights"), ("cache_decay", "cache_decays"),
+                       ("cache_theta", "cache_thetas")):
+        if getattr(ns, flag):
+            setattr(opts, name, _grid(getattr(ns, flag), flag))
+    opts.cache_length = ns.cache_length
     start_process_group()
     try:
         run_document_eval(cfg, ns.checkpoint, opts)
@@ -82,7 +94,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "--stream: the loss by position of whole validation documents streamed over "
                                    "--windows windows of model.seq_len, with the FWL state carried and reset. "
                                    "With --out DIR: every method (plain / slow_head, fwl_reset, fwl_carried, "
-                                   "dynamic) on the same documents (--docs FILE..., else the validation split), "
+                                   "dynamic; unigram_cache and continuous_cache by --methods) on the same "
+                                   "documents (--docs FILE..., else the validation split), "
                                    "with breakdowns by position, training frequency and repetition, and cost. "
                                    "--compare RESULT_DIR...: one table, JSON and plots of such results.")
     e.add_argument("config", nargs="?")
@@ -104,7 +117,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="documents to evaluate: .txt/.md (one document), .jsonl[.xz/.gz/.bz2], .parquet")
     e.add_argument("--max-docs", type=int, default=None, help="evaluate at most this many documents")
     e.add_argument("--max-tokens", type=int, default=None, help="the first N predicted tokens of each document")
-    e.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    e.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: plain,dynamic for a baseline, slow_head,fwl_reset,"
+                        "fwl_carried,dynamic for an FWL; unigram_cache and continuous_cache run on either)")
     e.add_argument("--dynamic", default="rms", choices=["rms", "sgd"], help="dynamic evaluation variant")
     e.add_argument("--dynamic-params", default="all", choices=["all", "head", "last"],
                    help="parameters dynamic evaluation updates")
@@ -113,7 +128,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "see their window's earlier tokens through a key/value cache)")
     e.add_argument("--dynamic-lr", default=None, help="comma-separated learning-rate grid")
     e.add_argument("--dynamic-decay", default=None, help="comma-separated decay grid")
-    e.add_argument("--tune-docs", type=int, default=1, help="validation documents to choose lr and decay on")
+    e.add_argument("--cache-weight", default=None, metavar="W,...",
+                   help="the caches' interpolation weight grid (default 0.05,0.1,0.2,0.3)")
+    e.add_argument("--cache-decay", default=None, metavar="D,...",
+                   help="unigram_cache: the counts' decay per token grid (default 0.99,0.995,0.999,1)")
+    e.add_argument("--cache-theta", default=None, metavar="T,...",
+                   help="continuous_cache: the flatness θ grid (default 0.1,0.3,1)")
+    e.add_argument("--cache-length", type=int, default=2048, metavar="L",
+                   help="continuous_cache: the earlier positions of the document it holds (default 2048)")
+    e.add_argument("--tune-docs", type=int, default=1,
+                   help="validation documents to choose dynamic evaluation's and the caches' parameters on")
     e.add_argument("--tune-tokens", type=int, default=4096, help="tokens of each tuning document")
     e.add_argument("--stat-segments", type=int, default=32,
                    help="training segments for the rms variant's mean squared gradients")

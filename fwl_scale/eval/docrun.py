@@ -3,10 +3,11 @@ documents, with breakdowns and cost, into DIR/results.json and DIR/report.md; th
 and training token counts are cached in DIR/cache. Nothing is written under the run directory or the
 training data root.
 
-Dynamic evaluation's lr and decay are chosen on the first `tune_docs` validation documents (first
-`tune_tokens` tokens of each), which are then left out of the evaluated documents when those are the
-validation documents too; the RMS variant's mean squared gradients come from the first `stat_segments`
-segments of the training shards (or of the tuning documents when there are none).
+Dynamic evaluation's lr and decay, and the caches' w and δ or θ (fwl_scale/eval/cache.py), are chosen on
+the first `tune_docs` validation documents (first `tune_tokens` tokens of each), which are then left out of
+the evaluated documents when those are the validation documents too; the RMS variant's mean squared
+gradients come from the first `stat_segments` segments of the training shards (or of the tuning documents
+when there are none).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from fwl_scale.data import Manifest
 from fwl_scale.data.shards import MANIFEST, read_shard
 from fwl_scale.device import resolve_device
 from fwl_scale.eval.breakdown import frequency_ranks
+from fwl_scale.eval.cache import CACHE_METHODS, CacheEvaluator, CacheSettings, grid_points, tune_cache
 from fwl_scale.eval.docs import checkpoint_tokenizer, load_documents, training_token_counts, validation_documents
 from fwl_scale.eval.dynamic import DynamicEvaluator, DynamicSettings, mean_squared_gradients, tune, windows
 from fwl_scale.eval.methods import check_methods, default_methods, run_method
@@ -53,6 +55,10 @@ class DocEvalOptions:
     tune_docs: int = 1
     tune_tokens: int = 4096
     stat_segments: int = 32
+    cache_weights: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])  # w
+    cache_decays: list[float] = field(default_factory=lambda: [0.99, 0.995, 0.999, 1.0])  # δ (unigram)
+    cache_thetas: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # θ (continuous)
+    cache_length: int = 2048  # L (continuous)
     progress: bool = True
 
 
@@ -101,6 +107,9 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
     model, ref = load_for_eval(cfg, checkpoint, device, where.tp, where.stage)
     methods = list(opts.methods or default_methods(cfg.model))
     check_methods(methods, cfg.model)
+    for method in (m for m in methods if m in CACHE_METHODS):  # bad grids refused before anything is written
+        grid_points(CacheSettings(method, length=opts.cache_length), opts.cache_weights,
+                    opts.cache_decays if method == "unigram_cache" else opts.cache_thetas)
     tok = checkpoint_tokenizer(cfg)
     # Rank 0 tokenizes and counts into the cache first; the others then read what it wrote.
     for turn in ((0,) if world == 1 else (0, 1)):
@@ -111,11 +120,12 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
                 documents, source = None, {"validation": str(Path(cfg.data.root) / "valid" / MANIFEST)}
             counts = training_token_counts(cfg, cache, say)
         _barrier()
-    need_valid = documents is None or "dynamic" in methods
+    tuned_methods = [m for m in methods if m in ("dynamic",) + CACHE_METHODS]  # those chosen on tuning documents
+    need_valid = documents is None or bool(tuned_methods)
     valid = [d.to(device) for d in validation_documents(cfg, tok)] if need_valid else []
-    n_tune = opts.tune_docs if "dynamic" in methods else 0
-    if "dynamic" in methods and len(valid) < n_tune + (1 if documents is None else 0):
-        raise ValueError(f"dynamic evaluation tunes on {n_tune} validation documents; the checkpoint's "
+    n_tune = opts.tune_docs if tuned_methods else 0
+    if tuned_methods and len(valid) < n_tune + (1 if documents is None else 0):
+        raise ValueError(f"{' and '.join(tuned_methods)} tune on {n_tune} validation documents; the checkpoint's "
                          f"validation split has {len(valid)}")
     tune_docs = valid[:n_tune]
     if documents is None:
@@ -158,8 +168,25 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
                                     "tune_documents": len(tune_docs), "tune_tokens": opts.tune_tokens,
                                     "wall_s": time.perf_counter() - t0}
         say(f"dynamic evaluation: chose lr {tuned.settings.lr:g} decay {tuned.settings.decay:g}")
+    caches: dict[str, CacheEvaluator] = {}
+    for method in (m for m in methods if m in CACHE_METHODS):
+        t0 = time.perf_counter()
+        # On an FWL the cache sits on fwl_carried's distribution, on a baseline on plain's.
+        ev = CacheEvaluator(model, CacheSettings(method, length=opts.cache_length), cfg.model.seq_len,
+                            cfg.model.vocab_size, carry_state=cfg.model.fwl.enabled)
+        second = opts.cache_decays if method == "unigram_cache" else opts.cache_thetas
+        tuned_cache = tune_cache(ev, opts.cache_weights, second, where.share(tune_docs), opts.tune_tokens, say,
+                                 where.sum)
+        ev.settings = tuned_cache.settings
+        caches[method] = ev
+        report.setdefault("cache_tuning", {})[method] = {
+            "grid": tuned_cache.grid, "chosen": tuned_cache.settings.as_dict(), "tune_documents": len(tune_docs),
+            "tune_tokens": opts.tune_tokens, "wall_s": time.perf_counter() - t0}
+        say(f"{method}: chose " + ", ".join(f"{k} {v:g}" for k, v in tuned_cache.settings.as_dict().items()
+                                           if k != "method"))
     for method in methods:
-        res = run_method(method, model, cfg.model, documents, ranks, opts.max_tokens, dyn, opts.progress, where)
+        res = run_method(method, model, cfg.model, documents, ranks, opts.max_tokens, dyn, opts.progress, where,
+                         caches)
         report["methods"].append(res.as_dict())
     if where.leader:
         out.mkdir(parents=True, exist_ok=True)
@@ -199,4 +226,11 @@ def format_report(r: dict[str, Any]) -> str:
                       f"a step every {t['chosen']['segment']} tokens, chosen "
                       f"lr {t['chosen']['lr']:g} decay {t['chosen']['decay']:g} on {t['tune_documents']} validation "
                       f"documents ({t['wall_s']:.1f}s of tuning)"]
+    for method, t in r.get("cache_tuning", {}).items():
+        chosen = t["chosen"]
+        what = (f"decay δ {chosen['decay']:g}" if method == "unigram_cache"
+                else f"θ {chosen['theta']:g}, the last L = {chosen['length']} positions")
+        lines += ["", f"{method}: on {'fwl_carried' if r['fwl'] else 'plain'}'s distribution, chosen weight w "
+                      f"{chosen['weight']:g}, {what} on {t['tune_documents']} validation documents "
+                      f"({t['wall_s']:.1f}s of tuning)"]
     return "\n".join(lines) + "\n"

@@ -5,6 +5,12 @@
     fwl_reset    an FWL checkpoint window by window, its state starting afresh in every window
     fwl_carried  an FWL checkpoint with its state carried from window to window over the whole document
     dynamic      dynamic evaluation (fwl_scale/eval/dynamic.py) of either, on windows of the same length
+    unigram_cache     a decayed unigram cache of the document's labels mixed into `plain`'s distribution (a
+                      baseline) or `fwl_carried`'s (an FWL) (fwl_scale/eval/cache.py)
+    continuous_cache  Grave et al.'s (2017) continuous cache over the last L hidden states, likewise
+
+The caches are not among the default methods (a run without --methods gives the methods above them); name
+them with --methods.
 
 Documents are split over data-parallel ranks (document i on rank i mod dp; the model over tp ranks as
 trained: fwl_scale/eval/ranks.py); the sums are added over the data-parallel ranks, so the result is that of
@@ -22,6 +28,7 @@ from torch import Tensor
 
 from fwl_scale.config import ModelConfig
 from fwl_scale.eval.breakdown import Breakdown
+from fwl_scale.eval.cache import CACHE_METHODS, CacheEvaluator, cache_flops_per_token
 from fwl_scale.eval.dynamic import DynamicEvaluator, DynamicSettings, select_parameters
 from fwl_scale.eval.perplexity import document_token_losses
 from fwl_scale.eval.ranks import SINGLE, EvalRanks
@@ -37,8 +44,13 @@ def default_methods(cfg: ModelConfig) -> tuple[str, ...]:
     return FWL_METHODS if cfg.fwl.enabled else BASELINE_METHODS
 
 
+def available_methods(cfg: ModelConfig) -> tuple[str, ...]:
+    """The defaults and the caches, which run on either kind of checkpoint."""
+    return default_methods(cfg) + CACHE_METHODS
+
+
 def check_methods(methods: Sequence[str], cfg: ModelConfig) -> None:
-    allowed = default_methods(cfg)
+    allowed = available_methods(cfg)
     bad = [m for m in methods if m not in allowed]
     if bad:
         kind = "an FWL" if cfg.fwl.enabled else "a baseline (no FWL)"
@@ -97,8 +109,8 @@ class Progress:
                   f"{rate:,.0f} tokens/s", file=sys.stderr, flush=True)
 
 
-def scorer_for(method: str, model: torch.nn.Module, window: int,
-               dynamic: DynamicEvaluator | None) -> Callable[[Tensor, int | None], Tensor]:
+def scorer_for(method: str, model: torch.nn.Module, window: int, dynamic: DynamicEvaluator | None,
+               caches: dict[str, CacheEvaluator] | None = None) -> Callable[[Tensor, int | None], Tensor]:
     if method in ("plain", "fwl_reset", "slow_head"):
         return lambda doc, m: document_token_losses(model, doc, window, False, m)
     if method == "fwl_carried":
@@ -107,17 +119,23 @@ def scorer_for(method: str, model: torch.nn.Module, window: int,
         if dynamic is None:
             raise ValueError("the dynamic method needs a DynamicEvaluator")
         return dynamic.document
+    if method in CACHE_METHODS:
+        if caches is None or method not in caches:
+            raise ValueError(f"the {method} method needs a CacheEvaluator")
+        return caches[method].document
     raise ValueError(f"unknown evaluation method {method!r}")
 
 
 def run_method(method: str, model: torch.nn.Module, cfg: ModelConfig, documents: Sequence[Tensor],
                ranks: Tensor | None, max_tokens: int | None = None, dynamic: DynamicEvaluator | None = None,
-               progress: bool = True, where: EvalRanks = SINGLE) -> MethodResult:
+               progress: bool = True, where: EvalRanks = SINGLE,
+               caches: dict[str, CacheEvaluator] | None = None) -> MethodResult:
     """`documents`: all of them (every rank gets the same list and takes its share). `ranks`: training
-    frequency rank of every token (the breakdown's); `where`: the evaluation's layout."""
+    frequency rank of every token (the breakdown's); `where`: the evaluation's layout; `caches`: the cache
+    methods' evaluators, by method."""
     mine = where.share(list(documents))
     window = cfg.seq_len
-    score = scorer_for(method, model, window, dynamic)
+    score = scorer_for(method, model, window, dynamic, caches)
     bd = Breakdown(window, cfg.vocab_size, ranks)
     prog = Progress(method, len(mine), progress and where.leader, where.size)
     fwl = getattr(model, "fwl", None)
@@ -139,6 +157,11 @@ def run_method(method: str, model: torch.nn.Module, cfg: ModelConfig, documents:
     if method == "dynamic":
         flops = dynamic_flops_per_token(cfg, model, dynamic.settings)
         extra: dict[str, object] = {"dynamic": dynamic.settings.as_dict()}
+    elif method in CACHE_METHODS:
+        settings = caches[method].settings
+        width = cfg.fwl_width if cfg.fwl.enabled else cfg.d_model
+        flops = forward_flops_per_token(cfg) + cache_flops_per_token(settings, width)
+        extra = {"cache": settings.as_dict()}
     else:
         flops, extra = forward_flops_per_token(cfg), {}
     return MethodResult(method, bd, wall, flops, extra)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -96,24 +96,35 @@ class LongDocResult:
 
 
 @torch.no_grad()
-def document_token_losses(model: torch.nn.Module, doc: Tensor, window: int, carry_state: bool = False,
-                          max_tokens: int | None = None) -> Tensor:
-    """The loss of every predicted token of one 1-D document (float64, [len - 1] or the first `max_tokens`),
-    read in consecutive windows of `window` tokens. The body sees only its window. With `carry_state` the
-    FWL's running sums are carried from window to window (docs/design.md §1.4), so its fast weights keep
-    adapting over the whole document; without, every window starts afresh."""
+def document_windows(model: torch.nn.Module, doc: Tensor, window: int, carry_state: bool = False,
+                     max_tokens: int | None = None, return_hidden: bool = False) -> Iterator[tuple[Tensor, object]]:
+    """(labels [n], the model's output) of each consecutive window of `window` tokens of one 1-D document
+    (all its predicted tokens or the first `max_tokens`). The body sees only its window. With `carry_state`
+    the FWL's running sums are carried from window to window (docs/design.md §1.4), so its fast weights
+    keep adapting over the whole document; without, every window starts afresh. `return_hidden`: the
+    outputs hold the unembedding's input too (ModelOutput.hidden)."""
     inputs, labels = doc[:-1], doc[1:]
     n = inputs.numel() if max_tokens is None else min(inputs.numel(), max_tokens)
     state = None
-    out_losses = []
     for a in range(0, n, window):
         ids = inputs[a:min(a + window, n)][None]
         lab = labels[a:min(a + window, n)][None]
         kwargs = {"fwl_state": state, "return_state": True} if carry_state else {}
+        if return_hidden:
+            kwargs["return_hidden"] = True
         out = model(ids, lab, torch.zeros_like(ids), **kwargs)
         if carry_state:
             state = out.fwl_state
-        out_losses.append(out.token_loss.to(torch.float64).flatten())
+        yield lab[0], out
+
+
+@torch.no_grad()
+def document_token_losses(model: torch.nn.Module, doc: Tensor, window: int, carry_state: bool = False,
+                          max_tokens: int | None = None) -> Tensor:
+    """The loss of every predicted token of one 1-D document (float64, [len - 1] or the first `max_tokens`),
+    read in consecutive windows of `window` tokens (`document_windows`)."""
+    out_losses = [out.token_loss.to(torch.float64).flatten()
+                  for _, out in document_windows(model, doc, window, carry_state, max_tokens)]
     return torch.cat(out_losses) if out_losses else torch.zeros(0, dtype=torch.float64)
 
 

@@ -8,8 +8,9 @@ segments), named_parameters (this stage's, under their single-process names), an
 
 Every stage of a pipeline reads the same documents and makes the same calls in the same order. A forward
 runs stage after stage: stage s receives the activations [B, n, d] from stage s - 1, runs its blocks and
-sends them on; the last stage runs the head and broadcasts the token losses to the pipeline, so every
-stage returns them (and the methods' breakdowns are the same on every stage). The FWL state lives on the
+sends them on; the last stage runs the head and broadcasts the token losses (with `return_hidden` also
+the unembedding's input, which the caches of eval/cache.py read) to the pipeline, so every stage returns
+them (and the methods' breakdowns are the same on every stage). The FWL state lives on the
 last stage only. A backward runs the other way: the last stage differentiates the loss, every stage
 sends the gradient of its input to the stage before, as far down as a stage has parameters to update.
 The tied embedding is held by the first and the last stage; its two gradients are summed between them,
@@ -128,14 +129,15 @@ class PipelineStage(nn.Module):
     # --- forward
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, doc_ids: Tensor | None = None,
                 fwl_state: FWLState | None = None, last_label_pending: bool = False, return_logits: bool = False,
-                return_state: bool = False) -> StageOutput:
+                return_state: bool = False, return_hidden: bool = False) -> StageOutput:
         if return_logits:
             raise ValueError("a pipeline stage gives token losses, not logits")
         positions, mask, _, _ = self.gpt.attention_inputs(input_ids, doc_ids)
         x_in, x = self._stage_input(input_ids, positions)
         for i in self.blocks_here:
             x = self.gpt.run_block(self.gpt.blocks[i], x, positions, mask)
-        return self._finish(x_in, x, input_ids, labels, doc_ids, fwl_state, last_label_pending, return_state)
+        return self._finish(x_in, x, input_ids, labels, doc_ids, fwl_state, last_label_pending, return_state,
+                            return_hidden)
 
     def body_cached(self, input_ids: Tensor, doc_ids: Tensor, context_doc_ids: Tensor,
                     kv: list[KVCache]) -> None:
@@ -158,23 +160,29 @@ class PipelineStage(nn.Module):
 
     def _finish(self, x_in: Tensor | None, x: Tensor, input_ids: Tensor, labels: Tensor | None,
                 doc_ids: Tensor | None, fwl_state: FWLState | None, last_label_pending: bool,
-                return_state: bool) -> StageOutput:
+                return_state: bool, return_hidden: bool = False) -> StageOutput:
         B, n = input_ids.shape
-        flat = torch.empty(B * n + 2, dtype=torch.float32)  # token losses, loss, valid labels
+        cfg = self.gpt.cfg
+        width = (cfg.fwl_width if cfg.fwl.enabled else cfg.d_model) if return_hidden else 0
+        flat = torch.empty(B * n * (1 + width) + 2, dtype=torch.float32)  # token losses, hidden, loss, valid labels
         if self.stage.last:
             out = self.gpt.head(self.gpt.norm_f(x), input_ids, labels, doc_ids, fwl_state, last_label_pending,
-                                return_state=return_state)
-            flat[:-2] = out.token_loss.detach().float().flatten().cpu()
+                                return_state=return_state, return_hidden=return_hidden)
+            flat[:B * n] = out.token_loss.detach().float().flatten().cpu()
+            if return_hidden:
+                flat[B * n:-2] = out.hidden.detach().float().flatten().cpu()
             flat[-2], flat[-1] = float(out.loss.detach()), float(out.n_valid)
         else:
             dist.send(x.detach().float().cpu().contiguous(), self.stage.ranks[self.stage.stage + 1])
         dist.broadcast(flat, src=self.stage.ranks[-1], group=self.stage.group)
-        token_loss = flat[:-2].view(B, n).to(self.device)
         if self.stage.last:
             return StageOutput(loss=out.loss, token_loss=out.token_loss, n_valid=out.n_valid, fwl_state=out.fwl_state,
-                               stage_input=x_in, stage_output=x)
+                               hidden=out.hidden, stage_input=x_in, stage_output=x)
+        token_loss = flat[:B * n].view(B, n).to(self.device)
+        hidden = flat[B * n:-2].view(B, n, width).to(self.device, self.dtype) if return_hidden else None
         return StageOutput(loss=flat[-2].to(self.device), token_loss=token_loss,
-                           n_valid=flat[-1].to(torch.int64).to(self.device), stage_input=x_in, stage_output=x)
+                           n_valid=flat[-1].to(torch.int64).to(self.device), hidden=hidden, stage_input=x_in,
+                           stage_output=x)
 
     def _stage_input(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor | None, Tensor]:
         """(what was received or None, the first block's input): the embeddings on the first stage, the

@@ -64,6 +64,9 @@ class ModelOutput:
     logits: Tensor | None = None  # [B, T, V] only when asked for (under cp: this rank's chunk)
     fwl_state: FWLState | None = None
     seq_start: int = 0  # position of token_loss[:, 0] in the sequence (cp rank · T/cp)
+    # [B, T, s] the unembedding's input (logits = U·hidden + c), only when asked for: the final-normed body
+    # output of a baseline, the fast-pass output u' of an FWL (replicated under tp; under cp this rank's chunk)
+    hidden: Tensor | None = None
 
 
 class GPT(nn.Module):
@@ -230,7 +233,7 @@ class GPT(nn.Module):
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, doc_ids: Tensor | None = None,
                 fwl_state: FWLState | None = None, last_label_pending: bool = False,
                 return_logits: bool = False, return_state: bool = False, context_ids: Tensor | None = None,
-                context_doc_ids: Tensor | None = None) -> ModelOutput:
+                context_doc_ids: Tensor | None = None, return_hidden: bool = False) -> ModelOutput:
         """`labels` [B, T]: next-token ids, IGNORE_INDEX where no loss. The FWL needs labels (its fast
         weights adapt to every earlier labelled token); without them the model is only a language
         model when the FWL is disabled, or with `last_label_pending` for a one-position segment.
@@ -240,7 +243,9 @@ class GPT(nn.Module):
 
         `context_ids` [B, C] (streaming): tokens just before `input_ids` in the body's window, already
         processed by the FWL (their sums are in `fwl_state`); the body attends to them, nothing else
-        sees them. `context_doc_ids` are their document ids (default: all 0, like `doc_ids`)."""
+        sees them. `context_doc_ids` are their document ids (default: all 0, like `doc_ids`).
+
+        `return_hidden`: also the unembedding's input (ModelOutput.hidden; the evaluation's caches use it)."""
         if doc_ids is None and context_ids is not None:
             doc_ids = torch.zeros_like(input_ids)
         if context_ids is not None and context_ids.shape[1] > 0:
@@ -255,11 +260,12 @@ class GPT(nn.Module):
             h = h[:, C:]
         else:
             h = self.body(input_ids, doc_ids)
-        return self.head(h, input_ids, labels, doc_ids, fwl_state, last_label_pending, return_logits, return_state)
+        return self.head(h, input_ids, labels, doc_ids, fwl_state, last_label_pending, return_logits, return_state,
+                         return_hidden)
 
     def head(self, h: Tensor, input_ids: Tensor, labels: Tensor | None, doc_ids: Tensor | None,
              fwl_state: FWLState | None = None, last_label_pending: bool = False, return_logits: bool = False,
-             return_state: bool = False) -> ModelOutput:
+             return_state: bool = False, return_hidden: bool = False) -> ModelOutput:
         """Everything after the body: the FWL (or nothing), the unembedding and the losses, from the body
         output `h` (as `body` returns it). The last pipeline stage runs it (train/pipeline.py)."""
         tp = self.tp
@@ -275,8 +281,9 @@ class GPT(nn.Module):
         pending_labels = input_ids[:, 0] if fwl_state is not None and fwl_state.pending_x is not None else None
         if self.fwl is not None and self.fwl.unembed_members:
             # A fast unembedding (model.fwl.fast_set): the logits are the FWL's own (model/fwl/unembedding.py).
-            token_loss, logits, state = self.fwl.head(h, self.unembedding, labels, doc_ids, fwl_state, pending_labels,
-                                                      last_label_pending, return_state, return_logits)
+            token_loss, logits, state, u = self.fwl.head(h, self.unembedding, labels, doc_ids, fwl_state,
+                                                         pending_labels, last_label_pending, return_state,
+                                                         return_logits)
         else:
             if self.fwl is not None:
                 h, state = self.fwl(h, self.unembedding, labels, doc_ids, state=fwl_state,
@@ -286,13 +293,13 @@ class GPT(nn.Module):
                 h_tp = copy_to_tp(h, tp)  # replicated u' into the vocabulary-parallel unembedding
             else:
                 h_tp = enter_tp_region(h, tp)
-            token_loss, logits = self.vocab_loss(h_tp if tp is not None else h, self.unembedding, bias, local_labels,
-                                                 return_logits)
+            u = h_tp if tp is not None else h  # the unembedding's input
+            token_loss, logits = self.vocab_loss(u, self.unembedding, bias, local_labels, return_logits)
         n_valid = (labels != IGNORE_INDEX).sum()
         # Under cp: this rank's share, times cp, so that the cp group's average is the whole loss.
         loss = token_loss.sum() * n_cp / n_valid.clamp(min=1)
         return ModelOutput(loss=loss, token_loss=token_loss, n_valid=n_valid, logits=logits, fwl_state=state,
-                           seq_start=start)
+                           seq_start=start, hidden=u if return_hidden else None)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None,

@@ -237,9 +237,10 @@ class FastWeightLayer(nn.Module):
     def head(self, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor, doc_ids_bt: Tensor | None = None,
              state: FWLState | None = None, pending_labels_b: Tensor | None = None, last_label_pending: bool = False,
              return_state: bool = False, return_logits: bool = False
-             ) -> tuple[Tensor, Tensor | None, FWLState | None]:
+             ) -> tuple[Tensor, Tensor | None, FWLState | None, Tensor]:
         """The FWL with a fast unembedding (model.fwl.fast_set): the token losses [B, T], the logits
-        [B, T, V] if asked, and the state if asked (its sums of c and U included). `forward`'s arguments."""
+        [B, T, V] if asked, the state if asked (its sums of c and U included), and the fast pass's output
+        u'. `forward`'s arguments."""
         u_fast, fwl_state, parts = self._forward(x_btd, unembed, labels_bt, doc_ids_bt, state, pending_labels_b,
                                                  last_label_pending, return_state)
         seg, scale = parts["seg"], parts["scale"]
@@ -252,7 +253,7 @@ class FastWeightLayer(nn.Module):
         logits = fast.logits(u_fast) if return_logits else None
         if fwl_state is not None:
             fwl_state.unembedding_sums = fast.final()
-        return token_loss, logits, fwl_state
+        return token_loss, logits, fwl_state, u_fast
 
     def slow_pass(self, x: Tensor, skip: Tensor | None) -> dict[str, Tensor]:
         """`x` [B, T, d]: inside the tensor-parallel region (replicated values). `skip`: the same values
