@@ -35,9 +35,13 @@ class FWLConfig:
     step_size: str = "tensor"
     # What takes the fast step: the FWL's head (W1, b1, W2, b2, α, β: always) and, beyond the paper, the output
     # bias (out_bias: a learned unigram cache) and the unembedding (unembedding: U, tied or not; a learned
-    # continuous cache). Their step sizes are exp(ρ), ρ learned from log(unembed_step_size_init).
+    # continuous cache). Their step sizes are exp(ρ), ρ learned from log(unembed_step_size_init) for c and
+    # log(unembed_step_size_init / width) for U (its scores u_j·u'_i are of the order of the width).
     fast_set: list[str] = field(default_factory=lambda: ["head"])
     unembed_step_size_init: float = 1.0
+    # How c's and U's sums are scaled: none = a λ-decayed sum with k = 1, a cache (a word seen once moves
+    # its logit by about η; needs decay: learned); head = as the head's (normalize, grad_scale).
+    unembed_normalize: str = "none"
     # Multiplies the learned step sizes; 0 evaluates the slow head alone (fast updates off).
     step_scale: float = 1.0
     # The gradient scale k of docs/design.md §1.2: a constant. None means 1 / model.seq_len. Not used with
@@ -283,6 +287,11 @@ class Config:
              f"must be tensor with a fast unembedding (model.fwl.fast_set {f.fast_set}): per-token factors of c "
              f"and U are not built yet")
         need(f.unembed_step_size_init > 0, "model.fwl.unembed_step_size_init", "must be > 0")
+        need(f.unembed_normalize in ("none", "head"), "model.fwl.unembed_normalize",
+             f"must be none or head, got {f.unembed_normalize!r}")
+        need(not unembedding or f.unembed_normalize == "head" or f.decay == "learned", "model.fwl.decay",
+             "must be learned with a fast unembedding whose sums are not normalised (model.fwl.unembed_normalize="
+             "none): the decay bounds them")
         need(f.normalize != "sqrt" or f.decay == "learned", "model.fwl.decay",
              "must be learned with model.fwl.normalize=sqrt: without a decay its update grows like √n past "
              "the training length (the count n is then bounded by 1/(1 - λ))")

@@ -13,10 +13,11 @@ D, S, V, VPAD = 6, 6, 13, 16
 
 
 def make_layer(chunk: int, T: int, residual: bool = False, normalize: str = "none",
-               decay: str = "none", step_size: str = "tensor", fast_set: tuple[str, ...] = ("head",)) -> FastWeightLayer:
+               decay: str = "none", step_size: str = "tensor", fast_set: tuple[str, ...] = ("head",),
+               unembed_normalize: str = "head") -> FastWeightLayer:
     cfg = FWLConfig(width=S, grad_scale=1.0 / T, init_std=0.5, chunk_size=chunk, vocab_chunk=5, form="chunked",
                     residual=residual, normalize=normalize, decay=decay, decay_init=0.8, step_size=step_size,
-                    fast_set=list(fast_set))
+                    fast_set=list(fast_set), unembed_normalize=unembed_normalize)
     layer = FastWeightLayer(cfg, D, V, VPAD).double()
     with torch.no_grad():
         # Large, distinct step sizes so that every fast term matters numerically.

@@ -68,9 +68,10 @@ def _direct(fn, *args, use_reentrant=False, **kwargs):
     ("model.fwl.normalize=mean", "model.fwl.decay=learned"),
     # Issue 22's variants: per-token step sizes, the fast unembedding (c, U, both).
     ("model.fwl.form=chunked", "model.fwl.step_size=token", "model.fwl.normalize=sqrt", "model.fwl.decay=learned"),
-    ("model.fwl.fast_set=[head,out_bias]",),
-    ("model.fwl.fast_set=[head,unembedding]", "model.fwl.normalize=mean", "model.fwl.decay=learned"),
-    ("model.fwl.fast_set=[head,out_bias,unembedding]", "model.fwl.form=chunked"),
+    ("model.fwl.fast_set=[head,out_bias]", "model.fwl.decay=learned"),
+    ("model.fwl.fast_set=[head,unembedding]", "model.fwl.normalize=mean", "model.fwl.decay=learned",
+     "model.fwl.unembed_normalize=head"),
+    ("model.fwl.fast_set=[head,out_bias,unembedding]", "model.fwl.form=chunked", "model.fwl.decay=learned"),
 ])
 def test_analytic_count_equals_executed_matmul_flops(extra, monkeypatch):
     monkeypatch.setattr(vocab_module, "checkpoint", _direct)  # no recomputation of vocabulary chunks

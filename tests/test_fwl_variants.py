@@ -89,10 +89,12 @@ MEMBERS = [("out_bias",), ("unembedding",), ("out_bias", "unembedding")]
 
 
 @pytest.mark.parametrize("members", MEMBERS)
-@pytest.mark.parametrize("normalize, decay", SETTINGS)
-def test_fast_unembedding_equals_naive(members, normalize, decay):
+@pytest.mark.parametrize("normalize, decay, unembed_normalize", [s + ("head",) for s in SETTINGS]
+                         + [("mean", "learned", "none"), ("none", "learned", "none")])
+def test_fast_unembedding_equals_naive(members, normalize, decay, unembed_normalize):
     B, T = 2, 12
-    layer = make_layer(4, T, residual=True, normalize=normalize, decay=decay, fast_set=("head",) + members)
+    layer = make_layer(4, T, residual=True, normalize=normalize, decay=decay, fast_set=("head",) + members,
+                       unembed_normalize=unembed_normalize)
     x, U, labels, docs = make_inputs(B, T)
     labels[1, 3:6] = IGNORE_INDEX
     fast, g_fast = grads_of(lambda: fast_logits(layer, x, U, labels, docs), layer, x, U)
@@ -124,12 +126,14 @@ def _head_segments(layer, x, U, labels, docs, cuts, pending: bool):
 
 
 @pytest.mark.parametrize("pending", [False, True])
-@pytest.mark.parametrize("normalize, decay", [("none", "none"), ("mean", "learned")])
-def test_fast_unembedding_in_segments_equals_whole_pass(pending, normalize, decay):
+@pytest.mark.parametrize("normalize, decay, unembed_normalize", [("none", "none", "head"), ("mean", "learned", "head"),
+                                                                 ("mean", "learned", "none")])
+def test_fast_unembedding_in_segments_equals_whole_pass(pending, normalize, decay, unembed_normalize):
     """The sums of c and U (and their counts) carried across segments, pending positions folded in:
     logits, the final state and every gradient equal to one pass."""
     B, T = 2, 14
-    layer = make_layer(3, T, normalize=normalize, decay=decay, fast_set=("head", "out_bias", "unembedding"))
+    layer = make_layer(3, T, normalize=normalize, decay=decay, fast_set=("head", "out_bias", "unembedding"),
+                       unembed_normalize=unembed_normalize)
     x, U, labels, docs = make_inputs(B, T)
     labels[:, :] = torch.randint(0, V, (B, T))
     labels[1, 2] = labels[1, 4] = IGNORE_INDEX
@@ -139,7 +143,8 @@ def test_fast_unembedding_in_segments_equals_whole_pass(pending, normalize, deca
     for name in ("out_bias", "unembedding"):
         assert _rel(seg_state.unembedding_sums[name], whole_state.unembedding_sums[name]) < TOL, name
     if normalize != "none":
-        assert whole_state.count.shape == (B, 8) and _rel(seg_state.count, whole_state.count) < TOL
+        counts = 8 if unembed_normalize == "head" else 6
+        assert whole_state.count.shape == (B, counts) and _rel(seg_state.count, whole_state.count) < TOL
     w = torch.randn_like(whole)
     params = [x, U] + [getattr(layer, n) for n in param_names(layer)[2:]]
     g_whole = torch.autograd.grad((whole * w).sum(), params)
@@ -149,7 +154,8 @@ def test_fast_unembedding_in_segments_equals_whole_pass(pending, normalize, deca
 
 
 def test_state_with_unembedding_sums_round_trips():
-    layer = make_layer(4, 8, normalize="mean", decay="learned", fast_set=("head", "out_bias", "unembedding"))
+    layer = make_layer(4, 8, normalize="mean", decay="learned", fast_set=("head", "out_bias", "unembedding"),
+                       unembed_normalize="head")
     x, U, labels, docs = make_inputs(2, 8)
     _, _, state, _ = layer.head(x, U, labels, docs, last_label_pending=True, return_state=True)
     again = FWLState.from_tensors(state.detach().tensors())
@@ -162,7 +168,7 @@ def test_state_with_unembedding_sums_round_trips():
         layer.head(x, U, labels, docs, plain_state)
 
 
-@pytest.mark.parametrize("normalize, decay", [("none", "none"), ("sqrt", "learned")])
+@pytest.mark.parametrize("normalize, decay", [("none", "learned"), ("sqrt", "learned")])
 def test_model_with_fast_unembedding_matches_naive(normalize, decay):
     """The whole model, tied and untied: logits, loss and every parameter's gradient."""
     for tie in ("true", "false"):
@@ -192,13 +198,17 @@ def test_model_with_fast_unembedding_matches_naive(normalize, decay):
 
 def test_fast_unembedding_refuses_layouts_and_options():
     fast = "model.fwl.fast_set=[head,out_bias]"
+    decay = "model.fwl.decay=learned"
+    load_config(None, [fast, decay])  # the default unembed_normalize=none with its decay
     for override in ("parallel.tp=2", "parallel.cp=2", "parallel.pp=2", "parallel.zero_stage=3"):
         with pytest.raises(ConfigError, match=override.split("=")[0]):
-            load_config(None, [fast, override, "model.n_layers=2"])
+            load_config(None, [fast, decay, override, "model.n_layers=2"])
     with pytest.raises(ConfigError, match="model.fwl.step_size"):
-        load_config(None, [fast, "model.fwl.step_size=token"])
+        load_config(None, [fast, decay, "model.fwl.step_size=token"])
     with pytest.raises(ConfigError, match="model.fwl.fast_set"):
         load_config(None, ["model.fwl.fast_set=[out_bias]"])
+    with pytest.raises(ConfigError, match="model.fwl.decay"):  # an unnormalised cache needs its decay
+        load_config(None, [fast, "model.fwl.decay=none"])
 
 
 def test_generation_stream_with_fast_unembedding_equals_whole_pass():

@@ -86,10 +86,12 @@ NORMALISED_TENSORS = 6  # the fast tensors with a count each (model/fwl/state.py
 
 def decayed_counts_fwd_per_token(cfg: ModelConfig) -> float:
     """The normaliser's decayed counts (model/fast_weights.causal_count with a decay), see above. They run
-    in chunks of model.fwl.chunk_size whatever the fast pass's form; a fast unembedding adds two counts."""
+    in chunks of model.fwl.chunk_size whatever the fast pass's form; a fast unembedding normalised like the
+    head adds two counts."""
     if cfg.fwl.normalize == "none" or cfg.fwl.decay == "none":
         return 0.0
-    n = NORMALISED_TENSORS + (2 if any(member != "head" for member in cfg.fwl.fast_set) else 0)
+    unembedding_counted = any(member != "head" for member in cfg.fwl.fast_set) and cfg.fwl.unembed_normalize == "head"
+    n = NORMALISED_TENSORS + (2 if unembedding_counted else 0)
     return float(2 * min(cfg.fwl.chunk_size, cfg.seq_len) * n + 2 * n)
 
 

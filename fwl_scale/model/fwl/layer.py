@@ -171,7 +171,8 @@ class FastWeightLayer(nn.Module):
             if self.decay_logits is not None:
                 self.decay_logits.fill_(math.log(self.cfg.decay_init / (1.0 - self.cfg.decay_init)))
             if self.unembed_log_step_sizes is not None:
-                self.unembed_log_step_sizes.fill_(math.log(self.cfg.unembed_step_size_init))
+                init = self.cfg.unembed_step_size_init
+                self.unembed_log_step_sizes.copy_(torch.tensor([math.log(init), math.log(init / self.cfg.width)]))
             if self.unembed_decay_logits is not None:
                 self.unembed_decay_logits.fill_(math.log(self.cfg.decay_init / (1.0 - self.cfg.decay_init)))
 
@@ -245,10 +246,10 @@ class FastWeightLayer(nn.Module):
                                                  last_label_pending, return_state)
         seg, scale = parts["seg"], parts["scale"]
         fast = FastUnembedding(parts["u"], unembed, self.out_bias, seg.local_labels,
-                               seg.loss_weight * self._grad_scale(), seg.reset,
+                               seg.loss_weight * self._unembed_grad_scale(), seg.reset,
                                self.step_scale * torch.exp(self.unembed_log_step_sizes), self.unembed_log_decay(),
-                               scale[..., len(FAST_TENSORS):] if scale is not None else None, parts["carried"],
-                               self.vocab_size, self.cfg.vocab_chunk, self.unembed_members)
+                               scale[..., len(FAST_TENSORS):] if self._unembed_counted() else None,
+                               parts["carried"], self.vocab_size, self.cfg.vocab_chunk, self.unembed_members)
         token_loss = fast.token_losses(u_fast)
         logits = fast.logits(u_fast) if return_logits else None
         if fwl_state is not None:
@@ -285,6 +286,14 @@ class FastWeightLayer(nn.Module):
     def _grad_scale(self) -> float:
         # normalize="mean" | "sqrt" scales the sums' outputs by 1/n or 1/√n instead of a constant k.
         return self.cfg.grad_scale if self.cfg.normalize == "none" else 1.0
+
+    def _unembed_counted(self) -> bool:
+        """The fast unembedding's sums are divided by counts of their own (unembed_normalize="head" with a
+        counted normaliser); otherwise they are plain decayed sums."""
+        return bool(self.unembed_members) and self.cfg.unembed_normalize == "head" and self.cfg.normalize in COUNTED
+
+    def _unembed_grad_scale(self) -> float:
+        return self._grad_scale() if self.cfg.unembed_normalize == "head" else 1.0
 
     @staticmethod
     def keys_values(x: Tensor, slow: dict[str, Tensor], grads: dict[str, Tensor],
@@ -328,10 +337,10 @@ class FastWeightLayer(nn.Module):
         scale, count_out = None, None
         if self.cfg.normalize in COUNTED:
             # The whole sequence on every cp rank (its labels are known everywhere); this rank's slice. With a
-            # fast unembedding two more counts (of c and U, with their own λ) follow the six.
-            n_counts = len(FAST_TENSORS) + (len(UNEMBED_TENSORS) if self.unembed_members else 0)
+            # fast unembedding normalised like the head two more counts (of c and U, their own λ) follow the six.
+            n_counts = len(FAST_TENSORS) + (len(UNEMBED_TENSORS) if self._unembed_counted() else 0)
             count_decay = log_decay
-            if log_decay is not None and self.unembed_members:
+            if log_decay is not None and self._unembed_counted():
                 count_decay = torch.cat([log_decay, self.unembed_log_decay()])
             scale, count_out = count_normalisers(seg.labels, seg.reset, count_in, count_decay, self.cfg.chunk_size,
                                                  torch.promote_types(x.dtype, torch.float32), self.cfg.normalize,
@@ -403,7 +412,7 @@ class FastWeightLayer(nn.Module):
         out = {name: sums[name] + masked_state(k, v, ones).to(sums[name].dtype) for name, (k, v) in kv.items()}
         if self.unembed_members:
             terms = pending_sums(slow["u"][:, 0], unembed, self.out_bias, label[:, 0],
-                                 weight[:, 0] * self._grad_scale(), self.vocab_size, self.unembed_members)
+                                 weight[:, 0] * self._unembed_grad_scale(), self.vocab_size, self.unembed_members)
             out.update({name: sums[name] + terms[name].to(sums[name].dtype) for name in self.unembed_members})
         return out, count
 

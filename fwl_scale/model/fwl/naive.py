@@ -60,8 +60,9 @@ def naive_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, lab
         x = x_btd[b]
         # step_size="token": token j's gradient of fast tensor f scaled by 2σ(G_f·x_j + g_f).
         gate = 2 * torch.sigmoid(x @ layer.step_gate_weight.t() + layer.step_gate_bias) if gated else None
-        ce = F.cross_entropy(_slow_logits(layer, x, unembed, theta), labels_bt[b], ignore_index=IGNORE_INDEX,
-                             reduction="none") * (1.0 if mean else layer.cfg.grad_scale)
+        ce_raw = F.cross_entropy(_slow_logits(layer, x, unembed, theta), labels_bt[b], ignore_index=IGNORE_INDEX,
+                                 reduction="none")
+        ce = ce_raw * (1.0 if mean else layer.cfg.grad_scale)
         has_loss = (labels_bt[b] != IGNORE_INDEX).to(x.dtype)
         rows = []
         for i in range(T):
@@ -78,8 +79,11 @@ def naive_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, lab
                     ages = torch.arange(i - 1 - start, -1, -1, dtype=x.dtype)  # i-1-j for j = start..i-1
                     weight = lam[name] ** ages if lam is not None else torch.ones_like(ages)
                     gate_f = gate[start:i, FAST_TENSORS.index(name)] if gated else 1.0
-                    (g,) = torch.autograd.grad((weight * gate_f * ce[start:i]).sum(), [theta[name]], create_graph=True)
-                    if mean:
+                    # unembed_normalize="none": c's and U's sums are plain decayed sums of the unscaled gradients.
+                    plain_sum = name in members and layer.cfg.unembed_normalize == "none"
+                    loss = weight * gate_f * (ce_raw if plain_sum else ce)[start:i]
+                    (g,) = torch.autograd.grad(loss.sum(), [theta[name]], create_graph=True)
+                    if mean and not plain_sum:
                         n = (weight * has_loss[start:i]).sum()
                         g = g / n ** power if n > 0 else g * 0
                     theta_i[name] = theta[name] - eta[name] * g

@@ -50,7 +50,8 @@ class FWLState:
     # its λ; the six are equal without decay). Replicated under tp and cp.
     count: Tensor | None = None
     # A fast unembedding (model.fwl.fast_set): its sums by member, out_bias [B, V] Σ g_j, unembedding
-    # [B, V, s] Σ g_j u_jᵀ (model/fwl/unembedding.py); count then has 8 columns, theirs last.
+    # [B, V, s] Σ g_j u_jᵀ (model/fwl/unembedding.py); with unembed_normalize="head" count then has 8
+    # columns, theirs last.
     unembedding_sums: dict[str, Tensor] | None = None
 
     def detach(self) -> "FWLState":
