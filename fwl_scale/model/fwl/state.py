@@ -43,26 +43,41 @@ class FWLState:
     # normalize="mean": [B, 6] the count of the sums' positions with a loss, per fast tensor (decayed with
     # its λ; the six are equal without decay). Replicated under tp and cp.
     count: Tensor | None = None
+    # update="sequential" with a pending position: the update k ⊙ S of the fast weights its gradient is taken
+    # at, θ - η ⊙ (this), those of the first position of its inner chunk (zero where its document starts
+    # after that position); shaped and sharded like the sums of the same name (model/fwl/sequential.py).
+    pending_w1: Tensor | None = None
+    pending_b1: Tensor | None = None
+    pending_w2: Tensor | None = None
+    pending_b2: Tensor | None = None
+    pending_alpha: Tensor | None = None
+    pending_beta: Tensor | None = None
 
     def detach(self) -> "FWLState":
         """Truncates backpropagation at this state (training with carried state)."""
-        pend = self.pending_x.detach() if self.pending_x is not None else None
-        count = self.count.detach() if self.count is not None else None
-        return replace(self, w1=self.w1.detach(), b1=self.b1.detach(), w2=self.w2.detach(),
-                       b2=self.b2.detach(), alpha=self.alpha.detach(), beta=self.beta.detach(),
-                       pending_x=pend, count=count)
+        return replace(self, **{name: t.detach() for name, t in self.tensors().items()})
 
     def tensors(self) -> dict[str, Tensor]:
         out = {name: getattr(self, name) for name in FAST_TENSORS + ("doc_id",)}
-        for name in ("pending_x", "count"):
+        for name in OPTIONAL_TENSORS:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out
 
     @classmethod
     def from_tensors(cls, t: dict[str, Tensor]) -> "FWLState":
-        return cls(**{name: t[name] for name in FAST_TENSORS + ("doc_id",)}, pending_x=t.get("pending_x"),
-                   count=t.get("count"))
+        return cls(**{name: t[name] for name in FAST_TENSORS + ("doc_id",)},
+                   **{name: t.get(name) for name in OPTIONAL_TENSORS})
+
+    def pending_update(self) -> dict[str, Tensor] | None:
+        """update="sequential": the pending position's chunk-start update by fast tensor (None: none carried)."""
+        if self.pending_w1 is None:
+            return None
+        return {name: getattr(self, "pending_" + name) for name in FAST_TENSORS}
+
+
+# The fields of FWLState that may be None.
+OPTIONAL_TENSORS = ("pending_x", "count") + tuple("pending_" + name for name in FAST_TENSORS)
 
 
 def inverse_count(n: Tensor) -> Tensor:
