@@ -65,6 +65,14 @@ class FWLConfig:
     form: str = "auto"
     # Token chunk for the vocabulary-sized work (slow gradient, losses), recomputed in backward.
     vocab_chunk: int = 1024
+    # Where the per-token gradients are taken (docs/design.md §1.6; model/fwl/sequential.py):
+    # parallel = at the slow weights θ, all of them (the paper's FWL: the fast pass is one causal linear
+    #   attention); sequential = the forward's positions in inner chunks of inner_chunk tokens ([0, b), [b, 2b),
+    #   ...), each chunk's gradients taken at the fast weights of its first position θ - η ⊙ k S (built from
+    #   every earlier chunk, the carried state included; θ for a document that starts inside the chunk), as
+    #   TTT's inner mini-batches. inner_chunk >= seq_len is parallel exactly. Not with context parallelism.
+    update: str = "parallel"
+    inner_chunk: int = 16
 
 
 @dataclass
@@ -246,7 +254,8 @@ class Config:
                        ("model.n_heads", m.n_heads), ("model.seq_len", m.seq_len),
                        ("model.vocab_size", m.vocab_size), ("model.vocab_multiple", m.vocab_multiple),
                        ("model.mlp_mult", m.mlp_mult), ("model.fwl.hidden_mult", f.hidden_mult),
-                       ("model.fwl.chunk_size", f.chunk_size), ("model.fwl.vocab_chunk", f.vocab_chunk)]:
+                       ("model.fwl.chunk_size", f.chunk_size), ("model.fwl.vocab_chunk", f.vocab_chunk),
+                       ("model.fwl.inner_chunk", f.inner_chunk)]:
             need(v > 0, fld, f"must be > 0, got {v}")
         need(m.d_model % m.n_heads == 0, "model.n_heads",
              f"must divide model.d_model ({m.d_model} % {m.n_heads} = {m.d_model % m.n_heads})")
@@ -303,6 +312,11 @@ class Config:
                  f"must equal model.d_model ({m.d_model}) with model.fwl.residual (the body output is added)")
         need(f.form in ("auto", "quadratic", "chunked"), "model.fwl.form",
              f"must be auto, quadratic or chunked, got {f.form!r}")
+        need(f.update in ("parallel", "sequential"), "model.fwl.update",
+             f"must be parallel or sequential, got {f.update!r}")
+        need(f.update == "parallel" or (f.step_size == "tensor" and list(f.fast_set) == ["head"]), "model.fwl.update",
+             f"sequential runs with model.fwl.step_size=tensor and model.fwl.fast_set=[head] only so far (got "
+             f"{f.step_size}, {f.fast_set})")
         check_layout(self, source=source)
         d = self.data
         need(d.mode in ("packed", "contiguous"), "data.mode", f"must be packed or contiguous, got {d.mode!r}")
@@ -369,6 +383,11 @@ def check_layout(cfg: Config, world_size: int | None = None, source: str = "conf
          f"model.seq_len ({m.seq_len}) must be divisible by parallel.tp × parallel.cp ({p.tp} × {p.cp}): "
          f"each context-parallel chunk is split over the tensor-parallel ranks")
     need(m.seq_len % p.cp == 0, "parallel.cp", f"must divide model.seq_len ({m.seq_len})")
+    # Sequential fast-weight updates make the head sequential along the sequence (chunk c starts from the fast
+    # weights chunk c-1 ends with): a context-parallel rank would wait for the one before it. Not built.
+    need(not (m.fwl.enabled and m.fwl.update == "sequential" and p.cp > 1), "model.fwl.update",
+         f"sequential is not supported with context parallelism (parallel.cp={p.cp}) yet: each inner chunk starts "
+         "from the fast weights the previous one ends with; use model.fwl.update=parallel or parallel.cp=1")
     # Not run by the trainer yet. pp × cp and pp × tp run and are tested against one process
     # (tests/test_engine_parallel.py, tests/test_pipeline_cp.py); pp × cp × tp needs 8 ranks to test, so it is
     # refused rather than served unchecked.
@@ -394,6 +413,12 @@ def check_layout(cfg: Config, world_size: int | None = None, source: str = "conf
         need(p.zero_stage != 3, "train.compile", "not supported with parallel.zero_stage=3 (its parameter-gathering "
                                                  "hooks would run inside the compiled modules); use zero_stage 0-2 "
                                                  "or train.compile=false")
+        # The FWL compiles as one graph: the loop over seq_len / inner_chunk inner chunks is unrolled into it, so its
+        # compile time grows with their number (tiny config, 4 chunks: the compiled FWL equals eager within 1e-6
+        # but took 15 minutes to compile on 2 CPU cores; seq_len 2048 in chunks of 16 would be 128).
+        need(not (m.fwl.enabled and m.fwl.update == "sequential" and m.fwl.inner_chunk < m.seq_len), "train.compile",
+             f"not supported with model.fwl.update=sequential ({-(-m.seq_len // m.fwl.inner_chunk)} inner chunks "
+             "unrolled into one graph) yet; use train.compile=false or model.fwl.update=parallel")
     if world_size is None:
         return None
     mp = p.tp * p.cp * p.pp

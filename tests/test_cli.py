@@ -91,6 +91,10 @@ def test_fwl_layout_is_the_launchers_plan_layout():
     (["train.compile=true", "parallel.cp=2"], "train.compile: not supported with context parallelism"),
     (["train.compile=true", "parallel.pp=2"], "train.compile: not supported with pipeline parallelism"),
     (["train.compile=true", "parallel.zero_stage=3"], "train.compile: not supported with parallel.zero_stage=3"),
+    (["model.fwl.update=sequential", "parallel.cp=2"],
+     "model.fwl.update: sequential is not supported with context parallelism (parallel.cp=2)"),
+    (["train.compile=true", "model.fwl.update=sequential"],
+     "train.compile: not supported with model.fwl.update=sequential"),
 ])
 def test_what_the_trainer_refuses_is_refused_at_pre_flight(overrides, message):
     """The launchers' pre-flight (launchers/plan_layout.py, run by common.sh before any rank starts) refuses

@@ -72,6 +72,13 @@ def _direct(fn, *args, use_reentrant=False, **kwargs):
     ("model.fwl.fast_set=[head,unembedding]", "model.fwl.normalize=mean", "model.fwl.decay=learned",
      "model.fwl.unembed_normalize=head"),
     ("model.fwl.fast_set=[head,out_bias,unembedding]", "model.fwl.form=chunked", "model.fwl.decay=learned"),
+    # Sequential updates: four inner chunks of one fast chunk each (the state terms each needs, the slow pass
+    # at the start weights from the second); inner chunks 24, 24, 16 in fast chunks of 8 (a shorter last one),
+    # with the remedies; one inner chunk of the window (the parallel count).
+    ("model.fwl.update=sequential", "model.fwl.inner_chunk=16"),
+    ("model.fwl.update=sequential", "model.fwl.inner_chunk=24", "model.fwl.chunk_size=8", "model.fwl.form=chunked",
+     "model.fwl.normalize=mean", "model.fwl.decay=learned"),
+    ("model.fwl.update=sequential", "model.fwl.inner_chunk=64", "model.fwl.form=chunked"),
 ])
 def test_analytic_count_equals_executed_matmul_flops(extra, monkeypatch):
     monkeypatch.setattr(vocab_module, "checkpoint", _direct)  # no recomputation of vocabulary chunks

@@ -209,6 +209,10 @@ def test_fast_unembedding_refuses_layouts_and_options():
         load_config(None, ["model.fwl.fast_set=[out_bias]"])
     with pytest.raises(ConfigError, match="model.fwl.decay"):  # an unnormalised cache needs its decay
         load_config(None, [fast, "model.fwl.decay=none"])
+    with pytest.raises(ConfigError, match="model.fwl.update"):  # not built together yet
+        load_config(None, [fast, decay, "model.fwl.update=sequential"])
+    with pytest.raises(ConfigError, match="model.fwl.update"):
+        load_config(None, ["model.fwl.step_size=token", "model.fwl.update=sequential"])
 
 
 def test_generation_stream_with_fast_unembedding_equals_whole_pass():

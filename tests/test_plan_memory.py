@@ -20,6 +20,13 @@ CASES = [
     ("configs/tiny.yaml", ["model.n_layers=2", "model.fwl.chunk_size=16", "model.fwl.form=chunked"]),
     ("configs/tiny.yaml", ["model.n_layers=2", "model.d_model=128", "model.n_heads=4",
                            "train.activation_checkpointing=true"]),
+    # Sequential updates (model.fwl.update=sequential): 16 inner chunks of one fast chunk; 2 of two fast chunks;
+    # without the remedies (measured within 8% on d = 64–128, T = 64–128, b = 4–32).
+    ("configs/tiny.yaml", ["model.n_layers=2", "model.fwl.update=sequential", "model.fwl.inner_chunk=4"]),
+    ("configs/tiny.yaml", ["model.n_layers=2", "model.d_model=128", "model.n_heads=4", "model.fwl.update=sequential",
+                           "model.fwl.inner_chunk=32", "model.fwl.chunk_size=16", "model.fwl.form=chunked"]),
+    ("configs/tiny.yaml", ["model.n_layers=1", "model.d_model=128", "model.n_heads=4", "model.fwl.decay=none",
+                           "model.fwl.normalize=none", "model.fwl.update=sequential", "model.fwl.inner_chunk=16"]),
 ]
 
 

@@ -39,6 +39,7 @@ REMEDIES = ("model.fwl.normalize=mean", "model.fwl.decay=learned", "model.fwl.de
 # sharded or partial sums: their gradient is all-reduced).
 VARIANTS = ("model.fwl.normalize=sqrt", "model.fwl.decay=learned", "model.fwl.decay_init=0.7",
             "model.fwl.step_size=token")
+SEQUENTIAL = ("model.fwl.update=sequential",)
 
 
 def make_cfg(fwl: bool, tp: int, sp: bool, dp: int = 1, vocab_multiple: int = 64, tied: bool = True,
@@ -225,13 +226,19 @@ def check_segments(ps, sp: bool, extra: tuple[str, ...] = ()) -> None:
     (l_ref, s1_ref, s2_ref), (l_tp, s1, s2) = results
     assert worst(l_tp, l_ref) < TOL
     assert s1.pending_x is not None and worst(s1.pending_x, s1_ref.pending_x) < TOL
+    assert (s1.pending_w1 is not None) == ("model.fwl.update=sequential" in extra)
     # The state is sharded like the weights: w1 over 4s (its last dim), b1 too, w2 over 4s (rows).
     for st, st_ref in ((s1, s1_ref), (s2, s2_ref)):
         for name, dim in (("w1", 2), ("b1", 1), ("w2", 1), ("b2", None), ("alpha", None), ("beta", None)):
-            mine, full = getattr(st, name), getattr(st_ref, name)
-            if dim is not None:
-                full = take_shard(full, dim, tp.rank, tp.size)
-            assert worst(mine, full) < TOL, f"state {name}"
+            # (model.fwl.update=sequential: a pending position's chunk-start update too, sharded like the sums.)
+            for field in (name, "pending_" + name):
+                mine, full = getattr(st, field), getattr(st_ref, field)
+                assert (mine is None) == (full is None), f"state {field}"
+                if full is None:
+                    continue
+                if dim is not None:
+                    full = take_shard(full, dim, tp.rank, tp.size)
+                assert worst(mine, full) < TOL, f"state {field}"
         assert (st.count is None) == (st_ref.count is None)
         if st.count is not None:
             assert worst(st.count, st_ref.count) < TOL, "state count"
@@ -307,6 +314,13 @@ def _world2(rank: int, world: int) -> None:
     check_missing_decay_reduce(init_parallel_state(make_cfg(True, 2, False)))
     check_model(init_parallel_state(make_cfg(True, 2, True)), True, True, extra=VARIANTS)
     check_segments(init_parallel_state(make_cfg(True, 2, False)), False, extra=VARIANTS)
+    # Sequential updates (tests/test_fwl_sequential.py): the products with the chunk-start sums are sharded like
+    # the fast pass's; inner chunks of 5 (two fast chunks of 4 in each) and of 3, with a pending position's
+    # chunk-start update carried (sharded) across the cut.
+    check_model(init_parallel_state(make_cfg(True, 2, True)), True, True,
+                extra=SEQUENTIAL + ("model.fwl.inner_chunk=5",))
+    check_segments(init_parallel_state(make_cfg(True, 2, False)), False,
+                   extra=SEQUENTIAL + ("model.fwl.inner_chunk=3",) + REMEDIES)
 
 
 def _world4(rank: int, world: int) -> None:

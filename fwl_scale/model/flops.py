@@ -32,6 +32,13 @@ token-chunked vocabulary work is *not* counted, as in the usual MFU definition):
   slow outputs (the slow softmax's log-sum-exp, then each chunk's gradients g_j: 2sV each) and adds the
   weighted sum of the g_j over the T positions of the window, 2TV per token (like attention, over the full
   window), plus with U the scores u_j·u'_i, 2Ts.
+  Sequential updates (model.fwl.update=sequential, docs/design.md §1.6): each inner chunk of b tokens runs
+  the fast pass above over its own tokens (its fast-pass chunk C chosen for b). Made of one fast chunk, it
+  runs only the state terms it needs: reading the state that enters (2kv, every inner chunk but the first)
+  and the totals of the state that leaves (2kv, every one but the last); of several, both (4kv). Every chunk
+  after the first takes its slow pass and slow gradient at the chunk's start weights, products with the
+  incoming sums: x S_w1 (2dh), a S_w2 (2hs), gh2 S_w2ᵀ (2hs) per token (the bias, α and β updates are
+  elementwise).
   Training is 3x this forward: the backward through the slow backward is the second-order path, and
   each of its ops is an ordinary differentiable op whose backward costs twice its forward. The counts
   depend on the labels only, so their backward is the λ-weights' gradient alone: training is 2x theirs.
@@ -56,29 +63,45 @@ class FlopCount:
         return self.body + self.head
 
 
-def linear_attention_fwd(key: int, value: int, chunk: int, seq_len: int) -> float:
-    """Forward FLOPs per token of causal linear attention in mixed-chunk form (see module docstring)."""
+def linear_attention_fwd(key: int, value: int, chunk: int, seq_len: int, enters: bool = False,
+                         leaves: bool = False) -> float:
+    """Forward FLOPs per token of causal linear attention in mixed-chunk form over a window of seq_len tokens
+    (see module docstring); `enters`, `leaves`: a state enters the window, its final state is asked for."""
     c = min(chunk, seq_len)
     flops = 2.0 * c * (key + value)
     if seq_len > c:
         flops += 4.0 * key * value
+    else:
+        flops += 2.0 * key * value * (int(enters) + int(leaves))
     return flops
 
 
 def fwl_fwd_per_token(cfg: ModelConfig) -> float:
     d, s, V, T = cfg.d_model, cfg.fwl_width, cfg.vocab_size, cfg.seq_len
     h = cfg.fwl.hidden_mult * s
-    chunk = fast_chunk(cfg.fwl_resolved, cfg.d_model, cfg.seq_len)
     slow = 2 * d * h + 2 * h * s + 2 * s * V
     slow_backward = 2 * s * V + 2 * h * s
-    fast = 2 * h * s + 2 * s * V + linear_attention_fwd(d, h, chunk, T) + linear_attention_fwd(h, s, chunk, T)
-    if cfg.fwl.decay != "none":
-        fast += 2 * min(chunk, T) * (h + 3 * s)
+    fast = 2 * h * s + 2 * s * V
     if cfg.fwl.step_size == "token":
         fast += 2 * d * 6
     if any(member != "head" for member in cfg.fwl.fast_set):
         fast += 2 * s * V + 2 * s * V + 2 * T * V + (2 * T * s if "unembedding" in cfg.fwl.fast_set else 0)
-    return float(slow + slow_backward + fast)
+    # The running sums over each window that one fast pass covers: the sequence, or each inner chunk.
+    window = min(cfg.fwl.inner_chunk, T) if cfg.fwl.update == "sequential" else T
+    sums = 0.0
+    for start in range(0, T, window):
+        n = min(window, T - start)
+        chunk = fast_chunk(cfg.fwl_resolved, cfg.d_model, n)
+        enters, leaves = start > 0, start + n < T
+        per_token = (linear_attention_fwd(d, h, chunk, n, enters, leaves)
+                     + linear_attention_fwd(h, s, chunk, n, enters, leaves))
+        chunk = min(chunk, n)
+        if cfg.fwl.decay != "none":
+            per_token += 2 * chunk * (h + 3 * s)
+        if start > 0:
+            per_token += 2 * d * h + 2 * h * s + 2 * h * s  # the slow pass and gradient at the chunk's start
+        sums += n * per_token
+    return float(slow + slow_backward + fast + sums / T)
 
 
 NORMALISED_TENSORS = 6  # the fast tensors with a count each (model/fwl/state.py FAST_TENSORS)

@@ -23,7 +23,13 @@ checked against measurement (plan/measure.py; tests/test_plan_memory.py states t
     + 6 C (the causal linear attentions' [T, C] score matrices of a chunk C) + 20 C with the learned
     decay (its [T, C] weights per fast tensor) + 2 (d h + h s)/tp per chunk with more than one chunk
     (the running matrix sums entering each chunk), 3 (d h + h s)/tp with the decay (a decayed copy
-    too; this coefficient was set by the measurement, the others by the count).
+    too; this coefficient was set by the measurement, the others by the count). Sequential updates
+    (model.fwl.update=sequential, inner chunks of b < T_r tokens): C and the chunk states are those of each
+    inner chunk, plus 6 h/tp + 4 s per token (the slow pass and its gradient at the chunk's start weights:
+    the products with the incoming sums and the per-position α, β, bias updates) and the state entering each
+    inner chunk after the first, (d h + h s)/tp each, two more with the decay (the backward through the chain
+    of states holds their gradients), and inside an inner chunk of several fast chunks the states of all but
+    the first (its entering state is the inner chunk's). These coefficients were set by the measurement.
   head input: the final LayerNorm's input and output, 2 d.
 Transient: the vocabulary work runs in token chunks recomputed in backward; its peak is three fp32
   [chunk, V/tp] tensors (logits, log-softmax and its gradient), chunk = min(vocab_chunk, tokens).
@@ -98,12 +104,22 @@ def fwl_elements(cfg: Config, tokens: int) -> float:
     d, s = m.d_model, m.fwl_width
     h = m.fwl.hidden_mult * s
     t_rank = m.seq_len // p.cp
-    C = min(fast_chunk(m.fwl_resolved, m.d_model, m.seq_len), t_rank)
-    per_token = 11 * h / p.tp + 12 * s + 6 * C + (20 * C if m.fwl.decay != "none" else 0)
-    n_chunks = -(-t_rank // C)
+    state = (d * h + h * s) / p.tp  # the matrix sums of one state
+    # The window one fast pass covers: the rank's tokens, or an inner chunk of sequential updates.
+    window = t_rank
+    decay = m.fwl.decay != "none"
+    per_token = 11 * h / p.tp + 12 * s
+    sequential = m.fwl.update == "sequential" and m.fwl.inner_chunk < t_rank
+    if sequential:
+        window = m.fwl.inner_chunk
+        n_inner = -(-t_rank // window)
+        per_token += 6 * h / p.tp + 4 * s + (n_inner - 1 + (2 if decay else 0)) * state / t_rank
+    C = min(fast_chunk(m.fwl_resolved, m.d_model, m.seq_len if window == t_rank else window), window)
+    per_token += 6 * C + (20 * C if decay else 0)
+    n_chunks = -(-window // C)
     if n_chunks > 1:
-        states = 3 if m.fwl.decay != "none" else 2
-        per_token += states * (d * h + h * s) / p.tp * n_chunks / t_rank
+        states = 3 if decay else 2
+        per_token += states * state * (n_chunks - 1 if sequential else n_chunks) / window
     return per_token * tokens
 
 

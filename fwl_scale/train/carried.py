@@ -30,8 +30,9 @@ from fwl_scale.model.fwl import FWLState
 from fwl_scale.parallel.shards import merge_shards, take_shard
 
 FORMAT = "fwl_scale.carried_state/1"
-# Tensor-parallel sharding of the state (FWLState): the hidden width 4s of w1, b1, w2.
-SHARD_DIM = {"w1": 2, "b1": 1, "w2": 1}
+# Tensor-parallel sharding of the state (FWLState): the hidden width 4s of w1, b1, w2 (and of the pending
+# position's chunk-start update of model.fwl.update=sequential).
+SHARD_DIM = {"w1": 2, "b1": 1, "w2": 1, "pending_w1": 2, "pending_b1": 1, "pending_w2": 1}
 
 
 def carries_state(cfg: Config) -> bool:

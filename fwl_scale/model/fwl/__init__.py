@@ -2,6 +2,7 @@
 
     layer.py             FastWeightLayer: slow pass, hand-written per-token gradients, fast pass
     sums.py              the six running sums one forward reads (chunk totals, carried and received state)
+    sequential.py        model.fwl.update=sequential: inner chunks, gradients at the fast weights of their start
     fast_weights.py      the state operator: causal linear attention and cumulative sums in chunks
     naive.py             the references the tests compare with: the FWL contract with autograd, the operator as a loop
     state.py             FWLState, what crosses segment boundaries, and the mean normaliser's count

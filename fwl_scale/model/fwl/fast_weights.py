@@ -170,9 +170,10 @@ def chunked_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, layout
                              state_bkv: Tensor | None = None, log_decay: Tensor | None = None,
                              totals: Tensor | None = None, need_state: bool = True) -> tuple[Tensor, Tensor | None]:
     """causal_linear_attention's second phase, for a layout shared by several sums. `totals`:
-    linear_attention_totals(k, v, layout), if computed already. `need_state=False` with one chunk and no
-    incoming state (the quadratic form of a whole window): state_out is None, and neither the totals nor
-    the (zero) state term are computed — 4·dk·dv per token of work for nothing."""
+    linear_attention_totals(k, v, layout), if computed already. With one chunk, only the state terms that
+    matter run (2·dk·dv per token each): the incoming state's only with one (not q·0), the totals only
+    with `need_state` (else state_out is None) — the quadratic form of a whole window needs neither, an
+    inner chunk of model.fwl.update=sequential one or both."""
     dtype = accum_dtype(q_btk, k_btk, v_btv)
     N, C = layout.n_chunks, layout.chunk
     q = _pad_chunks(q_btk.to(dtype), N, C)
@@ -183,11 +184,18 @@ def chunked_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, layout
     if decay is not None:
         scores = scores * decay.intra
     out = torch.einsum("bnij,bnjv->bniv", scores, v)
-    if not need_state and N == 1 and state_bkv is None:
-        return out.reshape(q.shape[0], N * C, -1)[:, : layout.T], None
-    local_total = totals if totals is not None else linear_attention_totals(k_btk, v_btv, layout, log_decay)
     state_in = state_bkv.to(dtype) if state_bkv is not None else None
-    entering, state_out = layout.scan(local_total, state_in, decay)
+    if N == 1:
+        state_out = None
+        if need_state:
+            local_total = totals if totals is not None else linear_attention_totals(k_btk, v_btv, layout, log_decay)
+            state_out = layout.final(local_total, state_in, decay)
+        if state_in is None:
+            return out.reshape(q.shape[0], N * C, -1)[:, : layout.T], state_out
+        entering = state_in.unsqueeze(1)
+    else:
+        local_total = totals if totals is not None else linear_attention_totals(k_btk, v_btv, layout, log_decay)
+        entering, state_out = layout.scan(local_total, state_in, decay)
     q_seen = q * layout.sees_state.unsqueeze(-1).to(dtype)
     if decay is not None:
         q_seen = q_seen * decay.entering.unsqueeze(-1)

@@ -29,6 +29,7 @@ from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import FWLConfig
 from fwl_scale.model.fwl.context_parallel import RankExchange, choose_exchange, replicate_last
 from fwl_scale.model.fwl.fast_weights import ChunkLayout, masked_state
+from fwl_scale.model.fwl.sequential import pending_pass, sequential_forward
 from fwl_scale.model.fwl.state import (COUNTED, DECAY, FAST_TENSORS, NORMALIZE, STEP_SIZES, FWLState,
                                        count_normalisers, inverse_count)
 from fwl_scale.model.fwl.sums import FastSums
@@ -101,8 +102,15 @@ class FastWeightLayer(nn.Module):
                              f"{cfg.normalize!r} and {cfg.decay!r}")
         if cfg.step_size not in STEP_SIZES:
             raise ValueError(f"FWL step_size must be one of {STEP_SIZES}, got {cfg.step_size!r}")
+        if cfg.update == "sequential" and (cfg.step_size != "tensor" or list(cfg.fast_set) != ["head"]):
+            raise ValueError("FWL update='sequential' runs with step_size='tensor' and fast_set=['head'] only so far")
         if cfg.decay == "learned" and not 0.0 < cfg.decay_init < 1.0:
             raise ValueError(f"FWL decay_init must lie in (0, 1), got {cfg.decay_init}")
+        if cfg.update not in ("parallel", "sequential") or cfg.inner_chunk < 1:
+            raise ValueError(f"FWL update must be parallel or sequential and inner_chunk >= 1, got {cfg.update!r} "
+                             f"and {cfg.inner_chunk}")
+        if cfg.update == "sequential" and cp is not None and cp.size > 1:
+            raise ValueError("FWL update=sequential does not run under context parallelism (config.check_layout)")
         self.cfg = cfg
         self.tp = tp if n > 1 else None
         self.cp = cp if cp is not None and cp.size > 1 else None
@@ -206,6 +214,12 @@ class FastWeightLayer(nn.Module):
             doc_ids_bt = torch.zeros_like(labels_bt, dtype=torch.long)
         seg = self._segment(labels_bt, doc_ids_bt, state, last_label_pending, B, T_loc, x.dtype)
         skip = whole_sequence(x_btd, self.tp) if self.cfg.residual else None
+        if self.cfg.update == "sequential":
+            # Inner chunks, each taking its gradients at the fast weights of its first position (§1.6): the
+            # steps below, chunk by chunk (sequential.py).
+            u_fast, fwl_state = sequential_forward(self, x_btd, x, skip, seg, doc_ids_bt, unembed, state,
+                                                   pending_labels_b, last_label_pending, return_state)
+            return u_fast, fwl_state, {}
 
         # The slow pass at θ and each token's gradient of its own loss there (§1.1).
         slow = self.slow_pass(x, skip)
@@ -403,9 +417,15 @@ class FastWeightLayer(nn.Module):
         label = torch.where(same_doc, pending_labels_b, torch.full_like(pending_labels_b, IGNORE_INDEX))[:, None]
         pending = state.pending_x.to(dtype).unsqueeze(1)  # [B, 1, d]
         x = copy_to_tp(pending, self.tp)
-        slow = self.slow_pass(x, pending if self.cfg.residual else None)
+        skip = pending if self.cfg.residual else None
         weight = (label != IGNORE_INDEX).to(dtype)
-        kv = self.keys_values(x, slow, self.slow_gradients(slow, unembed, label, weight), self.token_gates(x, pending))
+        if self.cfg.update == "sequential":
+            # Its gradient at the fast weights of its inner chunk's first position, carried in the state.
+            slow, grads = pending_pass(self, x, skip, unembed, label, weight, state)
+        else:
+            slow = self.slow_pass(x, skip)
+            grads = self.slow_gradients(slow, unembed, label, weight)
+        kv = self.keys_values(x, slow, grads, self.token_gates(x, pending))
         ones = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         if count is not None:
             count = count + weight.to(count.dtype)

@@ -92,6 +92,60 @@ def naive_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, lab
     return torch.stack(rows_b)
 
 
+def naive_sequential_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor,
+                                doc_ids_bt: Tensor | None = None, inner_chunk: int | None = None) -> Tensor:
+    """Logits [B, T, V] of model.fwl.update=sequential (docs/design.md §1.6), position by position with explicit
+    weights: position j's gradient g_j = ∇ k CE_j is taken with autograd at the weights of the first position s
+    of its inner chunk (chunks of `inner_chunk` tokens from position 0; θ itself when j's document starts after
+    s), and position i is evaluated at θ_i^f = θ^f - η_f k_i^f Σ_{j<i, same document} λ_f^(i-1-j) g_j^f, k as
+    in naive_fwl_logits. Each θ_s is therefore one SGD step built from gradients at earlier θ_s': a loop of
+    per-chunk steps, differentiable throughout (create_graph=True)."""
+    B, T, _ = x_btd.shape
+    b = inner_chunk if inner_chunk is not None else layer.cfg.inner_chunk
+    if doc_ids_bt is None:
+        doc_ids_bt = torch.zeros(B, T, dtype=torch.long)
+    theta = {name: getattr(layer, name) for name in FAST_TENSORS}
+    eta = dict(zip(FAST_TENSORS, layer.step_scale * layer.step_sizes))
+    mean = layer.cfg.normalize != "none"
+    power = 0.5 if layer.cfg.normalize == "sqrt" else 1.0
+    k_const = 1.0 if mean else layer.cfg.grad_scale
+    lam = None if layer.decay_logits is None else dict(zip(FAST_TENSORS, torch.sigmoid(layer.decay_logits)))
+    rows_b = []
+    for b_row in range(B):
+        x, docs = x_btd[b_row], doc_ids_bt[b_row]
+        has_loss = (labels_bt[b_row] != IGNORE_INDEX).to(x.dtype)
+        grads: list[dict[str, Tensor]] = []  # g_j by fast tensor
+        chunk_start_weights: dict[int, dict[str, Tensor]] = {}
+        rows = []
+        for i in range(T):
+            start = i
+            while start > 0 and docs[start - 1] == docs[i]:
+                start -= 1
+            # θ_i from the gradients of the earlier positions of the document.
+            theta_i = {}
+            for name in FAST_TENSORS:
+                g, n = torch.zeros_like(theta[name]), x.new_zeros(())
+                for j in range(start, i):
+                    w = lam[name] ** (i - 1 - j) if lam is not None else 1.0
+                    g, n = g + w * grads[j][name], n + w * has_loss[j]
+                if mean:
+                    g = g / n ** power if n > 0 else g * 0
+                theta_i[name] = theta[name] - eta[name] * g
+            if i % b == 0:
+                chunk_start_weights[i] = theta_i
+            rows.append(_slow_logits(layer, x[i:i + 1], unembed, theta_i)[0])
+            # Position i's own gradient, at the weights of its chunk's first position s (θ for another document).
+            s = i - i % b
+            at = chunk_start_weights[s] if s >= start else theta
+            ce = F.cross_entropy(_slow_logits(layer, x[i:i + 1], unembed, at), labels_bt[b_row, i:i + 1],
+                                 ignore_index=IGNORE_INDEX, reduction="sum") * k_const * has_loss[i]
+            g_i = torch.autograd.grad(ce, [at[name] for name in FAST_TENSORS], create_graph=True, allow_unused=True,
+                                      materialize_grads=True)
+            grads.append(dict(zip(FAST_TENSORS, g_i)))
+        rows_b.append(torch.stack(rows))
+    return torch.stack(rows_b)
+
+
 def naive_causal_linear_attention(q_btk: Tensor, k_btk: Tensor, v_btv: Tensor, reset_bt: Tensor,
                                   state_bkv: Tensor | None = None,
                                   log_decay: Tensor | None = None) -> tuple[Tensor, Tensor]:

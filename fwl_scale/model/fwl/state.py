@@ -8,7 +8,7 @@ under model.fwl.decay), computed by `count_normalisers` and carried in FWLState.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -49,6 +49,15 @@ class FWLState:
     # normalize="mean" or "sqrt": [B, 6] the count of the sums' positions with a loss, per fast tensor (decayed with
     # its λ; the six are equal without decay). Replicated under tp and cp.
     count: Tensor | None = None
+    # update="sequential" with a pending position: the update k ⊙ S of the fast weights its gradient is taken
+    # at, θ - η ⊙ (this), those of the first position of its inner chunk (zero where its document starts
+    # after that position); shaped and sharded like the sums of the same name (model/fwl/sequential.py).
+    pending_w1: Tensor | None = None
+    pending_b1: Tensor | None = None
+    pending_w2: Tensor | None = None
+    pending_b2: Tensor | None = None
+    pending_alpha: Tensor | None = None
+    pending_beta: Tensor | None = None
     # A fast unembedding (model.fwl.fast_set): its sums by member, out_bias [B, V] Σ g_j, unembedding
     # [B, V, s] Σ g_j u_jᵀ (model/fwl/unembedding.py); with unembed_normalize="head" count then has 8
     # columns, theirs last.
@@ -56,17 +65,11 @@ class FWLState:
 
     def detach(self) -> "FWLState":
         """Truncates backpropagation at this state (training with carried state)."""
-        pend = self.pending_x.detach() if self.pending_x is not None else None
-        count = self.count.detach() if self.count is not None else None
-        unembedding = ({k: v.detach() for k, v in self.unembedding_sums.items()}
-                       if self.unembedding_sums is not None else None)
-        return replace(self, w1=self.w1.detach(), b1=self.b1.detach(), w2=self.w2.detach(),
-                       b2=self.b2.detach(), alpha=self.alpha.detach(), beta=self.beta.detach(),
-                       pending_x=pend, count=count, unembedding_sums=unembedding)
+        return FWLState.from_tensors({name: t.detach() for name, t in self.tensors().items()})
 
     def tensors(self) -> dict[str, Tensor]:
         out = {name: getattr(self, name) for name in FAST_TENSORS + ("doc_id",)}
-        for name in ("pending_x", "count"):
+        for name in OPTIONAL_TENSORS:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         for name, t in (self.unembedding_sums or {}).items():
@@ -76,8 +79,18 @@ class FWLState:
     @classmethod
     def from_tensors(cls, t: dict[str, Tensor]) -> "FWLState":
         unembedding = {k[len(_UNEMBEDDING_PREFIX):]: v for k, v in t.items() if k.startswith(_UNEMBEDDING_PREFIX)}
-        return cls(**{name: t[name] for name in FAST_TENSORS + ("doc_id",)}, pending_x=t.get("pending_x"),
-                   count=t.get("count"), unembedding_sums=unembedding or None)
+        return cls(**{name: t[name] for name in FAST_TENSORS + ("doc_id",)},
+                   **{name: t.get(name) for name in OPTIONAL_TENSORS}, unembedding_sums=unembedding or None)
+
+    def pending_update(self) -> dict[str, Tensor] | None:
+        """update="sequential": the pending position's chunk-start update by fast tensor (None: none carried)."""
+        if self.pending_w1 is None:
+            return None
+        return {name: getattr(self, "pending_" + name) for name in FAST_TENSORS}
+
+
+# The fields of FWLState that may be None.
+OPTIONAL_TENSORS = ("pending_x", "count") + tuple("pending_" + name for name in FAST_TENSORS)
 
 
 def inverse_count(n: Tensor, normalize: str = "mean") -> Tensor:

@@ -38,9 +38,9 @@ class FastSums:
         self.scale = scale
         self.dtype = dtype
         # The matrix sums' chunk totals (2·dk·dv per token each) serve only a state: one handed on
-        # (returned or exchanged) or entering a later chunk. In the quadratic form of a whole window with
-        # nothing carried in they are skipped (the vector sums' totals cost next to nothing).
-        self.need_states = need_state or exchange is not None or layout.n_chunks > 1 or s_in is not None
+        # (returned or exchanged) or entering a later chunk. With one chunk and no state asked for they are
+        # skipped (the vector sums' totals cost next to nothing).
+        self.need_states = need_state or exchange is not None or layout.n_chunks > 1
         self.totals = {name: (linear_attention_totals(k, v, layout, self.decay.get(name)) if k is not None
                               else cumsum_totals(v, layout, self.decay.get(name)))
                        for name, (k, v) in keys_values.items() if k is None or self.need_states}
