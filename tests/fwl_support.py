@@ -91,3 +91,14 @@ def run_segments(layer, x, U, labels, docs, cuts, pending: bool):
                          last_label_pending=pending and not last, return_state=True, **kwargs)
         outs.append(u)
     return torch.cat(outs, dim=1), state
+
+
+def rel_err(a, b) -> float:
+    """Largest difference relative to the reference's scale (at least 1): the float64 tests' measure."""
+    return (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+
+
+def seeded():
+    """An autouse fixture body: every test starts from the same global seed."""
+    torch.manual_seed(0)
+    yield

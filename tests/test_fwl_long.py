@@ -28,21 +28,16 @@ from fwl_scale.train.carried import CarriedState
 from fwl_scale.checkpoint.native import CheckpointError, CheckpointRef, check_compatible
 from fwl_scale.train.loop import Trainer
 from fwl_scale.train.signals import EXIT_REQUEUE
-from tests.fwl_support import V, fast_logits, grads_of, make_inputs, make_layer, param_names, run_segments
+from tests.fwl_support import (V, fast_logits, grads_of, make_inputs, make_layer, param_names, rel_err, run_segments,
+                                seeded)
 from tests.train_support import step_losses, tiny_config
 
 TOL = 1e-10
 REMEDIES = [("mean", "none"), ("none", "learned"), ("mean", "learned"), ("sqrt", "learned")]
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-    yield
-
-
-def _rel(a, b) -> float:
-    return (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+_seed = pytest.fixture(autouse=True)(seeded)
+_rel = rel_err
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 64])

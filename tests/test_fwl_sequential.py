@@ -22,7 +22,8 @@ from fwl_scale.model.fwl import FAST_TENSORS, FWLState
 from fwl_scale.model.fwl.naive import naive_sequential_fwl_logits
 from fwl_scale.model.fwl.sums import FastSums
 from fwl_scale.train.loop import Trainer
-from tests.fwl_support import V, fast_logits, grads_of, make_inputs, make_layer, param_names, run_segments
+from tests.fwl_support import (V, fast_logits, grads_of, make_inputs, make_layer, param_names, rel_err, run_segments,
+                                seeded)
 from tests.train_support import step_losses, tiny_config
 
 TOL = 1e-10
@@ -30,14 +31,8 @@ T = 12
 OPTIONS = [("none", "none"), ("mean", "none"), ("none", "learned"), ("mean", "learned"), ("sqrt", "learned")]
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-    yield
-
-
-def _rel(a, b) -> float:
-    return (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+_seed = pytest.fixture(autouse=True)(seeded)
+_rel = rel_err
 
 
 def sequential_layer(inner_chunk: int, T: int, residual: bool = False, normalize: str = "none",

@@ -17,20 +17,25 @@ from fwl_scale.model import build_model
 from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer, FWLState
 from fwl_scale.model.fwl.naive import naive_fwl_logits
 from fwl_scale.model.streaming import StreamingSession
-from tests.fwl_support import D, V, VPAD, S, fast_logits, grads_of, make_inputs, make_layer, param_names, run_segments
+from tests.fwl_support import (D, S, V, VPAD, fast_logits, grads_of, make_inputs, make_layer, param_names, rel_err,
+                                run_segments, seeded)
 
 TOL = 1e-10
 SETTINGS = [("none", "none"), ("mean", "none"), ("mean", "learned"), ("sqrt", "learned")]
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-    yield
+_seed = pytest.fixture(autouse=True)(seeded)
+_rel = rel_err
 
 
-def _rel(a, b) -> float:
-    return (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+def _assert_fast_equals_naive(layer, x, U, labels, docs):
+    """Logits and every gradient of the fast path against naive_fwl_logits; the reference's result."""
+    fast, g_fast = grads_of(lambda: fast_logits(layer, x, U, labels, docs), layer, x, U)
+    naive, g_naive = grads_of(lambda: naive_fwl_logits(layer, x, U, labels, docs), layer, x, U)
+    assert _rel(fast, naive) < TOL
+    for name, a, b in zip(param_names(layer), g_fast, g_naive):
+        assert _rel(a, b) < TOL, name
+    return naive, g_naive
 
 
 @pytest.mark.parametrize("normalize, decay", SETTINGS)
@@ -40,12 +45,8 @@ def test_token_step_sizes_equal_naive(normalize, decay, chunk):
     layer = make_layer(chunk, T, residual=chunk == 4, normalize=normalize, decay=decay, step_size="token")
     x, U, labels, docs = make_inputs(B, T)
     labels[1, 3:6] = IGNORE_INDEX
-    fast, g_fast = grads_of(lambda: fast_logits(layer, x, U, labels, docs), layer, x, U)
-    naive, g_naive = grads_of(lambda: naive_fwl_logits(layer, x, U, labels, docs), layer, x, U)
-    assert _rel(fast, naive) < TOL
+    naive, g_naive = _assert_fast_equals_naive(layer, x, U, labels, docs)
     names = param_names(layer)
-    for name, a, b in zip(names, g_fast, g_naive):
-        assert _rel(a, b) < TOL, name
     gate_grad = g_naive[names.index("step_gate_weight")]
     assert gate_grad.abs().sum(dim=1).min() > 1e-4  # every fast tensor's factor is learned
 
@@ -97,12 +98,8 @@ def test_fast_unembedding_equals_naive(members, normalize, decay, unembed_normal
                        unembed_normalize=unembed_normalize)
     x, U, labels, docs = make_inputs(B, T)
     labels[1, 3:6] = IGNORE_INDEX
-    fast, g_fast = grads_of(lambda: fast_logits(layer, x, U, labels, docs), layer, x, U)
-    naive, g_naive = grads_of(lambda: naive_fwl_logits(layer, x, U, labels, docs), layer, x, U)
-    assert _rel(fast, naive) < TOL
+    naive, g_naive = _assert_fast_equals_naive(layer, x, U, labels, docs)
     names = param_names(layer)
-    for name, a, b in zip(names, g_fast, g_naive):
-        assert _rel(a, b) < TOL, name
     eta_grad = g_naive[names.index("unembed_log_step_sizes")]
     for f, member in enumerate(("out_bias", "unembedding")):
         assert (eta_grad[f].abs() > 1e-4) == (member in members), member  # each member's step matters
