@@ -19,7 +19,7 @@ from fwl_scale.data import train_tokenizer
 from fwl_scale.eval.breakdown import (Breakdown, frequency_edges, frequency_ranks, position_bucket,
                                       position_edges)
 from fwl_scale.eval.compare import compare_runs
-from fwl_scale.eval.docrun import DocEvalOptions, run_document_eval
+from fwl_scale.eval.docrun import DocEvalOptions, dynamic_warnings, run_document_eval
 from fwl_scale.eval.docs import checkpoint_tokenizer
 from fwl_scale.eval.perplexity import document_token_losses
 from fwl_scale.eval.run import load_for_eval
@@ -235,3 +235,17 @@ def test_ranks_split_documents_equal_to_one_process(runs, tmp_path):
             for x, y in zip(a[axis], b[axis]):
                 assert x["tokens"] == y["tokens"]
                 assert (math.isnan(x["loss"]) and math.isnan(y["loss"])) or x["loss"] == pytest.approx(y["loss"], rel=1e-9)
+
+
+def test_report_warns_of_an_edge_lr_and_a_diverged_dynamic_evaluation():
+    """A dynamic evaluation not to trust says so in report.md: the chosen lr at the edge of its grid (the
+    screen of issue 22 chose the grid's largest on Persuasion), a loss that is not finite on the scored
+    documents (it then diverged on license texts)."""
+    grid = [{"lr": lr, "decay": 0.0, "loss": 5.0, "tokens": 10} for lr in (3e-5, 1e-4, 3e-4)]
+    report = {"dynamic_tuning": {"grid": grid, "chosen": {"lr": 3e-4}},
+              "methods": [{"method": "plain", "loss": 6.3}, {"method": "dynamic", "loss": float("nan")}]}
+    text = "\n".join(dynamic_warnings(report))
+    assert "the largest of the grid 3e-05, 0.0001, 0.0003" in text and "diverged" in text
+    report["dynamic_tuning"]["chosen"]["lr"] = 1e-4
+    report["methods"][1]["loss"] = 5.6
+    assert dynamic_warnings(report) == []

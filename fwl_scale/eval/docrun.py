@@ -12,6 +12,7 @@ when there are none).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -196,6 +197,24 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
     return report
 
 
+def dynamic_warnings(r: dict[str, Any]) -> list[str]:
+    """Report lines for a dynamic evaluation to distrust: a loss that is not finite (it diverged on the
+    scored documents), a learning rate chosen at the edge of its grid (the best may lie beyond)."""
+    t, out = r["dynamic_tuning"], []
+    lrs = sorted({g["lr"] for g in t["grid"]})
+    chosen = t["chosen"]["lr"]
+    if len(lrs) > 1 and chosen in (lrs[0], lrs[-1]):
+        side = "largest" if chosen == lrs[-1] else "smallest"
+        out += ["", f"Warning: the chosen lr {chosen:g} is the {side} of the grid {', '.join(f'{x:g}' for x in lrs)}: "
+                    f"the best may lie beyond it (widen --dynamic-lr)."]
+    diverged = [m["method"] for m in r["methods"] if m["method"] == "dynamic" and not math.isfinite(m["loss"])]
+    if diverged:
+        out += ["", f"Warning: dynamic evaluation diverged on the scored documents (loss not finite) with lr "
+                    f"{chosen:g} chosen on the tuning documents: lower --dynamic-lr, or tune on documents of the "
+                    f"scored kind (--tune-docs)."]
+    return out
+
+
 def format_report(r: dict[str, Any]) -> str:
     lines = [f"# {r['model']}: {r['checkpoint']} (step {r['step']})", "",
              f"{r['documents']} documents, windows of {r['seq_len']} tokens"
@@ -226,6 +245,7 @@ def format_report(r: dict[str, Any]) -> str:
                       f"a step every {t['chosen']['segment']} tokens, chosen "
                       f"lr {t['chosen']['lr']:g} decay {t['chosen']['decay']:g} on {t['tune_documents']} validation "
                       f"documents ({t['wall_s']:.1f}s of tuning)"]
+        lines += dynamic_warnings(r)
     for method, t in r.get("cache_tuning", {}).items():
         chosen = t["chosen"]
         what = (f"decay δ {chosen['decay']:g}" if method == "unigram_cache"
