@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 
 from fwl_scale import IGNORE_INDEX
-from fwl_scale.config import FWLConfig
+from fwl_scale.config import FWLConfig, load_config
+from fwl_scale.model import build_model
 from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer
+from fwl_scale.model.fwl.naive import naive_fwl_logits
 
 D, S, V, VPAD = 6, 6, 13, 16
 
@@ -102,3 +104,29 @@ def seeded():
     """An autouse fixture body: every test starts from the same global seed."""
     torch.manual_seed(0)
     yield
+
+
+def model_matches_naive(*overrides: str, tol: float = 1e-10) -> list[str]:
+    """The whole model at a tiny shape (V = 50, T = 12, a document starting at 7 in row 1, an ignored
+    label) against naive_fwl_logits: logits, the loss, and every parameter's gradient (body, FWL, the
+    unembedding) through the fast path and through the reference. Returns the parameter names."""
+    cfg = load_config(None, ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.seq_len=12",
+                             "model.vocab_size=50", "model.vocab_multiple=64", "model.fwl.chunk_size=4",
+                             "model.fwl.vocab_chunk=7", "model.fwl.step_size_init=0.5", *overrides])
+    model = build_model(cfg.model).double()
+    ids = torch.randint(0, 50, (2, 12))
+    docs = torch.zeros(2, 12, dtype=torch.long)
+    docs[1, 7:] = 3
+    labels = ids.roll(-1, 1)
+    labels[0, 4] = IGNORE_INDEX
+    out = model(ids, labels, docs, return_logits=True)
+    ref = naive_fwl_logits(model.fwl, model.body(ids, docs), model.unembedding, labels, docs)
+    assert rel_err(out.logits, ref) < tol, overrides
+    ce = torch.nn.functional.cross_entropy(ref.reshape(-1, 50), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    assert abs(out.loss.item() - ce.item()) < tol, overrides
+    names = [n for n, _ in model.named_parameters()]
+    g_fast = torch.autograd.grad(out.loss, list(model.parameters()))
+    g_ref = torch.autograd.grad(ce, list(model.parameters()))
+    for name, a, b in zip(names, g_fast, g_ref):
+        assert rel_err(a, b) < tol, (overrides, name)
+    return names

@@ -20,7 +20,6 @@ import torch
 
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import ConfigError, config_to_nested, load_config
-from fwl_scale.model import build_model
 from fwl_scale.model.fwl.fast_weights import causal_count, causal_cumsum, causal_linear_attention
 from fwl_scale.model.fwl import FAST_TENSORS, FWLState
 from fwl_scale.model.fwl.naive import naive_causal_cumsum, naive_causal_linear_attention, naive_fwl_logits
@@ -28,8 +27,8 @@ from fwl_scale.train.carried import CarriedState
 from fwl_scale.checkpoint.native import CheckpointError, CheckpointRef, check_compatible
 from fwl_scale.train.loop import Trainer
 from fwl_scale.train.signals import EXIT_REQUEUE
-from tests.fwl_support import (V, fast_logits, grads_of, make_inputs, make_layer, param_names, rel_err, run_segments,
-                                seeded)
+from tests.fwl_support import (V, fast_logits, grads_of, make_inputs, make_layer, model_matches_naive, param_names,
+                                rel_err, run_segments, seeded)
 from tests.train_support import step_losses, tiny_config
 
 TOL = 1e-10
@@ -213,28 +212,9 @@ def test_mean_refuses_a_gradient_scale():
 def test_model_head_with_remedy_matches_naive(normalize, decay):
     """The whole model (tests/test_model.py's naive-head check) with the remedy on: logits, loss and every
     parameter's gradient (body, FWL, λ) through the fast path and through the reference."""
-    cfg = load_config(None, ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.seq_len=12",
-                             "model.vocab_size=50", "model.vocab_multiple=64", "model.fwl.chunk_size=4",
-                             "model.fwl.vocab_chunk=7", "model.fwl.step_size_init=0.5",
-                             f"model.fwl.normalize={normalize}", f"model.fwl.decay={decay}",
-                             "model.fwl.decay_init=0.7"])
-    model = build_model(cfg.model).double()
-    ids = torch.randint(0, 50, (2, 12))
-    docs = torch.zeros(2, 12, dtype=torch.long)
-    docs[1, 7:] = 3
-    labels = ids.roll(-1, 1)
-    labels[0, 4] = IGNORE_INDEX
-    out = model(ids, labels, docs, return_logits=True)
-    ref = naive_fwl_logits(model.fwl, model.body(ids, docs), model.unembedding, labels, docs)
-    assert _rel(out.logits, ref) < TOL
-    ce = torch.nn.functional.cross_entropy(ref.reshape(-1, 50), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-    assert abs(out.loss.item() - ce.item()) < TOL
-    names = [n for n, _ in model.named_parameters()]
+    names = model_matches_naive(f"model.fwl.normalize={normalize}", f"model.fwl.decay={decay}",
+                                "model.fwl.decay_init=0.7")
     assert ("fwl.decay_logits" in names) == (decay == "learned")
-    g_fast = torch.autograd.grad(out.loss, list(model.parameters()))
-    g_ref = torch.autograd.grad(ce, list(model.parameters()))
-    for name, a, b in zip(names, g_fast, g_ref):
-        assert _rel(a, b) < TOL, name
 
 
 def test_carried_training_state_keeps_the_count(tmp_path):

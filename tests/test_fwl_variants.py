@@ -17,8 +17,8 @@ from fwl_scale.model import build_model
 from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer, FWLState
 from fwl_scale.model.fwl.naive import naive_fwl_logits
 from fwl_scale.model.streaming import StreamingSession
-from tests.fwl_support import (D, S, V, VPAD, fast_logits, grads_of, make_inputs, make_layer, param_names, rel_err,
-                                run_segments, seeded)
+from tests.fwl_support import (D, S, V, VPAD, fast_logits, grads_of, make_inputs, make_layer, model_matches_naive,
+                                param_names, rel_err, run_segments, seeded)
 
 TOL = 1e-10
 SETTINGS = [("none", "none"), ("mean", "none"), ("mean", "learned"), ("sqrt", "learned")]
@@ -169,28 +169,9 @@ def test_state_with_unembedding_sums_round_trips():
 def test_model_with_fast_unembedding_matches_naive(normalize, decay):
     """The whole model, tied and untied: logits, loss and every parameter's gradient."""
     for tie in ("true", "false"):
-        cfg = load_config(None, ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.seq_len=12",
-                                 "model.vocab_size=50", "model.vocab_multiple=64", "model.fwl.chunk_size=4",
-                                 "model.fwl.vocab_chunk=16", "model.fwl.step_size_init=0.5",
-                                 f"model.fwl.normalize={normalize}", f"model.fwl.decay={decay}",
-                                 "model.fwl.decay_init=0.7", "model.fwl.fast_set=[head,out_bias,unembedding]",
-                                 f"model.tie_embeddings={tie}", "model.fwl.width=16"])
-        model = build_model(cfg.model).double()
-        ids = torch.randint(0, 50, (2, 12))
-        docs = torch.zeros(2, 12, dtype=torch.long)
-        docs[1, 7:] = 3
-        labels = ids.roll(-1, 1)
-        labels[0, 4] = IGNORE_INDEX
-        out = model(ids, labels, docs, return_logits=True)
-        ref = naive_fwl_logits(model.fwl, model.body(ids, docs), model.unembedding, labels, docs)
-        assert _rel(out.logits, ref) < TOL
-        ce = torch.nn.functional.cross_entropy(ref.reshape(-1, 50), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-        assert abs(out.loss.item() - ce.item()) < TOL
-        names = [n for n, _ in model.named_parameters()]
-        g_fast = torch.autograd.grad(out.loss, list(model.parameters()))
-        g_ref = torch.autograd.grad(ce, list(model.parameters()))
-        for name, a, b in zip(names, g_fast, g_ref):
-            assert _rel(a, b) < TOL, (tie, name)
+        model_matches_naive(f"model.fwl.normalize={normalize}", f"model.fwl.decay={decay}", "model.fwl.decay_init=0.7",
+                            "model.fwl.fast_set=[head,out_bias,unembedding]", "model.fwl.vocab_chunk=16",
+                            f"model.tie_embeddings={tie}", "model.fwl.width=16")
 
 
 def test_fast_unembedding_refuses_layouts_and_options():
