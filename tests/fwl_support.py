@@ -95,6 +95,17 @@ def run_segments(layer, x, U, labels, docs, cuts, pending: bool):
     return torch.cat(outs, dim=1), state
 
 
+def assert_same_gradients(layer, x, U, out, ref, tol: float) -> None:
+    """The gradients of one random weighting of `out` and of `ref` (two computations of the same logits,
+    e.g. segments and the whole pass) w.r.t. every input that can carry one are equal within `tol`."""
+    w = torch.randn_like(ref)
+    params = [x, U] + [getattr(layer, n) for n in param_names(layer)[2:]]
+    g_ref = torch.autograd.grad((ref * w).sum(), params)
+    g_out = torch.autograd.grad((out * w).sum(), params)
+    for name, a, b in zip(param_names(layer), g_out, g_ref):
+        assert rel_err(a, b) < tol, name
+
+
 def rel_err(a, b) -> float:
     """Largest difference relative to the reference's scale (at least 1): the float64 tests' measure."""
     return (a - b).abs().max().item() / max(1.0, b.abs().max().item())

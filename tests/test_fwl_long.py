@@ -27,8 +27,8 @@ from fwl_scale.train.carried import CarriedState
 from fwl_scale.checkpoint.native import CheckpointError, CheckpointRef, check_compatible
 from fwl_scale.train.loop import Trainer
 from fwl_scale.train.signals import EXIT_REQUEUE
-from tests.fwl_support import (V, fast_logits, grads_of, make_inputs, make_layer, model_matches_naive, param_names,
-                                rel_err, run_segments, seeded)
+from tests.fwl_support import (V, assert_same_gradients, fast_logits, grads_of, make_inputs, make_layer,
+                                model_matches_naive, param_names, rel_err, run_segments, seeded)
 from tests.train_support import step_losses, tiny_config
 
 TOL = 1e-10
@@ -142,12 +142,7 @@ def test_segments_with_remedy_equal_whole_pass(normalize, decay, pending):
     for name in FAST_TENSORS + (("count",) if normalize != "none" else ()):
         assert _rel(getattr(seg_state, name), getattr(whole_state, name)) < TOL, name
     assert (whole_state.count is None) == (normalize == "none")
-    w = torch.randn_like(whole)
-    params = [x, U] + [getattr(layer, n) for n in param_names(layer)[2:]]
-    g_whole = torch.autograd.grad((whole * w).sum(), params)
-    g_seg = torch.autograd.grad((seg * w).sum(), params)
-    for name, a, b in zip(param_names(layer), g_seg, g_whole):
-        assert _rel(a, b) < TOL, name
+    assert_same_gradients(layer, x, U, seg, whole, TOL)
 
 
 def test_carried_count_round_trips_and_is_required():

@@ -17,8 +17,8 @@ from fwl_scale.model import build_model
 from fwl_scale.model.fwl import FAST_TENSORS, FastWeightLayer, FWLState
 from fwl_scale.model.fwl.naive import naive_fwl_logits
 from fwl_scale.model.streaming import StreamingSession
-from tests.fwl_support import (D, S, V, VPAD, fast_logits, grads_of, make_inputs, make_layer, model_matches_naive,
-                                param_names, rel_err, run_segments, seeded)
+from tests.fwl_support import (D, S, V, VPAD, assert_same_gradients, fast_logits, grads_of, make_inputs, make_layer,
+                                model_matches_naive, param_names, rel_err, run_segments, seeded)
 
 TOL = 1e-10
 SETTINGS = [("none", "none"), ("mean", "none"), ("mean", "learned"), ("sqrt", "learned")]
@@ -142,12 +142,7 @@ def test_fast_unembedding_in_segments_equals_whole_pass(pending, normalize, deca
     if normalize != "none":
         counts = 8 if unembed_normalize == "head" else 6
         assert whole_state.count.shape == (B, counts) and _rel(seg_state.count, whole_state.count) < TOL
-    w = torch.randn_like(whole)
-    params = [x, U] + [getattr(layer, n) for n in param_names(layer)[2:]]
-    g_whole = torch.autograd.grad((whole * w).sum(), params)
-    g_seg = torch.autograd.grad((seg * w).sum(), params)
-    for name, a, b in zip(param_names(layer), g_seg, g_whole):
-        assert _rel(a, b) < TOL, name
+    assert_same_gradients(layer, x, U, seg, whole, TOL)
 
 
 def test_state_with_unembedding_sums_round_trips():

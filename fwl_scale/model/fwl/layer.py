@@ -29,6 +29,7 @@ from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import FWLConfig
 from fwl_scale.model.fwl.context_parallel import RankExchange, choose_exchange, replicate_last
 from fwl_scale.model.fwl.fast_weights import ChunkLayout, masked_state
+from fwl_scale.model.fwl.functional import fast_chunk, layer_norm_stats
 from fwl_scale.model.fwl.sequential import pending_pass, sequential_forward
 from fwl_scale.model.fwl.state import (COUNTED, DECAY, FAST_TENSORS, NORMALIZE, STEP_SIZES, FWLState,
                                        count_normalisers, inverse_count)
@@ -43,28 +44,6 @@ from fwl_scale.parallel.shards import init_normal_, set_replicated, set_sharded,
 
 # The ones whose sums (and fast updates) are sharded or partial under tensor parallelism.
 _SHARDED_SUMS = 3
-
-
-def layer_norm_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    mean = h.mean(dim=-1, keepdim=True)
-    var = (h - mean).pow(2).mean(dim=-1, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    return (h - mean) * rstd, rstd
-
-
-def fast_chunk(cfg: FWLConfig, d_model: int, T: int) -> int:
-    """Token chunk of the fast pass for a sequence of T tokens (T = the quadratic form).
-
-    Per token, the quadratic form costs ~T(dk+dv) and the mixed-chunk form ~C(dk+dv) + 2dk·dv for each
-    fast dense layer, so `auto` stays quadratic up to T = C + 2dk·dv/(dk+dv) of the larger layer (W1:
-    dk = d, dv = 4s) and chunks beyond; bench/bench_fwl_op.py measures the crossover. The whole width
-    decides, not a tensor-parallel rank's share, so that every layout computes in the same form."""
-    if cfg.form == "quadratic":
-        return T
-    if cfg.form == "chunked":
-        return cfg.chunk_size
-    dk, dv = d_model, cfg.hidden_mult * cfg.width
-    return T if T <= cfg.chunk_size + 2 * dk * dv / (dk + dv) else cfg.chunk_size
 
 
 @dataclass
@@ -230,8 +209,7 @@ class FastWeightLayer(nn.Module):
                                                                   doc_ids_bt, unembed, return_state)
 
         # The fast pass: position i with θ_i = θ - η ⊙ (the sums at i) (§1.1).
-        eta = self.step_scale * self.step_sizes.to(x.dtype)  # η_b2, η_alpha, η_beta: replicated computations
-        eta_tp = self.step_scale * self.step_sizes_for_shards().to(x.dtype)  # η_W1, η_b1, η_W2
+        eta, eta_tp = self.scaled_step_sizes(x.dtype)
         h1_fast = slow["h1"] - eta_tp[0] * sums.attend("w1", x) - eta_tp[1] * sums.cumsum("b1")
         a_fast = F.relu(h1_fast).pow(2)
         h2_fast = self.w2_out(a_fast, eta_tp[2] * sums.attend("w2", a_fast), eta[3] * sums.cumsum("b2"))
@@ -447,6 +425,12 @@ class FastWeightLayer(nn.Module):
         h2 = F.linear(a, self.w2) if update is None else F.linear(a, self.w2) - update
         h2 = reduce_from_tp(h2, self.tp) + self.b2
         return h2 if bias_update is None else h2 - bias_update
+
+    def scaled_step_sizes(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """η times step_scale, twice: for the replicated computations (η_b2, η_alpha, η_beta are read from
+        it) and for the sharded ones (η_W1, η_b1, η_W2; step_sizes_for_shards)."""
+        return (self.step_scale * self.step_sizes.to(dtype),
+                self.step_scale * self.step_sizes_for_shards().to(dtype))
 
     def step_sizes_for_shards(self) -> Tensor:
         """The step sizes as used by sharded computations (η_W1, η_b1 scale this rank's slice of 4s,

@@ -14,6 +14,7 @@ from fwl_scale import IGNORE_INDEX
 from fwl_scale.model.fwl.fast_weights import accum_dtype
 from fwl_scale.model.fwl.layer import FastWeightLayer
 from fwl_scale.model.fwl.state import FAST_TENSORS
+from fwl_scale.model.fwl.unembedding import UNEMBED_TENSORS
 
 
 def _slow_logits(layer: FastWeightLayer, x: Tensor, unembed: Tensor, p: dict[str, Tensor]) -> Tensor:
@@ -28,6 +29,15 @@ def _slow_logits(layer: FastWeightLayer, x: Tensor, unembed: Tensor, p: dict[str
     return u @ p.get("unembedding", unembed)[:V].t() + p.get("out_bias", layer.out_bias)[:V]
 
 
+def _head_rule(layer: FastWeightLayer):
+    """θ, η and λ of the head's fast tensors by name (λ None without a decay), whether k divides by a
+    count, and the count's power (1 for mean, 1/2 for sqrt)."""
+    theta = {name: getattr(layer, name) for name in FAST_TENSORS}
+    eta = dict(zip(FAST_TENSORS, layer.step_scale * layer.step_sizes))
+    lam = None if layer.decay_logits is None else dict(zip(FAST_TENSORS, torch.sigmoid(layer.decay_logits)))
+    return theta, eta, lam, layer.cfg.normalize != "none", 0.5 if layer.cfg.normalize == "sqrt" else 1.0
+
+
 def naive_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, labels_bt: Tensor,
                      doc_ids_bt: Tensor | None = None) -> Tensor:
     """Logits [B, T, V] of the slow network at θ_i, position by position:
@@ -37,23 +47,18 @@ def naive_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: Tensor, lab
     B, T, _ = x_btd.shape
     if doc_ids_bt is None:
         doc_ids_bt = torch.zeros(B, T, dtype=torch.long)
-    theta = {name: getattr(layer, name) for name in FAST_TENSORS}
-    eta = dict(zip(FAST_TENSORS, layer.step_scale * layer.step_sizes))
-    mean = layer.cfg.normalize != "none"
-    power = 0.5 if layer.cfg.normalize == "sqrt" else 1.0
-    lam = None if layer.decay_logits is None else dict(zip(FAST_TENSORS, torch.sigmoid(layer.decay_logits)))
+    theta, eta, lam, mean, power = _head_rule(layer)
     # A fast unembedding: c and U in the fast set, η = exp(ρ), λ their own.
     members = layer.unembed_members
-    all_members = ("out_bias", "unembedding")
     if "unembedding" in members:
         # Its use as the unembedding only: a tied embedding also fed the body that made x, and the FWL's
         # step moves the output's U, not the input's (the gradient w.r.t. this copy sees the output alone).
         unembed = unembed.clone()
     theta.update({name: (layer.out_bias if name == "out_bias" else unembed) for name in members})
-    eta.update({name: layer.step_scale * torch.exp(layer.unembed_log_step_sizes[all_members.index(name)])
+    eta.update({name: layer.step_scale * torch.exp(layer.unembed_log_step_sizes[UNEMBED_TENSORS.index(name)])
                 for name in members})
     if lam is not None:
-        lam.update({name: torch.sigmoid(layer.unembed_decay_logits[all_members.index(name)]) for name in members})
+        lam.update({name: torch.sigmoid(layer.unembed_decay_logits[UNEMBED_TENSORS.index(name)]) for name in members})
     gated = layer.step_gate_weight is not None
     rows_b = []
     for b in range(B):
@@ -104,12 +109,8 @@ def naive_sequential_fwl_logits(layer: FastWeightLayer, x_btd: Tensor, unembed: 
     b = inner_chunk if inner_chunk is not None else layer.cfg.inner_chunk
     if doc_ids_bt is None:
         doc_ids_bt = torch.zeros(B, T, dtype=torch.long)
-    theta = {name: getattr(layer, name) for name in FAST_TENSORS}
-    eta = dict(zip(FAST_TENSORS, layer.step_scale * layer.step_sizes))
-    mean = layer.cfg.normalize != "none"
-    power = 0.5 if layer.cfg.normalize == "sqrt" else 1.0
+    theta, eta, lam, mean, power = _head_rule(layer)
     k_const = 1.0 if mean else layer.cfg.grad_scale
-    lam = None if layer.decay_logits is None else dict(zip(FAST_TENSORS, torch.sigmoid(layer.decay_logits)))
     rows_b = []
     for b_row in range(B):
         x, docs = x_btd[b_row], doc_ids_bt[b_row]

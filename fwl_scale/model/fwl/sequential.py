@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fwl_scale.model.fwl.fast_weights import ChunkLayout
+from fwl_scale.model.fwl.functional import layer_norm_stats
 from fwl_scale.model.fwl.state import COUNTED, FAST_TENSORS, FWLState, count_normalisers
 from fwl_scale.model.fwl.sums import FastSums
 from fwl_scale.model.vocab import unembedding_input_grad
@@ -55,8 +56,7 @@ if TYPE_CHECKING:
 def step_sizes(layer: "FastWeightLayer", dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """η as FastWeightLayer.forward uses it: (replicated, for the sharded computations, the six in the order of
     FAST_TENSORS with η_W1, η_b1, η_W2 of the sharded ones)."""
-    eta = layer.step_scale * layer.step_sizes.to(dtype)
-    eta_tp = layer.step_scale * layer.step_sizes_for_shards().to(dtype)
+    eta, eta_tp = layer.scaled_step_sizes(dtype)
     return eta, eta_tp, torch.cat([eta_tp[:3], eta[3:]])
 
 
@@ -93,7 +93,7 @@ def slow_pass_at(layer: "FastWeightLayer", x: Tensor, skip: Tensor | None, start
                       eta6[3] * _scaled(start["b2"][:, None], weight[..., 3], dtype))
     if skip is not None:
         h2 = h2 + skip
-    xhat, rstd = _layer_norm_stats(h2, layer.cfg.eps)
+    xhat, rstd = layer_norm_stats(h2, layer.cfg.eps)
     alpha = layer.alpha - eta6[4] * _scaled(start["alpha"][:, None], weight[..., 4], dtype)
     beta = layer.beta - eta6[5] * _scaled(start["beta"][:, None], weight[..., 5], dtype)
     slow = {"x": x, "r": r, "a": a, "xhat": xhat, "rstd": rstd, "h1": h1, "skip": skip, "u": alpha * xhat + beta,
@@ -127,7 +127,7 @@ def fast_pass(layer: "FastWeightLayer", x: Tensor, h1_slow: Tensor, skip: Tensor
     h2_fast = layer.w2_out(a_fast, eta_tp[2] * sums.attend("w2", a_fast), eta[3] * sums.cumsum("b2"))
     if skip is not None:
         h2_fast = h2_fast + skip
-    xhat_fast, _ = _layer_norm_stats(h2_fast, layer.cfg.eps)
+    xhat_fast, _ = layer_norm_stats(h2_fast, layer.cfg.eps)
     return ((layer.alpha - eta[4] * sums.cumsum("alpha")) * xhat_fast
             + (layer.beta - eta[5] * sums.cumsum("beta")))
 
@@ -197,10 +197,3 @@ def pending_pass(layer: "FastWeightLayer", x: Tensor, skip: Tensor | None, unemb
     ones = torch.ones(x.shape[0], 1, len(FAST_TENSORS), dtype=start["w1"].dtype, device=x.device)
     slow, _ = slow_pass_at(layer, x, skip, start, ones, step_sizes(layer, x.dtype)[2])
     return slow, slow_gradients_at(layer, slow, unembed, label, weight)
-
-
-def _layer_norm_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    # layer.py's (imported at call time: layer.py imports this module).
-    from fwl_scale.model.fwl.layer import layer_norm_stats
-
-    return layer_norm_stats(h, eps)
