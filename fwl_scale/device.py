@@ -14,3 +14,16 @@ def resolve_device(cfg: Config) -> torch.device:
         raise ConfigError("train.device: cuda requested but torch sees no CUDA device "
                           f"(torch {torch.__version__}); use train.device=cpu or auto")
     return torch.device(want)
+
+
+def eval_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The parameters' dtype for evaluation: bf16 where training ran in bf16 on this kind of device."""
+    return torch.bfloat16 if device.type == "cuda" and cfg.train.bf16 else None
+
+
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Casts the floating-point parameters only, as DeepSpeed's bf16 engine does: buffers (the rotary
+    frequencies) stay fp32, so an evaluation sees the positions training's validation saw."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)

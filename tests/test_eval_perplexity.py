@@ -118,3 +118,24 @@ def test_weights_from_zero_checkpoints_equal_the_engine(tmp_path):
         assert set(engine_weights) <= set(weights)
         for name, value in engine_weights.items():
             assert torch.equal(weights[name], value.float()), name
+
+
+def test_bf16_evaluation_casts_parameters_and_keeps_the_rotary_frequencies(trained, monkeypatch):
+    """DeepSpeed's bf16 engine casts parameters only; an evaluation that cast the rotary frequencies too
+    would rotate by other angles than training's validation did."""
+    out, cfg = trained
+    import fwl_scale.eval.run as eval_run
+
+    monkeypatch.setattr(eval_run, "eval_dtype", lambda cfg, device: torch.bfloat16)
+    model, _ = load_for_eval(cfg, out, torch.device("cpu"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    buffers = dict(model.named_buffers())
+    rotary = [name for name in buffers if name.endswith("inv_freq")]
+    assert rotary and all(buffers[name].dtype == torch.float32 for name in rotary)
+    monkeypatch.undo()
+    fp32, _ = load_for_eval(cfg, out, torch.device("cpu"))
+    ids = torch.arange(2 * cfg.model.seq_len).reshape(2, -1) % cfg.model.vocab_size
+    with torch.no_grad():
+        loss_bf16 = model(ids, ids.roll(-1, 1), torch.zeros_like(ids)).loss.float()
+        loss_fp32 = fp32(ids, ids.roll(-1, 1), torch.zeros_like(ids)).loss
+    assert abs(float(loss_bf16 - loss_fp32)) < 0.05 * float(loss_fp32)

@@ -13,7 +13,7 @@ from fwl_scale.checkpoint.native import CheckpointError, check_compatible, resol
 from fwl_scale.checkpoint.weights import load_model_weights, load_pipeline_layer_weights, load_tp_shard_weights
 from fwl_scale.config import Config
 from fwl_scale.data import eval_documents, prepare_data, valid_batches
-from fwl_scale.device import resolve_device
+from fwl_scale.device import cast_parameters, eval_dtype, resolve_device
 from fwl_scale.eval.perplexity import (LongDocResult, evaluate_batches, evaluate_documents, format_eval,
                                        format_long_docs)
 from fwl_scale.eval.stages import PipelineStage, StageContext
@@ -49,7 +49,7 @@ def load_for_eval(cfg: Config, checkpoint: str | Path, device: torch.device, tp:
     saved = {"tp": 1, "pp": 1} if ref.meta.get("universal") else {"tp": 1, "pp": 1, **(ref.meta.get("layout") or {})}
     tp_size, tp_rank = (tp.size, tp.rank) if tp is not None else (1, 0)
     own_shards = tp_size > 1 and saved["tp"] == tp_size
-    dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.bf16 else None
+    dtype = eval_dtype(cfg, device)
     if stage is not None:
         model = PipelineStage(cfg.model, stage, tp, device, dtype)
         params = dict(model.named_parameters())
@@ -74,7 +74,7 @@ def load_for_eval(cfg: Config, checkpoint: str | Path, device: torch.device, tp:
         load_full_state_dict(model, state)
     model.to(device)
     if dtype is not None:
-        model.to(dtype)
+        cast_parameters(model, dtype)
     model.eval()
     return model, ref
 
