@@ -212,6 +212,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     bf16: bool = False
+    # fp32 matmuls on CUDA in TF32 (10-bit mantissa products, fp32 accumulation): the FWL's running sums
+    # and every fp32 einsum; false keeps full fp32 ("highest"). No effect on CPU.
+    tf32: bool = True
     activation_checkpointing: bool = False
     # Run the transformer blocks and the FWL through torch.compile (train/deepspeed_setup.py, compile_model).
     compile: bool = False

@@ -8,6 +8,8 @@ import subprocess
 import pytest
 import torch
 
+from fwl_scale.config import Config
+from fwl_scale.device import matmul_precision, resolve_device
 from tests.train_support import REPO, fwl_env
 
 SUITE = REPO / "bench" / "gpu_suite.sh"
@@ -57,3 +59,15 @@ def test_cuda_without_a_device_is_refused(tmp_path):
     proc = run_suite("--out", str(out), timeout=120)
     assert proc.returncode == 2 and "torch sees no CUDA device" in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("device,tf32,want", [("cuda", True, "high"), ("cuda", False, "highest"), ("cpu", True, None)])
+def test_tf32_is_a_cuda_setting(device, tf32, want):
+    cfg = Config()
+    cfg.train.tf32 = tf32
+    assert matmul_precision(cfg, torch.device(device)) == want
+    if device == "cpu":
+        before = torch.get_float32_matmul_precision()
+        cfg.train.device = "cpu"
+        assert resolve_device(cfg) == torch.device("cpu")
+        assert torch.get_float32_matmul_precision() == before  # the CPU keeps torch's default
