@@ -33,7 +33,7 @@ from fwl_scale.model.fwl import FastWeightLayer, fast_chunk
 from fwl_scale.parallel.layout import TPContext
 from tests.distributed import run_distributed
 
-B, T, V = 2, 64, 512
+B, T, V = 2, 64, 500  # padded to 512: the padding rows are multiplied and counted
 
 
 def make_cfg(*extra: str, tp: int = 1):

@@ -129,6 +129,11 @@ def test_padded_vocabulary_never_predicted(fwl):
     assert (after.logits - before.logits).abs().max() < TOL
     ce = torch.nn.functional.cross_entropy(after.logits.reshape(-1, 50), labels.reshape(-1))
     assert abs(after.loss.item() - ce.item()) < TOL and abs(after.loss.item() - before.loss.item()) < TOL
+    # The padding rows are multiplied (aligned matmul widths) but take no gradient from any loss.
+    after.loss.backward()
+    assert m.embed.weight.grad[50:].abs().max() == 0
+    if fwl:
+        assert m.fwl.out_bias.grad[50:].abs().max() == 0
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "configs" / "*.yaml"))))

@@ -9,8 +9,8 @@ token-chunked vocabulary work is *not* counted, as in the usual MFU definition):
   the MLP (d x md, md x d): N_layer = (4 + 2m) d². Attention scores and the weighted sum cost 2Td each
   forward per token, counted over the full window T (PaLM's convention: no saving for the causal mask).
   Training: 6 L N_layer + 12 L T d per token. Biases, norms and elementwise work are left out.
-* Baseline head: the unembedding s x V (V = model.vocab_size; padded rows are never multiplied):
-  6 d V per token.
+* Baseline head: the unembedding s x V, V the padded vocabulary (model.padded_vocab_size: its padding
+  rows are multiplied too, for aligned matmul widths, and masked): 6 d V per token.
 * FWL head (docs/design.md §1.1, d -> h = hidden_mult * s -> s -> V), forward per token:
     slow pass      W1 x (2dh), W2 a (2hs), slow logits U u (2sV)
     slow backward  Uᵀ gz (2sV), W2ᵀ gh2 (2hs)      (gh1 and the LayerNorm backward are elementwise)
@@ -77,15 +77,17 @@ def linear_attention_fwd(key: int, value: int, chunk: int, seq_len: int, enters:
 
 
 def fwl_fwd_per_token(cfg: ModelConfig) -> float:
-    d, s, V, T = cfg.d_model, cfg.fwl_width, cfg.vocab_size, cfg.seq_len
+    d, s, V, T = cfg.d_model, cfg.fwl_width, cfg.padded_vocab_size, cfg.seq_len
+    words = cfg.vocab_size  # the fast unembedding walks the real vocabulary's columns only
     h = cfg.fwl.hidden_mult * s
     slow = 2 * d * h + 2 * h * s + 2 * s * V
     slow_backward = 2 * s * V + 2 * h * s
-    fast = 2 * h * s + 2 * s * V
+    fast_unembedding = any(member != "head" for member in cfg.fwl.fast_set)
+    fast = 2 * h * s + 2 * s * (words if fast_unembedding else V)  # a fast unembedding makes its own logits
     if cfg.fwl.step_size == "token":
         fast += 2 * d * 6
-    if any(member != "head" for member in cfg.fwl.fast_set):
-        fast += 2 * s * V + 2 * s * V + 2 * T * V + (2 * T * s if "unembedding" in cfg.fwl.fast_set else 0)
+    if fast_unembedding:
+        fast += 2 * s * words + 2 * s * words + 2 * T * words + (2 * T * s if "unembedding" in cfg.fwl.fast_set else 0)
     # The running sums over each window that one fast pass covers: the sequence, or each inner chunk.
     window = min(cfg.fwl.inner_chunk, T) if cfg.fwl.update == "sequential" else T
     sums = 0.0
@@ -119,7 +121,7 @@ def decayed_counts_fwd_per_token(cfg: ModelConfig) -> float:
 
 
 def train_flops_per_token(cfg: ModelConfig) -> FlopCount:
-    d, L, T, V = cfg.d_model, cfg.n_layers, cfg.seq_len, cfg.vocab_size
+    d, L, T, V = cfg.d_model, cfg.n_layers, cfg.seq_len, cfg.padded_vocab_size
     kv_width = cfg.kv_heads * (d // cfg.n_heads)
     n_layer = 2 * d * d + 2 * d * kv_width + (3 if cfg.mlp == "swiglu" else 2) * d * cfg.mlp_width
     body = 6.0 * L * n_layer + 12.0 * L * T * d

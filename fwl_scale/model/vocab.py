@@ -7,8 +7,10 @@ Hugging Face wrapper (it runs GPT). The tests' references (model/fwl/naive.py, F
 logits) stay independent on purpose.
 
 One function per quantity for every tensor-parallel size: `weight` [V/tp, s] and `bias` [V/tp] are this rank's rows of
-the padded vocabulary; the rows of the padding (global index >= vocab_size) are never multiplied; the
-max, the sum-exp and the label's logit are reduced over tp. At tp = 1 (tp=None) there is nothing to
+the padded vocabulary. Every row is multiplied, the padding's too (global index >= vocab_size), because
+a width like 50,257 would send the matmul to slower unaligned kernels; the padding's logits are then set
+to −inf, so they take no probability and their rows no gradient. The max, the sum-exp and the label's
+logit are reduced over tp. At tp = 1 (tp=None) there is nothing to
 reduce and the same function runs as torch's fused cross-entropy and softmax, which keep less for
 backward. `u` is already inside the tensor-parallel region
 (copy_to_tp of a replicated tensor, or gather_from_sequence of sequence chunks; at tp = 1 the tensor
@@ -35,33 +37,32 @@ def at_least_fp32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _real_rows(weight: Tensor, vocab_size: int, tp: TPContext | None) -> tuple[int, int, int]:
-    """(first global index, rows of the real vocabulary, rows multiplied) of this rank's shard: the
-    padding is never multiplied, except one row on a rank that holds nothing else (masked)."""
+def _first_row_and_real_rows(weight: Tensor, vocab_size: int, tp: TPContext | None) -> tuple[int, int]:
+    """(global index of this rank's first row, how many of its rows are real words, not padding)."""
     start = tp_rank(tp) * weight.shape[0]
-    n_real = max(0, min(weight.shape[0], vocab_size - start))
-    return start, n_real, max(n_real, 1)
+    return start, max(0, min(weight.shape[0], vocab_size - start))
 
 
 def shard_logits(u: Tensor, weight: Tensor, bias: Tensor | None, vocab_size: int,
                  tp: TPContext | None) -> Tensor:
-    """This rank's logits of the real vocabulary [N, ≤ V/tp] (fp32 or wider)."""
-    _, n_real, rows = _real_rows(weight, vocab_size, tp)
-    z = u @ weight[:rows].t()
+    """This rank's logits [N, V/tp] (fp32 or wider), −inf on the padding."""
+    _, n_real = _first_row_and_real_rows(weight, vocab_size, tp)
+    z = u @ weight.t()
     if bias is not None:
-        z = z + bias[:rows]
+        z = z + bias
     z = at_least_fp32(z)
-    if n_real < rows:
-        z = z.masked_fill(torch.ones_like(z, dtype=torch.bool), float("-inf"))
+    if n_real < weight.shape[0]:
+        padding = torch.arange(weight.shape[0], device=z.device) >= n_real
+        z = z.masked_fill(padding, float("-inf"))
     return z
 
 
 def _label_in_shard(labels: Tensor, weight: Tensor, vocab_size: int,
                     tp: TPContext | None) -> tuple[Tensor, Tensor]:
-    start, n_real, rows = _real_rows(weight, vocab_size, tp)
+    start, n_real = _first_row_and_real_rows(weight, vocab_size, tp)
     local = labels - start
     inside = (local >= 0) & (local < n_real)
-    return local.clamp(0, rows - 1), inside
+    return local.clamp(0, weight.shape[0] - 1), inside
 
 
 def _softmax_shift(z: Tensor, tp: TPContext | None) -> Tensor:
@@ -98,13 +99,13 @@ def softmax_input_grad_rows(u: Tensor, labels: Tensor, scale: Tensor, weight: Te
     if tp_size(tp) == 1:
         # As in cross_entropy_rows: softmax keeps only its output for backward.
         p = torch.softmax(z, dim=-1).to(u.dtype)
-        return (p @ weight[:p.shape[-1]] - weight[labels.clamp(min=0)]) * scale.unsqueeze(-1)
+        return (p @ weight - weight[labels.clamp(min=0)]) * scale.unsqueeze(-1)
     m = _softmax_shift(z, tp)
     e = torch.exp(z - m.unsqueeze(-1))
     p = (e / all_reduce_tp(e.sum(dim=-1, keepdim=True), tp)).to(u.dtype)
     local, inside = _label_in_shard(labels, weight, vocab_size, tp)
     label_rows = weight[local] * inside.unsqueeze(-1).to(u.dtype)
-    g = reduce_from_tp(p @ weight[:p.shape[-1]] - label_rows, tp)
+    g = reduce_from_tp(p @ weight - label_rows, tp)
     return g * scale.unsqueeze(-1)
 
 
