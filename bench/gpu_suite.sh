@@ -10,15 +10,18 @@
 #   machine      GPUs, driver, torch, CUDA, NCCL, load average
 #   train_step   MFU at the fwl_125m and fwl_1b shapes on one GPU (T = 2048), FWL vs baseline step and its
 #                ratio to the analytic FLOP ratio, compiled (train.compile, Inductor) vs eager — bench_train_step.py
+#   attention    document-masked attention on packed documents: the dense [B, 1, T, T] mask vs FlexAttention's
+#                block mask (model.attention), the same two shapes — bench_train_step.py --attention
 #   fwl_op       the FWL operator, chunked vs quadratic form: time and memory over T — bench_fwl_op.py
 #   parallel     tp / SP / ZeRO-1/3 / pp step time and collective bytes on 2 ranks (NCCL: 2 GPUs) — bench_parallel.py
 #   cp           context parallelism, state vs key/value exchange on 2 ranks (NCCL: 2 GPUs) — bench_cp.py
 # On one GPU the two-rank sections say they were skipped and why. --smoke runs every section at tiny shapes,
 # with torch.compile's `eager` backend (graph capture without code generation) so that it takes a minute:
-# it checks the plumbing, its figures mean nothing.
+# it checks the plumbing, its figures mean nothing (on CPU the attention section's `auto` rows run dense too:
+# FlexAttention has no backward there).
 set -u -o pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 
 DEVICE=cuda
 SMOKE=0
@@ -127,6 +130,9 @@ if [ $SMOKE = 1 ]; then
     section train_step "FWL vs baseline step, eager vs compiled, MFU (smoke: tiny shapes)." \
         "$PYTHON" bench/bench_train_step.py --device "$DEVICE" --shapes 125m,1b --seq 32 --micro 2 --warmup 1 \
         --steps 1 --compile both --compile-backend eager "${TINY[@]}"
+    section attention "Document-masked attention, dense mask vs model.attention=auto (smoke: T = 128)." \
+        "$PYTHON" bench/bench_train_step.py --device "$DEVICE" --shapes 125m --seq 128 --micro 2 --warmup 1 \
+        --steps 1 --attention dense,auto --doc-len 32 "${TINY[@]}"
     section fwl_op "FWL operator, chunked vs quadratic (smoke)." \
         "$PYTHON" bench/bench_fwl_op.py --device "$DEVICE" --width 16 --vocab 64 --chunk 16 --lengths 32,64 --reps 1
     section parallel "Layouts on 2 ranks, gloo (smoke)." \
@@ -140,6 +146,13 @@ activation checkpointing as in their configs), FWL vs baseline step against the 
         "$PYTHON" bench/bench_train_step.py --device cuda --bf16 --shapes 125m,1b --seq 2048 --micro 125m=8 1b=4 \
         --warmup 3 --steps 10 --compile both --set train.activation_checkpointing=true \
         --json "${OUT%.md}.train_step.json"
+    section attention "Document-masked attention on rows packed with documents of mean length 512 (T = 2048): the \
+dense [B, 1, T, T] mask (SDPA's memory-efficient kernel with a dense bias) vs FlexAttention's block mask built from \
+the document ids (model.attention=flex), FWL and baseline at the fwl_125m and fwl_1b shapes, bf16, eager and \
+compiled (Inductor)." \
+        "$PYTHON" bench/bench_train_step.py --device cuda --bf16 --shapes 125m,1b --seq 2048 --micro 125m=8 1b=4 \
+        --warmup 3 --steps 10 --compile both --attention dense,flex --doc-len 512 \
+        --set train.activation_checkpointing=true --json "${OUT%.md}.attention.json"
     section fwl_op "FWL operator, chunked vs quadratic form, d = s = 1024, bf16: time and memory (saved for backward, \
 peak allocated) over T." \
         "$PYTHON" bench/bench_fwl_op.py --device cuda --dtype bfloat16 --width 1024 --vocab 50304 --chunk 512 \

@@ -108,6 +108,13 @@ class ModelConfig:
     tie_embeddings: bool = True
     # Attention restricted to the token's own document, positions restarting at each document.
     document_mask: bool = True
+    # The kernel of document-masked attention (model/blocks.py, use_flex_attention). dense: SDPA with a
+    # [B, 1, T, T] boolean mask (on CUDA that mask rules out flash: the memory-efficient kernel with a dense
+    # bias). flex: FlexAttention with a block mask built from the document ids (causal and same document),
+    # blocks without a visible key skipped. auto: flex on CUDA where torch has it (>= 2.5, Triton), else dense.
+    # Either way dense where flex does not apply: context parallelism, a key/value cache, sequence lengths
+    # that are not a multiple of 128; without document masking plain causal SDPA (flash) runs.
+    attention: str = "auto"
     fwl: FWLConfig = field(default_factory=FWLConfig)
 
     @property
@@ -268,6 +275,8 @@ class Config:
         need(m.norm in ("layernorm", "rmsnorm"), "model.norm", f"must be layernorm or rmsnorm, got {m.norm!r}")
         need(m.mlp in ("gelu", "swiglu"), "model.mlp", f"must be gelu or swiglu, got {m.mlp!r}")
         need(m.mlp_hidden is None or m.mlp_hidden > 0, "model.mlp_hidden", f"must be > 0, got {m.mlp_hidden}")
+        need(m.attention in ("auto", "dense", "flex"), "model.attention",
+             f"must be auto, dense or flex, got {m.attention!r}")
         need(m.positions in ("rotary", "learned"), "model.positions",
              f"must be rotary or learned, got {m.positions!r}")
         need(m.max_positions is None or m.max_positions >= m.seq_len, "model.max_positions",

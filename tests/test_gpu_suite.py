@@ -13,7 +13,7 @@ from fwl_scale.device import matmul_precision, resolve_device
 from tests.train_support import REPO, fwl_env
 
 SUITE = REPO / "bench" / "gpu_suite.sh"
-SECTIONS = ["machine", "train_step", "fwl_op", "parallel", "cp"]
+SECTIONS = ["machine", "train_step", "attention", "fwl_op", "parallel", "cp"]
 
 
 def run_suite(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -37,8 +37,16 @@ def test_smoke_writes_every_section(tmp_path):
     for shape in ("125m", "1b"):
         for head in ("FWL", "baseline"):
             for mode in ("eager", "compiled"):
-                assert re.search(rf"^{shape}\s+{head}\s+{mode}\s+32\s+2\s", step, flags=re.M), (shape, head, mode)
+                row = rf"^{shape}\s+{head}\s+{mode}\s+auto:dense\s+32\s+2\s"  # CPU: the dense mask
+                assert re.search(row, step, flags=re.M), (shape, head, mode)
         assert re.search(rf"^{shape} compiled: FWL / baseline .* analytic FLOPs", step, flags=re.M)
+    # model.attention=dense and auto on packed documents; on CPU auto runs the dense mask too.
+    attention = sections["attention"]
+    assert "documents of mean length 32" in attention
+    for head in ("FWL", "baseline"):
+        for kernel in ("dense", "auto:dense"):
+            assert re.search(rf"^125m\s+{head}\s+eager\s+{kernel}\s+128\s+2\s", attention, flags=re.M), (head, kernel)
+    assert re.search(r"^125m eager \(auto:dense attention\): FWL / baseline", attention, flags=re.M)
     assert re.search(r"^\s+32\s+[\d.]+\s+[\d.]+", sections["fwl_op"], flags=re.M)  # a row per T
     assert "dp=2 ZeRO-1" in sections["parallel"] and "collectives per step" in sections["parallel"]
     assert "state/unsplit" in sections["cp"]

@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 # The fields of fwl_scale's ModelConfig stored in config.json (checked against the dataclass at export).
 MODEL_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads", "seq_len", "mlp_mult",
                 "norm_eps", "rope_theta", "rope_fraction", "norm", "mlp", "mlp_hidden", "bias", "positions",
-                "max_positions", "n_kv_heads", "init_std", "tie_embeddings", "document_mask", "fwl")
+                "max_positions", "n_kv_heads", "init_std", "tie_embeddings", "document_mask", "attention", "fwl")
 
 
 class FWLHFConfig(PretrainedConfig):
@@ -47,6 +47,8 @@ class FWLHFConfig(PretrainedConfig):
     init_std: float = 0.02
     tie_embeddings: bool = True
     document_mask: bool = True
+    # The document-masked attention's kernel (a run-time choice, not a weight: auto is FlexAttention on CUDA).
+    attention: str = "auto"
     fwl: dict | None = None  # fwl_scale's model.fwl section; None: its defaults
     # The document-end token (`<|endoftext|>`): documents are separated by it (document ids, FWL resets).
     eod_token_id: int = 1

@@ -2,6 +2,9 @@
 context-parallel, or over a key/value cache), the MLP and the pre-norm block. Tensor-parallel through the
 layers of parallel/layers.py (parallel/regions.py says where each tensor lives).
 
+Document-masked attention runs SDPA with a dense boolean mask, or FlexAttention with a block mask built
+from the document ids (model.attention; use_flex_attention says where each runs).
+
 The body's variants (ModelConfig.norm, mlp, bias, positions, rope_fraction, n_kv_heads) exist so that
 transformers bodies import exactly (fwl_scale/hf/body_import.py): LayerNorm or RMSNorm, a tanh-GELU or a
 SwiGLU MLP, linear layers with or without biases, rotary positions on all or the first part of each head,
@@ -9,6 +12,9 @@ or learned absolute ones, multi-head or grouped-query attention. The defaults bu
 body, parameter for parameter as before they existed.
 """
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +27,14 @@ from fwl_scale.parallel.layout import TPContext
 from fwl_scale.parallel.mappings import copy_to_tp
 from fwl_scale.parallel.shards import set_replicated, tp_size
 
+try:  # FlexAttention came with torch 2.5; the project accepts 2.4, where model.attention resolves to dense
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:
+    BlockMask = create_block_mask = flex_attention = None
+
+# The block mask's tile (FlexAttention's default): the kernels skip the (query, key) tiles without a visible key.
+FLEX_BLOCK_SIZE = 128
+
 
 def document_positions(doc_ids_bt: Tensor) -> Tensor:
     """Position of each token inside its document (restarting at every document change)."""
@@ -30,6 +44,63 @@ def document_positions(doc_ids_bt: Tensor) -> Tensor:
     starts[:, 1:] = doc_ids_bt[:, 1:] != doc_ids_bt[:, :-1]
     start_idx = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
     return idx - start_idx
+
+
+def use_flex_attention(attention: str, device: torch.device, seq_len: int) -> bool:
+    """Whether document-masked attention over `seq_len` tokens on `device` runs FlexAttention, for
+    model.attention = `attention` (auto | dense | flex). The callers keep the dense mask where the block
+    mask cannot serve (GPT.attention_inputs: context parallelism; GPT.cached_attention_inputs: a key/value
+    cache); this decides the rest:
+
+    - dense, or a torch without FlexAttention: dense.
+    - seq_len not a multiple of FLEX_BLOCK_SIZE: dense. The mask_mod reads the document ids at q_idx and
+      kv_idx, and a partial last tile has the kernels evaluate it at padded indices past the ids. Whole
+      tiles only, to be safe: torch 2.13's compiled CPU kernel gave wrong outputs at T = 40 (one partial
+      tile; right at T = 128 and 200), and FlexAttention's bugs reported upstream cluster at such lengths.
+      Every config's training window is a multiple of 128; shorter evaluation windows take the dense path.
+    - flex: FlexAttention on any device. On CUDA compiled (the fused Triton kernel); elsewhere torch's
+      eager reference, which materialises the scores as the dense path does and in torch 2.13 refuses a
+      backward on CPU (so flex on CPU serves evaluation and the tests, not training).
+    - auto: FlexAttention on CUDA where Triton is installed (torch.compile generates the kernel with it),
+      else dense: CPU keeps today's path, which is what the tests and CI run."""
+    if attention == "dense" or flex_attention is None or seq_len % FLEX_BLOCK_SIZE:
+        return False
+    return attention == "flex" or (device.type == "cuda" and triton_installed())
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def document_block_mask(doc_ids_bt: Tensor) -> BlockMask:
+    """FlexAttention's block mask of causal attention inside each document: query i sees key j <= i of the
+    same document (GPT.attention_inputs' dense mask, as tiles). Built once per forward, shared by every
+    layer; building it materialises the [B, T, T] booleans for a moment (the dense mask is held all
+    forward), the block mask keeps O(B·(T/128)²) tile indices and the mask_mod."""
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc_ids_bt[b, q_idx] == doc_ids_bt[b, kv_idx])
+
+    B, T = doc_ids_bt.shape
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids_bt.device,
+                             BLOCK_SIZE=FLEX_BLOCK_SIZE)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention through torch.compile: its fused kernel exists only as generated code (called eagerly
+    it materialises the scores). Made on first use so that importing the model does not start the compiler."""
+    return torch.compile(flex_attention)
+
+
+def flex_document_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    """Attention of q [B, heads, T, hd] to k, v [B, key/value heads, T, hd] under `block_mask`. Grouped-query
+    heads are broadcast by the kernel (query head h uses key/value head h // group, as Attention.expand)."""
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():
+        attend = compiled_flex_attention()
+    else:  # inside a compiled block (train.compile) dynamo lowers the call itself; off CUDA: the eager reference
+        attend = flex_attention
+    return attend(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Rotary(nn.Module):
@@ -106,6 +177,9 @@ class Attention(nn.Module):
         super().__init__()
         if cfg.n_heads % tp_size(tp):
             raise ValueError(f"model.n_heads ({cfg.n_heads}) is not divisible by the tensor-parallel size {tp_size(tp)}")
+        if cfg.attention == "flex" and flex_attention is None:
+            raise ValueError(f"model.attention=flex needs FlexAttention (torch >= 2.5), this is torch "
+                             f"{torch.__version__}: use model.attention=auto or dense")
         self.n_heads = cfg.n_heads // tp_size(tp)  # this rank's heads
         self.n_kv_heads = cfg.kv_heads // tp_size(tp)  # the key/value heads of this rank's query heads
         self.head_dim = hd = cfg.d_model // cfg.n_heads
@@ -119,9 +193,11 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(cfg.d_model, cfg.d_model, bias=cfg.bias, tp=tp, device=device)
         self.rotary = Rotary(self.head_dim, cfg.rope_theta, cfg.rotary_dim) if cfg.positions == "rotary" else None
 
-    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cp: CPContext | None = None,
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | BlockMask | None, cp: CPContext | None = None,
                 kv: KVCache | None = None) -> Tensor:
-        """`kv` (streaming): this layer's keys and values of the window's earlier tokens; the new ones are
+        """`mask` (GPT.attention_inputs): None for plain causal attention, a boolean [B, 1, T, keys] tensor for
+        SDPA, or a BlockMask for FlexAttention (document masking with model.attention's document kernel).
+        `kv` (streaming): this layer's keys and values of the window's earlier tokens; the new ones are
         appended, and `mask` is [B, 1, T, earlier + T]."""
         q, k, v = self.project(x)  # the whole sequence even under sequence parallelism
         B, T = q.shape[0], q.shape[2]
@@ -138,8 +214,10 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, self.expand(k), self.expand(v), attn_mask=mask)
         elif mask is None:
             y = F.scaled_dot_product_attention(q, self.expand(k), self.expand(v), is_causal=True)
-        else:
+        elif isinstance(mask, Tensor):
             y = F.scaled_dot_product_attention(q, self.expand(k), self.expand(v), attn_mask=mask)
+        else:  # a BlockMask: the keys and values stay unrepeated, the kernel broadcasts them
+            y = flex_document_attention(q, k, v, mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -190,7 +268,7 @@ class Block(nn.Module):
         self.norm2 = norm_layer(cfg, device, tp)
         self.mlp = MLP(cfg, device, tp)
 
-    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cp: CPContext | None = None,
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | BlockMask | None, cp: CPContext | None = None,
                 kv: KVCache | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x), positions, mask, cp, kv)
         return x + self.mlp(self.norm2(x))

@@ -2,7 +2,9 @@
 
 Pre-norm blocks, rotary positions, causal attention through scaled_dot_product_attention (flash on CUDA
 when no document mask is needed), optional document-masked attention with positions restarting at each
-document. The body and its initialisation are the same for both heads, so FWL vs baseline is fair.
+document: SDPA with a dense mask, or FlexAttention with a block mask (model.attention; the dense mask
+where the block mask does not apply, model/blocks.py use_flex_attention). The body and its initialisation
+are the same for both heads, so FWL vs baseline is fair.
 
 Tensor parallelism (Megatron's, docs/design.md §3.2; `build_model(cfg, parallel=ParallelState)`): attention split
 by heads (q|k|v column-parallel, output projection row-parallel), the MLP column/row-parallel, the tied
@@ -40,7 +42,8 @@ from torch.utils.checkpoint import checkpoint
 
 from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import ModelConfig
-from fwl_scale.model.blocks import Block, KVCache, LearnedPositions, document_positions, norm_layer
+from fwl_scale.model.blocks import (Block, BlockMask, KVCache, LearnedPositions, document_block_mask,
+                                    document_positions, norm_layer, use_flex_attention)
 # Kept until 0.2: Hugging Face exports written before blocks.py existed import Rotary from here (their modeling_fwl.py).
 from fwl_scale.model.blocks import Rotary  # noqa: F401
 from fwl_scale.model.fwl import FastWeightLayer, FWLState
@@ -147,11 +150,17 @@ class GPT(nn.Module):
             pairs += [(self.vocab_loss, self.fwl.out_bias), (self.fwl, self.unembedding)]
         return pairs
 
-    def attention_inputs(self, input_ids: Tensor, doc_ids: Tensor | None) -> tuple[Tensor, Tensor | None, int, int]:
-        """What every block needs besides its input: (rotary positions [B, T_loc], attention mask
-        [B, 1, T_loc, start + T_loc] or None for plain causal attention, start, T_loc) for this rank's chunk
-        [start, start + T_loc) of the sequence (the whole sequence without context parallelism). Pipeline
-        stages recompute them from the document ids they are handed (train/pipeline.py)."""
+    def attention_inputs(self, input_ids: Tensor, doc_ids: Tensor | None) -> tuple[Tensor, Tensor | BlockMask | None,
+                                                                                  int, int]:
+        """What every block needs besides its input: (rotary positions [B, T_loc], attention mask, start,
+        T_loc) for this rank's chunk [start, start + T_loc) of the sequence (the whole sequence without context
+        parallelism). The mask: None for plain causal attention; with document masking a BlockMask where
+        model.attention runs FlexAttention (use_flex_attention), else a boolean [B, 1, T_loc, start + T_loc].
+        Pipeline stages recompute them from the document ids they are handed (train/pipeline.py).
+
+        Context parallelism keeps the dense mask whatever model.attention says: its queries are this rank's
+        chunk and its keys the all-gathered [0, start + T_loc) (Attention.forward), a block mask a query offset
+        could express, but not built or tested across ranks yet."""
         B, T = input_ids.shape
         cp = self.cp
         n_cp = cp.size if cp is not None else 1
@@ -172,14 +181,17 @@ class GPT(nn.Module):
         mask = None
         if doc_ids is not None and self.cfg.document_mask:
             positions = document_positions(doc_ids)[:, start:end]
-            mask = (causal & (doc_ids[:, start:end, None] == doc_ids[:, None, :end]))[:, None]
+            if cp is None and use_flex_attention(self.cfg.attention, doc_ids.device, T):
+                mask = document_block_mask(doc_ids)
+            else:
+                mask = (causal & (doc_ids[:, start:end, None] == doc_ids[:, None, :end]))[:, None]
         else:
             positions = rows.expand(B, T_loc)
             if cp is not None:
                 mask = causal.expand(B, 1, T_loc, end)
         return positions, mask, start, T_loc
 
-    def run_block(self, block: Block, x: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
+    def run_block(self, block: Block, x: Tensor, positions: Tensor, mask: Tensor | BlockMask | None) -> Tensor:
         """One block, recomputed in backward when activation checkpointing is on."""
         if self.activation_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, positions, mask, self.cp, use_reentrant=False)
@@ -215,7 +227,9 @@ class GPT(nn.Module):
         return self.norm_f(x)
 
     def cached_attention_inputs(self, input_ids: Tensor, doc_ids: Tensor, context_doc_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(positions [B, n], mask [B, 1, n, C + n]) of `input_ids` [B, n] after C tokens in a key/value cache."""
+        """(positions [B, n], mask [B, 1, n, C + n]) of `input_ids` [B, n] after C tokens in a key/value cache.
+        Always the dense mask, whatever model.attention says: n queries (one per generated token) against C + n
+        keys, a mask of n·(C + n) booleans that a block mask would rebuild at every step, for no gain."""
         if self.cp is not None or self.sequence_parallel:
             raise ValueError("a key/value cache is for one process or plain tensor parallelism")
         C, n = context_doc_ids.shape[1], input_ids.shape[1]
