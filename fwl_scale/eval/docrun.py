@@ -29,16 +29,14 @@ from fwl_scale.data import Manifest
 from fwl_scale.data.shards import MANIFEST, read_shard
 from fwl_scale.device import resolve_device
 from fwl_scale.eval.breakdown import frequency_ranks
-from fwl_scale.eval.cache import CACHE_METHODS, CacheEvaluator, CacheSettings, grid_points, tune_cache
+from fwl_scale.eval.cache import CacheEvaluator, CacheSettings, grid_points, tune_cache
 from fwl_scale.eval.docs import checkpoint_tokenizer, load_documents, training_token_counts, validation_documents
 from fwl_scale.eval.dynamic import DynamicEvaluator, DynamicSettings, mean_squared_gradients, tune, windows
+from fwl_scale.eval.names import CACHE_METHODS, REPORT, RESULTS, TUNED_METHODS
 from fwl_scale.eval.methods import check_methods, default_methods, run_method
 from fwl_scale.eval.perplexity import perplexity_of
 from fwl_scale.eval.ranks import eval_ranks
 from fwl_scale.eval.run import load_for_eval
-
-RESULTS = "results.json"
-REPORT = "report.md"
 
 
 @dataclass
@@ -121,7 +119,7 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
                 documents, source = None, {"validation": str(Path(cfg.data.root) / "valid" / MANIFEST)}
             counts = training_token_counts(cfg, cache, say)
         _barrier()
-    tuned_methods = [m for m in methods if m in ("dynamic",) + CACHE_METHODS]  # those chosen on tuning documents
+    tuned_methods = [m for m in methods if m in TUNED_METHODS]
     need_valid = documents is None or bool(tuned_methods)
     valid = [d.to(device) for d in validation_documents(cfg, tok)] if need_valid else []
     n_tune = opts.tune_docs if tuned_methods else 0
