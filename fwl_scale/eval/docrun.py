@@ -5,7 +5,8 @@ training data root.
 
 Dynamic evaluation's lr and decay, and the caches' w and δ or θ (fwl_scale/eval/cache.py), are chosen on
 the first `tune_docs` validation documents (first `tune_tokens` tokens of each), which are then left out of
-the evaluated documents when those are the validation documents too; the RMS variant's mean squared
+the evaluated documents when those are the validation documents too (with `leave_out_tune_docs`, also when
+no method tunes: the documents scored do not depend on the methods); the RMS variant's mean squared
 gradients come from the first `stat_segments` segments of the training shards (or of the tuning documents
 when there are none).
 """
@@ -52,6 +53,9 @@ class DocEvalOptions:
     lrs: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
     decays: list[float] = field(default_factory=lambda: [0.0, 1e-2])
     tune_docs: int = 1
+    # Leave the tuning documents out of the scored validation documents even when no method tunes, so that
+    # an evaluation without dynamic or a cache scores the documents one with them does (a study's two arms).
+    leave_out_tune_docs: bool = False
     tune_tokens: int = 4096
     stat_segments: int = 32
     cache_weights: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])  # w
@@ -128,7 +132,7 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
                          f"validation split has {len(valid)}")
     tune_docs = valid[:n_tune]
     if documents is None:
-        documents = valid[n_tune:]
+        documents = valid[opts.tune_docs if tuned_methods or opts.leave_out_tune_docs else 0:]
     documents = [d.to(device) for d in documents if d.numel() >= 2]
     if opts.max_docs is not None:
         documents = documents[:opts.max_docs]
