@@ -213,6 +213,22 @@ def test_tuning_never_reads_the_scored_documents(runs, tmp_path, monkeypatch):
     assert rep["cache_tuning"]["unigram_cache"]["tune_documents"] == 1
 
 
+def test_leave_out_tune_docs_scores_the_documents_a_tuned_evaluation_scores(runs, tmp_path):
+    """Without a tuned method every validation document is scored; with leave_out_tune_docs the same ones as
+    an evaluation with a cache (the same documents_id), so an FWL's methods alone pair with its baseline's."""
+    (run_dir, cfg), _ = runs[0]["fwl"], runs[1]
+    common = dict(tune_docs=1, tune_tokens=40, max_tokens=40, cache_weights=[0.1], cache_decays=[1.0],
+                  progress=False)
+    reps = {name: run_document_eval(cfg, run_dir, DocEvalOptions(out=str(tmp_path / name), methods=methods,
+                                                                 leave_out_tune_docs=leave_out, **common),
+                                    log=lambda s: None)
+            for name, methods, leave_out in (("tuned", ["unigram_cache"], False), ("all", ["fwl_carried"], False),
+                                             ("left_out", ["fwl_carried"], True))}
+    valid = list(validation_documents(cfg, checkpoint_tokenizer(cfg)))
+    assert reps["all"]["documents"] == len(valid) and reps["left_out"]["documents"] == len(valid) - 1
+    assert reps["left_out"]["documents_id"] == reps["tuned"]["documents_id"] != reps["all"]["documents_id"]
+
+
 def test_command_end_to_end_and_compare(runs, tmp_path, capsys):
     (runs_, docs) = runs
     grids = ["--cache-weight", "0,0.3", "--cache-decay", "0.9,1", "--cache-theta", "0.1,1", "--cache-length", "16",

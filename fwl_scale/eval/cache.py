@@ -27,10 +27,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from fwl_scale.eval.names import CACHE_METHODS
 from fwl_scale.eval.perplexity import document_windows
 from fwl_scale.parallel.world import all_reduce_sum
 
-CACHE_METHODS = ("unigram_cache", "continuous_cache")
 ROWS = 512  # query positions per block: the pairwise work of a window is held ROWS × (cache + window) at a time
 
 

@@ -67,7 +67,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     opts = DocEvalOptions(out=ns.out, docs=ns.docs, max_docs=ns.max_docs, max_tokens=ns.max_tokens,
                           methods=ns.methods.split(",") if ns.methods else None, dynamic_variant=ns.dynamic,
                           dynamic_params=ns.dynamic_params, dynamic_segment=ns.dynamic_segment,
-                          tune_docs=ns.tune_docs, tune_tokens=ns.tune_tokens,
+                          tune_docs=ns.tune_docs, leave_out_tune_docs=ns.leave_out_tune_docs,
+                          tune_tokens=ns.tune_tokens,
                           stat_segments=ns.stat_segments)
     if ns.dynamic_lr:
         opts.lrs = [float(x) for x in ns.dynamic_lr.split(",")]
@@ -138,6 +139,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="continuous_cache: the earlier positions of the document it holds (default 2048)")
     e.add_argument("--tune-docs", type=int, default=1,
                    help="validation documents to choose dynamic evaluation's and the caches' parameters on")
+    e.add_argument("--leave-out-tune-docs", action="store_true",
+                   help="score the validation documents after the --tune-docs ones even when no method tunes: "
+                        "the documents an evaluation with dynamic or a cache scores")
     e.add_argument("--tune-tokens", type=int, default=4096, help="tokens of each tuning document")
     e.add_argument("--stat-segments", type=int, default=32,
                    help="training segments for the rms variant's mean squared gradients")

@@ -14,9 +14,8 @@ from typing import Any
 
 from fwl_scale.atomic import atomic_write, atomic_write_json, atomic_write_text
 from fwl_scale.config import ConfigError
+from fwl_scale.eval.names import RESULTS
 from fwl_scale.eval.perplexity import perplexity_of
-
-RESULTS = "results.json"  # what docrun writes (docrun imports torch; this module does not need it)
 
 
 def load_results(d: str | Path) -> dict[str, Any]:

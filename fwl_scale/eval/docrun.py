@@ -5,7 +5,8 @@ training data root.
 
 Dynamic evaluation's lr and decay, and the caches' w and δ or θ (fwl_scale/eval/cache.py), are chosen on
 the first `tune_docs` validation documents (first `tune_tokens` tokens of each), which are then left out of
-the evaluated documents when those are the validation documents too; the RMS variant's mean squared
+the evaluated documents when those are the validation documents too (with `leave_out_tune_docs`, also when
+no method tunes: the documents scored do not depend on the methods); the RMS variant's mean squared
 gradients come from the first `stat_segments` segments of the training shards (or of the tuning documents
 when there are none).
 """
@@ -29,16 +30,14 @@ from fwl_scale.data import Manifest
 from fwl_scale.data.shards import MANIFEST, read_shard
 from fwl_scale.device import resolve_device
 from fwl_scale.eval.breakdown import frequency_ranks
-from fwl_scale.eval.cache import CACHE_METHODS, CacheEvaluator, CacheSettings, grid_points, tune_cache
+from fwl_scale.eval.cache import CacheEvaluator, CacheSettings, grid_points, tune_cache
 from fwl_scale.eval.docs import checkpoint_tokenizer, load_documents, training_token_counts, validation_documents
 from fwl_scale.eval.dynamic import DynamicEvaluator, DynamicSettings, mean_squared_gradients, tune, windows
+from fwl_scale.eval.names import CACHE_METHODS, REPORT, RESULTS, TUNED_METHODS
 from fwl_scale.eval.methods import check_methods, default_methods, run_method
 from fwl_scale.eval.perplexity import perplexity_of
 from fwl_scale.eval.ranks import eval_ranks
 from fwl_scale.eval.run import load_for_eval
-
-RESULTS = "results.json"
-REPORT = "report.md"
 
 
 @dataclass
@@ -54,6 +53,9 @@ class DocEvalOptions:
     lrs: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
     decays: list[float] = field(default_factory=lambda: [0.0, 1e-2])
     tune_docs: int = 1
+    # Leave the tuning documents out of the scored validation documents even when no method tunes, so that
+    # an evaluation without dynamic or a cache scores the documents one with them does (a study's two arms).
+    leave_out_tune_docs: bool = False
     tune_tokens: int = 4096
     stat_segments: int = 32
     cache_weights: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])  # w
@@ -121,7 +123,7 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
                 documents, source = None, {"validation": str(Path(cfg.data.root) / "valid" / MANIFEST)}
             counts = training_token_counts(cfg, cache, say)
         _barrier()
-    tuned_methods = [m for m in methods if m in ("dynamic",) + CACHE_METHODS]  # those chosen on tuning documents
+    tuned_methods = [m for m in methods if m in TUNED_METHODS]
     need_valid = documents is None or bool(tuned_methods)
     valid = [d.to(device) for d in validation_documents(cfg, tok)] if need_valid else []
     n_tune = opts.tune_docs if tuned_methods else 0
@@ -130,7 +132,7 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
                          f"validation split has {len(valid)}")
     tune_docs = valid[:n_tune]
     if documents is None:
-        documents = valid[n_tune:]
+        documents = valid[opts.tune_docs if tuned_methods or opts.leave_out_tune_docs else 0:]
     documents = [d.to(device) for d in documents if d.numel() >= 2]
     if opts.max_docs is not None:
         documents = documents[:opts.max_docs]

@@ -28,25 +28,23 @@ from torch import Tensor
 
 from fwl_scale.config import ModelConfig
 from fwl_scale.eval.breakdown import Breakdown
-from fwl_scale.eval.cache import CACHE_METHODS, CacheEvaluator, cache_flops_per_token
+from fwl_scale.eval.cache import CacheEvaluator, cache_flops_per_token
 from fwl_scale.eval.dynamic import DynamicEvaluator, DynamicSettings, select_parameters
+from fwl_scale.eval.names import CACHE_METHODS, available_method_names, default_method_names
 from fwl_scale.eval.perplexity import document_token_losses
 from fwl_scale.eval.ranks import SINGLE, EvalRanks
 from fwl_scale.eval.stages import whole_model
 from fwl_scale.parallel.shards import full_shape
 from fwl_scale.model.flops import fwl_fwd_per_token, train_flops_per_token
 
-BASELINE_METHODS = ("plain", "dynamic")
-FWL_METHODS = ("slow_head", "fwl_reset", "fwl_carried", "dynamic")
-
 
 def default_methods(cfg: ModelConfig) -> tuple[str, ...]:
-    return FWL_METHODS if cfg.fwl.enabled else BASELINE_METHODS
+    return default_method_names(cfg.fwl.enabled)
 
 
 def available_methods(cfg: ModelConfig) -> tuple[str, ...]:
     """The defaults and the caches, which run on either kind of checkpoint."""
-    return default_methods(cfg) + CACHE_METHODS
+    return available_method_names(cfg.fwl.enabled)
 
 
 def check_methods(methods: Sequence[str], cfg: ModelConfig) -> None:

@@ -1,13 +1,14 @@
 """`fwl study SPEC.yaml`: variants × seeds × {fwl, baseline}, trained and evaluated, collected in one table.
 
-    fwl study SPEC                  every run here, one after another (finished runs are skipped), then collect
+    fwl study SPEC                  every run here, one after another (a finished run only gains the long_docs
+                                    or rulers it lacks), then collect
     fwl study SPEC --list           the runs with their index and state
     fwl study SPEC --run INDEX      train and evaluate one run (what each Slurm array task does)
     fwl study SPEC --collect        write OUT/study.md, study.json, loss_by_position.png from the results
     fwl study SPEC --slurm [--sbatch-args ARGS...]   a job array (one task per run) + a collection job
 
-Exit status: 0 every run finished; 1 a run failed (the others' results are kept; the table names it);
-2 bad spec; 75 stopped by SIGUSR1/SIGTERM after a checkpoint (run again to resume).
+Exit status: 0 every run finished; 1 a run or a measurement of a finished run failed (the others' results
+are kept; the table names it); 2 bad spec; 75 stopped by SIGUSR1/SIGTERM after a checkpoint (run again to resume).
 """
 from __future__ import annotations
 

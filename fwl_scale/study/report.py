@@ -4,8 +4,10 @@
 Per variant and arm, mean ± sample std over the seeds that finished: validation perplexity and loss, loss
 by position bucket, the slow head alone (step sizes at zero) and its gap to the same variant's baseline,
 the learned step sizes, tokens/s, the loss per window over streamed whole documents; and per variant the
-FWL-vs-baseline perplexity ratio and the long-document verdict (long_doc_verdict). Works on partial
-results (it lists the missing and failed runs) and refuses to replace a collection that holds a finished
+FWL-vs-baseline perplexity ratio and the long-document verdict (long_doc_verdict); per ruler (the spec's
+rulers: `fwl eval --out` on named documents), each arm's methods and their gain over the baseline's plain
+loss paired by seed (ruler_summary). Works on partial results (it lists the missing and failed runs, and
+the finished runs whose measurements failed) and refuses to replace a collection that holds a finished
 run which has no result now.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fwl_scale.study import store
-from fwl_scale.study.spec import StudyError, StudySpec
+from fwl_scale.study.spec import Ruler, StudyError, StudySpec
 
 
 @dataclass
@@ -92,16 +94,94 @@ def long_doc_verdict(fwl: dict[str, Any] | None, base: dict[str, Any] | None) ->
                           "reset": math.exp(mean["reset"] - mean["baseline"])}}
 
 
+# The FWL's own measurement and the baseline's, whose perplexity spreads over seeds are compared
+# (issue 22: the FWL arm's std of perplexity over seeds at most 1.5 times the baseline's).
+SPREAD_METHODS = {"fwl": "fwl_carried", "baseline": "plain"}
+
+
+def _ruler_records(spec: StudySpec, ruler: Ruler, variant: str, arm: str,
+                   results: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Seed -> the record the run's result keeps of this ruler (runner.ruler_record)."""
+    records = {}
+    for run in spec.members[(variant, arm)]:
+        rec = results.get(run.name, {}).get("rulers", {}).get(ruler.name)
+        # One measured with other methods or options (the spec changed since) is not this ruler's.
+        if rec is not None and rec["spec"] == ruler.measures(arm):
+            records[run.seed] = rec
+    return records
+
+
+def _paired_gains(ruler: Ruler, records: dict[str, dict[int, dict[str, Any]]]) -> tuple[dict[str, Any], list[str]]:
+    """Arm -> method -> the baseline's plain loss − the method's, paired by seed where both scored the same
+    documents, mean ± std over the pairs; and the runs left unpaired for scoring other documents."""
+    plain = {seed: rec for seed, rec in records.get("baseline", {}).items() if "plain" in rec["methods"]}
+    gains: dict[str, dict[str, Any]] = {}
+    unpaired: set[str] = set()
+    for arm, methods in ruler.methods.items():
+        for method in methods:
+            if (arm, method) == ("baseline", "plain"):
+                continue
+            values, seeds = [], []
+            for seed, rec in records[arm].items():
+                if seed not in plain:
+                    continue
+                if rec["documents_id"] != plain[seed]["documents_id"]:
+                    unpaired.add(f"{arm} s{seed}")
+                    continue
+                values.append(plain[seed]["methods"]["plain"]["loss"] - rec["methods"][method]["loss"])
+                seeds.append(seed)
+            if values:
+                gains.setdefault(arm, {})[method] = {**stats(values), "seeds": seeds}
+    return gains, sorted(unpaired)
+
+
+def ruler_summary(spec: StudySpec, ruler: Ruler, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per variant, each arm's methods on the ruler over the seeds measured (loss, perplexity, GFLOPs/token,
+    wall s), and each method's gain over the baseline's plain loss (_paired_gains); its share of the
+    baseline's dynamic evaluation's gain; the FWL's perplexity spread over seeds over the baseline's."""
+    variants: dict[str, Any] = {}
+    for variant in spec.variants:
+        records = {arm: _ruler_records(spec, ruler, variant, arm, results) for arm in ruler.methods}
+        arms: dict[str, Any] = {}
+        for arm, methods in ruler.methods.items():
+            runs = spec.members[(variant, arm)]
+            measured = list(records[arm].values())
+            arms[arm] = {"runs": len(runs), "seeds": list(records[arm]),
+                         "same_runs_as": runs[0].variant if runs[0].variant != variant else None,
+                         "methods": {method: {
+                             "loss": stats([r["methods"][method]["loss"] for r in measured]),
+                             "ppl": stats([math.exp(r["methods"][method]["loss"]) for r in measured]),
+                             "gflops_per_token": stats([r["methods"][method]["gflops_per_token"] for r in measured]),
+                             "wall_s": stats([r["methods"][method]["wall_s"] for r in measured])}
+                             for method in methods}}
+        gains, unpaired = _paired_gains(ruler, records)
+        dynamic = gains.get("baseline", {}).get("dynamic")
+        share = {arm: {method: g["mean"] / dynamic["mean"] for method, g in per.items()}
+                 for arm, per in gains.items()} if dynamic and dynamic["mean"] != 0 else {}
+        spread: dict[str, float | None] = {}
+        for arm, method in SPREAD_METHODS.items():
+            ppl = arms[arm]["methods"][method]["ppl"] if method in arms.get(arm, {}).get("methods", {}) else None
+            spread[arm] = ppl["std"] if ppl and ppl["n"] > 1 else None
+        variants[variant] = {
+            "arms": arms, "gains": gains, "share_of_dynamic": share, "unpaired": unpaired, "ppl_std": spread,
+            "ppl_std_ratio": spread["fwl"] / spread["baseline"] if spread["fwl"] is not None and spread["baseline"]
+            else None}
+    return {"methods": {arm: list(m) for arm, m in ruler.methods.items()}, "args": list(ruler.args),
+            "variants": variants}
+
+
 def summarize(spec: StudySpec) -> Collection:
     results: dict[str, dict[str, Any]] = {}
     failures: dict[str, dict[str, Any]] = {}
+    failed_measurements: list[dict[str, Any]] = []
     for run in spec.runs:
         r = store.read_json(store.result_path(spec, run))
+        f = store.read_json(store.failure_path(spec, run))
         if r is not None:
             results[run.name] = r
-            continue
-        f = store.read_json(store.failure_path(spec, run))
-        if f is not None:
+            if f is not None:  # a finished run whose long documents or a ruler failed
+                failed_measurements.append(f)
+        elif f is not None:
             failures[run.name] = f
     groups = []
     for variant in spec.variants:
@@ -129,7 +209,10 @@ def summarize(spec: StudySpec) -> Collection:
     failed = list(failures.values())
     summary = {"name": spec.name, "spec": str(spec.path), "out_dir": str(spec.out_dir),
                "runs_total": len(spec.runs), "complete": complete, "failed": failed, "missing": missing,
-               "groups": groups, "fwl_vs_baseline_ppl": ratios, "long_docs": long_docs, "results": results}
+               "failed_measurements": failed_measurements, "groups": groups, "fwl_vs_baseline_ppl": ratios,
+               "long_docs": long_docs,
+               "rulers": {name: ruler_summary(spec, ruler, results) for name, ruler in spec.rulers.items()},
+               "results": results}
     return Collection(summary, complete, failed, missing)
 
 
@@ -137,6 +220,10 @@ def _pm(s: dict[str, Any] | None, fmt: str) -> str:
     if s is None:
         return "–"
     return f"{s['mean']:{fmt}} ± {s['std']:{fmt}}" if s["n"] > 1 else f"{s['mean']:{fmt}}"
+
+
+def _mean(s: dict[str, Any] | None, fmt: str) -> str:
+    return "–" if s is None else f"{s['mean']:{fmt}}"
 
 
 def _status(g: dict[str, Any]) -> str:
@@ -187,13 +274,56 @@ def markdown(c: Collection) -> str:
                          f"{v['carried_lt_baseline']}/{v['windows']} | {v['worst_vs_reset']:+.4f} | "
                          f"{v['worst_vs_baseline']:+.4f} | {m['carried']:.4f} / {m['reset']:.4f} / "
                          f"{m['baseline']:.4f} | {v['ppl_ratio']['carried']:.4f} / {v['ppl_ratio']['reset']:.4f} |")
+    for name, r in s["rulers"].items():
+        lines += ruler_markdown(name, r)
     if c.failed:
         lines += ["", "Failed runs:", ""]
         lines += [f"- `{f['run']}` (variant {f['variant']}): {f['stage']}: {f['detail']}; log `{f['log']}`"
                   for f in c.failed]
+    if s["failed_measurements"]:
+        lines += ["", "Finished runs whose measurement failed (run the study again to retry it):", ""]
+        lines += [f"- `{f['run']}` (variant {f['variant']}): {f['stage']}: {f['detail']}; log `{f['log']}`"
+                  for f in s["failed_measurements"]]
     if c.missing:
         lines += ["", "Not run yet: " + ", ".join(f"`{m}`" for m in c.missing)]
     return "\n".join(lines) + "\n"
+
+
+def ruler_markdown(name: str, r: dict[str, Any]) -> list[str]:
+    args = " ".join(r["args"])
+    lines = ["", f"### Ruler `{name}`", "",
+             f"`fwl eval --out` {'with `' + args + '`' if args else 'on the validation documents'}, "
+             "mean ± sample std over seeds. Gain: the baseline's plain loss − the method's, paired by seed "
+             "(nats, > 0 better than the plain baseline); share: of the baseline's dynamic evaluation's gain; "
+             "ppl std: the perplexity's std over seeds.", "",
+             "| variant | arm | method | seeds | loss | ppl std | gain over baseline plain | share of dynamic's "
+             "gain | GFLOPs/token | wall s (mean) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for variant, v in r["variants"].items():
+        for arm, a in v["arms"].items():
+            seeds = f"{len(a['seeds'])}/{a['runs']}" + (f" (= {a['same_runs_as']})" if a["same_runs_as"] else "")
+            for method, m in a["methods"].items():
+                gain = v["gains"].get(arm, {}).get(method)
+                share = v["share_of_dynamic"].get(arm, {}).get(method)
+                ppl_std = f"{m['ppl']['std']:.3f}" if m["ppl"] and m["ppl"]["n"] > 1 else "–"
+                lines.append(f"| {variant} | {arm} | {method} | {seeds} | {_pm(m['loss'], '.4f')} | {ppl_std} | "
+                             + (f"{gain['mean']:+.4f} ± {gain['std']:.4f} (n {gain['n']})" if gain else "–") + " | "
+                             + (f"{share:.3f}" if share is not None else "–") + " | "
+                             f"{_mean(m['gflops_per_token'], '.4g')} | {_mean(m['wall_s'], '.2f')} |")
+    if "fwl" in r["methods"] and "baseline" in r["methods"]:
+        fwl_m, base_m = SPREAD_METHODS["fwl"], SPREAD_METHODS["baseline"]
+        lines += ["", f"| variant | FWL {fwl_m} ppl std | baseline {base_m} ppl std | FWL / baseline |",
+                  "|---|---|---|---|"]
+        for variant, v in r["variants"].items():
+            f, b, ratio = v["ppl_std"]["fwl"], v["ppl_std"]["baseline"], v["ppl_std_ratio"]
+            lines.append(f"| {variant} | {'–' if f is None else f'{f:.3f}'} | {'–' if b is None else f'{b:.3f}'} | "
+                         f"{'–' if ratio is None else f'{ratio:.3f}'} |")
+    if "plain" not in r["methods"].get("baseline", ()):
+        lines += ["", "No gains: the baseline arm is not measured with plain on this ruler."]
+    unpaired = [f"{variant}: {', '.join(v['unpaired'])}" for variant, v in r["variants"].items() if v["unpaired"]]
+    if unpaired:
+        lines += ["", "Not paired with the baseline's plain (scored other documents, documents_id differs): "
+                  + "; ".join(unpaired)]
+    return lines
 
 
 def _axes() -> tuple[Any, Any]:

@@ -1,11 +1,14 @@
 """Runs a study's runs, one after another in this process's children: `fwl train` then `fwl eval` (and,
-for the FWL arm, `fwl eval` with model.fwl.step_scale=0: the slow head alone; with the spec's long_docs,
-whole validation documents streamed window after window), then the run's result.
+for the FWL arm, `fwl eval` with model.fwl.step_scale=0: the slow head alone), then the run's result;
+then the measurements the spec adds (add_measurements): with long_docs, whole validation documents
+streamed window after window; with rulers, `fwl eval --out` on each ruler's documents.
 
-A run whose result exists is skipped; one whose training directory holds checkpoints resumes there (the
-trainer resumes from train.out_dir by itself), and a finished training is not repeated. A stop signal
-(SIGUSR1/SIGTERM: a Slurm time limit or preemption) is forwarded to the child as SIGUSR1, which the
-trainer answers by saving a checkpoint and exiting 75; the study then exits 75 too (requeue me).
+A run whose result exists is not trained or evaluated again, only given the measurements its result
+lacks (a spec that gained or changed long_docs or a ruler); one whose training directory holds
+checkpoints resumes there (the trainer resumes from train.out_dir by itself), and a finished training is
+not repeated. A stop signal (SIGUSR1/SIGTERM: a Slurm time limit or preemption) is forwarded to the child
+as SIGUSR1, which the trainer answers by saving a checkpoint and exiting 75; the study then exits 75 too
+(requeue me).
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import fwl_scale
+from fwl_scale.eval.names import RESULTS
 from fwl_scale.study import store
-from fwl_scale.study.spec import Run, StudySpec
+from fwl_scale.study.spec import Ruler, Run, StudySpec
 from fwl_scale.train.signals import EXIT_REQUEUE
 
 EXIT_FAILED = 1
@@ -156,27 +160,79 @@ def stream_long_docs(spec: StudySpec, run: Run, children: Children) -> dict[str,
     return streamed
 
 
-def add_long_docs(spec: StudySpec, run: Run, children: Children) -> str:
-    """A finished run's result gains the long documents the spec asks for and it lacks (a spec that
-    added long_docs after the run): measured without training or evaluating it again."""
-    result = store.read_json(store.result_path(spec, run))
-    if spec.long_docs is None or result.get("long_docs", {}).get("spec") == spec.long_docs:
-        return "skipped"
-    print(f"fwl study: run {run.index} {run.name}: long documents", flush=True)
-    streamed = stream_long_docs(spec, run, children)
-    if isinstance(streamed, str):
-        return streamed
-    result["long_docs"] = {"spec": spec.long_docs, "modes": streamed}
-    store.write_json(store.result_path(spec, run), result)
-    store.failure_path(spec, run).unlink(missing_ok=True)
-    return "done"
+def ruler_record(report: dict[str, Any], measures: dict[str, list[str]], out: Path) -> dict[str, Any]:
+    """What the run's result keeps of `fwl eval --out`'s report: per method the loss, tokens, GFLOPs/token,
+    wall s and chosen settings; the documents (the table pairs only runs that scored the same ones)."""
+    return {"spec": measures, "out": str(out), "documents": report["documents"],
+            "documents_id": report["documents_id"],
+            "methods": {m["method"]: {"loss": m["loss"], "tokens": m["tokens"],
+                                      "gflops_per_token": m["flops_per_token"] / 1e9, "wall_s": m["wall_s"],
+                                      "settings": m.get("dynamic") or m.get("cache")}
+                        for m in report["methods"]}}
+
+
+def measure_ruler(spec: StudySpec, run: Run, ruler: Ruler, children: Children) -> dict[str, Any] | str:
+    """`fwl eval --out` of the run on the ruler's documents with its arm's methods: the record its result
+    keeps (ruler_record), or the status to return (stopped, failed)."""
+    measures = ruler.measures(run.arm)
+    assert measures is not None
+    out = store.ruler_dir(spec, run, ruler.name)
+    path = out / RESULTS
+    path.unlink(missing_ok=True)  # never read an earlier attempt's file as this one's
+    # --leave-out-tune-docs: an arm that tunes nothing scores the validation documents the other arm's
+    # dynamic evaluation or cache scores (they tune on the first), so the two pair document for document.
+    rc = children.call(fwl_cmd("eval", run.config, str(spec.run_dir(run)), *spec.train_overrides(run),
+                               "--out", str(out), "--methods", ",".join(measures["methods"]),
+                               "--leave-out-tune-docs", *ruler.args),
+                       store.log_path(spec, run))
+    stage = f"ruler {ruler.name}"
+    if children.stop_reason is not None:
+        return "stopped"
+    if rc != 0:
+        return _fail(spec, run, stage, f"fwl eval --out exited with {rc}")
+    report = store.read_json(path)
+    if report is None:
+        return _fail(spec, run, stage, f"fwl eval --out wrote no {path}")
+    return ruler_record(report, measures, out)
+
+
+def add_measurements(spec: StudySpec, run: Run, children: Children) -> str:
+    """The run's result gains the measurements the spec asks for and it lacks or has with other settings
+    (long_docs, each ruler), without training or evaluating it again; each is written as soon as it is
+    measured, so that one that fails keeps the others. Returns done, skipped (nothing lacking), failed or
+    stopped."""
+    path = store.result_path(spec, run)
+    result = store.read_json(path)
+    added = False
+    if spec.long_docs is not None and result.get("long_docs", {}).get("spec") != spec.long_docs:
+        print(f"fwl study: run {run.index} {run.name}: long documents", flush=True)
+        streamed = stream_long_docs(spec, run, children)
+        if isinstance(streamed, str):
+            return streamed
+        result["long_docs"] = {"spec": spec.long_docs, "modes": streamed}
+        store.write_json(path, result)
+        added = True
+    for ruler in spec.rulers.values():
+        measures = ruler.measures(run.arm)
+        if measures is None or result.get("rulers", {}).get(ruler.name, {}).get("spec") == measures:
+            continue
+        print(f"fwl study: run {run.index} {run.name}: ruler {ruler.name} ({', '.join(measures['methods'])})",
+              flush=True)
+        record = measure_ruler(spec, run, ruler, children)
+        if isinstance(record, str):
+            return record
+        result.setdefault("rulers", {})[ruler.name] = record
+        store.write_json(path, result)
+        added = True
+    store.failure_path(spec, run).unlink(missing_ok=True)  # it has all the spec asks for now
+    return "done" if added else "skipped"
 
 
 def run_one(spec: StudySpec, run: Run, children: Children, concurrent: bool = False) -> str:
     """Trains and evaluates one run; returns done | skipped | failed | stopped. `concurrent`: other
     runs of the study may be starting at the same time (a job array)."""
     if store.result_path(spec, run).is_file():
-        return add_long_docs(spec, run, children)
+        return add_measurements(spec, run, children)
     log = store.log_path(spec, run)
     log.parent.mkdir(parents=True, exist_ok=True)
     store.eval_path(spec, run).parent.mkdir(parents=True, exist_ok=True)
@@ -211,22 +267,17 @@ def run_one(spec: StudySpec, run: Run, children: Children, concurrent: bool = Fa
             return _fail(spec, run, stage, f"fwl eval wrote no {path}")
     valid = evals[False]
     assert valid is not None
-    streamed = None
-    if spec.long_docs is not None:
-        streamed = stream_long_docs(spec, run, children)
-        if isinstance(streamed, str):
-            return streamed
     try:
         result = build_result(spec, run, valid, evals[True])
     except Exception as e:  # noqa: BLE001 — a run that cannot be read is one failed run, not a failed study
         return _fail(spec, run, "reading the results", f"{type(e).__name__}: {e}")
-    if streamed is not None:
-        result["long_docs"] = {"spec": spec.long_docs, "modes": streamed}
     store.write_json(store.result_path(spec, run), result)
     store.failure_path(spec, run).unlink(missing_ok=True)
     ppl = result["valid"]["perplexity"]
-    print(f"fwl study: run {run.index} {run.name}: done, val ppl {ppl:.3f}", flush=True)
-    return "done"
+    print(f"fwl study: run {run.index} {run.name}: trained and evaluated, val ppl {ppl:.3f}", flush=True)
+    # Measured after the result is written: a measurement that fails is tried again alone next time.
+    status = add_measurements(spec, run, children)
+    return "done" if status == "skipped" else status
 
 
 def run_runs(spec: StudySpec, runs: list[Run], concurrent: bool = False) -> dict[str, str]:

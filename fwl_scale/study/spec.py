@@ -11,7 +11,18 @@
     seeds: [1, 2, 3]                               # train.seed of each run (a variant's own `seeds` wins)
     eval_batches: 40                               # validation batches of the evaluations (default: config's)
     long_docs: {windows: 32, documents: 5}         # also stream whole validation documents (optional)
+    rulers:                                        # also `fwl eval --out` on named document sets (optional)
+      valid:                                       # the validation documents after the tuning one
+        methods: {fwl: [fwl_carried, fwl_reset, slow_head], baseline: [plain, dynamic, continuous_cache]}
+        args: ["--max-tokens", "8192"]             # more options of `fwl eval --out`, for every arm
+      licenses: {methods: {fwl: [fwl_carried], baseline: [plain]}, args: ["--docs", "runs/licenses.jsonl"]}
     out_dir: runs/study_recipe                     # default: runs/study_<name>
+
+A ruler's `methods` is a mapping arm -> methods (an arm not named is not measured on it) or a list that
+every arm runs; the methods are `fwl eval --out`'s (fwl_scale/eval/names.py), each available to its arm.
+The study sets --out (OUT/rulers/<ruler>/<run>) and --methods itself, and passes --leave-out-tune-docs,
+so that an arm that tunes nothing scores the validation documents the other arm's dynamic evaluation or
+cache scores. The table's gains are over the baseline's `plain` on the same ruler, which it then needs.
 
 Relative paths (configs, out_dir) are relative to the working directory, as everywhere in `fwl`.
 Every run's config is loaded and validated (`load_config`) before anything trains, so a bad override
@@ -25,10 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from fwl_scale.config import Config, ConfigError, load_config, read_yaml
+from fwl_scale.eval.names import METHODS, available_method_names
 
 ARMS = ("fwl", "baseline")
-TOP_KEYS = ("name", "arms", "common", "variants", "seeds", "eval_batches", "long_docs", "out_dir")
+TOP_KEYS = ("name", "arms", "common", "variants", "seeds", "eval_batches", "long_docs", "rulers", "out_dir")
 LONG_DOC_KEYS = ("windows", "documents")
+RULER_KEYS = ("methods", "args")
+# fwl eval options a ruler's args may not hold: those the study sets, and those of fwl eval's other modes.
+STUDY_SET_ARGS = ("--out", "--methods")
+OTHER_MODE_ARGS = ("--stream", "--compare", "--json", "--batches", "--long-docs", "--max-windows")
 # Set by the study itself for every run; a spec that sets them would silently lose them.
 RESERVED = ("train.seed", "train.out_dir")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -53,6 +69,21 @@ class Run:
         return f"{self.variant}-{self.arm}-s{self.seed}"
 
 
+@dataclass(frozen=True)
+class Ruler:
+    """`fwl eval --out` of every run on one set of documents: each arm's methods (an arm without any is not
+    measured on it) and the options every arm's evaluation gets (--docs, --max-tokens, ...)."""
+    name: str
+    methods: dict[str, tuple[str, ...]]  # arm -> its methods, in the spec's order
+    args: tuple[str, ...]
+
+    def measures(self, arm: str) -> dict[str, list[str]] | None:
+        """What a run of `arm` is measured with (kept in its result: a change measures it again), or None."""
+        if arm not in self.methods:
+            return None
+        return {"methods": list(self.methods[arm]), "args": list(self.args)}
+
+
 @dataclass
 class StudySpec:
     path: Path
@@ -67,6 +98,7 @@ class StudySpec:
     # Stream the first `documents` validation documents that are this long for `windows` windows of
     # seq_len, the FWL state carried and reset (fwl eval --stream); None: not measured.
     long_docs: dict[str, int] | None = None
+    rulers: dict[str, Ruler] = field(default_factory=dict)  # name -> ruler, in the spec's order
     runs: list[Run] = field(default_factory=list)  # each distinct run once, in the order of the spec
     members: dict[tuple[str, str], list[Run]] = field(default_factory=dict)  # (variant, arm) -> its runs, by seed
 
@@ -123,6 +155,77 @@ def _variant(name: Any, value: Any, arms: dict[str, str], seeds: list[int],
     return {arm: _overrides(value.get(arm), f"{where}, arm {arm}") for arm in arms}, own_seeds
 
 
+def _ruler_args(value: Any, where: str) -> tuple[str, ...]:
+    # YAML reads `--max-tokens, 8192` as a string and a number: numbers are taken as written.
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool)
+                                              for a in value):
+        raise StudyError(f"{where}: expected a list of fwl eval options (e.g. [--max-tokens, 8192]), got {value!r}")
+    args = tuple(str(a) for a in value)
+    for i, a in enumerate(args):
+        option = a.split("=", 1)[0]
+        if option in STUDY_SET_ARGS:
+            raise StudyError(f"{where}: {option} is set by the study (--out OUT/rulers/<ruler>/<run>, --methods "
+                             f"from the ruler's methods)")
+        if option in OTHER_MODE_ARGS:
+            raise StudyError(f"{where}: {option} belongs to another mode of fwl eval than --out")
+        if option == "--docs":  # its files, up to the next option; checked now, not after hours of training
+            files = [a.split("=", 1)[1]] if "=" in a else []
+            for f in args[i + 1:]:
+                if f.startswith("-"):
+                    break
+                files.append(f)
+            if not files:
+                raise StudyError(f"{where}: --docs needs at least one file")
+            for f in files:
+                if not Path(f).is_file():
+                    raise StudyError(f"{where}: --docs: no such file {f}")
+    return args
+
+
+def _ruler(name: Any, value: Any, arms: dict[str, str], src: str) -> Ruler:
+    where = f"{src}: rulers.{name}"
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise StudyError(f"{src}: rulers: a ruler name is letters, digits and . _ + - (it names directories), "
+                         f"got {name!r}")
+    if not isinstance(value, dict):
+        raise StudyError(f"{where}: expected a mapping with keys {', '.join(RULER_KEYS)}, got {value!r}")
+    for key in value:
+        if key not in RULER_KEYS:
+            raise StudyError(f"{where}: unknown key {key!r} (known: {', '.join(RULER_KEYS)})")
+    methods = value.get("methods")
+    both = isinstance(methods, list)
+    if both:
+        per_arm = {arm: methods for arm in arms}
+    elif isinstance(methods, dict) and methods:
+        for arm in methods:
+            if arm not in ARMS:
+                raise StudyError(f"{where}.methods: unknown key {arm!r} (an arm: {', '.join(ARMS)})")
+            if arm not in arms:
+                raise StudyError(f"{where}.methods: methods for arm {arm!r}, which the spec's `arms` does not have")
+        per_arm = {arm: methods[arm] for arm in arms if arm in methods}
+    else:
+        raise StudyError(f"{where}.methods: expected a list of fwl eval methods (every arm) or a mapping arm -> "
+                         f"list, got {methods!r}")
+    parsed = {}
+    for arm, names in per_arm.items():
+        at = f"{where}.methods" + ("" if both else f".{arm}")
+        if not isinstance(names, list) or not names or not all(isinstance(m, str) for m in names):
+            raise StudyError(f"{at}: expected a non-empty list of method names, got {names!r}")
+        for m in names:
+            if m not in METHODS:
+                raise StudyError(f"{at}: unknown method {m!r} (fwl eval --out's methods: {', '.join(METHODS)})")
+            available = available_method_names(arm == "fwl")
+            if m not in available:
+                raise StudyError(f"{at}: {m} is not a method of the {arm} arm (its methods: {', '.join(available)})"
+                                 + ("; give each arm its own: {fwl: [...], baseline: [...]}" if both else ""))
+        if len(set(names)) != len(names):
+            raise StudyError(f"{at}: {names} repeats a method")
+        parsed[arm] = tuple(names)
+    return Ruler(name, parsed, _ruler_args(value.get("args"), f"{where}.args"))
+
+
 def parse_spec(data: Any, path: Path) -> StudySpec:
     src = str(path)
     if not isinstance(data, dict):
@@ -165,12 +268,16 @@ def parse_spec(data: Any, path: Path) -> StudySpec:
         for key, v in long_docs.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise StudyError(f"{src}: long_docs.{key}: expected an integer >= 1, got {v!r}")
+    rulers = data.get("rulers") or {}
+    if not isinstance(rulers, dict):
+        raise StudyError(f"{src}: rulers: expected a mapping ruler name -> {{methods, args}}, got {rulers!r}")
+    rulers = {str(k): _ruler(k, v, arms, src) for k, v in rulers.items()}
     out_dir = data.get("out_dir", f"runs/study_{name}")
     if not isinstance(out_dir, str) or not out_dir:
         raise StudyError(f"{src}: out_dir: expected a directory path, got {out_dir!r}")
     spec = StudySpec(path=path, name=name, arms=arms, common=common, variants=parsed, seeds=seeds,
                      variant_seeds=variant_seeds,
-                     out_dir=Path(out_dir), eval_batches=eval_batches, long_docs=long_docs)
+                     out_dir=Path(out_dir), eval_batches=eval_batches, long_docs=long_docs, rulers=rulers)
     # A run that another variant already has (same config, same overrides: e.g. the baseline of a
     # variant that only changes the FWL) is trained once and counted in both variants' rows.
     unique: dict[tuple[str, tuple[str, ...]], Run] = {}

@@ -4,8 +4,12 @@
     logs/<run>.log         the output of its training and evaluations (appended across attempts)
     evals/<run>.json       `fwl eval --json` of the run; <run>.slow.json with the step sizes at zero;
                            <run>.long.json the streamed long documents (spec key long_docs)
-    results/<run>.json     the run's result: written last, so a run with a result is done
-    failed/<run>.json      why the last attempt failed (removed when the run succeeds)
+    rulers/<ruler>/<run>/  `fwl eval --out` of the run on the ruler's documents (spec key rulers): results.json,
+                           report.md, cache/ (`fwl eval --compare OUT/rulers/<ruler>/*` compares the runs)
+    results/<run>.json     the run's result: written once it is trained and evaluated (a run with one is never
+                           trained again); long_docs and each ruler are added to it as they are measured
+    failed/<run>.json      why the last attempt failed (removed when the run, or the measurement it failed
+                           in, succeeds)
     data.lock              serializes data preparation between the tasks of a job array
     study.md study.json loss_by_position.png long_docs.png    the collection
 """
@@ -25,6 +29,10 @@ def log_path(spec: StudySpec, run: Run) -> Path:
 
 def eval_path(spec: StudySpec, run: Run, slow: bool = False, long: bool = False) -> Path:
     return spec.out_dir / "evals" / f"{run.name}{'.slow' if slow else ''}{'.long' if long else ''}.json"
+
+
+def ruler_dir(spec: StudySpec, run: Run, ruler: str) -> Path:
+    return spec.out_dir / "rulers" / ruler / run.name
 
 
 def result_path(spec: StudySpec, run: Run) -> Path:
