@@ -113,8 +113,10 @@ class ModelConfig:
     # bias). flex: FlexAttention with a block mask built from the document ids (causal and same document),
     # blocks without a visible key skipped. auto: flex on CUDA where torch has it (>= 2.5, Triton), else dense.
     # Either way dense where flex does not apply: context parallelism, a key/value cache, sequence lengths
-    # that are not a multiple of 128; without document masking plain causal SDPA (flash) runs.
-    attention: str = "auto"
+    # that are not a multiple of 128; without document masking plain causal SDPA (flash) runs. The default
+    # stays dense until bench/gpu_suite.sh's attention section has run flex on a GPU: a first GPU job
+    # should not be where the untried kernel meets training.
+    attention: str = "dense"
     fwl: FWLConfig = field(default_factory=FWLConfig)
 
     @property

@@ -47,8 +47,8 @@ class FWLHFConfig(PretrainedConfig):
     init_std: float = 0.02
     tie_embeddings: bool = True
     document_mask: bool = True
-    # The document-masked attention's kernel (a run-time choice, not a weight: auto is FlexAttention on CUDA).
-    attention: str = "auto"
+    # The document-masked attention's kernel (a run-time choice, not a weight: dense until flex has run on a GPU, as ModelConfig).
+    attention: str = "dense"
     fwl: dict | None = None  # fwl_scale's model.fwl section; None: its defaults
     # The document-end token (`<|endoftext|>`): documents are separated by it (document ids, FWL resets).
     eod_token_id: int = 1
