@@ -12,13 +12,7 @@ common=("data.train=[../shared/corpus/train.jsonl.xz]" "data.valid=[../shared/co
         train.wandb.enabled=false model.tie_embeddings=false train.lr=3e-3)
 
 licenses="$out/licenses.jsonl"
-python3 - "$licenses" <<'EOF'
-import json, pathlib, sys
-with open(sys.argv[1], "w") as f:
-    for name in ("GPL-3", "GPL-2", "GFDL-1.3", "LGPL-2.1", "MPL-2.0"):
-        path = pathlib.Path("/usr/share/common-licenses") / name
-        f.write(json.dumps({"id": name, "source": str(path), "text": path.read_text()}) + "\n")
-EOF
+python3 studies/license_docs.py "$licenses"
 
 train() {  # NAME CONFIG [overrides...]
     local name=$1 cfg=$2; shift 2
