@@ -1,6 +1,8 @@
 """The device a command runs on (train.device: auto | cpu | cuda), shared by training and evaluation."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fwl_scale.config import Config, ConfigError
@@ -17,6 +19,34 @@ def resolve_device(cfg: Config) -> torch.device:
     if precision is not None:
         torch.set_float32_matmul_precision(precision)
     return device
+
+
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The index, among the GPUs this process sees, of the one node-local rank `local_rank` trains on.
+
+    Where every rank of a node sees all of its GPUs (`--gpus-per-node`), that is GPU `local_rank`. Where the
+    site binds one GPU per task (`--gpus-per-task=1`, `--gpu-bind=single:1`, a prolog setting
+    CUDA_VISIBLE_DEVICES), local rank 3 sees one GPU, index 0. `local_rank % device_count` is right in both
+    cases; a node with more ranks than visible GPUs would put two ranks on one GPU, which NCCL refuses at
+    start-up ("Duplicate GPU detected")."""
+    if device_count < 1:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(f"local rank {local_rank} is to train on a GPU but sees none "
+                          f"(CUDA_VISIBLE_DEVICES={visible!r}); give each task a GPU (--gpus-per-node or "
+                          "--gpus-per-task) or use train.device=cpu")
+    if local_rank < 0:
+        raise ConfigError(f"environment: LOCAL_RANK={local_rank} is negative")
+    return local_rank % device_count
+
+
+def select_cuda_device(local_rank: int) -> torch.device:
+    """Makes this rank's GPU (cuda_device_index) the current device, and LOCAL_RANK its index: DeepSpeed
+    takes LOCAL_RANK as a device ordinal (its engine's set_device, ZeRO-3's Init, PipelineModule), so with
+    one GPU bound per task an untouched LOCAL_RANK=3 would name a GPU this process cannot see."""
+    index = cuda_device_index(local_rank, torch.cuda.device_count())
+    os.environ["LOCAL_RANK"] = str(index)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def matmul_precision(cfg: Config, device: torch.device) -> str | None:

@@ -28,7 +28,7 @@ from fwl_scale.atomic import atomic_write_json, atomic_write_text
 from fwl_scale.config import Config
 from fwl_scale.data import Manifest
 from fwl_scale.data.shards import MANIFEST, read_shard
-from fwl_scale.device import resolve_device
+from fwl_scale.device import resolve_device, select_cuda_device
 from fwl_scale.eval.breakdown import frequency_ranks
 from fwl_scale.eval.cache import CacheEvaluator, CacheSettings, grid_points, tune_cache
 from fwl_scale.eval.docs import checkpoint_tokenizer, load_documents, training_token_counts, validation_documents
@@ -104,7 +104,7 @@ def run_document_eval(cfg: Config, checkpoint: str | Path, opts: DocEvalOptions,
     cache = out / "cache"
     device = resolve_device(cfg)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
+        device = select_cuda_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's checkpoint converter may be imported
     model, ref = load_for_eval(cfg, checkpoint, device, where.tp, where.stage)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fwl_scale.config import Config, ConfigError, check_layout
-from fwl_scale.device import resolve_device
+from fwl_scale.device import resolve_device, select_cuda_device
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,8 +114,7 @@ def init_distributed(cfg: Config) -> DistInfo:
     dp = check_layout(cfg, world)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = select_cuda_device(local_rank)  # local_rank % GPUs seen: one GPU bound per task works too
     import deepspeed  # after the environment is set: the accelerator is chosen on first use
 
     if not torch.distributed.is_initialized():
