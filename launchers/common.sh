@@ -58,6 +58,9 @@ fwl_setup_env() {
     export PYTHONPATH="$FWL_HOME${PYTHONPATH:+:$PYTHONPATH}"
     # One thread pool per rank sized to its CPUs, not to the whole node.
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+    # NCCL says why a collective failed or hangs (which rank, which transport) only at WARN or above, and
+    # WARN is quiet on a healthy run. The user's value wins (NCCL_DEBUG=INFO to debug a start-up).
+    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
     # A job log is not a terminal: a progress-bar line every 30 s rather than every step.
     export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}
 }

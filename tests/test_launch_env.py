@@ -1,16 +1,24 @@
-"""What a rank meets before training, on CPU and without a GPU: the GPU a node-local rank takes is
-`local_rank % GPUs it sees`, so a site that binds one GPU per task (local rank 3 sees one GPU) works, and
-LOCAL_RANK then names that GPU for DeepSpeed.
+"""What a rank meets before training, on CPU and without a GPU:
+
+- the GPU a node-local rank takes is `local_rank % GPUs it sees`, so a site that binds one GPU per task
+  (local rank 3 sees one GPU) works, and LOCAL_RANK then names that GPU for DeepSpeed;
+- NCCL_DEBUG=WARN unless the user chose otherwise (the trainer on CUDA, and launchers/common.sh).
 """
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from fwl_scale.config import ConfigError
 from fwl_scale.device import cuda_device_index, select_cuda_device
+from fwl_scale.train.distributed import prepare_environment
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = REPO / "launchers" / "common.sh"
 
 
 @pytest.fixture
@@ -49,3 +57,28 @@ def test_select_cuda_device_with_one_gpu_bound_per_task(environ, monkeypatch):
     environ["LOCAL_RANK"] = "3"
     assert select_cuda_device(3) == torch.device("cuda", 0)
     assert current == [0] and environ["LOCAL_RANK"] == "0"
+
+
+@pytest.mark.parametrize("device,user,want", [
+    ("cuda", None, "WARN"), ("cuda", "INFO", "INFO"), ("cpu", None, None)])
+def test_nccl_debug_defaults_to_warn_on_cuda(environ, device, user, want):
+    environ.update(RANK="3", WORLD_SIZE="4", LOCAL_RANK="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    environ.pop("NCCL_DEBUG", None)
+    if user is not None:
+        environ["NCCL_DEBUG"] = user
+    assert prepare_environment(torch.device(device)) == (3, 4, 3)
+    assert environ.get("NCCL_DEBUG") == want
+
+
+def bash(script: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """`script` in bash with launchers/common.sh sourced (it only defines things)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FWL_", "NCCL_"))}
+    full.update(env)
+    return subprocess.run(["bash", "-c", f"source {COMMON}\n{script}"], cwd=cwd, env=full, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_setup_env_sets_nccl_debug_unless_the_user_did(tmp_path):
+    script = "FWL_HOME=$PWD; fwl_setup_env; echo \"$NCCL_DEBUG\""
+    assert bash(script, tmp_path).stdout == "WARN\n"
+    assert bash(script, tmp_path, NCCL_DEBUG="INFO").stdout == "INFO\n"

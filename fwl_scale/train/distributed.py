@@ -102,6 +102,10 @@ def prepare_environment(device: torch.device) -> tuple[int, int, int]:
     # DeepSpeed picks its accelerator once, at first use; on a machine without CUDA say CPU explicitly.
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    else:
+        # NCCL says why a collective failed or hangs (which rank, which transport) only at WARN or above,
+        # and WARN is quiet on a healthy run. launchers/common.sh sets the same; the user's value wins.
+        os.environ.setdefault("NCCL_DEBUG", "WARN")
     return rank, world, local_rank
 
 
