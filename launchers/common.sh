@@ -12,7 +12,8 @@
 #   FWL_PYTHON        python interpreter                                            (default: python3)
 #   FWL_MODULES       cluster modules to `module load`, e.g. "cuda/12.4 nccl"
 #   FWL_SETUP         shell code run first in the batch script, e.g. "source ~/venvs/fwl/bin/activate"
-#   FWL_SRUN_ARGS     extra srun arguments, e.g. pyxis "--container-image=... --container-mounts=..."
+#   FWL_SRUN_ARGS     extra srun arguments, e.g. pyxis "--container-image=... --container-mounts=...";
+#                     they come after the launcher's own, so they win (e.g. --cpus-per-task)
 #   FWL_LAUNCH_PREFIX command put before python in every task, e.g. "apptainer exec --nv fwl.sif"
 #   FWL_RESUME        requeue (default) | chain | none: what to do when training stops early (exit 75)
 #   FWL_MAX_RESTARTS  give up after this many requeues of one job (default 100)
@@ -112,8 +113,11 @@ fwl_train() {
     # others while they finish; --wait bounds how long a crashed rank can leave the rest hanging.
     local srun_args=(--ntasks="$FWL_WORLD" --ntasks-per-node="$FWL_TASKS_PER_NODE" --kill-on-bad-exit=0
                      --wait="${FWL_SRUN_WAIT:-600}")
+    # Since Slurm 22.05 srun no longer takes the job's --cpus-per-task from SLURM_CPUS_PER_TASK: without
+    # it each rank gets (and, with task/affinity or cgroups, is bound to) one CPU.
+    [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
     # shellcheck disable=SC2206
-    [[ -n "${FWL_SRUN_ARGS:-}" ]] && srun_args+=($FWL_SRUN_ARGS)
+    [[ -n "${FWL_SRUN_ARGS:-}" ]] && srun_args+=($FWL_SRUN_ARGS)  # last: the user's arguments win
     # Each task maps Slurm's ids to the variables torch.distributed reads, says where it runs, then
     # becomes the trainer (exec), so signals reach Python directly.
     # shellcheck disable=SC2016  # expanded by each task's shell, not here
