@@ -37,6 +37,20 @@
 readonly FWL_EXIT_REQUEUE=75   # fwl_scale/train/signals.py EXIT_REQUEUE
 FWL_SRUN_PID=""
 
+# How every srun task of ours starts, before it execs its command: $1 is FWL_HOME. A task may start
+# elsewhere than the batch shell: pyxis (--container-image) starts it in the image's WORKDIR, while the
+# config, the data and the out_dir are relative to FWL_HOME. A container that does not mount FWL_HOME
+# stops here with a message saying so, rather than with a missing config. (With FWL_LAUNCH_PREFIX this
+# runs before the prefix: apptainer, for one, keeps the working directory it is started in.)
+# shellcheck disable=SC2016  # expanded by each task's shell, not here
+readonly FWL_TASK_CD='cd "$1" 2>/dev/null || {
+    echo "fwl launcher: FWL_HOME=$1 does not exist inside the task on ${SLURMD_NODENAME:-$(hostname)}:" \
+         "mount it at the same path (pyxis: --container-mounts=$1 in FWL_SRUN_ARGS; apptainer: --bind $1)" >&2
+    exit 2
+}
+shift
+'
+
 fwl_log() { printf '[fwl-launcher %(%F %T)T job %s] %s\n' -1 "${SLURM_JOB_ID:-?}" "$*"; }
 fwl_die() { fwl_log "ERROR: $*" >&2; exit 2; }
 
@@ -118,13 +132,13 @@ fwl_train() {
     [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
     # shellcheck disable=SC2206
     [[ -n "${FWL_SRUN_ARGS:-}" ]] && srun_args+=($FWL_SRUN_ARGS)  # last: the user's arguments win
-    # Each task maps Slurm's ids to the variables torch.distributed reads, says where it runs, then
-    # becomes the trainer (exec), so signals reach Python directly.
+    # Each task goes to FWL_HOME, maps Slurm's ids to the variables torch.distributed reads, says where it
+    # runs, then becomes the trainer (exec), so signals reach Python directly.
     # shellcheck disable=SC2016  # expanded by each task's shell, not here
-    srun "${srun_args[@]}" bash -c \
-        'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
+    srun "${srun_args[@]}" bash -c "$FWL_TASK_CD"'
+         export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
          echo "[fwl-launcher] rank $RANK/$WORLD_SIZE on $SLURMD_NODENAME (local rank $LOCAL_RANK)"
-         exec "$@"' fwl-rank \
+         exec "$@"' fwl-rank "$FWL_HOME" \
         "${prefix[@]}" "$FWL_PYTHON" -m fwl_scale.cli train "$FWL_CONFIG" \
         "${FWL_OVERRIDES[@]}" "${FWL_LAYOUT[@]}" &
     FWL_SRUN_PID=$!

@@ -1,8 +1,10 @@
-"""What a rank meets before training, on CPU and without a GPU:
+"""What a rank meets before training, on CPU and without Slurm or a GPU:
 
 - the GPU a node-local rank takes is `local_rank % GPUs it sees`, so a site that binds one GPU per task
   (local rank 3 sees one GPU) works, and LOCAL_RANK then names that GPU for DeepSpeed;
-- NCCL_DEBUG=WARN unless the user chose otherwise (the trainer on CUDA, and launchers/common.sh).
+- NCCL_DEBUG=WARN unless the user chose otherwise (the trainer on CUDA, and launchers/common.sh);
+- launchers/common.sh: each task goes to FWL_HOME before its command, or stops with a message saying to
+  mount it.
 """
 from __future__ import annotations
 
@@ -82,3 +84,17 @@ def test_setup_env_sets_nccl_debug_unless_the_user_did(tmp_path):
     script = "FWL_HOME=$PWD; fwl_setup_env; echo \"$NCCL_DEBUG\""
     assert bash(script, tmp_path).stdout == "WARN\n"
     assert bash(script, tmp_path, NCCL_DEBUG="INFO").stdout == "INFO\n"
+
+
+def test_task_goes_to_fwl_home_or_says_to_mount_it(tmp_path):
+    """FWL_TASK_CD, the start of every srun task: from wherever the task starts (pyxis: the image's
+    WORKDIR) to FWL_HOME, or exit 2 naming FWL_HOME and the mount that is missing."""
+    home = tmp_path / "home"
+    home.mkdir()
+    run = bash(f"bash -c \"$FWL_TASK_CD\"'exec \"$@\"' fwl-rank {home} pwd", Path("/"))
+    assert run.returncode == 0 and run.stdout == f"{home}\n", run
+    run = bash(f"bash -c \"$FWL_TASK_CD\"'exec \"$@\"' fwl-rank {tmp_path}/missing pwd", Path("/"),
+               SLURMD_NODENAME="node7")
+    assert run.returncode == 2 and not run.stdout, run
+    assert (f"fwl launcher: FWL_HOME={tmp_path}/missing does not exist inside the task on node7: mount it at "
+            f"the same path (pyxis: --container-mounts={tmp_path}/missing in FWL_SRUN_ARGS") in run.stderr
