@@ -15,6 +15,7 @@
 #   FWL_SRUN_ARGS     extra srun arguments, e.g. pyxis "--container-image=... --container-mounts=...";
 #                     they come after the launcher's own, so they win (e.g. --cpus-per-task)
 #   FWL_LAUNCH_PREFIX command put before python in every task, e.g. "apptainer exec --nv fwl.sif"
+#                     (with either of these two set, the layout check runs in a task too: same Python)
 #   FWL_RESUME        requeue (default) | chain | none: what to do when training stops early (exit 75)
 #   FWL_MAX_RESTARTS  give up after this many requeues of one job (default 100)
 #   FWL_SRUN_WAIT     seconds srun waits for the other ranks after the first one exits (default 600)
@@ -92,10 +93,29 @@ fwl_plan_layout() {
     local args=(--config "$FWL_CONFIG" --nodes "$FWL_NODES" --tasks-per-node "$FWL_TASKS_PER_NODE"
                 --gpus-per-node "${SLURM_GPUS_ON_NODE:-0}")
     [[ -n "${FWL_GLOBAL_BATCH:-}" ]] && args+=(--global-batch "$FWL_GLOBAL_BATCH")
-    local out
-    out=$("$FWL_PYTHON" "$FWL_HOME/launchers/plan_layout.py" "${args[@]}" -- "${FWL_OVERRIDES[@]}") \
-        || fwl_die "stopping before training (see the message above)"
-    mapfile -t FWL_LAYOUT <<<"$out"
+    local planner=("$FWL_PYTHON" "$FWL_HOME/launchers/plan_layout.py" "${args[@]}" -- "${FWL_OVERRIDES[@]}")
+    if [[ -n "${FWL_SRUN_ARGS:-}" || -n "${FWL_LAUNCH_PREFIX:-}" ]]; then
+        # Training runs in a container or an environment of its own: check the layout there too, with the
+        # Python (and PyYAML) the ranks will have, as one task on one node of the allocation.
+        local srun_args=(--nodes=1 --ntasks=1 --ntasks-per-node=1) prefix=()
+        # shellcheck disable=SC2206
+        [[ -n "${FWL_SRUN_ARGS:-}" ]] && srun_args+=($FWL_SRUN_ARGS)
+        # shellcheck disable=SC2206
+        [[ -n "${FWL_LAUNCH_PREFIX:-}" ]] && prefix=($FWL_LAUNCH_PREFIX)
+        planner=(srun "${srun_args[@]}" bash -c "$FWL_TASK_CD"'exec "$@"' fwl-plan "$FWL_HOME"
+                 "${prefix[@]}" "${planner[@]}")
+    fi
+    local out line
+    out=$("${planner[@]}") || fwl_die "stopping before training (see the message above)"
+    FWL_LAYOUT=()
+    while IFS= read -r line; do
+        # Only `key=value` overrides: a container or a prefix may print a banner on stdout as well.
+        if [[ $line =~ ^[A-Za-z_][A-Za-z0-9_.]*= ]]; then
+            FWL_LAYOUT+=("$line")
+        elif [[ -n $line ]]; then
+            fwl_log "layout check printed a line that is no override (ignored): $line"
+        fi
+    done <<<"$out"
 }
 
 fwl_rendezvous() {
