@@ -9,7 +9,11 @@
 - a job that may not requeue (`--no-requeue`), signalled through its batch shell only
   (`scancel --batch --signal=USR1`), chains a successor (`afterany`) that finishes the run;
 - a plain `scancel` stops a job for good (it is not requeued even if the ranks managed to save);
-- a launcher whose layout cannot fit its allocation fails before training with a clear message.
+- a launcher whose layout cannot fit its allocation fails before training with a clear message, also when
+  that check runs as a job step (in a container's environment);
+- a job set up as for a container (FWL_LAUNCH_PREFIX, FWL_SRUN_ARGS), submitted from another directory:
+  the layout check runs through the prefix in a one-task step, every task goes to FWL_HOME whatever
+  directory it starts in, NCCL_DEBUG=WARN, and srun gets the job's --cpus-per-task.
 
 The scenarios run at the same time (one thread each drives its job: waits for a step, signals, kills,
 resubmits), started by one fixture; each test then checks its scenario's outcome. The cluster and what
@@ -17,9 +21,12 @@ the Slurm tests share: tests/slurm_support.py.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -50,11 +57,11 @@ class Job:
     """One sbatch submission of a launcher, with its log."""
 
     def __init__(self, env: dict[str, str], log: Path, args: list[str], sbatch_args: tuple[str, ...] = (),
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, cwd: Path = REPO):
         self.env = dict(env, **(extra_env or {}))
         self.log = log
-        out = subprocess.run(["sbatch", "--parsable", f"--output={log}", *sbatch_args, LAUNCHER, *args],
-                             cwd=REPO, env=self.env, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["sbatch", "--parsable", f"--output={log}", *sbatch_args, str(REPO / LAUNCHER),
+                              *args], cwd=cwd, env=self.env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, f"sbatch failed: {out.stderr}"
         self.id = out.stdout.strip().split(";")[0]
 
@@ -308,7 +315,10 @@ def train_steps(out_dir: Path) -> list[int]:
      "2 node(s) x 1 task(s) = 2 ranks: parallel: world size 2 is not a multiple of tp*cp*pp = 4*1*1 = 4"),
     ({"FWL_GLOBAL_BATCH": "12"}, [],
      "global batch 12 is not a multiple of micro_batch * dp = 4 * 2 = 8 (2 node(s) x 1 task(s)"),
-], ids=["tp-exceeds-ranks", "global-batch"])
+    # FWL_SRUN_ARGS set (as for pyxis): the check runs as a job step, in the environment training will have.
+    ({"FWL_GLOBAL_BATCH": "12", "FWL_SRUN_ARGS": "--chdir=/"}, [],
+     "global batch 12 is not a multiple of micro_batch * dp = 4 * 2 = 8 (2 node(s) x 1 task(s)"),
+], ids=["tp-exceeds-ranks", "global-batch", "global-batch-in-a-step"])
 def test_layout_that_cannot_fit_fails_before_training(slurm_env, tmp_path, settings, extra, message):
     out_dir = tmp_path / "run"
     job = Job(slurm_env, tmp_path / "job.out", _overrides(out_dir, *extra), extra_env=settings)
@@ -317,9 +327,77 @@ def test_layout_that_cannot_fit_fails_before_training(slurm_env, tmp_path, setti
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", info
     assert f"fwl launcher: layout does not fit the allocation: {message}" in text, text
     assert "stopping before training" in text
+    # srun's own word on its one task: the check did run as a step, or did not.
+    assert ("task 0: Exited with exit code 2" in text) == ("FWL_SRUN_ARGS" in settings), text
     # Nothing was launched: no rank started, no run directory was written.
     assert "[fwl-launcher] rank" not in text
     assert not out_dir.exists()
+
+
+# FWL_LAUNCH_PREFIX for the test below: records, for every command put behind it, where it starts, what it
+# runs and some of its environment, then becomes that command (as `apptainer exec IMAGE` would).
+PREFIX_RECORDER = """#!{python}
+import json, os, sys
+seen = {{"cwd": os.getcwd(), "argv": sys.argv[1:],
+         **{{k: os.environ.get(k) for k in ("NCCL_DEBUG", "SLURM_CPUS_PER_TASK", "SLURM_STEP_ID",
+                                           "SLURM_STEP_NUM_TASKS", "SLURMD_NODENAME", "RANK")}}}}
+with open(os.path.join({calls!r}, "prefix.%d.json" % os.getpid()), "w") as f:
+    json.dump(seen, f)
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
+
+# An srun put first on PATH (through FWL_SETUP): records its arguments, NUL-separated, then runs Slurm's.
+SRUN_RECORDER = """#!/bin/bash
+printf '%s\\0' "$@" >"{calls}/srun.$$"
+exec {srun} "$@"
+"""
+
+
+def test_launcher_in_a_container_environment(slurm_env, tmp_path):
+    """The launcher set up as for a container, submitted from a directory that is not the repository:
+    FWL_LAUNCH_PREFIX is a recorder (tests/test_slurm.py PREFIX_RECORDER), FWL_SRUN_ARGS=--chdir=/ starts
+    every task in / as pyxis starts it in the image's WORKDIR, and the job has 2 CPUs per task."""
+    calls, bin_dir, elsewhere = tmp_path / "calls", tmp_path / "bin", tmp_path / "elsewhere"
+    for d in (calls, bin_dir, elsewhere):
+        d.mkdir()
+    prefix = tmp_path / "prefix.py"
+    prefix.write_text(PREFIX_RECORDER.format(python=sys.executable, calls=str(calls)))
+    srun = bin_dir / "srun"
+    srun.write_text(SRUN_RECORDER.format(calls=calls, srun=shutil.which("srun")))
+    for exe in (prefix, srun):
+        exe.chmod(0o755)
+    out_dir = tmp_path / "run"
+    env = dict(slurm_env, FWL_HOME=str(REPO), FWL_LAUNCH_PREFIX=str(prefix), FWL_SRUN_ARGS="--chdir=/",
+               FWL_SETUP=f"export PATH={bin_dir}:$PATH")
+    env.pop("NCCL_DEBUG", None)  # the launcher's default is under test
+    job = Job(env, tmp_path / "job.out", _overrides(out_dir, "train.steps=3"), sbatch_args=("--cpus-per-task=2",),
+              cwd=elsewhere)
+    info = job.wait_done()
+    text = job.text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
+    assert info["WorkDir"] == str(elsewhere), info  # really submitted from elsewhere
+    assert train_steps(out_dir) == [1, 2, 3]
+
+    seen = [json.loads(f.read_text()) for f in sorted(calls.glob("prefix.*.json"))]
+    planner = [c for c in seen if any(a.endswith("launchers/plan_layout.py") for a in c["argv"])]
+    ranks = [c for c in seen if c["argv"][1:4] == ["-m", "fwl_scale.cli", "train"]]
+    assert len(planner) == 1 and len(ranks) == 2 and len(seen) == 3, seen
+    # The layout check ran through the prefix, as a one-task job step (not in the batch shell).
+    assert planner[0]["SLURM_STEP_ID"] is not None and planner[0]["SLURM_STEP_NUM_TASKS"] == "1", planner
+    assert sorted((c["RANK"], c["SLURMD_NODENAME"]) for c in ranks) == [("0", "node1"), ("1", "node2")], ranks
+    for c in planner + ranks:
+        assert c["cwd"] == str(REPO), c  # srun started it in /; it went to FWL_HOME
+        assert c["NCCL_DEBUG"] == "WARN", c
+    for c in ranks:
+        assert c["SLURM_CPUS_PER_TASK"] == "2", c
+
+    sruns = [f.read_bytes().decode().split("\0")[:-1] for f in sorted(calls.glob("srun.*"))]
+    assert len(sruns) == 2, sruns
+    plan_srun, train_srun = sorted(sruns, key=lambda a: "--nodes=1" not in a)
+    assert {"--nodes=1", "--ntasks=1", "--chdir=/"} <= set(plan_srun), plan_srun
+    assert {"--ntasks=2", "--cpus-per-task=2", "--chdir=/"} <= set(train_srun), train_srun
+    # The user's srun arguments come after the launcher's, so that theirs win.
+    assert train_srun.index("--chdir=/") > train_srun.index("--cpus-per-task=2"), train_srun
 
 
 def test_two_node_job_trains_and_finishes(scenarios):
