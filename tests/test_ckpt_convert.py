@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from fwl_scale.config import ConfigError
-from fwl_scale.checkpoint.native import CheckpointError, CheckpointManager, CheckpointRef, find_latest, read_marker
+from fwl_scale.checkpoint.native import (CheckpointError, CheckpointManager, CheckpointRef, checkpoint_files,
+                                         find_latest, read_marker)
 from tests.distributed import run_distributed
 from tests.engine_support import build, describe, train_step
 
@@ -53,6 +54,10 @@ def _checks(rank: int, world: int, tmp: str) -> None:
             train_step(te, ps, cfg, s)
         run = Path(tmp) / f"w{world}_src{i}"
         ref = CheckpointManager(run, keep_last=2, rank=rank).save(te.engine, 2, client_state(2), cfg, ps.dp_size)
+        # The marker records every rank's files, and the resume's check (each rank a share of them) passes.
+        if rank == 0:
+            assert sorted(ref.meta["files"]) == checkpoint_files(ref.path), what
+        assert CheckpointManager(run, keep_last=2, rank=rank).resume_point().ref.tag == ref.tag, what
         udir = Path(tmp) / f"w{world}_universal{i}"
         if rank == 0:
             udir.mkdir()

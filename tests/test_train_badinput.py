@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fwl_scale.cli import main
-from fwl_scale.checkpoint.native import POINTER, CheckpointError, find_latest
+from fwl_scale.checkpoint.native import MARKER, POINTER, CheckpointError, find_latest
 from fwl_scale.train.loop import Trainer
 from tests.train_support import need_corpus, run_fwl, tiny_config, tiny_overrides
 
@@ -87,12 +87,28 @@ def test_foreign_checkpoint_is_refused_and_nothing_changes(capsys, trained_run):
 
 
 def test_corrupt_checkpoint_is_named_and_nothing_changes(capsys, trained_run, tmp_path):
+    """The run's only checkpoint is damaged: no intact one to fall back to (tests/test_checkpoint_faults.py
+    has the fallback), so training and evaluation both stop naming the file, and nothing is moved."""
+    import json
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     states = run / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt"
+    size = states.stat().st_size
     states.write_bytes(states.read_bytes()[:1000])  # truncated by a full disk, say
+    before = tree_digest(run)
+    damage = f"{states}: 1000 bytes, {size} when it was saved"
+    code, err = fwl_main(capsys, "train", *tiny_overrides(run, "train.steps=6"))
+    root = states.parent.parent
+    assert code == 2 and f"no intact checkpoint to resume from in {root}: {states.parent}: {damage}" in err, err
+    code, err = fwl_main(capsys, "eval", str(run / "config.yaml"), str(run))
+    assert code == 2 and f"checkpoint {states.parent} is damaged: {damage}" in err, err
+    assert tree_digest(run) == before
+
+    # A checkpoint from before the checksums: the damage is found when it is loaded, and named there.
+    marker = states.parent / MARKER
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "files"}))
     before = tree_digest(run)
     code, err = fwl_main(capsys, "train", *tiny_overrides(run, "train.steps=6"))
     assert code == 2 and f"checkpoint {states.parent} cannot be loaded" in err, err

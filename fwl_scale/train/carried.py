@@ -43,6 +43,13 @@ def state_file(dp_rank: int, tp_rank: int) -> str:
     return f"fwl_state_dp{dp_rank:05d}_tp{tp_rank:03d}.pt"
 
 
+def _save_through_python_file(payload: dict[str, Any], path: Path) -> None:
+    # Through a Python file, a failed write (a full disk) surfaces as OSError with its errno, which the
+    # checkpoint names in its message; through a path, torch's zip writer reports it without one.
+    with open(path, "wb") as f:
+        torch.save(payload, f)
+
+
 class CarriedStateError(RuntimeError):
     pass
 
@@ -73,15 +80,18 @@ class CarriedState:
         self.state = None
 
     # ------------------------------------------------------------------------------ checkpoints
-    def save(self, tag_dir: Path) -> None:
-        """Writes this rank's file (ranks with cp rank 0; the state is replicated over cp)."""
+    def save(self, tag_dir: Path) -> list[Path]:
+        """Writes this rank's file (ranks with cp rank 0; the state is replicated over cp); returns the
+        paths written (the checkpoint records their checksums)."""
         if not self.enabled or self.cp_rank != 0:
-            return
+            return []
         payload = {"format": FORMAT, "dp_rank": self.dp_rank, "dp_size": self.dp_size, "tp_rank": self.tp_rank,
                    "tp_size": self.tp_size, "micro_batch": self.micro_batch,
                    "state": None if self.state is None else {k: v.detach().cpu() for k, v in
                                                              self.state.tensors().items()}}
-        atomic_write(Path(tag_dir) / state_file(self.dp_rank, self.tp_rank), lambda tmp: torch.save(payload, tmp))
+        path = Path(tag_dir) / state_file(self.dp_rank, self.tp_rank)
+        atomic_write(path, lambda tmp: _save_through_python_file(payload, tmp))
+        return [path]
 
     def load(self, tag_dir: Path, device: torch.device) -> None:
         """Restores the state saved in `tag_dir` (none there: a checkpoint of a run that carried nothing

@@ -28,7 +28,8 @@ import torch.multiprocessing as mp
 from fwl_scale import __version__
 from fwl_scale.atomic import atomic_write_json, atomic_write_text
 from fwl_scale.checkpoint.native import (CHECKPOINT_DIR, FORMAT, MARKER, POINTER, CheckpointError, CheckpointManager,
-                                         CheckpointRef, find_latest, read_marker, resolve_checkpoint, tag_for)
+                                         CheckpointRef, checkpoint_files, find_latest, hash_files, read_marker,
+                                         resolve_checkpoint, tag_for)
 from fwl_scale.checkpoint.universal import UniversalReader, save_safetensors, write_universal
 from fwl_scale.parallel.spawned import exit_spawned_rank
 from fwl_scale.config import Config, ConfigError, config_from_dict, config_to_nested
@@ -85,7 +86,11 @@ def convert_worker(src_root: str, tag: str, dst: str) -> None:
     if info.rank == 0:
         for f in sorted(ref.path.glob("fwl_state_*.pt")):  # the carried FWL state (train/carried.py)
             shutil.copy2(f, tag_dir / f.name)
-        atomic_write_json(tag_dir / MARKER, _marker(ref, cfg, ref.step))
+        # Every rank's files are written (write_universal ends with a barrier): the checksums of all of
+        # them go into the marker, as a training save records them (checkpoint/native.py).
+        marker = _marker(ref, cfg, ref.step)
+        marker["files"] = hash_files(tag_dir, checkpoint_files(tag_dir))
+        atomic_write_json(tag_dir / MARKER, marker)
         atomic_write_text(tag_dir.parent / POINTER, tag + "\n")
     dist.barrier()
 
@@ -102,11 +107,11 @@ def _spawned(rank: int, world: int, port: int, src_root: str, tag: str, dst: str
     exit_spawned_rank()
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path) -> CheckpointRef:
+def convert_checkpoint(src: str | Path, dst: str | Path, verify: bool = True) -> CheckpointRef:
     """Converts checkpoint `src` (any layout) into a universal checkpoint in run directory `dst`. Starts
     as many local CPU processes as the source had ranks, unless it already runs as one rank of a launch of
-    that size."""
-    ref = resolve_checkpoint(src)
+    that size. `verify`: check the source against its checksums first (False: the caller just did)."""
+    ref = resolve_checkpoint(src, verify=verify)
     dst = Path(dst)
     if ref.meta.get("universal"):
         tag_dir = _prepare_destination(dst, ref.tag)
@@ -134,20 +139,21 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> CheckpointRef:
     return out
 
 
-def consolidate(src: str | Path, out_file: str | Path, dtype: str = "float32") -> Path:
+def consolidate(src: str | Path, out_file: str | Path, dtype: str = "float32", verify: bool = True) -> Path:
     """One unsharded safetensors file of the model's weights (single-process parameter names, the config
-    in its metadata) from any checkpoint."""
+    in its metadata) from any checkpoint. `verify`: check the source against its checksums first (False:
+    the caller just did)."""
     out_file = Path(out_file)
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-    ref = resolve_checkpoint(src)
+    ref = resolve_checkpoint(src, verify=verify)
     tmp_run = None
     if not ref.meta.get("universal"):
         tmp_run = out_file.parent / f".{out_file.name}.convert{os.getpid()}"
         if tmp_run.exists():
             shutil.rmtree(tmp_run)
         try:
-            ref = convert_checkpoint(ref.path, tmp_run)
+            ref = convert_checkpoint(ref.path, tmp_run, verify=False)  # verified just above
         except BaseException:
             shutil.rmtree(tmp_run, ignore_errors=True)
             raise

@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from fwl_scale.atomic import atomic_write_text
-from fwl_scale.checkpoint.native import (CheckpointError, CheckpointManager, CheckpointRef, check_compatible,
-                                         resolve_checkpoint)
+from fwl_scale.checkpoint.native import (CheckpointError, CheckpointManager, CheckpointRef, SkippedCheckpoint,
+                                         check_compatible, resolve_checkpoint)
 from fwl_scale.checkpoint.universal import load_universal
 from fwl_scale.config import Config, ConfigError, dump_config
 from fwl_scale.data import TrainLoader, prepare_data, valid_batches
@@ -108,21 +108,38 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- set-up
     def _choose_checkpoint(self, resume: bool, resume_from: str | Path | None) -> CheckpointRef | None:
-        own = self.ckpt.latest()
+        """The checkpoint to start from, its files verified against their checksums by all ranks together.
+        Resuming a run takes its newest intact checkpoint: damaged newer ones are skipped with a warning
+        and set aside, so a requeued job goes on instead of failing on them forever. A checkpoint named
+        with --resume-from is used as it is or refused, never replaced."""
+        self.skipped_checkpoints: list[SkippedCheckpoint] = []
+        verified = True
         if resume_from is not None:
-            ref = resolve_checkpoint(resume_from)
+            own = self.ckpt.latest()
+            ref = resolve_checkpoint(resume_from, verify=False)  # verified below, by all ranks together
             if own is not None and own.path.resolve() != ref.path.resolve():
                 raise CheckpointError(f"train.out_dir {self.out_dir} already holds checkpoints (latest {own.path}); "
                                       f"resuming it from {ref.path} would mix two runs; choose another out_dir")
+            verified = self.ckpt.verify(ref)
         elif resume:
-            ref = own
+            point = self.ckpt.resume_point()
+            ref, verified, self.skipped_checkpoints = point.ref, point.verified, point.skipped
         else:
+            own = self.ckpt.latest()
             if own is not None:
                 raise CheckpointError(f"train.out_dir {self.out_dir} already holds checkpoints (latest {own.path}) "
                                       "and resuming is disabled; choose another train.out_dir or remove them")
             ref = None
         if ref is not None:
             check_compatible(ref, self.cfg, dp=self.dist.dp)
+        if self.dist.is_main:
+            for s in self.skipped_checkpoints:
+                print(f"fwl train: warning: checkpoint {s.path} is damaged: {s.problem}. Skipped: resuming from "
+                      f"{ref.path} (step {ref.step}) instead. The damaged checkpoint is kept as {s.kept_as} for "
+                      "inspection; nothing reads it, remove it when done.", file=sys.stderr, flush=True)
+            if ref is not None and not verified:
+                print(f"fwl train: note: checkpoint {ref.path} has no checksums (saved before fwl_scale recorded "
+                      "them); it is loaded unverified", file=sys.stderr, flush=True)
         return ref
 
     def _build(self) -> None:
@@ -315,6 +332,9 @@ class Trainer:
                   + (f" | resumed from {self.resume_ref.path} (step {st.step})" if self.resume_ref else ""),
                   flush=True)
         self.metrics.log("start", st.step, {"resumed_from": str(self.resume_ref.path) if self.resume_ref else None,
+                                            "skipped_checkpoints": [{"path": str(s.path), "problem": s.problem,
+                                                                     "kept_as": str(s.kept_as)}
+                                                                    for s in self.skipped_checkpoints],
                                             "params": self.param_counts, "world_size": self.dist.world_size,
                                             "layout": self.parallel.layout.sizes(),
                                             "flops_per_token": self.flops.total, "device": device_name(self.device)})
