@@ -37,7 +37,7 @@ def test_smoke_writes_every_section(tmp_path):
     for shape in ("125m", "1b"):
         for head in ("FWL", "baseline"):
             for mode in ("eager", "compiled"):
-                row = rf"^{shape}\s+{head}\s+{mode}\s+auto:dense\s+32\s+2\s"  # CPU: the dense mask
+                row = rf"^{shape}\s+{head}\s+{mode}\s+dense\s+32\s+2\s"  # the default kernel: the dense mask
                 assert re.search(row, step, flags=re.M), (shape, head, mode)
         assert re.search(rf"^{shape} compiled: FWL / baseline .* analytic FLOPs", step, flags=re.M)
     # model.attention=dense and auto on packed documents; on CPU auto runs the dense mask too.
