@@ -117,6 +117,17 @@ def seeded():
     yield
 
 
+def packed_batch_with_ignored_label() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, doc ids, labels) [2, 12] over a vocabulary of 50: row 1 holds a second document from position 7,
+    and label (0, 4) is ignored, the cases a model-against-reference check has to cover."""
+    ids = torch.randint(0, 50, (2, 12))
+    docs = torch.zeros(2, 12, dtype=torch.long)
+    docs[1, 7:] = 3
+    labels = ids.roll(-1, 1)
+    labels[0, 4] = IGNORE_INDEX
+    return ids, docs, labels
+
+
 def model_matches_naive(*overrides: str, tol: float = 1e-10) -> list[str]:
     """The whole model at a tiny shape (V = 50, T = 12, a document starting at 7 in row 1, an ignored
     label) against naive_fwl_logits: logits, the loss, and every parameter's gradient (body, FWL, the
@@ -125,11 +136,7 @@ def model_matches_naive(*overrides: str, tol: float = 1e-10) -> list[str]:
                              "model.vocab_size=50", "model.vocab_multiple=64", "model.fwl.chunk_size=4",
                              "model.fwl.vocab_chunk=7", "model.fwl.step_size_init=0.5", *overrides])
     model = build_model(cfg.model).double()
-    ids = torch.randint(0, 50, (2, 12))
-    docs = torch.zeros(2, 12, dtype=torch.long)
-    docs[1, 7:] = 3
-    labels = ids.roll(-1, 1)
-    labels[0, 4] = IGNORE_INDEX
+    ids, docs, labels = packed_batch_with_ignored_label()
     out = model(ids, labels, docs, return_logits=True)
     ref = naive_fwl_logits(model.fwl, model.body(ids, docs), model.unembedding, labels, docs)
     assert rel_err(out.logits, ref) < tol, overrides

@@ -13,6 +13,7 @@ from fwl_scale import IGNORE_INDEX
 from fwl_scale.config import ConfigError, load_config
 from fwl_scale.model import build_model
 from fwl_scale.model.fwl.naive import naive_fwl_logits
+from tests.fwl_support import packed_batch_with_ignored_label
 
 TOL = 1e-10
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,11 +70,7 @@ def test_documents_are_isolated(fwl):
 @pytest.mark.parametrize("residual", [False, True])
 def test_model_head_matches_naive_reference(residual):
     model, cfg = tiny_model(True, **{"model.fwl.residual": str(residual).lower()})
-    ids = torch.randint(0, 50, (2, 12))
-    docs = torch.zeros(2, 12, dtype=torch.long)
-    docs[1, 7:] = 3
-    labels = ids.roll(-1, 1)
-    labels[0, 4] = IGNORE_INDEX
+    ids, docs, labels = packed_batch_with_ignored_label()
     out = model(ids, labels, docs, return_logits=True)
     h = model.body(ids, docs)
     ref = naive_fwl_logits(model.fwl, h, model.unembedding, labels, docs)
